@@ -1,0 +1,69 @@
+"""Key/value cache for the language model: preallocated, batched, one length per row.
+
+Every row is filled from slot 0, so a token's slot is its position, and rows never need to be aligned:
+
+    row 0:  [ t0 t1 t2 t3 t4 | . . . . . . ]    lengths[0] = 5
+    row 1:  [ t0 t1 | . . . . . . . . . . . ]    lengths[1] = 2
+    row 2:  [ t0 t1 t2 t3 t4 t5 t6 t7 | . . ]    lengths[2] = 8
+              slot = position ->                  capacity S
+
+A forward over T new tokens writes them at slots lengths[b] .. lengths[b] + T - 1 (right-padded rows may
+write junk past their real tokens; it is overwritten later and always masked, because a query at position
+p only sees slots <= p). `advance(n)` then moves each row's length by its own count of real tokens.
+
+Per layer the cache holds, in (B, S, ...) layout:
+    MHA: k (B, S, H_kv, D) and v (B, S, H_kv, D)
+    MLA: the normalised latent c (B, S, C) and the rotated shared rope key pe (B, S, R): DeepSeek-V2's
+         compressed cache (section 2.1.2 of the paper); keys and values are re-derived from it.
+The cache stores and hands out tensors; it never computes attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, shapes: list[tuple[int, ...]], *, batch: int, capacity: int, n_layers: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        """`shapes` are the per-token shapes of the tensors one layer stores, e.g. [(H, D), (H, D)]."""
+        self.capacity = capacity
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.layers = [
+            tuple(torch.zeros(batch, capacity, *shape, dtype=dtype, device=device) for shape in shapes)
+            for _ in range(n_layers)
+        ]
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    def positions(self, t: int) -> torch.Tensor:
+        """Positions (B, T) of the next `t` tokens of every row."""
+        return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+
+    def write(self, layer: int, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store the new tokens' tensors (each (B, T, ...)) at their positions; return the layer's tensors
+        cut to the slots any query of this step can see: (B, S_used, ...) with S_used = max position + 1."""
+        if int(positions.max()) >= self.capacity:
+            raise RuntimeError(f"KV cache overflow: position {int(positions.max())} >= capacity {self.capacity}")
+        rows = torch.arange(self.batch, device=positions.device)[:, None]
+        stored = self.layers[layer]
+        for buf, x in zip(stored, new, strict=True):
+            buf[rows, positions] = x.to(buf.dtype)
+        used = int(positions.max()) + 1
+        return tuple(buf[:, :used] for buf in stored)
+
+    def advance(self, n: torch.Tensor | int) -> None:
+        """Count `n` more real tokens in each row (a (B,) tensor, or one number for every row)."""
+        self.lengths += n
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Empty the given rows (all rows when None) so new sequences can take them."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
+
+    def nbytes(self) -> int:
+        return sum(buf.numel() * buf.element_size() for layer in self.layers for buf in layer)

@@ -1,0 +1,377 @@
+"""DeepSeek-V2 MoE decoder: RMSNorm, RoPE (plain, linear, YaRN), MHA or MLA attention, dense MLP, MoE.
+
+Attribute paths equal the checkpoint's `language.*` keys. Forwards take plain tensors and an optional
+`KVCache` and never decide policy: the engine chooses batch layout, chunking and sampling.
+
+Shape legend: B batch, T new tokens, S visible cache slots, E hidden size, H heads, H_kv key/value heads,
+D head dim, Dn / Dv MLA non-rotary key / value head dims, R rope dim, C latent (kv_lora) rank,
+N tokens (B*T), X routed experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.cache import KVCache
+from model.config import LanguageConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reference: normalise in float32, cast back, then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for positions, computed in float32 exactly as the reference's cached tables are
+    (inverse frequencies, then position * frequency), with linear or YaRN scaling when configured."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        dim, base = cfg.rope_dim, cfg.rope_theta
+        # Explicit CPU device: the model may be built under torch.device("meta"); these few floats are
+        # computed here, not loaded.
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
+        inv_freq = 1.0 / (base**exponents)
+        self.position_scale = 1.0
+        self.mscale = 1.0
+        kind = cfg.rope_scaling_type
+        if kind == "linear":
+            self.position_scale = 1.0 / float(cfg.rope_scaling["factor"])
+        elif kind == "yarn":
+            inv_freq, self.mscale = _yarn_inv_freq(exponents, dim, base, cfg.rope_scaling)
+        self._inv_freq = inv_freq
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) positions -> cos, sin of shape (B, 1, T, R), for rotate-half application."""
+        inv_freq = self._inv_freq.to(positions.device)
+        t = positions.to(torch.float32)
+        if self.position_scale != 1.0:
+            t = t * self.position_scale
+        freqs = t[..., None] * inv_freq  # (B, T, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.mscale != 1.0:
+            cos, sin = cos * self.mscale, sin * self.mscale
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+def _yarn_inv_freq(exponents: torch.Tensor, dim: int, base: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (DeepSeek-V2's DeepseekV2YarnRotaryEmbedding): blend interpolated and extrapolated
+    frequencies with a linear ramp between the correction dims, and scale cos/sin by an mscale ratio."""
+    factor = float(scaling["factor"])
+    original_max = scaling.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+    mscale, mscale_all_dim = scaling.get("mscale", 1), scaling.get("mscale_all_dim", 0)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 - ramp
+    freq_extra = 1.0 / (base**exponents)
+    freq_inter = 1.0 / (factor * base**exponents)
+    blended = freq_inter * (1 - extrapolation) + freq_extra * extrapolation
+    return blended, float(yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): DeepSeek-V2 rotates adjacent pairs."""
+    *lead, d = x.shape
+    return x.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """(B, T) query and (B, S) key positions -> (B, 1, T, S) bool, True where the key is visible."""
+    return (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]
+
+
+class MHAttention(nn.Module):
+    """Multi-head attention as transformers' LlamaAttention (use_mla false): rotate-half RoPE over the
+    whole head, optional grouped key/value heads."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        E = cfg.hidden_size
+        self.q_proj = nn.Linear(E, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(E, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(E, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, E, bias=False)
+        self.rotary = Rotary(cfg)
+        self.scale = cfg.softmax_scale
+
+    @staticmethod
+    def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
+        return [(cfg.kv_heads, cfg.head_dim), (cfg.kv_heads, cfg.head_dim)]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        cos, sin = self.rotary(positions, q.dtype)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+        k_pos = positions
+        if cache is not None:
+            k, v = cache.write(layer, positions, k, v)  # (B, S, H_kv, D)
+            k_pos = torch.arange(k.shape[1], device=x.device).expand(B, -1)
+        out = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=causal_mask(positions, k_pos),
+            scale=self.scale, enable_gqa=self.kv_heads != self.heads,
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 section 2.1). Keys and values come from a shared latent
+    c = RMSNorm(W_dkv x) of rank C plus one rotary key shared by all heads; only (c, k_pe) are cached.
+
+    Two exact forms (they differ by float rounding only):
+      expanded  k_nope = W_uk c, v = W_uv c per head, then ordinary attention: cheap for long query blocks;
+      absorbed  W_uk folded into the query and W_uv into the output, attention runs in latent space over
+                the cache as is: cheap for decode, where expanding S cached tokens per step dominates.
+    """
+
+    ABSORB_MAX_TOKENS = 16
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        E, H = cfg.hidden_size, cfg.num_attention_heads
+        self.heads, self.dn, self.dr, self.dv = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(E, H * cfg.q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(E, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(E, self.rank + self.dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, E, bias=False)
+        self.rotary = Rotary(cfg)
+        self.scale = cfg.softmax_scale
+        self.absorb: bool | None = None  # None: absorbed for short query blocks with a cache
+
+    @staticmethod
+    def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
+        return [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self._query(x).view(B, T, self.heads, self.dn + self.dr).transpose(1, 2)  # (B, H, T, Dn+R)
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.dr], dim=-1)  # (B, T, C), (B, T, R)
+        c = self.kv_a_layernorm(c)
+        cos, sin = self.rotary(positions, q.dtype)
+        q_pe = apply_rope(deinterleave(q_pe), cos, sin)
+        k_pe = apply_rope(deinterleave(k_pe)[:, None], cos, sin)[:, 0]  # (B, T, R)
+        k_pos = positions
+        if cache is not None:
+            c, k_pe = cache.write(layer, positions, c, k_pe)  # (B, S, C), (B, S, R)
+            k_pos = torch.arange(c.shape[1], device=x.device).expand(B, -1)
+        mask = causal_mask(positions, k_pos)
+        absorb = self.absorb if self.absorb is not None else (cache is not None and T <= self.ABSORB_MAX_TOKENS)
+        out = self._absorbed(q_nope, q_pe, c, k_pe, mask) if absorb else self._expanded(q_nope, q_pe, c, k_pe, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.dv))
+
+    def _expanded(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
+        B, S, _ = c.shape
+        kv = self.kv_b_proj(c).view(B, S, self.heads, self.dn + self.dv).transpose(1, 2)  # (B, H, S, Dn+Dv)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None].expand(B, self.heads, S, self.dr)), dim=-1)  # (B, H, S, Dn+R)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, Dv)
+
+    def _absorbed(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
+        w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.rank)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # (H, Dn, C), (H, Dv, C)
+        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, C)
+        q = torch.cat((q_lat, q_pe), dim=-1)  # (B, H, T, C+R)
+        k = torch.cat((c, k_pe), dim=-1)[:, None]  # (B, 1, S, C+R): one key head shared by all heads
+        out_lat = F.scaled_dot_product_attention(q, k, c[:, None], attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=True)  # (B, H, T, C)
+        return torch.einsum("bhtc,hvc->bhtv", out_lat, w_uv)  # (B, H, T, Dv)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Routing: scores in float32 (softmax or sigmoid), then greedy / group_limited_greedy / noaux_tc
+    selection. Returns expert ids (N, K) and float32 weights (N, K) after normalisation and scaling."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.top_k, self.method, self.scoring = cfg.num_experts_per_tok, cfg.topk_method, cfg.scoring_func
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())  # (N, X)
+        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        if self.method == "greedy":
+            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
+        elif self.method == "group_limited_greedy":
+            group_scores = scores.view(scores.shape[0], self.n_group, -1).amax(dim=-1)  # (N, groups)
+            masked = scores.masked_fill(~self._expert_mask(group_scores, scores), 0.0)
+            weights, ids = masked.topk(self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc: select on bias-corrected scores, weigh with the uncorrected ones
+            choice = scores + self.e_score_correction_bias.float()
+            group_scores = choice.view(choice.shape[0], self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+            masked = choice.masked_fill(~self._expert_mask(group_scores, scores), 0.0)  # 0.0, as the reference
+            ids = masked.topk(self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, ids)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+    def _expert_mask(self, group_scores: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Keep the experts of the topk_group best groups: (N, X) bool."""
+        keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        per_group = scores.shape[1] // self.n_group
+        return group_mask[:, :, None].expand(-1, -1, per_group).reshape(scores.shape)
+
+
+class MoE(nn.Module):
+    """Routed experts plus always-on shared experts. Tokens are sorted by expert so that each active
+    expert runs one matrix product over all of its tokens (no per-token loop)."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        self.gate = MoEGate(cfg)
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, E)
+        ids, weights = self.gate(flat)  # (N, K)
+        y = self.dispatch(flat, ids, weights)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(flat)
+        return y.view(shape)
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        N, K = ids.shape
+        order = ids.flatten().argsort(stable=True)  # token-slot indices grouped by expert
+        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
+        tokens = x[order // K]
+        out = torch.empty_like(tokens)
+        start = 0
+        for expert, n in zip(self.experts, counts, strict=True):
+            if n:
+                out[start : start + n] = expert(tokens[start : start + n])
+                start += n
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        # Weighted sum in float32 (the weights' dtype), as the reference does.
+        return (unsorted.view(N, K, -1).float() * weights[..., None]).sum(dim=1).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, index: int):
+        super().__init__()
+        self.self_attn = MLAttention(cfg) if cfg.use_mla else MHAttention(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.index = index
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, self.index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """`language.model`: token embedding, decoder layers, final norm."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, positions, cache)
+        return self.norm(x)
+
+
+class LanguageModel(nn.Module):
+    """`language`: the decoder plus its (untied) output head."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        attn = MLAttention if self.cfg.use_mla else MHAttention
+        p = self.lm_head.weight
+        return KVCache(attn.cache_shapes(self.cfg), batch=batch, capacity=capacity,
+                       n_layers=self.cfg.num_hidden_layers, dtype=p.dtype, device=p.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def forward(self, embeds: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, E) input embeddings -> (B, T, E) final hidden states. With a cache the tokens continue
+        each row at its current length (the caller advances the cache afterwards); without one they
+        start at position 0."""
+        B, T, _ = embeds.shape
+        if cache is not None:
+            positions = cache.positions(T)
+        else:
+            positions = torch.arange(T, device=embeds.device).expand(B, T)
+        return self.model(embeds, positions, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
