@@ -38,6 +38,10 @@ class KVCache:
     def batch(self) -> int:
         return self.lengths.shape[0]
 
+    def rows(self, rows: torch.Tensor | list[int]) -> CacheRows:
+        """A view of some rows only, for a forward over a sub-batch (e.g. prefilling newly admitted rows)."""
+        return CacheRows(self, torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device))
+
     def positions(self, t: int) -> torch.Tensor:
         """Positions (B, T) of the next `t` tokens of every row."""
         return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
@@ -45,14 +49,20 @@ class KVCache:
     def write(self, layer: int, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store the new tokens' tensors (each (B, T, ...)) at their positions; return the layer's tensors
         cut to the slots any query of this step can see: (B, S_used, ...) with S_used = max position + 1."""
-        if int(positions.max()) >= self.capacity:
-            raise RuntimeError(f"KV cache overflow: position {int(positions.max())} >= capacity {self.capacity}")
-        rows = torch.arange(self.batch, device=positions.device)[:, None]
+        return self._write(None, layer, positions, new)
+
+    def _write(self, rows: torch.Tensor | None, layer: int, positions: torch.Tensor,
+               new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        used = int(positions.max()) + 1
+        if used > self.capacity:
+            raise RuntimeError(f"KV cache overflow: position {used - 1} >= capacity {self.capacity}")
+        index = torch.arange(self.batch, device=positions.device) if rows is None else rows
         stored = self.layers[layer]
         for buf, x in zip(stored, new, strict=True):
-            buf[rows, positions] = x.to(buf.dtype)
-        used = int(positions.max()) + 1
-        return tuple(buf[:, :used] for buf in stored)
+            buf[index[:, None], positions] = x.to(buf.dtype)
+        if rows is None:
+            return tuple(buf[:, :used] for buf in stored)  # views, no copy
+        return tuple(buf[rows, :used] for buf in stored)
 
     def advance(self, n: torch.Tensor | int) -> None:
         """Count `n` more real tokens in each row (a (B,) tensor, or one number for every row)."""
@@ -67,3 +77,24 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(buf.numel() * buf.element_size() for layer in self.layers for buf in layer)
+
+
+class CacheRows:
+    """Some rows of a `KVCache`, used like a cache of that many rows. Reads copy the selected rows, so
+    it suits prefill of a few rows; a decode step over all rows uses the cache itself (views, no copy)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor):
+        self.cache, self.index = cache, rows
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cache.lengths[self.index]
+
+    def positions(self, t: int) -> torch.Tensor:
+        return self.lengths[:, None] + torch.arange(t, device=self.index.device)
+
+    def write(self, layer: int, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.cache._write(self.index, layer, positions, new)
+
+    def advance(self, n: torch.Tensor | int) -> None:
+        self.cache.lengths[self.index] += n

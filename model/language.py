@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.cache import KVCache
+from model.cache import CacheRows, KVCache
 from model.config import LanguageConfig, yarn_mscale
+
+Cache = KVCache | CacheRows
 
 
 class RMSNorm(nn.Module):
@@ -129,7 +131,7 @@ class MHAttention(nn.Module):
     def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
         return [(cfg.kv_heads, cfg.head_dim), (cfg.kv_heads, cfg.head_dim)]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)  # (B, T, H_kv, D)
@@ -188,7 +190,7 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self._query(x).view(B, T, self.heads, self.dn + self.dr).transpose(1, 2)  # (B, H, T, Dn+R)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
@@ -324,7 +326,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.index = index
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, self.index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -338,7 +340,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, positions, cache)
         return self.norm(x)
@@ -362,7 +364,7 @@ class LanguageModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def forward(self, embeds: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """(B, T, E) input embeddings -> (B, T, E) final hidden states. With a cache the tokens continue
         each row at its current length (the caller advances the cache afterwards); without one they
         start at position 0."""
