@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
@@ -14,3 +16,23 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if CHECKED:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(CHECKED.items()))
         terminalreporter.write_line(f"parity fixtures checked: {counts}")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """The processor of the first parity checkpoint (all parity checkpoints share one setup)."""
+    from parity import checkpoint_dir, checkpoint_names, require
+
+    from model.processor import Processor
+
+    return Processor.from_dir(checkpoint_dir(require(checkpoint_names(), "parity checkpoints")[0]))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The parity fixtures' test tokenizer (real special tokens, synthetic vocabulary)."""
+    from parity import tokenizer_dir
+
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tokenizer_dir())
