@@ -1,0 +1,307 @@
+"""The values pipelines work on and produce: documents, pages, settings, page records, and the two seams
+(`Runtime`, the model; `Task`, a document task's prompt and parser).
+
+Pure data and small pure functions. Nothing here renders, prints, writes files or loads a model; the CLI
+builds `Document`s and `Page`s, the runner turns them into `PageRecord`s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from model.requests import Completion, Request, Sampling
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SCHEMA_VERSION = "1.0"
+
+Status = Literal["ok", "truncated", "repetition", "parse_error", "failed"]
+STATUSES: tuple[Status, ...] = ("ok", "truncated", "repetition", "parse_error", "failed")
+# Statuses that count as a failed page: exit code 1, `--fail-fast`, and redone by `--resume`.
+FAILURES: frozenset[str] = frozenset({"failed", "parse_error"})
+
+
+class Runtime(Protocol):
+    """What pipelines need from the model runtime (`model.runtime.load_runtime` returns one)."""
+
+    model_id: str
+    revision: str | None
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        *,
+        on_completion: Callable[[Completion], None] | None = None,
+    ) -> list[Completion]:
+        """Completions in request order; `on_completion` is called as each one finishes."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One input document. `key` is its sanitised relative name, unique within a run (output paths derive
+    from it); `error` is set when the file cannot be read or opened at all."""
+
+    source: str
+    key: str
+    sha256: str | None = None
+    kind: Literal["pdf", "image", "unknown"] = "unknown"
+    n_pages: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PageSize:
+    """The page as the model saw it: pixels of the input (after any `--max-side` cap for PDFs, the original
+    image size for images), and for PDF pages also the size in points and the render dpi."""
+
+    width_px: int
+    height_px: int
+    width_pt: float | None = None
+    height_pt: float | None = None
+    dpi: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "width_px": self.width_px,
+            "height_px": self.height_px,
+            "width_pt": self.width_pt,
+            "height_pt": self.height_pt,
+            "dpi": self.dpi,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PageSize:
+        return cls(d["width_px"], d["height_px"], d.get("width_pt"), d.get("height_pt"), d.get("dpi"))
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a document, 1-based `number`. `image` is None when the page was not rendered: it failed
+    (`error` set), or every prompt for it is already done. A document that could not be opened arrives as
+    one page with `number` None and the document's error."""
+
+    doc: Document
+    number: int | None
+    image: Image.Image | None = None
+    size: PageSize | None = None
+    error: str | None = None
+    render_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the user chose that can change a page's result; part of every record and resume key."""
+
+    model: str
+    revision: str | None = None
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    dpi: float = 144.0
+    max_side: int = 2048
+
+    def sampling(self) -> Sampling:
+        return Sampling(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "revision": self.revision,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "dpi": self.dpi,
+            "max_side": self.max_side,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A task parser's verdict on one answer: the structure (JSON-ready), and whether parsing worked."""
+
+    result: dict[str, Any]
+    ok: bool = True
+    error: str | None = None
+
+
+class Task(Protocol):
+    """A document task: which prompts each page gets, and how an answer becomes a structure.
+
+    `parse` must not raise on any text: malformed answers become `Parsed(ok=False, error=...)`.
+    """
+
+    name: str
+    prompts: tuple[str, ...]
+
+    def parse(self, text: str, *, page: Page, prompt: str) -> Parsed: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PageRecord:
+    """One result: a page of a document answered for one prompt. Serialised by `to_dict` into the
+    versioned record that `schema/page-record.schema.json` documents."""
+
+    source: str
+    sha256: str | None
+    page: int | None
+    page_size: PageSize | None
+    task: str
+    prompt: str
+    model: dict[str, str | None]
+    settings: dict[str, Any]
+    text: str | None
+    result: dict[str, Any] | None
+    status: Status
+    error: str | None = None
+    tokens: dict[str, int] | None = None
+    timings: dict[str, float] | None = None
+    schema_version: str = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return record_key(
+            sha256=self.sha256, page=self.page, task=self.task, prompt=self.prompt, settings=self.settings
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "source": self.source,
+            "sha256": self.sha256,
+            "page": self.page,
+            "page_size": self.page_size.to_dict() if self.page_size else None,
+            "task": self.task,
+            "prompt": self.prompt,
+            "model": dict(self.model),
+            "settings": dict(self.settings),
+            "text": self.text,
+            "result": self.result,
+            "status": self.status,
+            "error": self.error,
+            "tokens": self.tokens,
+            "timings": self.timings,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PageRecord:
+        """Rebuild a record read back from an output file; raises KeyError/TypeError/ValueError if it is not one."""
+        if d["status"] not in STATUSES:
+            raise ValueError(f"unknown status {d['status']!r}")
+        size = d.get("page_size")
+        return cls(
+            source=d["source"],
+            sha256=d["sha256"],
+            page=d["page"],
+            page_size=PageSize.from_dict(size) if size else None,
+            task=d["task"],
+            prompt=d["prompt"],
+            model=dict(d["model"]),
+            settings=dict(d["settings"]),
+            text=d.get("text"),
+            result=d.get("result"),
+            status=d["status"],
+            error=d.get("error"),
+            tokens=d.get("tokens"),
+            timings=d.get("timings"),
+            schema_version=d["schema_version"],
+        )
+
+
+def record_key(*, sha256: str | None, page: int | None, task: str, prompt: str, settings: Mapping[str, Any]) -> str:
+    """The resume identity of a record: same file content, page, task, prompt and settings → same key."""
+    blob = json.dumps(
+        {"sha256": sha256, "page": page, "task": task, "prompt": prompt, "settings": settings},
+        sort_keys=True,
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def page_key(page: Page, *, task: str, prompt: str, settings: Settings) -> str:
+    return record_key(sha256=page.doc.sha256, page=page.number, task=task, prompt=prompt, settings=settings.to_dict())
+
+
+_FINISH_STATUS: dict[str, Status] = {"length": "truncated", "repetition": "repetition"}
+
+
+@dataclass(frozen=True, slots=True)
+class RecordContext:
+    """What every record of a run shares."""
+
+    task: str
+    settings: Settings
+    model: dict[str, str | None] = field(default_factory=lambda: {"id": None, "revision": None})
+
+
+def failed_record(ctx: RecordContext, page: Page, prompt: str, error: str) -> PageRecord:
+    """A page that produced no answer: unreadable document, render failure, or a model error."""
+    return PageRecord(
+        source=page.doc.source,
+        sha256=page.doc.sha256,
+        page=page.number,
+        page_size=page.size,
+        task=ctx.task,
+        prompt=prompt,
+        model=dict(ctx.model),
+        settings=ctx.settings.to_dict(),
+        text=None,
+        result=None,
+        status="failed",
+        error=error,
+        timings={"render": round(page.render_seconds, 4)} if page.image is not None else None,
+    )
+
+
+def answered_record(ctx: RecordContext, page: Page, prompt: str, completion: Completion, task: Task) -> PageRecord:
+    """Parse an answer and pick its status: a truncated or looping generation outranks a parse failure
+    (the parse usually failed because the answer was cut), and its parse is still attempted."""
+    try:
+        parsed = task.parse(completion.text, page=page, prompt=prompt)
+    except Exception as exc:  # a parser bug must cost one page, not the run
+        parsed = Parsed({}, ok=False, error=f"parser crashed: {type(exc).__name__}: {exc}")
+    status: Status
+    error = None
+    if completion.finish_reason == "cancelled":
+        status, error = "failed", "generation was cancelled"
+    elif completion.finish_reason in _FINISH_STATUS:
+        status = _FINISH_STATUS[completion.finish_reason]
+        if status == "truncated":
+            error = f"the answer hit max_new_tokens ({ctx.settings.max_new_tokens}) and was cut"
+        else:
+            error = "generation stopped by the repetition guard"
+    elif parsed.ok:
+        status = "ok"
+    else:
+        status, error = "parse_error", parsed.error
+    t = completion.timings
+    return PageRecord(
+        source=page.doc.source,
+        sha256=page.doc.sha256,
+        page=page.number,
+        page_size=page.size,
+        task=ctx.task,
+        prompt=prompt,
+        model=dict(ctx.model),
+        settings=ctx.settings.to_dict(),
+        text=completion.text,
+        result=parsed.result,
+        status=status,
+        error=error,
+        tokens={"prompt": completion.n_prompt, "generated": completion.n_generated},
+        timings={
+            "render": round(page.render_seconds, 4),
+            "queued": round(t.queued, 4),
+            "prefill": round(t.prefill, 4),
+            "decode": round(t.decode, 4),
+        },
+    )

@@ -1,0 +1,161 @@
+"""The JSON Schema (draft 2020-12) of a page record, built from code so that it cannot drift from
+`PageRecord.to_dict`; `schema/page-record.schema.json` is this, written out (a test holds them equal)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.base import SCHEMA_VERSION, STATUSES
+
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_STR_OR_NULL = {"type": ["string", "null"]}
+_NOTES = {"type": "array", "items": _STR}
+_BOX = {"type": ["array", "null"], "items": _NUM, "minItems": 4, "maxItems": 4}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props, "required": required or list(props), **extra}
+
+
+_TABLE = _obj(
+    {
+        "index": {"type": "integer", "minimum": 0},
+        "format": {"enum": ["markdown", "html"]},
+        "header": {"type": ["array", "null"], "items": _STR},
+        "rows": {"type": "array", "items": {"type": "array", "items": _STR}},
+        "n_columns": {"type": "integer", "minimum": 0},
+        "status": {"enum": ["ok", "parse_error"]},
+        "raw": _STR,
+        "notes": _NOTES,
+    }
+)
+
+RESULTS: dict[str, dict[str, Any]] = {
+    "ocr": _obj({"markdown": _STR}),
+    "table": _obj({"tables": {"type": "array", "items": _TABLE}}),
+    "chart": _obj(
+        {
+            "title": _STR_OR_NULL,
+            "x_axis": _STR_OR_NULL,
+            "y_axis": _STR_OR_NULL,
+            "categories": {"type": "array", "items": _STR},
+            "series": {
+                "type": "array",
+                "items": _obj({"name": _STR, "values": {"type": "array", "items": {"type": ["number", "null"]}}}),
+            },
+            "notes": _NOTES,
+        }
+    ),
+    "ground": _obj(
+        {
+            "query": _STR_OR_NULL,
+            "caption": _STR,
+            "boxes": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "label": _STR,
+                        "status": {"enum": ["ok", "repaired", "invalid"]},
+                        "box": {**_BOX, "description": "corners on the model's 0-999 grid"},
+                        "box_px": {**_BOX, "description": "corners in page pixels (page_size.width_px/height_px)"},
+                        "box_pt": {**_BOX, "description": "corners in PDF points, origin top-left; null for images"},
+                        "raw": _STR,
+                        "notes": _NOTES,
+                    }
+                ),
+            },
+            "notes": _NOTES,
+        }
+    ),
+    "ask": _obj({"answer": _STR}),
+}
+
+
+def record_schema() -> dict[str, Any]:
+    """The schema of one record (one page, one prompt) as written by every output format."""
+    result_by_task = [
+        {
+            "if": {"properties": {"task": {"const": task}}},
+            "then": {"properties": {"result": {"anyOf": [{"type": "null"}, schema]}}},
+        }
+        for task, schema in RESULTS.items()
+    ]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://dsvl2.invalid/schema/page-record-{SCHEMA_VERSION}.json",
+        "title": "dsvl2 page record",
+        "description": "One page of one input document answered for one prompt.",
+        **_obj(
+            {
+                "schema_version": {"const": SCHEMA_VERSION},
+                "source": {**_STR, "description": "the input path as given, or '-' for --stdin-data"},
+                "sha256": {
+                    "type": ["string", "null"],
+                    "pattern": "^[0-9a-f]{64}$",
+                    "description": "hash of the input file's bytes; null when it could not be read",
+                },
+                "page": {
+                    "type": ["integer", "null"],
+                    "minimum": 1,
+                    "description": "1-based page; null when the document could not be opened",
+                },
+                "page_size": {
+                    "anyOf": [
+                        {"type": "null"},
+                        _obj(
+                            {
+                                "width_px": {"type": "integer", "minimum": 1},
+                                "height_px": {"type": "integer", "minimum": 1},
+                                "width_pt": {"type": ["number", "null"]},
+                                "height_pt": {"type": ["number", "null"]},
+                                "dpi": {"type": ["number", "null"]},
+                            }
+                        ),
+                    ]
+                },
+                "task": {"enum": list(RESULTS)},
+                "prompt": _STR,
+                "model": _obj({"id": _STR_OR_NULL, "revision": _STR_OR_NULL}),
+                "settings": _obj(
+                    {
+                        "model": _STR,
+                        "revision": _STR_OR_NULL,
+                        "max_new_tokens": {"type": "integer", "minimum": 1},
+                        "temperature": {"type": "number", "minimum": 0},
+                        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                        "seed": {"type": "integer"},
+                        "dpi": {"type": "number", "exclusiveMinimum": 0},
+                        "max_side": {"type": "integer", "minimum": 1},
+                    }
+                ),
+                "text": {**_STR_OR_NULL, "description": "the model's raw answer, grounding tokens verbatim"},
+                "result": {"type": ["object", "null"], "description": "the parsed answer; shape per task"},
+                "status": {"enum": list(STATUSES)},
+                "error": _STR_OR_NULL,
+                "tokens": {
+                    "anyOf": [
+                        {"type": "null"},
+                        _obj(
+                            {
+                                "prompt": {"type": "integer", "minimum": 0},
+                                "generated": {"type": "integer", "minimum": 0},
+                            }
+                        ),
+                    ]
+                },
+                "timings": {
+                    "anyOf": [
+                        {"type": "null"},
+                        _obj(
+                            {k: {"type": "number", "minimum": 0} for k in ("render", "queued", "prefill", "decode")},
+                            required=["render"],
+                        ),
+                    ],
+                    "description": "seconds",
+                },
+            },
+            additionalProperties=False,
+        ),
+        "allOf": result_by_task,
+    }
