@@ -1,0 +1,275 @@
+"""The `dsvl2` command line: thin Typer commands, each one call into dsvl2_cli.session or dsvl2_cli.cache.
+Options are shared aliases from dsvl2_cli.options; exit codes are defined in dsvl2_cli.errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dsvl2_cli import cache
+from dsvl2_cli import options as o
+from dsvl2_cli.errors import Interrupted
+from dsvl2_cli.session import run_task
+from pipelines import chart, ground, ocr, table
+from pipelines.ask import AskTask
+from pipelines.chart import ChartTask
+from pipelines.ground import GroundTask
+from pipelines.ocr import OcrTask
+from pipelines.schema import record_schema
+from pipelines.table import TableTask
+
+app = typer.Typer(
+    name="dsvl2",
+    help="Batch document understanding with DeepSeek-VL2: OCR, tables, charts, grounding and questions over "
+    "PDFs, images, directories and stdin. Data goes to stdout or -o; progress and errors to stderr. "
+    "Exit codes: 0 ok, 1 some pages failed, 2 usage or setup error, 130 interrupted.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Download and list cached models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _examples(*lines: str) -> str:
+    return "**Examples**\n\n" + "\n\n".join(f"`{line}`" for line in lines)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptFile:
+    prompts: tuple[str, ...]
+
+
+def read_prompt_file(path: str) -> PromptFile:
+    """`--prompts FILE`: one prompt per non-blank line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return PromptFile(tuple(line.strip() for line in text.splitlines() if line.strip()))
+
+
+# fmt: off
+# The five document commands share most options; one dense block per command keeps them comparable.
+
+@app.command(
+    "ocr",
+    help=f"Page → Markdown, per page and per document with page markers.\n\nDefault prompt: *{ocr.DEFAULT_PROMPT}*",
+    epilog=_examples(
+        "dsvl2 ocr samples/report.pdf",
+        "dsvl2 ocr scans/ -o out/ --resume",
+        "dsvl2 ocr samples/report.pdf --pages 2 --format jsonl | jq -r .result.markdown",
+    ),
+)
+def ocr_(
+    inputs: o.Inputs = None,
+    prompt: o.Prompt = None,
+    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
+    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
+    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
+    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+) -> None:
+    raise typer.Exit(run_task(
+        task=OcrTask(prompt or ocr.DEFAULT_PROMPT),
+        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
+        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
+        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
+        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed,
+    ))
+
+
+@app.command(
+    "table",
+    help="Every table on the page → rows and columns. CSV to stdout or a file is tidy (one row per cell); "
+    "-o DIR/ gets one CSV per table plus the records.\n\n"
+    f"Default prompt: *{table.DEFAULT_PROMPT}*",
+    epilog=_examples(
+        "dsvl2 table samples/invoice.pdf --format md",
+        "dsvl2 table reports/ -o out/ --resume",
+        "dsvl2 table samples/invoice.pdf -f jsonl | jq '.result.tables[].rows'",
+    ),
+)
+def table_(
+    inputs: o.Inputs = None,
+    prompt: o.Prompt = None,
+    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
+    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
+    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
+    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+) -> None:
+    raise typer.Exit(run_task(
+        task=TableTask(prompt or table.DEFAULT_PROMPT),
+        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
+        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
+        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
+        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed,
+    ))
+
+
+@app.command(
+    "chart",
+    help="Chart → its data (categories, series, values) with title and axes. CSV is tidy "
+    "(series, category, value); -o DIR/ gets one wide CSV per chart.\n\n"
+    f"Default prompt: *{chart.DEFAULT_PROMPT}*",
+    epilog=_examples(
+        "dsvl2 chart samples/bar-chart.png",
+        "find . -name '*.png' | dsvl2 chart - --format jsonl | jq .result.series",
+    ),
+)
+def chart_(
+    inputs: o.Inputs = None,
+    prompt: o.Prompt = None,
+    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
+    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
+    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
+    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+) -> None:
+    raise typer.Exit(run_task(
+        task=ChartTask(prompt or chart.DEFAULT_PROMPT),
+        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
+        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
+        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
+        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed,
+    ))
+
+
+@app.command(
+    "ground",
+    help="Referring-expression grounding: boxes for each --query, on the model's 0–999 grid, in page pixels "
+    "and (PDF pages) in points. Malformed boxes are repaired or flagged, never dropped.\n\n"
+    f"Default prompt template: *{ground.DEFAULT_TEMPLATE}*",
+    epilog=_examples(
+        "dsvl2 ground samples/report.pdf --query 'the bar chart' --annotate boxes/",
+        "dsvl2 ground photo.jpg --query 'the red car' --query 'the traffic light' -f csv",
+        "dsvl2 ground page.png --prompt '<|grounding|>Describe the image.'",
+    ),
+)
+def ground_(
+    inputs: o.Inputs = None,
+    query: Annotated[
+        list[str] | None,
+        typer.Option("--query", metavar="TEXT", help="What to find; repeatable, one record per page and query."),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            metavar="TEXT",
+            help="Prompt template; '{query}' is replaced by "
+            "each query. Without '{query}' it is sent as is, no --query "
+            "needed.",
+            show_default=False,
+        ),
+    ] = None,
+    annotate: Annotated[
+        Path | None,
+        typer.Option(
+            "--annotate",
+            metavar="DIR",
+            help="Write each page with its boxes drawn, as PNG under DIR.",
+            rich_help_panel=o.OUT,
+        ),
+    ] = None,
+    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
+    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
+    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
+    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+) -> None:
+    raise typer.Exit(run_task(
+        task=GroundTask(tuple(query or ()), prompt or ground.DEFAULT_TEMPLATE),
+        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
+        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
+        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
+        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed,
+        annotate_dir=annotate,
+    ))
+
+
+@app.command(
+    help="Free-form questions: every --prompt asked of every page, batched. With one page and one prompt the "
+    "answer alone is printed; otherwise each answer follows a '==> source (page N): prompt <==' line.",
+    epilog=_examples(
+        "dsvl2 ask samples/bar-chart.png --prompt 'Which fruit sold best?'",
+        "dsvl2 ask invoices/ --prompts questions.txt -o answers.jsonl",
+    ),
+)
+def ask(
+    inputs: o.Inputs = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", metavar="TEXT", help="A question; repeatable.")
+    ] = None,
+    prompts: Annotated[
+        PromptFile | None,
+        typer.Option("--prompts", metavar="FILE", parser=read_prompt_file, help="Questions, one per line."),
+    ] = None,
+    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
+    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
+    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
+    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+) -> None:
+    raise typer.Exit(run_task(
+        task=AskTask(tuple(p for p in (*(prompt or ()), *(prompts.prompts if prompts else ())) if p.strip())),
+        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
+        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
+        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
+        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed,
+    ))
+
+
+# fmt: on
+
+
+@app.command(help="Print the JSON Schema of a page record (the same as schema/page-record.schema.json).")
+def schema() -> None:
+    typer.echo(json.dumps(record_schema(), indent=2))
+
+
+@models_app.command(
+    "download",
+    epilog=_examples("dsvl2 models download", "dsvl2 models download deepseek-ai/deepseek-vl2-small --revision main"),
+)
+def models_download(
+    repo_id: Annotated[str, typer.Argument(help="Hugging Face repo id.")] = o.DEFAULT_MODEL,
+    revision: o.Revision = None,
+) -> None:
+    """Download a model into the Hugging Face cache and print its local directory."""
+    raise typer.Exit(cache.download(repo_id=repo_id, revision=revision))
+
+
+@models_app.command("list", epilog=_examples("dsvl2 models list", "dsvl2 models list --json"))
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List cached models with revision and size."""
+    raise typer.Exit(cache.list_models(as_json=as_json))
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Interrupted()
+
+
+def main() -> None:
+    """Console-script entry: SIGTERM stops a run like Ctrl-C (finished work kept, exit 130)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    app(prog_name="dsvl2")

@@ -1,0 +1,66 @@
+"""Exit codes, and the map from an exception to one line on stderr and its exit code.
+
+0: every page ok (truncated / repetition pages are warnings, not failures); 1: some pages failed or could
+not be parsed; 2: usage or setup error (bad options, model or output problems) before or outside page
+work; 130: interrupted (Ctrl-C or SIGTERM), with everything finished so far kept.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from model.errors import (
+    ConfigError,
+    InputError,
+    ModelError,
+    ModelNotFoundError,
+    TokenizerError,
+    WeightsError,
+)
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    PAGES_FAILED = 1
+    SETUP = 2
+    INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Options or inputs that cannot work together; reported before any page is processed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into the same orderly stop as Ctrl-C."""
+
+
+_MODEL_LABELS: tuple[tuple[type[ModelError], str], ...] = (
+    (ModelNotFoundError, "model not found"),
+    (ConfigError, "model config"),
+    (WeightsError, "model weights"),
+    (TokenizerError, "tokenizer"),
+    (InputError, "model input"),
+    (ModelError, "model"),
+)
+
+
+def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
+    """(one-line message, exit code) for errors the CLI reports without a traceback; None for bugs."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", ExitCode.INTERRUPTED
+    if isinstance(exc, UsageError):
+        return f"usage: {exc}", ExitCode.SETUP
+    for kind, label in _MODEL_LABELS:
+        if isinstance(exc, kind):
+            return f"{label}: {exc}", ExitCode.SETUP
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("model"):
+        return f"the model runtime is not available ({exc.name} is missing)", ExitCode.SETUP
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}", ExitCode.SETUP
+    return None
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

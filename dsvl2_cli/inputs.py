@@ -1,0 +1,361 @@
+"""Turn command-line inputs into documents and pages: expand files, directories (recursive, `--glob`),
+`-` (paths on stdin) and `--stdin-data` (one document's bytes on stdin); open and hash each document; then
+render pages lazily, one at a time, as the runner pulls them.
+
+Documents are told apart by their content (a PDF header, else whatever Pillow can open), never by file
+name. Every problem with one input becomes that document's or page's `error`; nothing here raises for a
+bad file. Output keys are sanitised relative paths, unique within the run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageOps
+
+from pipelines.base import Document, Page, PageSize
+
+if TYPE_CHECKING:
+    import pymupdf
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+DEFAULT_SUFFIXES = (".pdf", *IMAGE_SUFFIXES)
+# Declared image size above which we refuse to decode (decompression bombs); below Pillow's own hard limit.
+MAX_PIXELS = 150_000_000
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"\\|?*\ufffd]')
+_MAX_NAME_BYTES = 180  # leaves room for ".<task>.jsonl.partial" and similar suffixes under 255
+
+
+@dataclass(frozen=True, slots=True)
+class PageSelection:
+    """1-based inclusive ranges from `--pages`, e.g. "1-3,7,10-" → ((1, 3), (7, 7), (10, None))."""
+
+    ranges: tuple[tuple[int, int | None], ...]
+
+    def select(self, n_pages: int) -> tuple[int, ...]:
+        chosen: list[int] = []
+        for start, end in self.ranges:
+            for p in range(start, min(end or n_pages, n_pages) + 1):
+                if p not in chosen:
+                    chosen.append(p)
+        return tuple(chosen)
+
+
+def parse_pages(spec: str) -> PageSelection:
+    """Parse `--pages`; raises ValueError with a message naming the bad part."""
+    ranges: list[tuple[int, int | None]] = []
+    for part in spec.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:(-)(\d*))?", part)
+        if not m:
+            raise ValueError(f"{part!r} is not a page or range (use e.g. 1-3,7,10-; pages start at 1)")
+        start = int(m.group(1))
+        end = int(m.group(3)) if m.group(3) else (None if m.group(2) else start)
+        if start < 1 or (end is not None and end < start):
+            raise ValueError(f"{part!r}: pages start at 1 and a range must not run backwards")
+        ranges.append((start, end))
+    return PageSelection(tuple(ranges))
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """`--shard i/N`: this process takes the documents whose key hashes to i-1 modulo N."""
+
+    index: int
+    count: int
+
+    def takes(self, key: str) -> bool:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index - 1
+
+
+def parse_shard(spec: str) -> Shard:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(f"{spec!r}: expected i/N with 1 <= i <= N, e.g. 2/4")
+    return Shard(int(m.group(1)), int(m.group(2)))
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    """One input before it is opened: a path, or bytes read from stdin."""
+
+    source: str
+    key: str
+    path: Path | None = None
+    data: bytes | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An input that has been hashed and sniffed; `pages` are the selected 1-based page numbers."""
+
+    input: InputFile
+    doc: Document
+    pages: tuple[int, ...]
+
+
+def safe_key(parts: Sequence[str]) -> str:
+    """Relative posix key from path components: no '..', no control or reserved characters, short names."""
+    clean = []
+    for part in parts:
+        text = part.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        text = _UNSAFE.sub("_", text).strip(" .") or "_"
+        raw = text.encode()
+        if len(raw) > _MAX_NAME_BYTES:
+            tag = hashlib.sha256(raw).hexdigest()[:10]
+            text = raw[: _MAX_NAME_BYTES - 12].decode("utf-8", "ignore") + "~" + tag
+        clean.append(text)
+    return "/".join(clean) or "_"
+
+
+def _unique(key: str, taken: set[str]) -> str:
+    """`key`, or `stem~N.ext` when an earlier input took it (compared case-insensitively)."""
+    candidate, n = key, 1
+    path = PurePosixPath(key)
+    while candidate.casefold() in taken:
+        n += 1
+        candidate = str(path.with_name(f"{path.stem}~{n}{path.suffix}"))
+    taken.add(candidate.casefold())
+    return candidate
+
+
+def _matches(rel: str, globs: Sequence[str]) -> bool:
+    if not globs:
+        return rel.lower().endswith(DEFAULT_SUFFIXES)
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(rel if "/" in g else name, g) for g in globs)
+
+
+def _walk(root: Path, globs: Sequence[str], errors: list[str]) -> Iterator[tuple[Path, list[str]]]:
+    """Files under `root` in sorted order, hidden entries skipped, directory symlinks not followed."""
+
+    def onerror(exc: OSError) -> None:
+        errors.append(f"{exc.filename}: {exc.strerror or exc}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root).parts
+        for name in sorted(filenames):
+            rel = [*rel_dir, name]
+            if not name.startswith(".") and _matches("/".join(rel), globs):
+                yield Path(dirpath, name), rel
+
+
+def _arg_parts(arg: str) -> list[str]:
+    """Components that keep a relative argument's tree; an absolute or '..' path keeps only its name."""
+    p = PurePosixPath(arg.replace(os.sep, "/"))
+    parts = [x for x in p.parts if x not in (".", "")]
+    if p.is_absolute() or ".." in parts:
+        return [p.name or "_"]
+    return parts
+
+
+def expand_inputs(
+    args: Sequence[str],
+    *,
+    globs: Sequence[str] = (),
+    stdin_paths: Iterable[str] = (),
+    stdin_data: bytes | None = None,
+) -> tuple[list[InputFile], list[str]]:
+    """Inputs in a stable order with unique keys, and warnings (duplicates, unreadable directories).
+    `stdin_paths` replaces the first `-` argument."""
+    files: list[InputFile] = []
+    warns: list[str] = []
+    taken: set[str] = set()
+    seen: set[str] = set()
+
+    def add(source: str, parts: list[str], path: Path | None = None, error: str | None = None) -> None:
+        if path is not None and error is None:
+            real = os.path.realpath(path)
+            if real in seen:
+                warns.append(f"{source}: given more than once; processed once")
+                return
+            seen.add(real)
+        files.append(InputFile(source, _unique(safe_key(parts), taken), path, error=error))
+
+    if stdin_data is not None:
+        files.append(InputFile("-", _unique("stdin", taken), data=stdin_data))
+    for arg in args:
+        if arg == "-":
+            for line in stdin_paths:
+                if line.strip():
+                    add(line, _arg_parts(line), Path(line))
+            continue
+        path = Path(arg)
+        if path.is_dir():
+            errors: list[str] = []
+            for file, rel in _walk(path, globs, errors):
+                add(str(file), rel, file)
+            for e in errors:
+                add(e.split(": ", 1)[0], _arg_parts(e.split(": ", 1)[0]), error=f"unreadable: {e}")
+        elif path.exists():
+            add(arg, _arg_parts(arg), path)
+        else:
+            add(arg, _arg_parts(arg), error="no such file or directory")
+    return files, warns
+
+
+def read_path_list(data: bytes) -> list[str]:
+    """Paths from stdin: NUL-separated when the data holds a NUL (find -print0), else one per line."""
+    text = os.fsdecode(data)
+    return [p for p in (text.split("\0") if "\0" in text else text.splitlines()) if p]
+
+
+def _sha256(file: InputFile) -> str:
+    h = hashlib.sha256()
+    if file.data is not None:
+        h.update(file.data)
+    else:
+        assert file.path is not None
+        with open(file.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _head(file: InputFile) -> bytes:
+    if file.data is not None:
+        return file.data[:1024]
+    assert file.path is not None
+    with open(file.path, "rb") as f:
+        return f.read(1024)
+
+
+def _open_pdf(file: InputFile, password: str | None) -> pymupdf.Document:
+    import pymupdf  # imported on first use: it costs about a second, which `--help` should not pay
+
+    if file.data is not None:
+        doc = pymupdf.open(stream=file.data, filetype="pdf")
+    else:
+        doc = pymupdf.open(file.path, filetype="pdf")
+    if doc.needs_pass and not doc.authenticate(password or ""):
+        doc.close()
+        raise ValueError("encrypted PDF: " + ("wrong --password" if password else "needs --password"))
+    return doc
+
+
+def _open_image(file: InputFile) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides below
+        image = Image.open(io.BytesIO(file.data) if file.data is not None else file.path)
+    w, h = image.size
+    if w * h > MAX_PIXELS:
+        image.close()
+        raise ValueError(f"image is {w}x{h} pixels, over the limit of {MAX_PIXELS:,}")
+    return image
+
+
+def open_document(file: InputFile, *, password: str | None, pages: PageSelection | None) -> Opened:
+    """Hash and sniff one input and count its pages; failures become `Document.error`."""
+    if file.error is not None:
+        return Opened(file, Document(file.source, file.key, error=file.error), ())
+    try:
+        sha = _sha256(file)
+        if b"%PDF-" in _head(file):
+            with _open_pdf(file, password) as pdf:
+                kind, n = "pdf", pdf.page_count
+        else:
+            with _open_image(file) as image:
+                kind, n = "image", (getattr(image, "n_frames", 1) if image.format == "TIFF" else 1)
+    except Exception as exc:
+        reason = "not a PDF or an image Pillow can read" if isinstance(exc, Image.UnidentifiedImageError) else exc
+        return Opened(file, Document(file.source, file.key, error=f"cannot open: {reason}"), ())
+    if n < 1:
+        return Opened(file, Document(file.source, file.key, sha, kind, 0, error="the document has no pages"), ())
+    selected = pages.select(n) if pages else tuple(range(1, n + 1))
+    return Opened(file, Document(file.source, file.key, sha, kind, n), selected)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode → RGB: alpha composited on white, 16/32-bit and float scaled to 8 bits, CMYK/palette converted."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        lo, hi = (0, 65535) if image.mode.startswith("I;16") else image.getextrema()
+        scale = 255.0 / (hi - lo) if hi > lo else 1.0
+        image = image.convert("F").point(lambda v: (v - lo) * scale).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _render_pdf_page(pdf: pymupdf.Document, number: int, *, dpi: float, max_side: int) -> tuple[Image.Image, PageSize]:
+    page = pdf.load_page(number - 1)
+    rect = page.rect
+    longest = max(rect.width, rect.height)
+    if longest <= 0:
+        raise ValueError("the page has zero size")
+    zoom = min(dpi / 72.0, max_side / longest)
+    import pymupdf
+
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB)
+    image = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+    size = PageSize(pix.width, pix.height, round(rect.width, 2), round(rect.height, 2), round(zoom * 72.0, 2))
+    return image, size
+
+
+def _render_image_frame(image: Image.Image, number: int, *, max_side: int) -> tuple[Image.Image, PageSize]:
+    """One frame as RGB, no larger than `max_side`; the size reported is the frame's own (upright) size."""
+    image.seek(number - 1)
+    width, height = image.size
+    if image.format == "JPEG":
+        image.draft("RGB", (max_side, max_side))  # decode a large JPEG at reduced scale
+    frame = image.copy()
+    if number == 1:
+        turned = ImageOps.exif_transpose(frame)
+        if turned.size != frame.size and turned.size == frame.size[::-1]:
+            width, height = height, width
+        frame = turned
+    frame = to_rgb(frame)
+    if max(frame.size) > max_side:
+        frame.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return frame, PageSize(width, height)
+
+
+def iter_pages(
+    opened: Iterable[Opened],
+    *,
+    dpi: float,
+    max_side: int,
+    password: str | None,
+    want: Callable[[Document, int], bool] = lambda doc, number: True,
+) -> Iterator[Page]:
+    """Pages in document order, each rendered only when pulled and only if `want` it (else image None).
+    A document that failed to open yields one Page with number None and its error."""
+    for item in opened:
+        doc = item.doc
+        if doc.error is not None:
+            yield Page(doc, None, error=doc.error)
+            continue
+        handle: pymupdf.Document | Image.Image | None = None
+        try:
+            for number in item.pages:
+                if not want(doc, number):
+                    yield Page(doc, number)
+                    continue
+                start = time.perf_counter()
+                try:
+                    if handle is None:
+                        handle = _open_pdf(item.input, password) if doc.kind == "pdf" else _open_image(item.input)
+                    if not isinstance(handle, Image.Image):
+                        image, size = _render_pdf_page(handle, number, dpi=dpi, max_side=max_side)
+                    else:
+                        image, size = _render_image_frame(handle, number, max_side=max_side)
+                except Exception as exc:
+                    yield Page(doc, number, error=f"cannot render page: {type(exc).__name__}: {exc}")
+                    continue
+                yield Page(doc, number, image, size, render_seconds=time.perf_counter() - start)
+        finally:
+            if handle is not None:
+                handle.close()

@@ -1,0 +1,213 @@
+"""Shared `Annotated` option aliases, so every command spells an option, its help and its default the same
+way. Help panels group them as Inputs, Output, Run and Model in `--help`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dsvl2_cli.inputs import PageSelection, Shard, parse_pages, parse_shard
+from dsvl2_cli.runtime import DEFAULT_MODEL
+from dsvl2_cli.writers import Format
+
+IN, OUT, RUN, MODEL = "Inputs", "Output", "Run", "Model"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+Inputs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="PDFs, images (PNG, JPEG, WebP, TIFF, BMP, GIF) or directories (searched recursively). "
+        "'-' reads paths from stdin, one per line (or NUL-separated).",
+        show_default=False,
+        metavar="INPUTS...",
+    ),
+]
+Glob = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--glob",
+        "-g",
+        metavar="PATTERN",
+        help="Only files in directories matching this pattern, e.g. '*.pdf' "
+        "(a pattern with '/' matches the path below the directory). Repeatable. "
+        "Default: every PDF and image suffix.",
+        rich_help_panel=IN,
+    ),
+]
+StdinData = Annotated[
+    bool,
+    typer.Option("--stdin-data", help="Read one PDF or image's bytes from stdin (source '-').", rich_help_panel=IN),
+]
+Pages = Annotated[
+    PageSelection | None,
+    typer.Option(
+        "--pages",
+        "-p",
+        parser=parse_pages,
+        metavar="RANGES",
+        help="Pages to process, 1-based, e.g. '1-3,7,10-'. Default: all.",
+        rich_help_panel=IN,
+    ),
+]
+Password = Annotated[
+    str | None,
+    typer.Option(
+        "--password",
+        metavar="TEXT",
+        envvar="DSVL2_PDF_PASSWORD",
+        help="Password for encrypted PDFs (or set DSVL2_PDF_PASSWORD to keep it out of shell history).",
+        rich_help_panel=IN,
+    ),
+]
+Dpi = Annotated[float, typer.Option("--dpi", min=1, help="Resolution PDF pages are rendered at.", rich_help_panel=IN)]
+MaxSide = Annotated[
+    int,
+    typer.Option(
+        "--max-side",
+        min=16,
+        help="Cap on the longest side of a page image in pixels (PDF pages render smaller, images are scaled down).",
+        rich_help_panel=IN,
+    ),
+]
+Output = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="PATH",
+        help="'-' or absent: stdout. A directory (existing, ending "
+        "in '/', or a new name without suffix): outputs per document, keeping the input tree. "
+        "Otherwise one file for the whole run.",
+        rich_help_panel=OUT,
+    ),
+]
+FormatOpt = Annotated[
+    Format | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Output format; default per command, or from the -o file's suffix.",
+        rich_help_panel=OUT,
+        show_default=False,
+    ),
+]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Skip pages already done (same file hash, page, task, prompt, settings "
+        "and model) in the -o file or directory; failed pages are redone.",
+        rich_help_panel=OUT,
+    ),
+]
+Manifest = Annotated[
+    Path | None,
+    typer.Option(
+        "--manifest",
+        help="Where to write the run manifest. Default: DIR/TASK.manifest.json or FILE.manifest.json; none for stdout.",
+        rich_help_panel=OUT,
+        show_default=False,
+    ),
+]
+ShardOpt = Annotated[
+    Shard | None,
+    typer.Option(
+        "--shard",
+        parser=parse_shard,
+        metavar="I/N",
+        help="Process only the I-th of N deterministic "
+        "parts of the documents (1-based), so N processes can share a job.",
+        rich_help_panel=RUN,
+    ),
+]
+FailFast = Annotated[
+    bool,
+    typer.Option("--fail-fast", help="Stop after the first page that fails or cannot be parsed.", rich_help_panel=RUN),
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Pages sent to the model together. Default: chosen by the runtime from available memory.",
+        rich_help_panel=RUN,
+        show_default=False,
+    ),
+]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress, warnings or summary on stderr.", rich_help_panel=RUN)
+]
+Verbose = Annotated[
+    int, typer.Option("--verbose", "-v", count=True, help="More detail on stderr (-vv: more).", rich_help_panel=RUN)
+]
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="REPO|DIR",
+        envvar="DSVL2_MODEL",
+        help="Hugging Face repo id or local checkpoint directory.",
+        rich_help_panel=MODEL,
+    ),
+]
+Revision = Annotated[
+    str | None,
+    typer.Option("--revision", metavar="REV", help="Branch, tag or commit of the model repo.", rich_help_panel=MODEL),
+]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.", rich_help_panel=MODEL)]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weight and activation dtype.", rich_help_panel=MODEL)]
+MaxNewTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens",
+        min=1,
+        help="Longest answer in tokens; a page that hits it is marked 'truncated'. Default per command.",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+Temperature = Annotated[
+    float,
+    typer.Option(
+        "--temperature",
+        min=0.0,
+        help="0 is greedy (best for documents); the model authors advise at most 0.7.",
+        rich_help_panel=MODEL,
+    ),
+]
+TopP = Annotated[
+    float,
+    typer.Option(
+        "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).", rich_help_panel=MODEL
+    ),
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed for sampling.", rich_help_panel=MODEL)]
+Prompt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt",
+        metavar="TEXT",
+        help="Replace the command's default prompt (shown in the description above).",
+        show_default=False,
+    ),
+]
+
+DEFAULTS = {"dpi": 144.0, "max_side": 2048, "model": DEFAULT_MODEL}
