@@ -1,0 +1,158 @@
+"""Test doubles for the CLI and pipeline tests: a scripted runtime (in the spirit of llm's
+`MockModel.enqueue`), helpers that make small PDFs and images, and environment isolation.
+
+`FakeRuntime` answers requests from a queue of scripted answers (text, finish reason, or an exception
+that fails the whole batch it lands in), falling back to `default`. An answer is bound to a request id the
+first time the id is seen, so the runner's one-at-a-time retry of a failed batch meets the same script.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pymupdf
+from PIL import Image
+
+from model.requests import Completion, Request, Timings
+
+
+@dataclass(frozen=True, slots=True)
+class Scripted:
+    text: str = ""
+    finish_reason: str = "eos"
+    error: Exception | None = None
+
+
+class FakeRuntime:
+    """Implements pipelines.base.Runtime without a model."""
+
+    def __init__(
+        self,
+        default: str | Callable[[Request], str] = "fake answer",
+        *,
+        model_id: str = "fake/dsvl2",
+        revision: str | None = "fake-rev",
+        reverse: bool = False,
+        max_batch_size: int | None = None,
+    ) -> None:
+        self.default = default
+        self.model_id, self.revision = model_id, revision
+        self.reverse = reverse  # call on_completion in reverse order, as an engine may finish out of order
+        if max_batch_size is not None:
+            self.max_batch_size = max_batch_size
+        self.queue: deque[Scripted] = deque()
+        self.bound: dict[str, Scripted] = {}
+        self.requests: list[Request] = []
+        self.batches: list[list[str]] = []
+        self.load_args: dict | None = None
+
+    def enqueue(self, text: str = "", *, finish_reason: str = "eos", error: Exception | None = None) -> FakeRuntime:
+        self.queue.append(Scripted(text, finish_reason, error))
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        """The text of each request's user turn, without the image placeholder."""
+        return [r.conversation[0].content.removeprefix("<image>\n") for r in self.requests]
+
+    def _script(self, request: Request) -> Scripted:
+        if request.id not in self.bound:
+            if self.queue:
+                self.bound[request.id] = self.queue.popleft()
+            else:
+                text = self.default(request) if callable(self.default) else self.default
+                self.bound[request.id] = Scripted(text)
+        return self.bound[request.id]
+
+    def generate(
+        self, requests: Sequence[Request], *, on_completion: Callable[[Completion], None] | None = None
+    ) -> list[Completion]:
+        self.batches.append([r.id for r in requests])
+        self.requests.extend(requests)
+        scripts = [self._script(r) for r in requests]
+        for s in scripts:
+            if s.error is not None:
+                raise s.error
+        completions = [
+            Completion(
+                r.id,
+                (1, 2, 3),
+                s.text,
+                s.finish_reason,
+                n_prompt=100,
+                n_generated=len(s.text.split()) + 1,
+                timings=Timings(0.0, 0.01, 0.02),
+            )
+            for r, s in zip(requests, scripts, strict=True)
+        ]
+        if on_completion is not None:
+            for c in reversed(completions) if self.reverse else completions:
+                on_completion(c)
+        return completions
+
+
+def factory_for(fake: FakeRuntime) -> Callable[..., FakeRuntime]:
+    """A `runtime_factory` that hands out `fake` and records how it was asked for."""
+
+    def load(
+        model: str,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int | None = None,
+    ) -> FakeRuntime:
+        fake.load_args = {
+            "model": model,
+            "revision": revision,
+            "device": device,
+            "dtype": dtype,
+            "batch_size": batch_size,
+        }
+        return fake
+
+    return load
+
+
+def make_pdf(
+    path: Path,
+    pages: int = 1,
+    *,
+    password: str | None = None,
+    size: tuple[float, float] = (300, 400),
+    label: str = "page",
+) -> Path:
+    """A small PDF whose page i reads '<label> i'."""
+    doc = pymupdf.open()
+    for i in range(1, pages + 1):
+        page = doc.new_page(width=size[0], height=size[1])
+        page.insert_text((20, 40), f"{label} {i}", fontsize=14)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if password:
+        doc.save(path, encryption=pymupdf.PDF_ENCRYPT_AES_256, owner_pw=password + "-owner", user_pw=password)
+    else:
+        doc.save(path)
+    doc.close()
+    return path
+
+
+def make_image(path: Path, size: tuple[int, int] = (64, 48), colour: str = "white", **save: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, **save)
+    return path
+
+
+def isolate(monkeypatch, tmp_path: Path) -> None:
+    """Point HOME and every model cache at a temp dir, go offline, and clear dsvl2's own env vars."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / ".cache" / "huggingface" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("DSVL2_MODEL", "DSVL2_PDF_PASSWORD", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
