@@ -10,6 +10,7 @@ they checked with `record(kind)`; tests/conftest.py prints the totals at the end
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -130,3 +131,18 @@ def load_cases() -> list[Case]:
     if not root.is_dir():
         return []
     return [Case.load(p) for p in sorted(root.iterdir()) if (p / "case.json").is_file()]
+
+
+@functools.cache
+def parity_model(name: str, dtype: torch.dtype = torch.float32):
+    """The checkpoint `name` loaded once per test session (read-only use: tests must not modify it)."""
+    from model.weights import load_model
+
+    return load_model(checkpoint_dir(name), dtype=dtype)
+
+
+@functools.cache
+def parity_processor(name: str):
+    from model.processor import Processor
+
+    return Processor.from_dir(checkpoint_dir(name))

@@ -10,13 +10,23 @@ crops, positions and pixels of every case, the tiling table and the tokenizer ca
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from parity import PARITY_DIR, Case, checkpoint_dir, checkpoint_names, load_cases, read_json, record, require
+from parity import (
+    PARITY_DIR,
+    Case,
+    checkpoint_dir,
+    checkpoint_names,
+    load_cases,
+    parity_model,
+    parity_processor,
+    read_json,
+    record,
+    require,
+)
 from safetensors.torch import load_file
 
 from model.engine import Engine
@@ -24,7 +34,6 @@ from model.processor import MAX_TILED_IMAGES, Processor, ProcessorConfig, pad_ge
 from model.requests import IMAGE_TOKEN, Request, Sampling
 from model.tokenizer import BOS, EOS, PAD, Tokenizer
 from model.vl2 import DeepseekVL2, real_tiles
-from model.weights import load_model
 
 # ---------------------------------------------------------------------------------------------------
 # Processor and tokenizer: exact
@@ -170,14 +179,12 @@ CHECKPOINTS = checkpoint_names()
 PAIRS = [(c, k) for c in CASES for k in c.checkpoints()] or [(None, None)]
 
 
-@cache
 def model_for(name: str) -> DeepseekVL2:
-    return load_model(checkpoint_dir(name), dtype=torch.float32)
+    return parity_model(name, torch.float32)
 
 
-@cache
 def processor_for(name: str) -> Processor:
-    return Processor.from_dir(checkpoint_dir(name))
+    return parity_processor(name)
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:

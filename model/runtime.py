@@ -1,0 +1,74 @@
+"""Loading a ready-to-use runtime: resolve the model argument, pick device and dtype, load processor and
+weights, and wrap them in an `Engine` (which is what pipelines call `generate` on).
+
+Device "auto" is CUDA when available, else CPU. Dtype "auto" is bfloat16 where the hardware computes it
+natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX), else float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from model.engine import Engine
+from model.errors import ConfigError
+from model.hub import DEFAULT_MODEL, resolve_model
+from model.processor import Processor
+from model.weights import load_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bfloat16 dot products (AVX512-BF16 or AMX), where torch's bf16
+    matrix products run faster than float32 instead of being emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device (this torch build: "
+                          f"{torch.__version__}); use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    if DTYPES[dtype] is torch.float16 and device.type == "cpu":
+        raise ConfigError("float16 is not supported on CPU; use bfloat16 or float32")
+    return DTYPES[dtype]
+
+
+def snapshot_revision(path: Path) -> str | None:
+    """The commit hash of a Hugging Face cache snapshot directory (`.../snapshots/<hash>`), else None."""
+    if path.parent.name == "snapshots" and len(path.name) == 40:
+        return path.name
+    return None
+
+
+def load_runtime(model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
+                 dtype: str = "auto", max_batch_size: int = 8, prefill_chunk: int = 1024) -> Engine:
+    """A generation engine for `model` (a local checkpoint directory or a Hugging Face repo id)."""
+    path = resolve_model(model, revision=revision)
+    dev = pick_device(device)
+    processor = Processor.from_dir(path)
+    weights = load_model(path, dtype=pick_dtype(dtype, dev), device=dev)
+    return Engine(weights, processor, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
+                  model_id=model, revision=snapshot_revision(path) or revision)
