@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from model.errors import ConfigError
-from model.factory import random_tensor, split_shards, write_random_checkpoint
+from model.factory import Init, random_tensor, split_shards, write_random_checkpoint
 from model.language import MLP, MoE
 from model.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_model, read_shapes
 
@@ -189,8 +189,6 @@ def test_bfloat16_checkpoint(tmp_path):
 
 
 def test_random_tensor_depends_only_on_seed_and_key():
-    from model.factory import Init
-
     init = Init(0.0, 1.0)
     a = random_tensor("x.weight", (4, 5), init, seed=1, dtype=torch.float32)
     random_tensor("y.weight", (100,), init, seed=1, dtype=torch.float32)
