@@ -23,7 +23,7 @@ from model.requests import Completion, Request, Timings
 class Scripted:
     text: str = ""
     finish_reason: str = "eos"
-    error: Exception | None = None
+    error: BaseException | None = None
 
 
 class FakeRuntime:
@@ -49,7 +49,7 @@ class FakeRuntime:
         self.batches: list[list[str]] = []
         self.load_args: dict | None = None
 
-    def enqueue(self, text: str = "", *, finish_reason: str = "eos", error: Exception | None = None) -> FakeRuntime:
+    def enqueue(self, text: str = "", *, finish_reason: str = "eos", error: BaseException | None = None) -> FakeRuntime:
         self.queue.append(Scripted(text, finish_reason, error))
         return self
 

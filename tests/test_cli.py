@@ -119,8 +119,13 @@ def test_directory_tree_kept_and_name_clashes_do_not_collide(fake, tmp_path):
     assert result.exit_code == 0, result.stderr
     names = sorted(str(p.relative_to("out")) for p in Path("out").rglob("*") if p.is_file())
     assert names == [
-        "a/x.pdf.ocr.jsonl", "a/x.pdf.ocr.md", "b/x.pdf.ocr.jsonl", "b/x.pdf.ocr.md",
-        "b/x.png.ocr.jsonl", "b/x.png.ocr.md", "ocr.manifest.json",
+        "a/x.pdf.ocr.jsonl",
+        "a/x.pdf.ocr.md",
+        "b/x.pdf.ocr.jsonl",
+        "b/x.pdf.ocr.md",
+        "b/x.png.ocr.jsonl",
+        "b/x.png.ocr.md",
+        "ocr.manifest.json",
     ]
     assert len(jsonl(Path("out/b/x.pdf.ocr.jsonl").read_text())) == 2
     # the same file name given twice from different places gets a distinct output name
@@ -181,7 +186,10 @@ def test_bad_file_in_the_middle_fails_alone(fake):
     assert result.exit_code == 1
     records = jsonl(result.stdout)
     assert [(r["source"], r["status"]) for r in records] == [
-        ("a.pdf", "ok"), ("b.pdf", "failed"), ("missing.pdf", "failed"), ("c.png", "ok"),
+        ("a.pdf", "ok"),
+        ("b.pdf", "failed"),
+        ("missing.pdf", "failed"),
+        ("c.png", "ok"),
     ]
     assert "not a PDF or an image" in records[1]["error"] and "no such file" in records[2]["error"]
     assert "b.pdf" in result.stderr and "2 failed" in result.stderr
@@ -246,18 +254,52 @@ def test_setup_and_usage_errors_exit_2_with_one_line(fake, monkeypatch):
 def test_model_options_reach_the_runtime_and_sampling(fake):
     make_image(Path("p.png"))
     result = invoke(
-        "ask", "p.png", "--prompt", "q", "--model", "some/model", "--revision", "abc", "--device", "cpu",
-        "--dtype", "float32", "--max-new-tokens", "33", "--temperature", "0.5", "--top-p", "0.9", "--seed", "7",
-        "-b", "3", "-f", "jsonl",
+        "ask",
+        "p.png",
+        "--prompt",
+        "q",
+        "--model",
+        "some/model",
+        "--revision",
+        "abc",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "33",
+        "--temperature",
+        "0.5",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "-b",
+        "3",
+        "-f",
+        "jsonl",
     )
     assert result.exit_code == 0, result.stderr
-    assert fake.load_args == {"model": "some/model", "revision": "abc", "device": "cpu", "dtype": "float32",
-                              "batch_size": 3}
+    assert fake.load_args == {
+        "model": "some/model",
+        "revision": "abc",
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_size": 3,
+    }
     s = fake.requests[0].sampling
     assert (s.max_new_tokens, s.temperature, s.top_p, s.seed) == (33, 0.5, 0.9, 7)
     [record] = jsonl(result.stdout)
-    assert record["settings"] == {"model": "some/model", "revision": "abc", "max_new_tokens": 33,
-                                  "temperature": 0.5, "top_p": 0.9, "seed": 7, "dpi": 144.0, "max_side": 2048}
+    assert record["settings"] == {
+        "model": "some/model",
+        "revision": "abc",
+        "max_new_tokens": 33,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+        "dpi": 144.0,
+        "max_side": 2048,
+    }
 
 
 def test_batches_and_output_order_do_not_depend_on_completion_order(fake):
@@ -270,7 +312,11 @@ def test_batches_and_output_order_do_not_depend_on_completion_order(fake):
     assert [len(b) for b in fake.batches] == [2, 2, 1]  # pages of different documents share a batch
     records = jsonl(result.stdout)
     assert [(r["source"], r["page"]) for r in records] == [
-        ("a.pdf", 1), ("a.pdf", 2), ("a.pdf", 3), ("b.png", 1), ("c.pdf", 1),
+        ("a.pdf", 1),
+        ("a.pdf", 2),
+        ("a.pdf", 3),
+        ("b.png", 1),
+        ("c.pdf", 1),
     ]
     assert [r["text"] for r in records] == [f"answer r{i}" for i in range(5)]
 
@@ -305,7 +351,8 @@ def test_chart_tidy_csv_and_directory_wide_csv(fake):
     result = invoke("chart", "c.png")
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [(r["title"], r["series"], r["category"], r["value"]) for r in rows] == [
-        ("Sales", "2024", "Apples", "42.0"), ("Sales", "2024", "Pears", "7.0"),
+        ("Sales", "2024", "Apples", "42.0"),
+        ("Sales", "2024", "Pears", "7.0"),
     ]
     invoke("chart", "c.png", "-o", "out/")
     assert Path("out/c.png.chart.p1.csv").read_text() == "Fruit,2024\nApples,42.0\nPears,7.0\n"
