@@ -137,19 +137,21 @@ def _matches(rel: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(rel if "/" in g else name, g) for g in globs)
 
 
-def _walk(root: Path, globs: Sequence[str], errors: list[str]) -> Iterator[tuple[Path, list[str]]]:
-    """Files under `root` in sorted order, hidden entries skipped, directory symlinks not followed."""
+def _walk(root: Path, globs: Sequence[str], errors: list[str]) -> list[tuple[Path, list[str]]]:
+    """Files under `root` sorted by relative path; hidden entries skipped, directory symlinks not followed."""
 
     def onerror(exc: OSError) -> None:
         errors.append(f"{exc.filename}: {exc.strerror or exc}")
 
+    found = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = Path(dirpath).relative_to(root).parts
-        for name in sorted(filenames):
+        for name in filenames:
             rel = [*rel_dir, name]
             if not name.startswith(".") and _matches("/".join(rel), globs):
-                yield Path(dirpath, name), rel
+                found.append((Path(dirpath, name), rel))
+    return sorted(found, key=lambda item: item[1])
 
 
 def _arg_parts(arg: str) -> list[str]:

@@ -204,7 +204,8 @@ class _Run:
             slot.record = answered_record(self.ctx, slot.page, slot.prompt, completion, self.task)
 
     def _release(self) -> None:
-        """Emit the resolved prefix of the buffer, in input order."""
+        """Emit the resolved prefix of the buffer in input order, each document's end right after its last record."""
+        self._finish_documents()
         while self.slots and self.slots[0].record is not None:
             slot = self.slots.popleft()
             record = slot.record
@@ -215,6 +216,9 @@ class _Run:
                 self.stats.generated_tokens += record.tokens["generated"]
             self.outstanding[slot.page.doc.key] -= 1
             self.on_event(RecordDone(record, slot.page))
+            self._finish_documents()
+
+    def _finish_documents(self) -> None:
         while self.docs and self.docs[0].key in self.enumerated and self.outstanding[self.docs[0].key] == 0:
             self.on_event(DocumentDone(self.docs.popleft()))
 
