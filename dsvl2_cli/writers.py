@@ -110,26 +110,33 @@ class Sink(Protocol):
 
 
 class StreamSink:
-    """Records rendered to a text stream as they come: JSON array, JSONL, Markdown, tidy CSV or text."""
+    """Records rendered to a text stream as they come: JSON array, JSONL, Markdown, tidy CSV or text.
+    Nothing is written before the first record (or `close`), so a setup error leaves the stream empty."""
 
     def __init__(self, stream: IO[str], fmt: Format, task: str, *, headers: bool = True) -> None:
         self.stream, self.fmt, self.task, self.headers = stream, fmt, task, headers
         self.outputs: list[Path] = []
         self.incomplete: list[str] = []
         self.count = 0
+        self.started = False
         self.csv = csv.writer(stream, lineterminator="\n") if fmt is Format.csv else None
 
     def prepare(self, docs: Sequence[Document], *, resume: bool) -> list[str]:
+        return []
+
+    def _start(self) -> None:
+        self.started = True
         if self.fmt is Format.json:
             self.stream.write("[")
         elif self.csv is not None:
             self.csv.writerow(render.CSV_COLUMNS[self.task])
-        return []
 
     def is_done(self, key: str) -> bool:
         return False
 
     def write(self, record: PageRecord, doc: Document) -> None:
+        if not self.started:
+            self._start()
         if self.fmt is Format.json:
             self.stream.write(("," if self.count else "") + "\n" + to_json(record, indent=2))
         elif self.fmt is Format.jsonl:
@@ -147,6 +154,8 @@ class StreamSink:
         pass
 
     def close(self) -> None:
+        if not self.started:
+            self._start()
         if self.fmt is Format.json:
             self.stream.write("\n]\n" if self.count else "]\n")
         self.stream.flush()
@@ -154,12 +163,15 @@ class StreamSink:
 
 class FileSink:
     """One file for the whole run. JSONL is appended and flushed per record (and `--resume` appends the
-    missing pages); other formats are written to a temp file and renamed into place when the run ends."""
+    missing pages); other formats are written to a temp file and renamed into place when the run ends.
+    The target is not touched before the first record, so a setup error leaves an earlier output intact."""
 
     def __init__(self, path: Path, fmt: Format, task: str, *, prompts: Sequence[str] = ()) -> None:
         self.path, self.fmt, self.task, self.prompts = path, fmt, task, prompts
         self.outputs: list[Path] = [path]
         self.incomplete: list[str] = []
+        self.resume = False
+        self.bad = 0
         self.done: set[str] = set()
         self.redo: set[str] = set()  # keys of old failed records that a new record will supersede
         self.superseded = False
@@ -170,28 +182,29 @@ class FileSink:
         self.tmp_cm: contextlib.AbstractContextManager[IO[Any]] | None = None
 
     def prepare(self, docs: Sequence[Document], *, resume: bool) -> list[str]:
-        warnings = []
+        self.resume = resume
         if resume:
-            self.old, bad = read_records(self.path)
+            self.old, self.bad = read_records(self.path)
             self.done = {r.key for r in self.old if r.status != "failed"}
             self.redo = {r.key for r in self.old if r.status == "failed"}
-            if bad:
-                warnings.append(f"{self.path}: dropped {bad} unreadable record(s) before resuming")
-                if self.fmt is Format.jsonl:
-                    atomic_write(self.path, "".join(to_json(r) + "\n" for r in self.old))
+        return [f"{self.path}: dropped {self.bad} unreadable record(s) before resuming"] if self.bad else []
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.fmt is Format.jsonl:
-            self.file = open(self.path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 closed in close()
+            if self.bad:  # a torn line from a killed run must not swallow the next record
+                atomic_write(self.path, "".join(to_json(r) + "\n" for r in self.old))
+            self.file = open(self.path, "a" if self.resume else "w", encoding="utf-8")  # noqa: SIM115 closed in close()
         elif self.fmt is not Format.json:
             self.tmp_cm = atomic_open(self.path)
             self.inner = StreamSink(self.tmp_cm.__enter__(), self.fmt, self.task)
-            self.inner.prepare(docs, resume=False)
-        return warnings
 
     def is_done(self, key: str) -> bool:
         return key in self.done
 
     def write(self, record: PageRecord, doc: Document) -> None:
+        if self.file is None and self.inner is None:
+            self._open()
         self.superseded = self.superseded or record.key in self.redo
         if self.file is not None:
             self.file.write(to_json(record) + "\n")
@@ -205,6 +218,8 @@ class FileSink:
         pass
 
     def close(self) -> None:
+        if self.file is None and self.inner is None and not (self.resume and self.path.exists()):
+            self._open()  # a run without records still leaves its (empty) output
         if self.file is not None:
             self.file.close()
             if self.superseded:  # keep only the newest record per key
@@ -214,7 +229,7 @@ class FileSink:
         elif self.inner is not None and self.tmp_cm is not None:
             self.inner.close()
             self.tmp_cm.__exit__(None, None, None)
-        elif self.fmt is Format.json:
+        elif self.fmt is Format.json and (self.new or not self.resume):
             merged = _merge(self.old, self.new, self.prompts) if self.old else self.new
             atomic_write(self.path, "[" + ",".join("\n" + to_json(r, 2) for r in merged) + "\n]\n")
 

@@ -246,9 +246,12 @@ def test_setup_and_usage_errors_exit_2_with_one_line(fake, monkeypatch):
         raise ModelNotFoundError("no such model: nobody/nothing")
 
     monkeypatch.setattr(runtime_seam, "runtime_factory", missing)
-    result = invoke("ocr", "p.png", "--model", "nobody/nothing")
-    assert result.exit_code == 2
+    result = invoke("ocr", "p.png", "--model", "nobody/nothing", "-f", "json")
+    assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == ["error: model not found: no such model: nobody/nothing"]
+    Path("earlier.jsonl").write_text("precious\n")
+    assert invoke("ocr", "p.png", "-o", "earlier.jsonl").exit_code == 2
+    assert Path("earlier.jsonl").read_text() == "precious\n"  # a setup error touches no output
 
 
 def test_model_options_reach_the_runtime_and_sampling(fake):
@@ -437,3 +440,28 @@ def test_models_download_and_list(fake, monkeypatch, tmp_path):
 def test_schema_command_matches_the_committed_file(fake):
     committed = json.loads((Path(__file__).parent.parent / "schema" / "page-record.schema.json").read_text())
     assert json.loads(invoke("schema").stdout) == committed
+
+
+def test_progress_bar_on_a_terminal_and_summary(fake):
+    from rich.console import Console
+
+    from dsvl2_cli.progress import Reporter
+    from pipelines.base import Document, Page, PageRecord
+    from pipelines.runner import DocumentDone, RecordDone
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None, highlight=False)
+    doc = Document("d.pdf", "d.pdf", "0" * 64, "pdf", 2)
+    ok = PageRecord("d.pdf", "0" * 64, 1, None, "ocr", "p", {}, {}, "t", {}, "ok", tokens={"prompt": 1, "generated": 9})
+    bad = PageRecord("d.pdf", "0" * 64, 2, None, "ocr", "p", {}, {}, None, None, "failed", "boom")
+    with Reporter(total_pages=2, total_docs=1, quiet=False, verbose=0, console=console) as reporter:
+        assert reporter.bar is not None
+        reporter(RecordDone(ok, Page(doc, 1)))
+        reporter(RecordDone(bad, Page(doc, 2)))
+        reporter(DocumentDone(doc))
+    reporter.print_summary(command="ocr", interrupted=False, incomplete=0, where="out/")
+    text = out.getvalue()
+    assert "d.pdf p.2: failed: boom" in text and "1 failed, 1 ok" in text and "output: out/" in text
+    assert reporter.tally.summary()["generated_tokens"] == 9 and reporter.tally.documents_done == 1
+    quiet = Reporter(total_pages=2, total_docs=1, quiet=True, verbose=0, console=console)
+    assert quiet.bar is None
