@@ -38,6 +38,23 @@ def _from_dict(cls, raw: dict[str, Any], section: str):
         raise ConfigError(f"{section}: {e}") from None
 
 
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+
+
+def _check_types(obj, section: str) -> None:
+    """Every scalar field must hold its annotated JSON type (a string "false" is not false; a bool is not a
+    number); `X | None` fields may also be null. Checked before any value is compared."""
+    for f in dataclasses.fields(obj):
+        name, *rest = [part.strip() for part in str(f.type).split("|")]
+        if name not in _TYPES:
+            continue
+        value = getattr(obj, f.name)
+        if value is None and "None" in rest:
+            continue
+        ok = isinstance(value, _TYPES[name]) and not (name != "bool" and isinstance(value, bool))
+        _require(ok, f"{section}.{f.name}", f"expected {name}{' or null' if rest else ''}, got {value!r}")
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"unsupported value for {key}: {msg}")
@@ -63,12 +80,15 @@ class VisionConfig:
     model_name: str = "siglip_large_patch16_384"
 
     def __post_init__(self) -> None:
+        _check_types(self, "vision_config")
         for key in ("width", "layers", "heads", "patch_size", "image_size"):
             _positive_int(getattr(self, key), f"vision_config.{key}")
         _require(self.width % self.heads == 0, "vision_config.heads", f"{self.heads} does not divide width")
         _require(self.class_token is False, "vision_config.class_token", "only false is supported")
         _require(self.ignore_head is True, "vision_config.ignore_head", "only true is supported")
         _require(self.mlp_ratio > 0, "vision_config.mlp_ratio", f"{self.mlp_ratio!r}")
+        _require(self.patch_size <= self.image_size, "vision_config.patch_size",
+                 f"{self.patch_size} is larger than image_size {self.image_size}")
 
     @property
     def grid(self) -> int:
@@ -93,6 +113,7 @@ class ProjectorConfig:
     token_pooling: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self, "projector_config")
         _require(self.projector_type in PROJECTOR_TYPES, "projector_config.projector_type",
                  f"{self.projector_type!r} (supported: {', '.join(PROJECTOR_TYPES)})")
         for key in ("input_dim", "n_embed", "depth", "mlp_ratio", "downsample_ratio"):
@@ -139,6 +160,9 @@ class LanguageConfig:
 
     def __post_init__(self) -> None:
         p = "language_config."
+        _check_types(self, "language_config")
+        _require(self.first_k_dense_replace >= 0, p + "first_k_dense_replace",
+                 f"expected >= 0, got {self.first_k_dense_replace}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "max_position_embeddings", "moe_layer_freq"):
             _positive_int(getattr(self, key), p + key)

@@ -9,6 +9,8 @@ misshaped key, raised before a single tensor is read.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,31 +51,52 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
     return files
 
 
-def read_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """Key -> (shape, file) from the shards' headers (no tensor data is read)."""
+FLOAT_DTYPES = {"F32", "BF16", "F16"}
+DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTensor:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return DTYPE_BYTES.get(self.dtype, 8) * math.prod(self.shape)
+
+
+def read_headers(files: list[Path]) -> tuple[dict[str, StoredTensor], list[str]]:
+    """Key -> shape, dtype and file from the shards' headers (no tensor data is read), plus a description
+    of every key stored in more than one shard."""
     from safetensors import safe_open
 
-    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    found: dict[str, StoredTensor] = {}
+    duplicated: list[str] = []
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    shapes[key] = (tuple(f.get_slice(key).get_shape()), file)
+                    info = f.get_slice(key)
+                    if key in found:
+                        duplicated.append(f"{key} ({found[key].file.name}, {file.name})")
+                    found[key] = StoredTensor(tuple(info.get_shape()), info.get_dtype(), file)
         except Exception as e:  # safetensors raises its own error types for malformed files
             raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
-    return shapes
+    return found, duplicated
 
 
-def _check(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[tuple[int, ...], Path]],
+def _check(expected: dict[str, tuple[int, ...]], found: dict[str, StoredTensor], duplicated: list[str],
            directory: Path) -> None:
     missing = sorted(k for k in expected if k not in found)
     unexpected = sorted(k for k in found if k not in expected)
-    misshaped = sorted(f"{k} (checkpoint {list(found[k][0])}, model {list(expected[k])})"
-                       for k in expected if k in found and found[k][0] != expected[k])
-    if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys)}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
-                 if keys]
+    misshaped = sorted(f"{k} (checkpoint {list(found[k].shape)}, model {list(expected[k])})"
+                       for k in expected if k in found and found[k].shape != expected[k])
+    wrong_dtype = sorted(f"{k} ({t.dtype})" for k, t in found.items() if t.dtype not in FLOAT_DTYPES)
+    problems = (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped),
+                ("wrong dtype", wrong_dtype), ("duplicated", sorted(duplicated)))
+    parts = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in problems if keys]
+    if parts:
         raise WeightsError(f"{directory}: checkpoint does not match config.json: " + "; ".join(parts))
 
 
@@ -90,20 +113,37 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> DeepseekVL2:
     """Build the model of `directory`/config.json and load its weights, cast to `dtype`, onto `device`."""
-    from safetensors import safe_open
-
     directory = Path(directory)
     cfg = ModelConfig.from_dir(directory)
     model = build_meta(cfg)
-    files = checkpoint_files(directory)
-    _check(expected_shapes(model), read_shapes(files), directory)
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    state[RENAMES.get(key, key)] = f.get_tensor(key).to(dtype)
-        except Exception as e:
-            raise WeightsError(f"{file}: cannot read tensor data ({e})") from None
+    found, duplicated = read_headers(checkpoint_files(directory))
+    _check(expected_shapes(model), found, duplicated, directory)
+    state = {RENAMES.get(k, k): t for k, t in _read_tensors(found, dtype=dtype, device=device)}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype, device: str | torch.device,
+                  batch_bytes: int = 256 * 2**20):
+    """Yield (key, tensor in `dtype` on `device`) for every stored tensor. Each file is reopened every
+    `batch_bytes` of stored data, so the pages of tensors already converted to another dtype are
+    released: peak memory stays near the converted weights' size instead of adding a whole shard."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for key, t in found.items():
+        by_file.setdefault(t.file, []).append(key)
+    for file, keys in by_file.items():
+        start = 0
+        while start < len(keys):
+            size, end = 0, start
+            while end < len(keys) and (end == start or size + found[keys[end]].nbytes <= batch_bytes):
+                size += found[keys[end]].nbytes
+                end += 1
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for key in keys[start:end]:
+                        yield key, f.get_tensor(key).to(dtype)
+            except Exception as e:
+                raise WeightsError(f"{file}: cannot read tensor data ({e})") from None
+            start = end

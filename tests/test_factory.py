@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from model.errors import ConfigError
 from model.factory import Init, random_tensor, split_shards, write_random_checkpoint
 from model.language import MLP, MoE
-from model.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_model, read_shapes
+from model.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_model, read_headers
 
 REAL_CONFIGS = REPO_ROOT / "tests" / "data" / "configs"
 IMAGE_TOKENS = 14 * 15 + 1 + 14 * 15  # one image, one 384x384 local tile (tw = th = 1)
@@ -129,8 +129,8 @@ def test_layout_matches_parity_checkpoint(tmp_path, name):
     source = checkpoint_dir(name)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     out = write_random_checkpoint(config, tmp_path / name, dtype=torch.float32, tokenizer_dir=source)
-    ours = {k: shape for k, (shape, _) in read_shapes(checkpoint_files(out)).items()}
-    theirs = {k: shape for k, (shape, _) in read_shapes(checkpoint_files(source)).items()}
+    ours = {k: t.shape for k, t in read_headers(checkpoint_files(out))[0].items()}
+    theirs = {k: t.shape for k, t in read_headers(checkpoint_files(source))[0].items()}
     assert ours == theirs
     assert "view_seperator" in ours and any(k.startswith("vision.attn_pool.") for k in ours)
     for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json"):
