@@ -4,7 +4,9 @@ Options are shared aliases from dsvl2_cli.options; exit codes are defined in dsv
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -53,6 +55,12 @@ def read_prompt_file(path: str) -> PromptFile:
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return PromptFile(tuple(line.strip() for line in text.splitlines() if line.strip()))
+
+
+def ask_prompts(prompt: list[str] | None, prompts: PromptFile | None) -> tuple[str, ...]:
+    """`--prompt` values then `--prompts` lines, blanks and repeats dropped, order kept."""
+    texts = [*(prompt or ()), *(prompts.prompts if prompts else ())]
+    return tuple(dict.fromkeys(t for t in texts if t.strip()))
 
 
 # fmt: off
@@ -228,7 +236,7 @@ def ask(
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
 ) -> None:
     raise typer.Exit(run_task(
-        task=AskTask(tuple(p for p in (*(prompt or ()), *(prompts.prompts if prompts else ())) if p.strip())),
+        task=AskTask(ask_prompts(prompt, prompts)),
         paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
         max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
         fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
@@ -270,6 +278,13 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    """Console-script entry: SIGTERM stops a run like Ctrl-C (finished work kept, exit 130)."""
+    """Console-script entry: SIGTERM stops a run like Ctrl-C (finished work kept, exit 130); a closed stdout
+    pipe ends the run quietly instead of with a traceback at exit."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    app(prog_name="dsvl2")
+    try:
+        app(prog_name="dsvl2")
+    finally:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

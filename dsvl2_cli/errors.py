@@ -48,6 +48,8 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
     """(one-line message, exit code) for errors the CLI reports without a traceback; None for bugs."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", ExitCode.INTERRUPTED
+    if isinstance(exc, BrokenPipeError):  # e.g. `dsvl2 ... | head`: the reader stopped the run
+        return "the output was closed before the run finished", ExitCode.INTERRUPTED
     if isinstance(exc, UsageError):
         return f"usage: {exc}", ExitCode.SETUP
     for kind, label in _MODEL_LABELS:

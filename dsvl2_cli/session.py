@@ -32,6 +32,7 @@ from dsvl2_cli.progress import Reporter
 from dsvl2_cli.writers import DirSink, FileSink, Format, Sink, StreamSink, atomic_write
 from pipelines import runner
 from pipelines.base import SCHEMA_VERSION, Document, Settings, Task, record_key
+from pipelines.ground import GroundTask
 
 DEFAULT_FORMAT = {
     "ocr": Format.md,
@@ -137,8 +138,11 @@ def _check(
         raise UsageError("--batch-size must be at least 1")
     if annotate_dir is not None and task.name != "ground":
         raise UsageError("--annotate is only for ground")
+    if isinstance(task, GroundTask) and task.queries and "{query}" not in task.template:
+        raise UsageError("--query needs a --prompt template containing {query}")
     if not task.prompts:
-        raise UsageError(f"{task.name} needs at least one prompt")
+        what = "--query TEXT (or a --prompt without {query})" if task.name == "ground" else "--prompt or --prompts"
+        raise UsageError(f"{task.name} needs at least one prompt: give {what}")
 
 
 def run_task(

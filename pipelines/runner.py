@@ -160,6 +160,7 @@ class _Run:
         self.outstanding: Counter[str] = Counter()
         self.enumerated: set[str] = set()
         self.next_id = 0
+        self.listener_error: Exception | None = None  # raised by on_event during generate; re-raised after it
 
     def add_page(self, page: Page, is_done: Callable[[str], bool]) -> None:
         if not self.docs or self.docs[-1].key != page.doc.key:
@@ -229,7 +230,11 @@ class _Run:
             slot = by_id.get(completion.id)
             if slot is not None:
                 self._complete(slot, completion)
-                self._release()
+                if self.listener_error is None:
+                    try:
+                        self._release()
+                    except Exception as exc:  # the listener's (e.g. a closed pipe), not the model's: raised below
+                        self.listener_error = exc
 
         completions = self.runtime.generate([s.request for s in slots], on_completion=on_completion)
         for completion in completions:
@@ -246,13 +251,15 @@ class _Run:
                 # Isolate the page that broke the batch: retry the unfinished ones one at a time.
                 rest = [s for s in pending if s.record is None]
                 for slot in rest:
-                    if len(rest) == 1:
+                    if len(rest) == 1 or self.listener_error is not None:
                         slot.record = failed_record(self.ctx, slot.page, slot.prompt, _describe(exc))
                         continue
                     try:
                         self._generate([slot])
                     except Exception as one:
                         slot.record = failed_record(self.ctx, slot.page, slot.prompt, _describe(one))
+            if self.listener_error is not None:
+                raise self.listener_error
             for slot in pending:
                 if slot.record is None:
                     slot.record = failed_record(self.ctx, slot.page, slot.prompt, "the runtime returned no answer")

@@ -156,3 +156,19 @@ def isolate(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ("DSVL2_MODEL", "DSVL2_PDF_PASSWORD", "HF_TOKEN"):
         monkeypatch.delenv(var, raising=False)
+
+
+if __name__ == "__main__":
+    # `python tests/fakes.py ARGS...` is `dsvl2 ARGS...` on a FakeRuntime, for tests that need a real process
+    # (signals, pipes). DSVL2_FAKE_DELAY: seconds each request takes.
+    import os
+    import time
+
+    from dsvl2_cli import runtime as runtime_seam
+    from dsvl2_cli.app import main
+
+    delay = float(os.environ.get("DSVL2_FAKE_DELAY", "0"))
+    runtime_seam.runtime_factory = factory_for(
+        FakeRuntime(lambda request: time.sleep(delay) or f"text of {request.id}")
+    )
+    main()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,3 +184,52 @@ def test_shards_partition_documents_deterministically(runtime):
     invoke("ocr", "in", "--shard", "2/3", "-o", "again/")
     again = json.loads(Path("again/ocr.shard-2-of-3.manifest.json").read_text())
     assert sorted(r["source"] for r in again["inputs"]) == seen[1]
+
+
+FAKE_CLI = [sys.executable, str(Path(__file__).parent / "fakes.py")]
+
+
+def test_sigterm_in_a_real_process_keeps_finished_pages_and_resume_completes(tmp_path):
+    make_pdf(tmp_path / "in" / "many.pdf", 12)
+    env = {**os.environ, "DSVL2_FAKE_DELAY": "0.1", "HOME": str(tmp_path)}
+    args = [*FAKE_CLI, "ocr", "in", "-o", "out/", "-b", "1"]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    journal = tmp_path / "out" / "many.pdf.ocr.jsonl.partial"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("\n") < 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    done = jsonl(journal)
+    assert 2 <= len(done) < 12 and [r["page"] for r in done] == list(range(1, len(done) + 1))
+
+    env["DSVL2_FAKE_DELAY"] = "0"
+    again = subprocess.run(
+        [*args, "--resume"], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 0, again.stderr
+    assert [r["page"] for r in jsonl(tmp_path / "out" / "many.pdf.ocr.jsonl")] == list(range(1, 13))
+    assert f"{len(done)} already done" in again.stderr and not journal.exists()
+
+
+def test_closed_stdout_pipe_stops_quietly(tmp_path):
+    make_pdf(tmp_path / "many.pdf", 30)
+    env = {**os.environ, "HOME": str(tmp_path), "DSVL2_FAKE_DELAY": "0.05"}  # still running when the reader quits
+    proc = subprocess.Popen(
+        [*FAKE_CLI, "ocr", "many.pdf", "-f", "jsonl", "-b", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=30)
+    assert json.loads(first)["page"] == 1
+    assert proc.returncode == 130 and "Traceback" not in err and "output was closed" in err

@@ -193,3 +193,19 @@ def test_record_round_trip_and_key():
 
 def test_parsed_defaults():
     assert Parsed({}).ok and Parsed({}).error is None
+
+
+def test_listener_errors_are_not_mistaken_for_model_errors():
+    """Catches a closed stdout (or full disk) being recorded as failed pages while the run carries on."""
+    seen = []
+
+    def on_event(event):
+        if isinstance(event, runner.RecordDone):
+            seen.append(event.record.page)
+            if len(seen) == 2:
+                raise BrokenPipeError("reader went away")
+
+    fake = FakeRuntime()
+    with pytest.raises(BrokenPipeError):
+        runner.run(runtime=fake, task=OcrTask(), pages=pages(1, 6), settings=SETTINGS, on_event=on_event, batch_size=4)
+    assert seen == [1, 2] and len(fake.batches) == 1
