@@ -35,7 +35,7 @@ Inputs = Annotated[
         help="PDFs, images (PNG, JPEG, WebP, TIFF, BMP, GIF) or directories (searched recursively). "
         "'-' reads paths from stdin, one per line (or NUL-separated).",
         show_default=False,
-        metavar="INPUTS...",
+        metavar="INPUTS",
     ),
 ]
 Glob = Annotated[
@@ -209,5 +209,3 @@ Prompt = Annotated[
         show_default=False,
     ),
 ]
-
-DEFAULTS = {"dpi": 144.0, "max_side": 2048, "model": DEFAULT_MODEL}
