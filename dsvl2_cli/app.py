@@ -16,6 +16,7 @@ import typer
 from dsvl2_cli import cache
 from dsvl2_cli import options as o
 from dsvl2_cli.errors import Interrupted
+from dsvl2_cli.runtime import DEFAULT_MODEL
 from dsvl2_cli.session import run_task
 from pipelines import chart, ground, ocr, table
 from pipelines.ask import AskTask
@@ -81,7 +82,7 @@ def ocr_(
     glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
     dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
     resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
 ) -> None:
@@ -112,7 +113,7 @@ def table_(
     glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
     dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
     resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
 ) -> None:
@@ -142,7 +143,7 @@ def chart_(
     glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
     dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
     resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
 ) -> None:
@@ -196,7 +197,7 @@ def ground_(
     glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
     dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
     resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
 ) -> None:
@@ -231,7 +232,7 @@ def ask(
     glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
     dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
     resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = o.DEFAULT_MODEL,
+    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
 ) -> None:
@@ -258,7 +259,7 @@ def schema() -> None:
     epilog=_examples("dsvl2 models download", "dsvl2 models download deepseek-ai/deepseek-vl2-small --revision main"),
 )
 def models_download(
-    repo_id: Annotated[str, typer.Argument(help="Hugging Face repo id.")] = o.DEFAULT_MODEL,
+    repo_id: Annotated[str, typer.Argument(help="Hugging Face repo id.")] = DEFAULT_MODEL,
     revision: o.Revision = None,
 ) -> None:
     """Download a model into the Hugging Face cache and print its local directory."""

@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from dsvl2_cli.inputs import PageSelection, Shard, parse_pages, parse_shard
-from dsvl2_cli.runtime import DEFAULT_MODEL
 from dsvl2_cli.writers import Format
 
 IN, OUT, RUN, MODEL = "Inputs", "Output", "Run", "Model"
