@@ -116,12 +116,13 @@ def markdown(record: PageRecord) -> str:
 
 
 def text(record: PageRecord, *, header: bool) -> str:
-    """The answer alone (`ask`, `ocr`) or the raw model text; with `header`, a `==> source … <==` line first."""
+    """The answer alone (`ask`, `ocr`) or the raw model text; with `header`, a `==> source … <==` line first.
+    A page without an answer prints nothing on its own (its error goes to stderr)."""
     r = record.result or {}
     body = r.get("answer") if record.task == "ask" else r.get("markdown") if record.task == "ocr" else None
     body = body if body is not None else (record.text or "")
     if not header:
-        return body + "\n"
+        return body + "\n" if record.text is not None else ""
     where = f" (page {record.page})" if record.page is not None else ""
     return f"==> {record.source}{where}: {record.prompt} <==\n{body}\n\n"
 

@@ -398,11 +398,18 @@ def test_ask_prints_only_the_answer_for_one_page_and_prompt(fake):
     assert fake.requests[0].conversation[0].content == "<image>\nWhich fruit sold best?"
 
 
+def test_ask_failure_prints_nothing_on_stdout(fake):
+    make_image(Path("p.png"))
+    fake.enqueue(error=InputError("unreadable"))
+    result = invoke("ask", "p.png", "--prompt", "Q?")
+    assert result.exit_code == 1 and result.stdout == "" and "unreadable" in result.stderr
+
+
 def test_ask_many_prompts_from_file_and_option(fake):
     make_pdf(Path("d.pdf"), 2)
     Path("qs.txt").write_text("First?\n\nSecond?\n")
     fake.default = lambda r: "A:" + r.conversation[0].content.split("\n", 1)[1]
-    result = invoke("ask", "d.pdf", "--prompt", "Zero?", "--prompts", "qs.txt")
+    result = invoke("ask", "d.pdf", "--prompt", "Zero?", "--prompts", "qs.txt", "--prompt", "Zero?")
     assert result.exit_code == 0
     assert result.stdout.count("==> d.pdf (page") == 6 and "A:Second?" in result.stdout
     assert fake.prompts == ["Zero?", "First?", "Second?"] * 2
