@@ -472,3 +472,28 @@ def test_progress_bar_on_a_terminal_and_summary(fake):
     assert reporter.tally.summary()["generated_tokens"] == 9 and reporter.tally.documents_done == 1
     quiet = Reporter(total_pages=2, total_docs=1, quiet=True, verbose=0, console=console)
     assert quiet.bar is None
+
+
+def test_output_destination_rules(fake, tmp_path):
+    from dsvl2_cli.session import destination
+    from dsvl2_cli.writers import Format
+
+    Path("existing-dir").mkdir()
+    Path("existing-file").write_text("")
+    cases = {
+        None: ("stdout", Format.md),
+        "-": ("stdout", Format.md),
+        "run.jsonl": ("file", Format.jsonl),
+        "run.CSV": ("file", Format.csv),
+        "notes.txt": ("file", Format.text),
+        "out/": ("dir", Format.md),
+        "existing-dir": ("dir", Format.md),
+        "results": ("dir", Format.md),
+        "existing-file": ("file", Format.md),
+        "run.weird": ("file", Format.md),
+    }
+    for output, (kind, fmt) in cases.items():
+        dest = destination(output, None, "ocr")
+        assert (dest.kind, dest.fmt) == (kind, fmt), output
+    assert destination("run.jsonl", Format.json, "ocr").fmt is Format.json  # --format wins over the suffix
+    assert destination(None, None, "ask").fmt is Format.text and destination(None, None, "table").fmt is Format.csv
