@@ -137,11 +137,11 @@ def _matches(rel: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(rel if "/" in g else name, g) for g in globs)
 
 
-def _walk(root: Path, globs: Sequence[str], errors: list[str]) -> list[tuple[Path, list[str]]]:
+def _walk(root: Path, globs: Sequence[str], errors: list[tuple[str, str]]) -> list[tuple[Path, list[str]]]:
     """Files under `root` sorted by relative path; hidden entries skipped, directory symlinks not followed."""
 
     def onerror(exc: OSError) -> None:
-        errors.append(f"{exc.filename}: {exc.strerror or exc}")
+        errors.append((str(exc.filename), exc.strerror or str(exc)))
 
     found = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
@@ -196,11 +196,13 @@ def expand_inputs(
             continue
         path = Path(arg)
         if path.is_dir():
-            errors: list[str] = []
+            errors: list[tuple[str, str]] = []
             for file, rel in _walk(path, globs, errors):
                 add(str(file), rel, file)
-            for e in errors:
-                add(e.split(": ", 1)[0], _arg_parts(e.split(": ", 1)[0]), error=f"unreadable: {e}")
+            for where, why in errors:  # an unreadable directory must not vanish without a word
+                inside = Path(where).is_relative_to(path)
+                parts = list(Path(where).relative_to(path).parts) if inside else _arg_parts(where)
+                add(where, parts or [path.name], error=f"unreadable directory: {why}")
         elif path.exists():
             add(arg, _arg_parts(arg), path)
         else:

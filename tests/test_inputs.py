@@ -219,3 +219,19 @@ def test_stdin_data_document():
     files, _ = expand_inputs([], stdin_data=data)
     assert [(f.source, f.key) for f in files] == [("-", "stdin")]
     assert open_document(files[0], password=None, pages=None).doc.error is not None  # raw pixels: not an image
+
+
+def test_unreadable_directory_becomes_an_error_input(tmp_path, monkeypatch):
+    make_image(tmp_path / "d" / "ok.png")
+    real_walk = os.walk
+
+    def walk(top, onerror=None, followlinks=False):
+        yield from real_walk(top, onerror=onerror, followlinks=followlinks)
+        onerror(PermissionError(13, "Permission denied", str(tmp_path / "d" / "locked")))
+
+    monkeypatch.setattr("dsvl2_cli.inputs.os.walk", walk)
+    files, _ = expand_inputs([str(tmp_path / "d")])
+    assert [(f.key, f.error) for f in files] == [
+        ("ok.png", None),
+        ("locked", "unreadable directory: Permission denied"),
+    ]
