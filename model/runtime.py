@@ -1,13 +1,16 @@
 """Loading a ready-to-use runtime: resolve the model argument, pick device and dtype, load processor and
 weights, and wrap them in an `Engine` (which is what pipelines call `generate` on).
 
-Device "auto" is CUDA when available, else CPU. Dtype "auto" is bfloat16 where the hardware computes it
-natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX), else float32.
+Device "auto" is CUDA when available, else CPU. Dtype "auto" follows the checkpoint: reduced-precision
+weights (the real models ship bfloat16) run in bfloat16 where the hardware computes it natively (CUDA with
+bf16 support; a CPU with AVX512-BF16 or AMX), else in float32; float32 checkpoints stay float32, so they
+reproduce float32 reference outputs unless bf16 is asked for.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -44,8 +47,10 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
     if dtype == "auto":
+        if checkpoint_dtype in ("float32", None):
+            return torch.float32
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
@@ -56,6 +61,15 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def checkpoint_dtype(path: Path) -> str | None:
+    """The `torch_dtype` config.json declares for the weights (None when absent or unreadable)."""
+    try:
+        value = json.loads((path / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def snapshot_revision(path: Path) -> str | None:
     """The commit hash of a Hugging Face cache snapshot directory (`.../snapshots/<hash>`), else None."""
     if path.parent.name == "snapshots" and len(path.name) == 40:
@@ -63,12 +77,40 @@ def snapshot_revision(path: Path) -> str | None:
     return None
 
 
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def auto_batch_size(engine_model, device: torch.device, *, limit: int = 16, share: float = 0.5) -> int:
+    """Rows such that every row's KV cache at the model's full context fits in `share` of the memory left
+    after loading (CPU: MemAvailable; CUDA: free device memory); between 1 and `limit`."""
+    lang = engine_model.cfg.language
+    per_row = engine_model.language.new_cache(1, 1).nbytes() * lang.max_position_embeddings
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory()
+    if free is None:
+        return 8
+    return max(1, min(limit, int(free * share // max(per_row, 1))))
+
+
 def load_runtime(model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
-                 dtype: str = "auto", max_batch_size: int = 8, prefill_chunk: int = 1024) -> Engine:
-    """A generation engine for `model` (a local checkpoint directory or a Hugging Face repo id)."""
+                 dtype: str = "auto", max_batch_size: int | None = None, prefill_chunk: int = 1024) -> Engine:
+    """A generation engine for `model` (a local checkpoint directory or a Hugging Face repo id). Without
+    `max_batch_size` the batch is sized from the memory left after loading (`auto_batch_size`)."""
     path = resolve_model(model, revision=revision)
     dev = pick_device(device)
     processor = Processor.from_dir(path)
-    weights = load_model(path, dtype=pick_dtype(dtype, dev), device=dev)
+    weights = load_model(path, dtype=pick_dtype(dtype, dev, checkpoint_dtype(path)), device=dev)
+    if max_batch_size is None:
+        max_batch_size = auto_batch_size(weights, dev)
     return Engine(weights, processor, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
                   model_id=model, revision=snapshot_revision(path) or revision)
