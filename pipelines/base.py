@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from model.requests import Completion, Request, Sampling
@@ -24,6 +24,22 @@ Status = Literal["ok", "truncated", "repetition", "parse_error", "failed"]
 STATUSES: tuple[Status, ...] = ("ok", "truncated", "repetition", "parse_error", "failed")
 # Statuses that count as a failed page: exit code 1, `--fail-fast`, and redone by `--resume`.
 FAILURES: frozenset[str] = frozenset({"failed", "parse_error"})
+
+# The repetition guard per task, (n, window) for `Sampling.no_repeat_ngram` / `repeat_window`: an answer
+# stops (status "repetition") when its last n tokens already occurred within its last `window` tokens. A
+# loop of period p repeats every n-gram once it has run n + p tokens, so a large n only delays the stop by
+# n tokens, while it keeps honest repetition (table rows of equal cells, repeated headings) from tripping it.
+REPETITION_GUARD: dict[str, tuple[int, int]] = {
+    "ocr": (48, 1024),
+    "table": (64, 1024),
+    "chart": (32, 512),
+    "ground": (24, 256),
+    "ask": (24, 512),
+}
+# The one retry of an answer the guard stopped (`--retry-repetition`): sampled instead of greedy, the
+# model authors' advice (temperature <= 0.7) kept, a different seed.
+RETRY_TEMPERATURE = 0.5
+RETRY_TOP_P = 0.9
 
 
 class Runtime(Protocol):
@@ -106,10 +122,29 @@ class Settings:
     seed: int = 0
     dpi: float = 144.0
     max_side: int = 2048
+    no_repeat_ngram: int = 0
+    repeat_window: int = 256
+    retry_repetition: bool = False
 
     def sampling(self) -> Sampling:
+        """How every page is answered; raises ValueError for values the runtime rejects."""
         return Sampling(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            no_repeat_ngram=self.no_repeat_ngram,
+            repeat_window=self.repeat_window,
+        )
+
+    def retry_sampling(self) -> Sampling:
+        """The retry of a looping answer: temperature RETRY_TEMPERATURE (or the user's, when already
+        sampling), top-p at most RETRY_TOP_P, the next seed, the same guard."""
+        return replace(
+            self.sampling(),
+            temperature=self.temperature or RETRY_TEMPERATURE,
+            top_p=min(self.top_p, RETRY_TOP_P),
+            seed=self.seed + 1,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +157,9 @@ class Settings:
             "seed": self.seed,
             "dpi": self.dpi,
             "max_side": self.max_side,
+            "no_repeat_ngram": self.no_repeat_ngram,
+            "repeat_window": self.repeat_window,
+            "retry_repetition": self.retry_repetition,
         }
 
 
@@ -149,7 +187,9 @@ class Task(Protocol):
 @dataclass(frozen=True, slots=True)
 class PageRecord:
     """One result: a page of a document answered for one prompt. Serialised by `to_dict` into the
-    versioned record that `schema/page-record.schema.json` documents."""
+    versioned record that `schema/page-record.schema.json` documents. `attempts` is None when the page was
+    answered once; after a retry it lists every attempt in order (see `attempt`), the last being the one
+    that `text`, `result` and `status` describe."""
 
     source: str
     sha256: str | None
@@ -165,6 +205,7 @@ class PageRecord:
     error: str | None = None
     tokens: dict[str, int] | None = None
     timings: dict[str, float] | None = None
+    attempts: list[dict[str, Any]] | None = None
     schema_version: str = SCHEMA_VERSION
 
     @property
@@ -190,6 +231,7 @@ class PageRecord:
             "error": self.error,
             "tokens": self.tokens,
             "timings": self.timings,
+            "attempts": self.attempts,
         }
 
     @classmethod
@@ -213,6 +255,7 @@ class PageRecord:
             error=d.get("error"),
             tokens=d.get("tokens"),
             timings=d.get("timings"),
+            attempts=d.get("attempts"),
             schema_version=d["schema_version"],
         )
 
@@ -262,7 +305,25 @@ def failed_record(ctx: RecordContext, page: Page, prompt: str, error: str) -> Pa
     )
 
 
-def answered_record(ctx: RecordContext, page: Page, prompt: str, completion: Completion, task: Task) -> PageRecord:
+def attempt(completion: Completion, sampling: Sampling) -> dict[str, Any]:
+    """One generation of a page as `PageRecord.attempts` lists it."""
+    return {
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "tokens": {"prompt": completion.n_prompt, "generated": completion.n_generated},
+        "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed},
+    }
+
+
+def answered_record(
+    ctx: RecordContext,
+    page: Page,
+    prompt: str,
+    completion: Completion,
+    task: Task,
+    *,
+    attempts: list[dict[str, Any]] | None = None,
+) -> PageRecord:
     """Parse an answer and pick its status: a truncated or looping generation outranks a parse failure
     (the parse usually failed because the answer was cut), and its parse is still attempted."""
     try:
@@ -304,4 +365,5 @@ def answered_record(ctx: RecordContext, page: Page, prompt: str, completion: Com
             "prefill": round(t.prefill, 4),
             "decode": round(t.decode, 4),
         },
+        attempts=attempts,
     )

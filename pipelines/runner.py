@@ -3,8 +3,12 @@ isolate failures to the page that caused them, and report progress through an ev
 
 Records are emitted in input order (a reorder buffer no longer than one batch), so output does not depend
 on batch size or on the order the engine finishes requests. Pages are pulled from the input a bounded
-number ahead of the model (a render thread and a queue of `read_ahead` pages). Nothing here prints or
-writes files; the CLI listens to the events.
+number ahead of the model (a render thread and a queue of `read_ahead` pages). Limits (pipelines.limits):
+a page over `page_timeout` is cancelled and recorded as failed; a batch that runs out of memory is halved
+and retried when the batch size is automatic, else the run stops with `OutOfMemory`. With
+`settings.retry_repetition`, an answer the repetition guard stopped is generated once more with
+`settings.retry_sampling()`, both attempts kept in the record. Nothing here prints or writes files; the
+CLI listens to the events.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from model.requests import Completion, Request, user_prompt
+from model.requests import Completion, Request, Sampling, user_prompt
 from pipelines.base import (
     FAILURES,
     Document,
@@ -28,9 +32,11 @@ from pipelines.base import (
     Settings,
     Task,
     answered_record,
+    attempt,
     failed_record,
     page_key,
 )
+from pipelines.limits import Deadline, OutOfMemory, is_out_of_memory
 
 T = TypeVar("T")
 
@@ -63,7 +69,16 @@ class BatchStarted:
     size: int
 
 
-Event = RecordDone | PageSkipped | DocumentDone | BatchStarted
+@dataclass(frozen=True, slots=True)
+class BatchResized:
+    """The automatic batch size shrank because a batch of `old` pages ran out of memory."""
+
+    old: int
+    new: int
+    reason: str
+
+
+Event = RecordDone | PageSkipped | DocumentDone | BatchStarted | BatchResized
 
 
 @dataclass(slots=True)
@@ -76,6 +91,7 @@ class RunStats:
     generated_tokens: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    batch_size: int = 0  # at the end of the run (smaller than at the start after an out-of-memory back-off)
 
     @property
     def failed(self) -> int:
@@ -88,6 +104,7 @@ class _Slot:
     prompt: str
     record: PageRecord | None = None
     request: Request | None = None
+    first: Completion | None = None  # the answer the repetition guard stopped, while its retry runs
 
 
 def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
@@ -143,23 +160,35 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Run:
-    """State of one run: the reorder buffer, per-document bookkeeping, counters."""
+    """State of one run: the reorder buffer, per-document bookkeeping, limits, counters."""
 
     def __init__(
-        self, *, runtime: Runtime, task: Task, settings: Settings, fail_fast: bool, on_event: Callable[[Event], None]
+        self,
+        *,
+        runtime: Runtime,
+        task: Task,
+        settings: Settings,
+        fail_fast: bool,
+        on_event: Callable[[Event], None],
+        batch_size: int,
+        adaptive_batch: bool,
+        page_timeout: float | None,
     ) -> None:
         self.runtime = runtime
         self.task = task
         self.sampling = settings.sampling()
+        self.retry_sampling = settings.retry_sampling() if settings.retry_repetition else None
         self.ctx = RecordContext(task.name, settings, {"id": runtime.model_id, "revision": runtime.revision})
         self.fail_fast = fail_fast
         self.on_event = on_event
-        self.stats = RunStats()
+        self.batch_size, self.adaptive_batch, self.page_timeout = batch_size, adaptive_batch, page_timeout
+        self.stats = RunStats(batch_size=batch_size)
         self.slots: deque[_Slot] = deque()
         self.docs: deque[Document] = deque()
         self.outstanding: Counter[str] = Counter()
         self.enumerated: set[str] = set()
         self.next_id = 0
+        self.answered: set[str] = set()  # request ids that got a completion
         self.listener_error: Exception | None = None  # raised by on_event during generate; re-raised after it
 
     def add_page(self, page: Page, is_done: Callable[[str], bool]) -> None:
@@ -185,12 +214,14 @@ class _Run:
     def _pending(self, page: Page, prompt: str) -> _Slot:
         slot = _Slot(page, prompt)
         try:
-            conversation = user_prompt(prompt, (page.image,))
-            slot.request = Request(f"r{self.next_id}", conversation, self.sampling)
-            self.next_id += 1
+            slot.request = self._request(user_prompt(prompt, (page.image,)), self.sampling)
         except Exception as exc:
             slot.record = failed_record(self.ctx, page, prompt, _describe(exc))
         return slot
+
+    def _request(self, conversation: tuple, sampling: Sampling) -> Request:
+        self.next_id += 1
+        return Request(f"r{self.next_id - 1}", conversation, sampling)
 
     @property
     def n_pending(self) -> int:
@@ -200,9 +231,26 @@ class _Run:
     def stop(self) -> bool:
         return self.fail_fast and self.stats.failed > 0
 
-    def _complete(self, slot: _Slot, completion: Completion) -> None:
-        if slot.record is None:
-            slot.record = answered_record(self.ctx, slot.page, slot.prompt, completion, self.task)
+    def _complete(self, slot: _Slot, completion: Completion, *, late: bool = False) -> None:
+        if slot.record is not None:
+            return
+        if completion.finish_reason == "repetition" and self.retry_sampling is not None and slot.first is None:
+            assert slot.request is not None
+            slot.first = completion  # the record waits for the retry, which the next flush pass generates
+            slot.request = self._request(slot.request.conversation, self.retry_sampling)
+            return
+        attempts = None
+        if slot.first is not None:
+            assert self.retry_sampling is not None
+            attempts = [attempt(slot.first, self.sampling), attempt(completion, self.retry_sampling)]
+        record = answered_record(self.ctx, slot.page, slot.prompt, completion, self.task, attempts=attempts)
+        if late:
+            error = (
+                f"page timeout: no complete answer within {self.page_timeout:g} s (--page-timeout); "
+                f"stopped after {completion.n_generated} generated tokens, the partial answer is kept in text"
+            )
+            record = replace(record, status="failed", error=error)
+        slot.record = record
 
     def _release(self) -> None:
         """Emit the resolved prefix of the buffer in input order, each document's end right after its last record."""
@@ -225,44 +273,75 @@ class _Run:
 
     def _generate(self, slots: list[_Slot]) -> None:
         by_id = {s.request.id: s for s in slots if s.request is not None}
+        deadline = Deadline(self.page_timeout, by_id, getattr(self.runtime, "cancel", None))
 
         def on_completion(completion: Completion) -> None:
             slot = by_id.get(completion.id)
-            if slot is not None:
-                self._complete(slot, completion)
-                if self.listener_error is None:
-                    try:
-                        self._release()
-                    except Exception as exc:  # the listener's (e.g. a closed pipe), not the model's: raised below
-                        self.listener_error = exc
+            if slot is None or completion.id in self.answered:
+                return
+            self.answered.add(completion.id)
+            self._complete(slot, completion, late=deadline.late(completion))
+            if self.listener_error is None:
+                try:
+                    self._release()
+                except Exception as exc:  # the listener's (e.g. a closed pipe), not the model's: raised below
+                    self.listener_error = exc
 
-        completions = self.runtime.generate([s.request for s in slots], on_completion=on_completion)
+        try:
+            completions = self.runtime.generate([s.request for s in slots], on_completion=on_completion)
+        finally:
+            deadline.close()
         for completion in completions:
-            if completion.id in by_id:
-                self._complete(by_id[completion.id], completion)
+            on_completion(completion)
 
-    def flush(self) -> None:
-        pending = [s for s in self.slots if s.record is None]
-        if pending:
-            self.on_event(BatchStarted(len(pending)))
-            try:
-                self._generate(pending)
-            except Exception as exc:
-                # Isolate the page that broke the batch: retry the unfinished ones one at a time.
-                rest = [s for s in pending if s.record is None]
-                for slot in rest:
-                    if len(rest) == 1 or self.listener_error is not None:
-                        slot.record = failed_record(self.ctx, slot.page, slot.prompt, _describe(exc))
-                        continue
-                    try:
-                        self._generate([slot])
-                    except Exception as one:
-                        slot.record = failed_record(self.ctx, slot.page, slot.prompt, _describe(one))
+    def _unanswered(self, slots: list[_Slot]) -> list[_Slot]:
+        return [s for s in slots if s.record is None and s.request is not None and s.request.id not in self.answered]
+
+    def _batch(self, chunk: list[_Slot], queue: deque[_Slot]) -> None:
+        """Generate one batch. Out of memory: halve the batch and requeue (automatic size) or stop
+        (`OutOfMemory`); a page alone that does not fit fails. Other errors: retry the unanswered pages one
+        at a time, so the page that broke the batch fails alone."""
+        self.on_event(BatchStarted(len(chunk)))
+        try:
+            self._generate(chunk)
+            return
+        except Exception as exc:
+            if self.listener_error is not None:
+                raise self.listener_error from None
+            rest = self._unanswered(chunk)
+            if not is_out_of_memory(exc):
+                error = _describe(exc)
+            elif not self.adaptive_batch:
+                raise OutOfMemory(len(chunk), exc) from None
+            elif len(chunk) > 1:
+                old, self.batch_size = self.batch_size, max(1, min(self.batch_size, len(chunk)) // 2)
+                self.stats.batch_size = self.batch_size
+                self.on_event(BatchResized(old, self.batch_size, _describe(exc)))
+                queue.extendleft(reversed(rest))
+                return  # retried outside this handler, so the failed batch's tensors can be freed first
+            else:
+                error = f"out of memory even alone ({_describe(exc)})"
+        if len(rest) == 1:
+            rest[0].record = failed_record(self.ctx, rest[0].page, rest[0].prompt, error)
+            return
+        for slot in rest:
+            self._batch([slot], queue)
             if self.listener_error is not None:
                 raise self.listener_error
-            for slot in pending:
-                if slot.record is None:
-                    slot.record = failed_record(self.ctx, slot.page, slot.prompt, "the runtime returned no answer")
+
+    def flush(self) -> None:
+        """Answer every pending slot, in batches of at most `batch_size`; then the retries of answers the
+        repetition guard stopped; then release what is resolved."""
+        for _ in range(2 if self.retry_sampling is not None else 1):
+            queue = deque(s for s in self.slots if s.record is None and s.request is not None)
+            while queue:
+                chunk = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+                self._batch(chunk, queue)
+                if self.listener_error is not None:
+                    raise self.listener_error
+        for slot in self.slots:
+            if slot.record is None:
+                slot.record = failed_record(self.ctx, slot.page, slot.prompt, "the runtime returned no answer")
         self._release()
 
     def finish(self) -> None:
@@ -282,18 +361,33 @@ def run(
     is_done: Callable[[str], bool] = lambda key: False,
     fail_fast: bool = False,
     read_ahead: int | None = None,
+    adaptive_batch: bool = False,
+    page_timeout: float | None = None,
 ) -> RunStats:
     """Answer `task.prompts` for every page. Pages whose record key `is_done` are skipped. With
-    `fail_fast`, stops after the batch in which the first failed or unparseable page was found."""
+    `fail_fast`, stops after the batch in which the first failed or unparseable page was found.
+    `adaptive_batch`: the batch size was chosen automatically and may shrink on out-of-memory errors.
+    `page_timeout`: seconds a page's answer may take from when its batch starts."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    state = _Run(runtime=runtime, task=task, settings=settings, fail_fast=fail_fast, on_event=on_event)
+    if page_timeout is not None and page_timeout <= 0:
+        raise ValueError(f"page_timeout must be > 0, got {page_timeout}")
+    state = _Run(
+        runtime=runtime,
+        task=task,
+        settings=settings,
+        fail_fast=fail_fast,
+        on_event=on_event,
+        batch_size=batch_size,
+        adaptive_batch=adaptive_batch,
+        page_timeout=page_timeout,
+    )
     start = time.perf_counter()
     stream = prefetch(pages, batch_size if read_ahead is None else read_ahead)
     try:
         for page in stream:
             state.add_page(page, is_done)
-            if state.n_pending >= batch_size or state.n_pending == 0:
+            if state.n_pending >= state.batch_size or state.n_pending == 0:
                 state.flush()
             if state.stop:
                 state.stats.stopped_early = True

@@ -127,7 +127,15 @@ def record_schema() -> dict[str, Any]:
                         "seed": {"type": "integer"},
                         "dpi": {"type": "number", "exclusiveMinimum": 0},
                         "max_side": {"type": "integer", "minimum": 1},
-                    }
+                        "no_repeat_ngram": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "repetition guard: stop when the last n tokens repeat; 0 is off",
+                        },
+                        "repeat_window": {"type": "integer", "minimum": 0},
+                        "retry_repetition": {"type": "boolean"},
+                    },
+                    required=["model", "revision", "max_new_tokens", "temperature", "top_p", "seed", "dpi", "max_side"],
                 ),
                 "text": {**_STR_OR_NULL, "description": "the model's raw answer, grounding tokens verbatim"},
                 "result": {"type": ["object", "null"], "description": "the parsed answer; shape per task"},
@@ -154,7 +162,42 @@ def record_schema() -> dict[str, Any]:
                     ],
                     "description": "seconds",
                 },
+                "attempts": {
+                    "type": ["array", "null"],
+                    "items": _obj(
+                        {
+                            "text": _STR,
+                            "finish_reason": {"enum": ["eos", "length", "stop", "repetition", "cancelled"]},
+                            "tokens": _obj(
+                                {
+                                    "prompt": {"type": "integer", "minimum": 0},
+                                    "generated": {"type": "integer", "minimum": 0},
+                                }
+                            ),
+                            "sampling": _obj({"temperature": _NUM, "top_p": _NUM, "seed": {"type": "integer"}}),
+                        }
+                    ),
+                    "description": "null when answered once; after a --retry-repetition retry, every attempt in "
+                    "order, the last being the one text, result and status describe",
+                },
             },
+            required=[
+                "schema_version",
+                "source",
+                "sha256",
+                "page",
+                "page_size",
+                "task",
+                "prompt",
+                "model",
+                "settings",
+                "text",
+                "result",
+                "status",
+                "error",
+                "tokens",
+                "timings",
+            ],
             additionalProperties=False,
         ),
         "allOf": result_by_task,

@@ -4,10 +4,15 @@
 `FakeRuntime` answers requests from a queue of scripted answers (text, finish reason, or an exception
 that fails the whole batch it lands in), falling back to `default`. An answer is bound to a request id the
 first time the id is seen, so the runner's one-at-a-time retry of a failed batch meets the same script.
+A scripted answer may take `seconds` (answered one after another, like an engine with one row); `cancel`
+stops it early with finish reason "cancelled", as `model.engine.Engine.cancel` does. `fits` makes every
+batch larger than that many requests fail the way torch reports an out-of-memory error.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ class Scripted:
     text: str = ""
     finish_reason: str = "eos"
     error: BaseException | None = None
+    seconds: float = 0.0
 
 
 class FakeRuntime:
@@ -37,6 +43,8 @@ class FakeRuntime:
         revision: str | None = "fake-rev",
         reverse: bool = False,
         max_batch_size: int | None = None,
+        fits: int | None = None,
+        delay: float = 0.0,
     ) -> None:
         self.default = default
         self.model_id, self.revision = model_id, revision
@@ -48,10 +56,29 @@ class FakeRuntime:
         self.requests: list[Request] = []
         self.batches: list[list[str]] = []
         self.load_args: dict | None = None
+        self.fits, self.delay = fits, delay
+        self.cancelled: set[str] = set()
+        self._lock = threading.Lock()
 
-    def enqueue(self, text: str = "", *, finish_reason: str = "eos", error: BaseException | None = None) -> FakeRuntime:
-        self.queue.append(Scripted(text, finish_reason, error))
+    def enqueue(
+        self, text: str = "", *, finish_reason: str = "eos", error: BaseException | None = None, seconds: float = 0.0
+    ) -> FakeRuntime:
+        self.queue.append(Scripted(text, finish_reason, error, seconds))
         return self
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self.cancelled.add(request_id)
+
+    def _wait(self, request_id: str, seconds: float) -> bool:
+        """Sleep up to `seconds`; True when the request was cancelled meanwhile."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with self._lock:
+                if request_id in self.cancelled:
+                    return True
+            time.sleep(min(0.005, max(end - time.monotonic(), 0)))
+        return False
 
     @property
     def prompts(self) -> list[str]:
@@ -64,7 +91,7 @@ class FakeRuntime:
                 self.bound[request.id] = self.queue.popleft()
             else:
                 text = self.default(request) if callable(self.default) else self.default
-                self.bound[request.id] = Scripted(text)
+                self.bound[request.id] = Scripted(text, seconds=self.delay)
         return self.bound[request.id]
 
     def generate(
@@ -73,23 +100,31 @@ class FakeRuntime:
         self.batches.append([r.id for r in requests])
         self.requests.extend(requests)
         scripts = [self._script(r) for r in requests]
+        if self.fits is not None and len(requests) > self.fits:
+            raise RuntimeError(f"CUDA out of memory. Tried to allocate {len(requests)} GiB (fake)")
         for s in scripts:
             if s.error is not None:
                 raise s.error
-        completions = [
-            Completion(
-                r.id,
-                (1, 2, 3),
-                s.text,
-                s.finish_reason,
-                n_prompt=100,
-                n_generated=len(s.text.split()) + 1,
-                timings=Timings(0.0, 0.01, 0.02),
+        completions = []
+        for r, s in zip(requests, scripts, strict=True):
+            text, reason = s.text, s.finish_reason
+            if s.seconds and self._wait(r.id, s.seconds):
+                text, reason = text[: len(text) // 2], "cancelled"
+            completions.append(
+                Completion(
+                    r.id,
+                    (1, 2, 3),
+                    text,
+                    reason,
+                    n_prompt=100,
+                    n_generated=len(text.split()) + 1,
+                    timings=Timings(0.0, 0.01, 0.02),
+                )
             )
-            for r, s in zip(requests, scripts, strict=True)
-        ]
-        if on_completion is not None:
-            for c in reversed(completions) if self.reverse else completions:
+            if on_completion is not None and not self.reverse:
+                on_completion(completions[-1])
+        if on_completion is not None and self.reverse:
+            for c in reversed(completions):
                 on_completion(c)
         return completions
 
@@ -158,17 +193,35 @@ def isolate(monkeypatch, tmp_path: Path) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
-if __name__ == "__main__":
-    # `python tests/fakes.py ARGS...` is `dsvl2 ARGS...` on a FakeRuntime, for tests that need a real process
-    # (signals, pipes). DSVL2_FAKE_DELAY: seconds each request takes.
+def main() -> None:
+    """`python tests/fakes.py ARGS...` is `dsvl2 ARGS...` on a FakeRuntime, for tests that need a real process
+    (signals, pipes, memory). Environment: DSVL2_FAKE_DELAY seconds each request takes; DSVL2_FAKE_LOG a file
+    that gets one line per request the model is asked; DSVL2_FAKE_RSS a file that gets the process's peak
+    resident memory in KiB when it exits."""
+    import atexit
     import os
-    import time
+    import resource
 
     from dsvl2_cli import runtime as runtime_seam
-    from dsvl2_cli.app import main
+    from dsvl2_cli.app import main as dsvl2
 
-    delay = float(os.environ.get("DSVL2_FAKE_DELAY", "0"))
-    runtime_seam.runtime_factory = factory_for(
-        FakeRuntime(lambda request: time.sleep(delay) or f"text of {request.id}")
-    )
+    log = os.environ.get("DSVL2_FAKE_LOG")
+    rss = os.environ.get("DSVL2_FAKE_RSS")
+    if rss:
+        atexit.register(
+            lambda: Path(rss).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), encoding="utf-8")
+        )
+
+    def answer(request: Request) -> str:
+        if log:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(request.id + "\n")
+        return f"text of {request.id}"
+
+    fake = FakeRuntime(answer, delay=float(os.environ.get("DSVL2_FAKE_DELAY", "0")))
+    runtime_seam.runtime_factory = factory_for(fake)
+    dsvl2()
+
+
+if __name__ == "__main__":
     main()

@@ -302,6 +302,9 @@ def test_model_options_reach_the_runtime_and_sampling(fake):
         "seed": 7,
         "dpi": 144.0,
         "max_side": 2048,
+        "no_repeat_ngram": 0,
+        "repeat_window": 256,
+        "retry_repetition": False,
     }
 
 
