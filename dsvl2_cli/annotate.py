@@ -1,5 +1,5 @@
 """`ground --annotate DIR`: the page image with each valid box and its label drawn on it, one PNG per record,
-written atomically under DIR at the document's output key."""
+written atomically under DIR at the document's output key (never outside DIR)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from dsvl2_cli.errors import OutputError
 from dsvl2_cli.writers import atomic_write
-from pipelines.base import Page, PageRecord
+from pipelines.base import Document, Page, PageRecord
 from pipelines.ground import GRID
 
 _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
@@ -35,13 +36,21 @@ def draw_boxes(image: Image.Image, boxes: list[dict]) -> Image.Image:
     return out
 
 
+def annotation_path(doc: Document, number: int, directory: Path, *, prompt_index: int | None) -> Path:
+    """`<DIR>/<key>.p<page>[.q<k>].png`; OutputError if it would leave DIR (a symlink inside it)."""
+    name = Path(doc.key).name + f".p{number}" + (f".q{prompt_index + 1}" if prompt_index is not None else "")
+    path = (directory / doc.key).with_name(name + ".png")
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise OutputError(f"the annotation of {doc.source} escapes {directory} (through a symlink?)")
+    return path
+
+
 def annotate(page: Page, record: PageRecord, directory: Path, *, prompt_index: int | None) -> Path | None:
-    """Write `<DIR>/<key>.p<page>[.q<k>].png` for a grounding record with boxes; None when there is nothing to draw."""
+    """Draw a grounding record's boxes on its page; None when there is nothing to draw."""
     boxes = (record.result or {}).get("boxes") or []
     if page.image is None or page.number is None or not any(b.get("box") for b in boxes):
         return None
-    name = Path(page.doc.key).name + f".p{page.number}" + (f".q{prompt_index + 1}" if prompt_index is not None else "")
-    path = (directory / page.doc.key).with_name(name + ".png")
+    path = annotation_path(page.doc, page.number, directory, prompt_index=prompt_index)
     buffer = io.BytesIO()
     draw_boxes(page.image, boxes).save(buffer, format="PNG")
     atomic_write(path, buffer.getvalue())

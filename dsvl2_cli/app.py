@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +12,8 @@ from typing import Annotated
 
 import typer
 
-from dsvl2_cli import cache
+from dsvl2_cli import cache, signals
 from dsvl2_cli import options as o
-from dsvl2_cli.errors import Interrupted
 from dsvl2_cli.runtime import DEFAULT_MODEL
 from dsvl2_cli.session import run_task
 from pipelines import chart, ground, ocr, table
@@ -85,6 +83,8 @@ def ocr_(
     batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
+    page_timeout: o.PageTimeout = None,
 ) -> None:
     raise typer.Exit(run_task(
         task=OcrTask(prompt or ocr.DEFAULT_PROMPT),
@@ -93,6 +93,7 @@ def ocr_(
         fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
         device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed,
+        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
     ))
 
 
@@ -116,6 +117,8 @@ def table_(
     batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
+    page_timeout: o.PageTimeout = None,
 ) -> None:
     raise typer.Exit(run_task(
         task=TableTask(prompt or table.DEFAULT_PROMPT),
@@ -124,6 +127,7 @@ def table_(
         fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
         device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed,
+        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
     ))
 
 
@@ -146,6 +150,8 @@ def chart_(
     batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
+    page_timeout: o.PageTimeout = None,
 ) -> None:
     raise typer.Exit(run_task(
         task=ChartTask(prompt or chart.DEFAULT_PROMPT),
@@ -154,6 +160,7 @@ def chart_(
         fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
         device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed,
+        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
     ))
 
 
@@ -200,6 +207,8 @@ def ground_(
     batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
+    page_timeout: o.PageTimeout = None,
 ) -> None:
     raise typer.Exit(run_task(
         task=GroundTask(tuple(query or ()), prompt or ground.DEFAULT_TEMPLATE),
@@ -208,6 +217,7 @@ def ground_(
         fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
         device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed,
+        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
         annotate_dir=annotate,
     ))
 
@@ -235,6 +245,8 @@ def ask(
     batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
+    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
+    page_timeout: o.PageTimeout = None,
 ) -> None:
     raise typer.Exit(run_task(
         task=AskTask(ask_prompts(prompt, prompts)),
@@ -243,6 +255,7 @@ def ask(
         fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
         device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed,
+        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
     ))
 
 
@@ -274,14 +287,11 @@ def models_list(
     raise typer.Exit(cache.list_models(as_json=as_json))
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Interrupted()
-
-
 def main() -> None:
-    """Console-script entry: SIGTERM stops a run like Ctrl-C (finished work kept, exit 130); a closed stdout
-    pipe ends the run quietly instead of with a traceback at exit."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """Console-script entry: SIGINT and SIGTERM stop a run in order (never in the middle of writing an
+    output; finished work kept; exit 130); a closed stdout pipe ends the run quietly instead of with a
+    traceback at exit."""
+    signals.install()
     try:
         app(prog_name="dsvl2")
     finally:

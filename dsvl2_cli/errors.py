@@ -1,8 +1,9 @@
 """Exit codes, and the map from an exception to one line on stderr and its exit code.
 
 0: every page ok (truncated / repetition pages are warnings, not failures); 1: some pages failed or could
-not be parsed; 2: usage or setup error (bad options, model or output problems) before or outside page
-work; 130: interrupted (Ctrl-C or SIGTERM), with everything finished so far kept.
+not be parsed; 2: usage or setup error (bad options, model or output problems) before any page work, or a
+run stopped because the batch size the user fixed does not fit in memory; 130: interrupted (Ctrl-C or
+SIGTERM). Whenever a run stops, everything finished so far is kept for `--resume`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from model.errors import (
     TokenizerError,
     WeightsError,
 )
+from pipelines.limits import OutOfMemory
 
 
 class ExitCode(IntEnum):
@@ -31,7 +33,12 @@ class UsageError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM, turned into the same orderly stop as Ctrl-C."""
+    """SIGINT or SIGTERM, turned into an orderly stop (see dsvl2_cli.signals)."""
+
+
+class OutputError(ValueError):
+    """An output path that would leave the output directory or overwrite an input; found before any page
+    is processed."""
 
 
 _MODEL_LABELS: tuple[tuple[type[ModelError], str], ...] = (
@@ -52,6 +59,10 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
         return "the output was closed before the run finished", ExitCode.INTERRUPTED
     if isinstance(exc, UsageError):
         return f"usage: {exc}", ExitCode.SETUP
+    if isinstance(exc, OutputError):
+        return f"output: {exc}", ExitCode.SETUP
+    if isinstance(exc, OutOfMemory):
+        return f"out of memory: {exc}", ExitCode.SETUP
     for kind, label in _MODEL_LABELS:
         if isinstance(exc, kind):
             return f"{label}: {exc}", ExitCode.SETUP

@@ -2,18 +2,22 @@
 `-` (paths on stdin) and `--stdin-data` (one document's bytes on stdin); open and hash each document; then
 render pages lazily, one at a time, as the runner pulls them.
 
-Documents are told apart by their content (a PDF header, else whatever Pillow can open), never by file
-name. Every problem with one input becomes that document's or page's `error`; nothing here raises for a
-bad file. Output keys are sanitised relative paths, unique within the run.
+Documents are told apart by their content (a PDF header, else one of the image formats we support),
+never by file name. Every problem with one input becomes that document's or page's `error`; nothing here
+raises for a bad file, and nothing blocks on one: FIFOs, sockets and devices are refused unread. Output
+keys are sanitised relative paths, unique within the run; `source` is the path as given, with bytes that
+are not UTF-8 shown as `\\xNN` escapes so that every output format can hold it.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import io
 import os
 import re
+import stat
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +32,9 @@ from pipelines.base import Document, Page, PageSize
 if TYPE_CHECKING:
     import pymupdf
 
+# Pillow decoders we let near a file: the formats the CLI documents (JPEG includes cameras' MPO). Others,
+# such as EPS (which Pillow hands to Ghostscript, an external program), are refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "DIB", "GIF")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 DEFAULT_SUFFIXES = (".pdf", *IMAGE_SUFFIXES)
 # Declared image size above which we refuse to decode (decompression bombs); below Pillow's own hard limit.
@@ -103,6 +110,7 @@ class Opened:
     input: InputFile
     doc: Document
     pages: tuple[int, ...]
+    warning: str | None = None  # e.g. a damaged PDF that MuPDF repaired: readable, maybe incomplete
 
 
 def safe_key(parts: Sequence[str]) -> str:
@@ -117,6 +125,28 @@ def safe_key(parts: Sequence[str]) -> str:
             text = raw[: _MAX_NAME_BYTES - 12].decode("utf-8", "ignore") + "~" + tag
         clean.append(text)
     return "/".join(clean) or "_"
+
+
+def display(text: str) -> str:
+    """A path for records and messages: undecodable bytes (kept by os.fsdecode as surrogates) as `\\xNN`."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def path_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a document without opening it (None when it is a regular file), so
+    that a FIFO never blocks the run and a dangling or looping symlink gets a message that says so."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if os.path.lexists(path) and isinstance(exc, FileNotFoundError):
+            return f"broken symbolic link (to {display(os.readlink(path))})"
+        return "no such file or directory" if isinstance(exc, FileNotFoundError) else exc.strerror or str(exc)
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"not a regular file ({kind}); use --stdin-data to read a stream"
 
 
 def _unique(key: str, taken: set[str]) -> str:
@@ -179,12 +209,14 @@ def expand_inputs(
 
     def add(source: str, parts: list[str], path: Path | None = None, error: str | None = None) -> None:
         if path is not None and error is None:
+            error = path_problem(path)
+        if path is not None and error is None:
             real = os.path.realpath(path)
             if real in seen:
-                warns.append(f"{source}: given more than once; processed once")
+                warns.append(f"{display(source)}: given more than once; processed once")
                 return
             seen.add(real)
-        files.append(InputFile(source, _unique(safe_key(parts), taken), path, error=error))
+        files.append(InputFile(display(source), _unique(safe_key(parts), taken), path, error=error))
 
     if stdin_data is not None:
         files.append(InputFile("-", _unique("stdin", taken), data=stdin_data))
@@ -203,10 +235,8 @@ def expand_inputs(
                 inside = Path(where).is_relative_to(path)
                 parts = list(Path(where).relative_to(path).parts) if inside else _arg_parts(where)
                 add(where, parts or [path.name], error=f"unreadable directory: {why}")
-        elif path.exists():
-            add(arg, _arg_parts(arg), path)
         else:
-            add(arg, _arg_parts(arg), error="no such file or directory")
+            add(arg, _arg_parts(arg), path)
     return files, warns
 
 
@@ -239,24 +269,37 @@ def _head(file: InputFile) -> bytes:
 def _open_pdf(file: InputFile, password: str | None) -> pymupdf.Document:
     import pymupdf  # imported on first use: it costs about a second, which `--help` should not pay
 
-    if file.data is not None:
-        doc = pymupdf.open(stream=file.data, filetype="pdf")
-    else:
-        doc = pymupdf.open(file.path, filetype="pdf")
+    try:
+        if file.data is not None:
+            doc = pymupdf.open(stream=file.data, filetype="pdf")
+        else:
+            doc = pymupdf.open(file.path, filetype="pdf")
+    except pymupdf.FileDataError as exc:
+        raise ValueError(f"damaged beyond repair, MuPDF cannot read it ({exc})") from None
     if doc.needs_pass and not doc.authenticate(password or ""):
         doc.close()
         raise ValueError("encrypted PDF: " + ("wrong --password" if password else "needs --password"))
     return doc
 
 
-def _open_image(file: InputFile) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides below
-        image = Image.open(io.BytesIO(file.data) if file.data is not None else file.path)
+def _check_size(image: Image.Image) -> None:
     w, h = image.size
     if w * h > MAX_PIXELS:
-        image.close()
         raise ValueError(f"image is {w}x{h} pixels, over the limit of {MAX_PIXELS:,}")
+
+
+def _open_image(file: InputFile) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides below
+            image = Image.open(io.BytesIO(file.data) if file.data is not None else file.path, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:  # Pillow's own hard limit, above ours: same message
+        raise ValueError(f"image is over the limit of {MAX_PIXELS:,} pixels ({exc})") from None
+    try:
+        _check_size(image)
+    except ValueError:
+        image.close()
+        raise
     return image
 
 
@@ -264,21 +307,26 @@ def open_document(file: InputFile, *, password: str | None, pages: PageSelection
     """Hash and sniff one input and count its pages; failures become `Document.error`."""
     if file.error is not None:
         return Opened(file, Document(file.source, file.key, error=file.error), ())
+    warning = None
     try:
         sha = _sha256(file)
         if b"%PDF-" in _head(file):
             with _open_pdf(file, password) as pdf:
                 kind, n = "pdf", pdf.page_count
+                if pdf.is_repaired:
+                    warning = f"{file.source}: damaged PDF repaired on opening; some pages may be blank or incomplete"
         else:
             with _open_image(file) as image:
                 kind, n = "image", (getattr(image, "n_frames", 1) if image.format == "TIFF" else 1)
     except Exception as exc:
-        reason = "not a PDF or an image Pillow can read" if isinstance(exc, Image.UnidentifiedImageError) else exc
+        unknown = isinstance(exc, Image.UnidentifiedImageError)
+        reason = "not a PDF or an image in a supported format (PNG, JPEG, WebP, TIFF, BMP, GIF)" if unknown else exc
         return Opened(file, Document(file.source, file.key, error=f"cannot open: {reason}"), ())
     if n < 1:
-        return Opened(file, Document(file.source, file.key, sha, kind, 0, error="the document has no pages"), ())
+        doc = Document(file.source, file.key, sha, kind, 0, error="the document has no pages")
+        return Opened(file, doc, (), warning)
     selected = pages.select(n) if pages else tuple(range(1, n + 1))
-    return Opened(file, Document(file.source, file.key, sha, kind, n), selected)
+    return Opened(file, Document(file.source, file.key, sha, kind, n), selected, warning)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -312,12 +360,16 @@ def _render_pdf_page(pdf: pymupdf.Document, number: int, *, dpi: float, max_side
 def _render_image_frame(image: Image.Image, number: int, *, max_side: int) -> tuple[Image.Image, PageSize]:
     """One frame as RGB, no larger than `max_side`; the size reported is the frame's own (upright) size."""
     image.seek(number - 1)
+    _check_size(image)  # every frame declares its own size: a later TIFF frame can be the bomb
     width, height = image.size
     if image.format == "JPEG":
         image.draft("RGB", (max_side, max_side))  # decode a large JPEG at reduced scale
     frame = image.copy()
     if number == 1:
-        turned = ImageOps.exif_transpose(frame)
+        try:
+            turned = ImageOps.exif_transpose(frame)
+        except Exception:  # a broken EXIF block costs the orientation, not the page
+            turned = frame
         if turned.size != frame.size and turned.size == frame.size[::-1]:
             width, height = height, width
         frame = turned

@@ -11,6 +11,7 @@ import typer
 
 from dsvl2_cli.inputs import PageSelection, Shard, parse_pages, parse_shard
 from dsvl2_cli.writers import Format
+from pipelines.base import REPETITION_GUARD
 
 IN, OUT, RUN, MODEL = "Inputs", "Output", "Run", "Model"
 
@@ -150,6 +151,17 @@ BatchSize = Annotated[
         show_default=False,
     ),
 ]
+PageTimeout = Annotated[
+    float | None,
+    typer.Option(
+        "--page-timeout",
+        metavar="SECONDS",
+        help="Longest a page's answer may take, counted from when its batch starts. A page over it is stopped "
+        "and recorded as failed (its partial answer kept), and the run goes on. Default: no limit.",
+        rich_help_panel=RUN,
+        show_default=False,
+    ),
+]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress, warnings or summary on stderr.", rich_help_panel=RUN)
 ]
@@ -199,6 +211,28 @@ TopP = Annotated[
     ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed for sampling.", rich_help_panel=MODEL)]
+RepetitionGuard = Annotated[
+    int | None,
+    typer.Option(
+        "--repetition-guard",
+        metavar="N",
+        help="Stop an answer once its last N tokens repeat earlier text (a generation loop); the page gets "
+        "status 'repetition'. 0 turns the guard off. Default per command: "
+        + ", ".join(f"{task} {n}" for task, (n, _window) in REPETITION_GUARD.items())
+        + ".",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+RetryRepetition = Annotated[
+    bool,
+    typer.Option(
+        "--retry-repetition",
+        help="Answer a page the repetition guard stopped once more, sampling (temperature 0.5, or yours if "
+        "higher than 0; top-p 0.9; the next seed). Both attempts are kept in the record's 'attempts'.",
+        rich_help_panel=MODEL,
+    ),
+]
 Prompt = Annotated[
     str | None,
     typer.Option(

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dsvl2_cli.errors import one_line
 from pipelines.base import FAILURES, PageRecord
-from pipelines.runner import BatchStarted, DocumentDone, Event, PageSkipped, RecordDone
+from pipelines.runner import BatchResized, BatchStarted, DocumentDone, Event, PageSkipped, RecordDone
 
 
 @dataclass(slots=True)
@@ -125,7 +125,9 @@ class Reporter:
             self.info(f"{event.doc.source}: done", 2)
         elif isinstance(event, BatchStarted):
             self.info(f"batch of {event.size} request(s)", 2)
-        if self.bar is not None and not isinstance(event, BatchStarted):
+        elif isinstance(event, BatchResized):
+            self.warn(f"out of memory in a batch of {event.old}; going on with batches of {event.new} ({event.reason})")
+        if self.bar is not None and not isinstance(event, BatchStarted | BatchResized):
             t = self.tally
             rate = t.generated_tokens / max(t.seconds, 1e-9)
             self.bar.update(

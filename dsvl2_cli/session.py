@@ -1,24 +1,22 @@
 """One command run end to end: check options, find and open the inputs, pick this shard's documents,
-load resume state, load the model only if some page still needs it, stream pages through the runner into
-the output, then write the manifest and the summary. Returns the exit code; never raises for user errors.
+check that no output path escapes the output or overwrites an input, load resume state, load the model
+only if some page still needs it, stream pages through the runner into the output, then write the
+manifest and the summary. Returns the exit code; never raises for user errors. Writing a record and
+finishing the outputs are shielded from SIGINT / SIGTERM (dsvl2_cli.signals), so a stop never cuts one.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
-import platform
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
 from dsvl2_cli import runtime as runtime_seam
-from dsvl2_cli.annotate import annotate
-from dsvl2_cli.errors import ExitCode, UsageError, describe, one_line
+from dsvl2_cli.annotate import annotate, annotation_path
+from dsvl2_cli.errors import ExitCode, OutputError, UsageError, describe
 from dsvl2_cli.inputs import (
     Opened,
     PageSelection,
@@ -28,11 +26,14 @@ from dsvl2_cli.inputs import (
     open_document,
     read_path_list,
 )
+from dsvl2_cli.manifest import Ending, manifest_path, now, write_manifest
 from dsvl2_cli.progress import Reporter
-from dsvl2_cli.writers import DirSink, FileSink, Format, Sink, StreamSink, atomic_write
+from dsvl2_cli.signals import shielded
+from dsvl2_cli.writers import DirSink, FileSink, Format, Sink, StreamSink
 from pipelines import runner
-from pipelines.base import SCHEMA_VERSION, Document, Settings, Task, record_key
+from pipelines.base import REPETITION_GUARD, Document, Settings, Task, record_key
 from pipelines.ground import GroundTask
+from pipelines.limits import OutOfMemory
 
 DEFAULT_FORMAT = {
     "ocr": Format.md,
@@ -81,31 +82,6 @@ class _Unloaded:
         raise RuntimeError("the model was not loaded")  # unreachable: no page was sent
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("dsvl2", "torch", "pymupdf", "pillow", "pandas", "typer"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _manifest_path(dest: Destination, explicit: Path | None, task: str, shard: Shard | None) -> Path | None:
-    if explicit is not None:
-        return explicit
-    tag = f".shard-{shard.index}-of-{shard.count}" if shard else ""
-    if dest.kind == "dir" and dest.path is not None:
-        return dest.path / f"{task}{tag}.manifest.json"
-    if dest.kind == "file" and dest.path is not None:
-        return dest.path.with_name(f"{dest.path.name}{tag}.manifest.json")
-    return None
-
-
 def _sink(dest: Destination, task: Task, total: int, stdout: IO[str]) -> Sink:
     if dest.kind == "dir" and dest.path is not None:
         return DirSink(dest.path, dest.fmt, task.name, prompts=task.prompts)
@@ -123,6 +99,8 @@ def _check(
     batch_size: int | None,
     annotate_dir: Path | None,
     task: Task,
+    page_timeout: float | None,
+    repetition_guard: int | None,
 ) -> None:
     if stdin_data and "-" in paths:
         raise UsageError("'-' (paths on stdin) and --stdin-data (a document on stdin) cannot be combined")
@@ -136,6 +114,10 @@ def _check(
         raise UsageError("--resume into a single file needs --format json or jsonl (or use -o DIR/)")
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if page_timeout is not None and not page_timeout > 0:
+        raise UsageError("--page-timeout must be a positive number of seconds")
+    if repetition_guard is not None and repetition_guard < 0:
+        raise UsageError("--repetition-guard must be 0 (off) or a number of tokens")
     if annotate_dir is not None and task.name != "ground":
         raise UsageError("--annotate is only for ground")
     if isinstance(task, GroundTask) and task.queries and "{query}" not in task.template:
@@ -173,8 +155,12 @@ def run_task(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    page_timeout: float | None = None,
+    repetition_guard: int | None = None,
+    retry_repetition: bool = False,
 ) -> int:
-    """Run `task` over the inputs; returns the exit code (see dsvl2_cli.errors)."""
+    """Run `task` over the inputs; returns the exit code (see dsvl2_cli.errors). `repetition_guard` None
+    takes the task's default from pipelines.base.REPETITION_GUARD; 0 turns the guard off."""
     reporter = Reporter(total_pages=0, total_docs=0, quiet=quiet, verbose=verbose)
     try:
         dest = destination(output, fmt, task.name)
@@ -186,7 +172,12 @@ def run_task(
             batch_size=batch_size,
             annotate_dir=annotate_dir,
             task=task,
+            page_timeout=page_timeout,
+            repetition_guard=repetition_guard,
         )
+        ngram, window = REPETITION_GUARD[task.name]
+        if repetition_guard is not None:
+            ngram, window = repetition_guard, max(window, 4 * repetition_guard)
         try:
             settings = Settings(
                 model=model,
@@ -197,6 +188,9 @@ def run_task(
                 seed=seed,
                 dpi=dpi,
                 max_side=max_side,
+                no_repeat_ngram=ngram,
+                repeat_window=window,
+                retry_repetition=retry_repetition,
             )
             settings.sampling()
         except ValueError as exc:
@@ -213,6 +207,7 @@ def run_task(
         if shard is not None:
             files = [f for f in files if shard.takes(f.key)]
         opened = [open_document(f, password=password, pages=pages) for f in files]
+        warnings += [o.warning for o in opened if o.warning]
         warnings += [
             f"{o.doc.source}: --pages selects none of its {o.doc.n_pages} pages"
             for o in opened
@@ -222,7 +217,7 @@ def run_task(
             task=task, settings=settings, dest=dest, opened=opened, reporter=reporter, warnings=warnings
         ).run(
             resume=resume,
-            manifest=_manifest_path(dest, manifest, task.name, shard),
+            manifest=manifest_path(dest.kind, dest.path, manifest, task.name, shard),
             shard=shard,
             fail_fast=fail_fast,
             batch_size=batch_size,
@@ -230,6 +225,7 @@ def run_task(
             device=device,
             dtype=dtype,
             password=password,
+            page_timeout=page_timeout,
         )
     except BaseException as exc:
         known = describe(exc)
@@ -255,7 +251,7 @@ class _Session:
         self.task, self.settings, self.dest, self.opened = task, settings, dest, opened
         self.reporter, self.warnings = reporter, warnings
         self.settings_dict = settings.to_dict()
-        self.started = _now()
+        self.started = now()
 
     def _need(self, sink: Sink, doc: Document, number: int) -> bool:
         return any(
@@ -264,6 +260,19 @@ class _Session:
             )
             for p in self.task.prompts
         )
+
+    def _check_outputs(self, planned: list[Path], annotate_dir: Path | None) -> None:
+        """Refuse, before any page is processed, an output that would overwrite an input or (for
+        annotations) leave its directory; DirSink.planned has already refused paths that leave -o DIR."""
+        if annotate_dir is not None:
+            for o in self.opened:
+                for number in o.pages:
+                    for index in range(len(self.task.prompts)) if len(self.task.prompts) > 1 else (None,):
+                        planned.append(annotation_path(o.doc, number, annotate_dir, prompt_index=index))
+        inputs = {os.path.realpath(o.input.path) for o in self.opened if o.input.path is not None}
+        for path in planned:
+            if os.path.realpath(path) in inputs:
+                raise OutputError(f"{path} is also an input; choose another output")
 
     def run(
         self,
@@ -277,11 +286,14 @@ class _Session:
         device: str,
         dtype: str,
         password: str | None,
+        page_timeout: float | None,
     ) -> int:
         n_prompts = len(self.task.prompts)
         total = sum(max(len(o.pages), 1 if o.doc.error else 0) for o in self.opened) * n_prompts
         sink = _sink(self.dest, self.task, total, sys.stdout)
-        self.warnings += sink.prepare([o.doc for o in self.opened], resume=resume)
+        docs = [o.doc for o in self.opened]
+        self._check_outputs([*sink.planned(docs), *([manifest] if manifest else [])], annotate_dir)
+        self.warnings += sink.prepare(docs, resume=resume)
         for w in self.warnings:
             self.reporter.warn(w)
         needs_model = any(o.doc.error is None and any(self._need(sink, o.doc, n) for n in o.pages) for o in self.opened)
@@ -301,20 +313,25 @@ class _Session:
             console=self.reporter.console,
         )
         self.reporter = reporter
-        interrupted, stopped_early = False, False
         annotations: list[Path] = []
+        sizes = [size]
 
         def on_event(event: runner.Event) -> None:
-            if isinstance(event, runner.RecordDone):
-                sink.write(event.record, event.page.doc)
-                if annotate_dir is not None:
-                    index = self.task.prompts.index(event.record.prompt) if n_prompts > 1 else None
-                    path = annotate(event.page, event.record, annotate_dir, prompt_index=index)
-                    annotations.extend([path] if path else [])
-            elif isinstance(event, runner.DocumentDone):
-                sink.document_done(event.doc)
+            with shielded():
+                if isinstance(event, runner.RecordDone):
+                    sink.write(event.record, event.page.doc)
+                    if annotate_dir is not None:
+                        index = self.task.prompts.index(event.record.prompt) if n_prompts > 1 else None
+                        path = annotate(event.page, event.record, annotate_dir, prompt_index=index)
+                        annotations.extend([path] if path else [])
+                elif isinstance(event, runner.DocumentDone):
+                    sink.document_done(event.doc)
+                elif isinstance(event, runner.BatchResized):
+                    sizes.append(event.new)
             reporter(event)
 
+        stopped_by: BaseException | None = None
+        stopped_early = False
         try:
             with reporter:
                 stats = runner.run(
@@ -325,6 +342,8 @@ class _Session:
                     on_event=on_event,
                     is_done=sink.is_done,
                     fail_fast=fail_fast,
+                    adaptive_batch=batch_size is None,
+                    page_timeout=page_timeout,
                     pages=iter_pages(
                         self.opened,
                         dpi=self.settings.dpi,
@@ -334,80 +353,49 @@ class _Session:
                     ),
                 )
             stopped_early = stats.stopped_early
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            sink.close()
-        if manifest is not None:
-            self._write_manifest(
-                manifest,
-                sink=sink,
-                model=model,
-                size=size,
-                shard=shard,
-                device=device,
-                dtype=dtype,
-                interrupted=interrupted,
-                stopped_early=stopped_early,
-                extra_outputs=annotations,
-            )
+        except (KeyboardInterrupt, OutOfMemory) as exc:
+            stopped_by = exc
+        except BaseException:
+            with shielded():
+                sink.close(complete=False)
+            raise
+        interrupted = isinstance(stopped_by, KeyboardInterrupt)
+        ending = Ending(
+            interrupted=interrupted,
+            stopped_early=stopped_early,
+            error=None if stopped_by is None or interrupted else str(stopped_by),
+            final_batch_size=sizes[-1],
+        )
+        with shielded():
+            sink.close(complete=stopped_by is None and not stopped_early)
+            if manifest is not None:
+                write_manifest(
+                    manifest,
+                    task=self.task.name,
+                    prompts=self.task.prompts,
+                    settings=self.settings_dict,
+                    model={"id": model.model_id, "revision": model.revision},
+                    runtime={"device": device, "dtype": dtype, "batch_size": size, "page_timeout": page_timeout},
+                    shard=shard,
+                    output={
+                        "kind": self.dest.kind,
+                        "path": str(self.dest.path) if self.dest.path else None,
+                        "format": self.dest.fmt.value,
+                    },
+                    started=self.started,
+                    ending=ending,
+                    opened=self.opened,
+                    outputs=[*sink.outputs, *annotations],
+                    incomplete=sink.incomplete,
+                    warnings=self.warnings,
+                    summary=reporter.tally.summary(),
+                )
         where = str(self.dest.path) if self.dest.path is not None else None
         reporter.print_summary(
             command=self.task.name, interrupted=interrupted, incomplete=len(sink.incomplete), where=where
         )
+        if stopped_by is not None and not interrupted:
+            raise stopped_by  # reported by run_task as one line with its exit code
         if interrupted:
             return int(ExitCode.INTERRUPTED)
         return int(ExitCode.PAGES_FAILED if reporter.tally.failed else ExitCode.OK)
-
-    def _write_manifest(
-        self,
-        path: Path,
-        *,
-        sink: Sink,
-        model: Any,
-        size: int,
-        shard: Shard | None,
-        device: str,
-        dtype: str,
-        interrupted: bool,
-        stopped_early: bool,
-        extra_outputs: list[Path],
-    ) -> None:
-        data = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": "dsvl2",
-            "versions": _versions(),
-            "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-            "task": self.task.name,
-            "prompts": list(self.task.prompts),
-            "settings": self.settings_dict,
-            "model": {"id": model.model_id, "revision": model.revision},
-            "runtime": {"device": device, "dtype": dtype, "batch_size": size},
-            "shard": f"{shard.index}/{shard.count}" if shard else None,
-            "output": {
-                "kind": self.dest.kind,
-                "path": str(self.dest.path) if self.dest.path else None,
-                "format": self.dest.fmt.value,
-            },
-            "started": self.started,
-            "finished": _now(),
-            "interrupted": interrupted,
-            "stopped_early": stopped_early,
-            "inputs": [
-                {
-                    "source": o.doc.source,
-                    "key": o.doc.key,
-                    "sha256": o.doc.sha256,
-                    "kind": o.doc.kind,
-                    "n_pages": o.doc.n_pages,
-                    "pages_selected": len(o.pages),
-                    "error": o.doc.error,
-                }
-                for o in self.opened
-            ],
-            "outputs": [str(p) for p in [*sink.outputs, *extra_outputs]],
-            "incomplete": list(sink.incomplete),
-            "warnings": [one_line(w) for w in self.warnings],
-            "summary": self.reporter.tally.summary(),
-        }
-        atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

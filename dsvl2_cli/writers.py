@@ -3,7 +3,9 @@
 Guarantees: every finished file appears by atomic rename (temp file in the same directory, fsync, replace);
 JSONL is flushed per record; a directory output keeps each in-progress document's records in
 `<name>.<task>.jsonl.partial` (appended per record) until the document is complete, so an interrupted or
-killed run never leaves a half-written file that looks complete, and `--resume` reads both.
+killed run never leaves a half-written file that looks complete, and `--resume` reads both. A single Markdown,
+CSV or text file from a run that did not finish is left as `<file>.partial`, the earlier `<file>` untouched.
+No output path leaves the output directory (`planned` names every path before anything is written).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from dsvl2_cli import render
+from dsvl2_cli.errors import OutputError
 from pipelines.base import Document, PageRecord
 
 
@@ -102,11 +105,12 @@ class Sink(Protocol):
     outputs: list[Path]
     incomplete: list[str]
 
+    def planned(self, docs: Sequence[Document]) -> list[Path]: ...
     def prepare(self, docs: Sequence[Document], *, resume: bool) -> list[str]: ...
     def is_done(self, key: str) -> bool: ...
     def write(self, record: PageRecord, doc: Document) -> None: ...
     def document_done(self, doc: Document) -> None: ...
-    def close(self) -> None: ...
+    def close(self, *, complete: bool = True) -> None: ...
 
 
 class StreamSink:
@@ -120,6 +124,9 @@ class StreamSink:
         self.count = 0
         self.started = False
         self.csv = csv.writer(stream, lineterminator="\n") if fmt is Format.csv else None
+
+    def planned(self, docs: Sequence[Document]) -> list[Path]:
+        return []
 
     def prepare(self, docs: Sequence[Document], *, resume: bool) -> list[str]:
         return []
@@ -153,7 +160,7 @@ class StreamSink:
     def document_done(self, doc: Document) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, *, complete: bool = True) -> None:
         if not self.started:
             self._start()
         if self.fmt is Format.json:
@@ -163,11 +170,13 @@ class StreamSink:
 
 class FileSink:
     """One file for the whole run. JSONL is appended and flushed per record (and `--resume` appends the
-    missing pages); other formats are written to a temp file and renamed into place when the run ends.
+    missing pages); JSON is written when the run ends, finished or not (it can be resumed); Markdown, CSV
+    and text are written to `<file>.partial` and renamed to `<file>` only when the run finished.
     The target is not touched before the first record, so a setup error leaves an earlier output intact."""
 
     def __init__(self, path: Path, fmt: Format, task: str, *, prompts: Sequence[str] = ()) -> None:
         self.path, self.fmt, self.task, self.prompts = path, fmt, task, prompts
+        self.partial = path.with_name(path.name + ".partial")
         self.outputs: list[Path] = [path]
         self.incomplete: list[str] = []
         self.resume = False
@@ -180,6 +189,9 @@ class FileSink:
         self.file: IO[str] | None = None
         self.inner: StreamSink | None = None
         self.tmp_cm: contextlib.AbstractContextManager[IO[Any]] | None = None
+
+    def planned(self, docs: Sequence[Document]) -> list[Path]:
+        return [self.path, self.partial]
 
     def prepare(self, docs: Sequence[Document], *, resume: bool) -> list[str]:
         self.resume = resume
@@ -196,7 +208,7 @@ class FileSink:
                 atomic_write(self.path, "".join(to_json(r) + "\n" for r in self.old))
             self.file = open(self.path, "a" if self.resume else "w", encoding="utf-8")  # noqa: SIM115 closed in close()
         elif self.fmt is not Format.json:
-            self.tmp_cm = atomic_open(self.path)
+            self.tmp_cm = atomic_open(self.partial)
             self.inner = StreamSink(self.tmp_cm.__enter__(), self.fmt, self.task)
 
     def is_done(self, key: str) -> bool:
@@ -217,7 +229,7 @@ class FileSink:
     def document_done(self, doc: Document) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, *, complete: bool = True) -> None:
         if self.file is None and self.inner is None and not (self.resume and self.path.exists()):
             self._open()  # a run without records still leaves its (empty) output
         if self.file is not None:
@@ -229,6 +241,11 @@ class FileSink:
         elif self.inner is not None and self.tmp_cm is not None:
             self.inner.close()
             self.tmp_cm.__exit__(None, None, None)
+            if complete:
+                os.replace(self.partial, self.path)
+            else:
+                self.outputs = [self.partial]
+                self.incomplete.append(f"{self.path} (left as {self.partial.name})")
         elif self.fmt is Format.json and (self.new or not self.resume):
             merged = _merge(self.old, self.new, self.prompts) if self.old else self.new
             atomic_write(self.path, "[" + ",".join("\n" + to_json(r, 2) for r in merged) + "\n]\n")
@@ -251,8 +268,12 @@ class DirSink:
     def _path(self, doc: Document, suffix: str) -> Path:
         base = (self.root / doc.key).with_name(f"{Path(doc.key).name}.{self.task}{suffix}")
         if not base.resolve().is_relative_to(self.root.resolve()):
-            raise ValueError(f"output path for {doc.source!r} escapes {self.root}")
+            raise OutputError(f"the output path for {doc.source} escapes {self.root} (through a symlink?)")
         return base
+
+    def planned(self, docs: Sequence[Document]) -> list[Path]:
+        suffixes = (".jsonl", ".jsonl.partial", f".{SUFFIX[self.fmt]}")
+        return [self._path(doc, suffix) for doc in docs for suffix in suffixes]
 
     def prepare(self, docs: Sequence[Document], *, resume: bool) -> list[str]:
         self.resume = resume
@@ -327,7 +348,7 @@ class DirSink:
                 old.unlink()
         return written
 
-    def close(self) -> None:
+    def close(self, *, complete: bool = True) -> None:
         pass
 
 

@@ -302,10 +302,11 @@ def test_model_options_reach_the_runtime_and_sampling(fake):
         "seed": 7,
         "dpi": 144.0,
         "max_side": 2048,
-        "no_repeat_ngram": 0,
-        "repeat_window": 256,
+        "no_repeat_ngram": 24,
+        "repeat_window": 512,
         "retry_repetition": False,
     }
+    assert (s.no_repeat_ngram, s.repeat_window) == (24, 512)  # ask's repetition guard reaches the sampling
 
 
 def test_batches_and_output_order_do_not_depend_on_completion_order(fake):
