@@ -8,6 +8,7 @@ SIGTERM). Whenever a run stops, everything finished so far is kept for `--resume
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 
 from model.errors import (
@@ -74,6 +75,11 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
     return None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def one_line(text: str, limit: int = 500) -> str:
-    flat = " ".join(str(text).split())
+    """`text` on one line for stderr: whitespace collapsed, control characters (a terminal escape in a file
+    name or a model error) shown as `\\xNN`, at most `limit` characters."""
+    flat = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", " ".join(str(text).split()))
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -6,7 +6,8 @@ Documents are told apart by their content (a PDF header, else one of the image f
 never by file name. Every problem with one input becomes that document's or page's `error`; nothing here
 raises for a bad file, and nothing blocks on one: FIFOs, sockets and devices are refused unread. Output
 keys are sanitised relative paths, unique within the run; `source` is the path as given, with bytes that
-are not UTF-8 shown as `\\xNN` escapes so that every output format can hold it.
+are not UTF-8 and control characters shown as `\\xNN` escapes, so that every output format can hold it and
+no terminal interprets it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".g
 DEFAULT_SUFFIXES = (".pdf", *IMAGE_SUFFIXES)
 # Declared image size above which we refuse to decode (decompression bombs); below Pillow's own hard limit.
 MAX_PIXELS = 150_000_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"\\|?*\ufffd]')
 _MAX_NAME_BYTES = 180  # leaves room for ".<task>.jsonl.partial" and similar suffixes under 255
 
@@ -128,8 +130,10 @@ def safe_key(parts: Sequence[str]) -> str:
 
 
 def display(text: str) -> str:
-    """A path for records and messages: undecodable bytes (kept by os.fsdecode as surrogates) as `\\xNN`."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path for records and messages: undecodable bytes (kept by os.fsdecode as surrogates) and control
+    characters (a name can hold a terminal escape sequence) as `\\xNN`."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def path_problem(path: Path) -> str | None:
