@@ -41,7 +41,7 @@ DEFAULT_SUFFIXES = (".pdf", *IMAGE_SUFFIXES)
 # Declared image size above which we refuse to decode (decompression bombs); below Pillow's own hard limit.
 MAX_PIXELS = 150_000_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"\\|?*\ufffd]')
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f/<>:"\\|?*\ufffd]')
 _MAX_NAME_BYTES = 180  # leaves room for ".<task>.jsonl.partial" and similar suffixes under 255
 
 

@@ -197,10 +197,11 @@ def main() -> None:
     """`python tests/fakes.py ARGS...` is `dsvl2 ARGS...` on a FakeRuntime, for tests that need a real process
     (signals, pipes, memory). Environment: DSVL2_FAKE_DELAY seconds each request takes; DSVL2_FAKE_LOG a file
     that gets one line per request the model is asked; DSVL2_FAKE_RSS a file that gets the process's peak
-    resident memory in KiB when it exits."""
+    resident memory in KiB when it exits (VmHWM: unlike getrusage's ru_maxrss it does not carry over the
+    parent's memory across fork and exec)."""
     import atexit
     import os
-    import resource
+    import re
 
     from dsvl2_cli import runtime as runtime_seam
     from dsvl2_cli.app import main as dsvl2
@@ -208,8 +209,9 @@ def main() -> None:
     log = os.environ.get("DSVL2_FAKE_LOG")
     rss = os.environ.get("DSVL2_FAKE_RSS")
     if rss:
+        status = Path("/proc/self/status")
         atexit.register(
-            lambda: Path(rss).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), encoding="utf-8")
+            lambda: Path(rss).write_text(re.search(r"VmHWM:\s*(\d+)", status.read_text())[1], encoding="utf-8")
         )
 
     def answer(request: Request) -> str:
