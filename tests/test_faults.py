@@ -219,3 +219,17 @@ def test_memory_error_counts_as_out_of_memory(fake):
     records = jsonl(result.stdout)
     assert [r["status"] for r in records] == ["failed", "ok"]
     assert records[0]["error"] == "out of memory even alone (MemoryError: )"
+
+
+def test_page_timeout_stops_the_real_engine_through_its_cancel(monkeypatch, tmp_path):
+    """The seam end to end: the watchdog calls model.engine.Engine.cancel on the tiny parity checkpoint."""
+    isolate(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    make_image(Path("p.png"), size=(40, 30))
+    model = "/work/shared/parity/checkpoints/tiny-mha"
+    args = ["--model", model, "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "3000"]
+    start = time.monotonic()
+    result = invoke("ocr", "p.png", "-f", "jsonl", *args, "--repetition-guard", "0", "--page-timeout", "0.5")
+    [record] = jsonl(result.stdout)
+    assert record["status"] == "failed" and record["error"].startswith("page timeout: no complete answer within 0.5 s")
+    assert result.exit_code == 1 and time.monotonic() - start < 60
