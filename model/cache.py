@@ -11,10 +11,13 @@ A forward over T new tokens writes them at slots lengths[b] .. lengths[b] + T - 
 write junk past their real tokens; it is overwritten later and always masked, because a query at position
 p only sees slots <= p). `advance(n)` then moves each row's length by its own count of real tokens.
 
-Per layer the cache holds, in (B, S, ...) layout:
-    MHA: k (B, S, H_kv, D) and v (B, S, H_kv, D)
+Per layer the cache holds, slots next to the feature axis so that each head's keys are one contiguous
+(S, D) block for the decode matmuls:
+    MHA: k (B, H_kv, S, D) and v (B, H_kv, S, D)
     MLA: the normalised latent c (B, S, C) and the rotated shared rope key pe (B, S, R): DeepSeek-V2's
          compressed cache (section 2.1.2 of the paper); keys and values are re-derived from it.
+Tensors go in and out token-major as (B, T, *heads, feature) for writes and come back as
+(B, *heads, S_used, feature).
 The cache stores and hands out tensors; it never computes attention.
 """
 
@@ -26,11 +29,12 @@ import torch
 class KVCache:
     def __init__(self, shapes: list[tuple[int, ...]], *, batch: int, capacity: int, n_layers: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        """`shapes` are the per-token shapes of the tensors one layer stores, e.g. [(H, D), (H, D)]."""
+        """`shapes` are the per-token shapes (*heads, feature) of the tensors one layer stores, e.g.
+        [(H, D), (H, D)] for MHA or [(C,), (R,)] for MLA; each is stored as (B, *heads, S, feature)."""
         self.capacity = capacity
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.layers = [
-            tuple(torch.zeros(batch, capacity, *shape, dtype=dtype, device=device) for shape in shapes)
+            tuple(torch.zeros(batch, *shape[:-1], capacity, shape[-1], dtype=dtype, device=device) for shape in shapes)
             for _ in range(n_layers)
         ]
 
@@ -47,8 +51,9 @@ class KVCache:
         return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
 
     def write(self, layer: int, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store the new tokens' tensors (each (B, T, ...)) at their positions; return the layer's tensors
-        cut to the slots any query of this step can see: (B, S_used, ...) with S_used = max position + 1."""
+        """Store the new tokens' tensors (each (B, T, *heads, feature)) at their positions; return the
+        layer's tensors cut to the slots any query of this step can see: (B, *heads, S_used, feature) with
+        S_used = max position + 1."""
         return self._write(None, layer, positions, new)
 
     def _write(self, rows: torch.Tensor | None, layer: int, positions: torch.Tensor,
@@ -59,10 +64,11 @@ class KVCache:
         index = torch.arange(self.batch, device=positions.device) if rows is None else rows
         stored = self.layers[layer]
         for buf, x in zip(stored, new, strict=True):
-            buf[index[:, None], positions] = x.to(buf.dtype)
+            heads = (slice(None),) * (buf.dim() - 3)
+            buf[(index[:, None], *heads, positions)] = x.to(buf.dtype)  # x: (B, T, *heads, feature)
         if rows is None:
-            return tuple(buf[:, :used] for buf in stored)  # views, no copy
-        return tuple(buf[rows, :used] for buf in stored)
+            return tuple(buf[..., :used, :] for buf in stored)  # views, no copy
+        return tuple(buf[..., :used, :][rows] for buf in stored)
 
     def advance(self, n: torch.Tensor | int) -> None:
         """Count `n` more real tokens in each row (a (B,) tensor, or one number for every row)."""
@@ -74,6 +80,23 @@ class KVCache:
             self.lengths.zero_()
         else:
             self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
+
+    def grown(self, capacity: int) -> KVCache:
+        """A cache of `capacity` slots per row holding this one's contents and lengths."""
+        if capacity <= self.capacity:
+            return self
+        first = self.layers[0][0]
+        bigger = KVCache.__new__(KVCache)
+        bigger.capacity, bigger.lengths = capacity, self.lengths.clone()
+        bigger.layers = []
+        for layer in self.layers:
+            new = []
+            for buf in layer:
+                grown = torch.zeros(*buf.shape[:-2], capacity, buf.shape[-1], dtype=first.dtype, device=first.device)
+                grown[..., : self.capacity, :] = buf
+                new.append(grown)
+            bigger.layers.append(tuple(new))
+        return bigger
 
     def nbytes(self) -> int:
         return sum(buf.numel() * buf.element_size() for layer in self.layers for buf in layer)

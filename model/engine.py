@@ -164,13 +164,9 @@ class Engine:
             return cache
         capacity = max(need, 2 * cache.capacity if cache is not None else 0)
         capacity = min(capacity, max(need, self.model.cfg.language.max_position_embeddings))
-        grown = self.model.language.new_cache(len(rows), capacity)
-        if cache is not None:
-            grown.lengths.copy_(cache.lengths)
-            for old_layer, new_layer in zip(cache.layers, grown.layers, strict=True):
-                for old, new in zip(old_layer, new_layer, strict=True):
-                    new[:, : cache.capacity] = old
-        return grown
+        if cache is None:
+            return self.model.language.new_cache(len(rows), capacity)
+        return cache.grown(capacity)
 
     # -- steps ------------------------------------------------------------------------------------------
     def _prefill_step(self, cache: KVCache, rows: list[_Sequence | None], finish) -> None:

@@ -112,6 +112,28 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]
 
 
+SDPA_MIN_QUERIES = 16
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v with q (B, H, T, D), k (B, Hk, S, D), v (B, Hk, S, Dv), Hk | H.
+
+    Long query blocks (prefill) use torch's fused kernel. Short ones (decode) use two matmuls with the
+    softmax in float32, as the reference does: for a single query the fused CPU kernel is several times
+    slower than reading the cached keys once."""
+    B, H, T, _ = q.shape
+    Hk = k.shape[1]
+    if T >= SDPA_MIN_QUERIES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hk != H)
+    G = H // Hk
+    qg = q.reshape(B, Hk, G * T, q.shape[-1])  # query heads grouped under their key head
+    # k on the left: its (S, D) blocks are read in place, where q @ k^T would copy the transposed keys.
+    scores = (k @ qg.transpose(-1, -2)).transpose(-1, -2).float() * scale  # (B, Hk, G*T, S)
+    scores = scores.view(B, Hk, G, T, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype).view(B, Hk, G * T, -1)
+    return (probs @ v).view(B, H, T, v.shape[-1])
+
+
 class MHAttention(nn.Module):
     """Multi-head attention as transformers' LlamaAttention (use_mla false): rotate-half RoPE over the
     whole head, optional grouped key/value heads."""
@@ -134,19 +156,16 @@ class MHAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)  # (B, T, H_kv, D)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(positions, q.dtype)
         q = apply_rope(q, cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+        k = apply_rope(k, cos, sin)
         k_pos = positions
         if cache is not None:
-            k, v = cache.write(layer, positions, k, v)  # (B, S, H_kv, D)
-            k_pos = torch.arange(k.shape[1], device=x.device).expand(B, -1)
-        out = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=causal_mask(positions, k_pos),
-            scale=self.scale, enable_gqa=self.kv_heads != self.heads,
-        )  # (B, H, T, D)
+            k, v = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, S, D)
+            k_pos = torch.arange(k.shape[2], device=x.device).expand(B, -1)
+        out = attend(q, k, v, causal_mask(positions, k_pos), self.scale)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -214,16 +233,16 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.heads, S, self.dr)), dim=-1)  # (B, H, S, Dn+R)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, Dv)
+        return attend(q, k, v, mask, self.scale)  # (B, H, T, Dv)
 
     def _absorbed(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.rank)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # (H, Dn, C), (H, Dv, C)
         q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, C)
-        q = torch.cat((q_lat, q_pe), dim=-1)  # (B, H, T, C+R)
-        k = torch.cat((c, k_pe), dim=-1)[:, None]  # (B, 1, S, C+R): one key head shared by all heads
-        out_lat = F.scaled_dot_product_attention(q, k, c[:, None], attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=True)  # (B, H, T, C)
+        # One key "head" shared by all heads: scores from the latent and the rope key, no copy of the cache.
+        scores = (q_lat @ c[:, None].transpose(-1, -2) + q_pe @ k_pe[:, None].transpose(-1, -2)).float()
+        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))  # (B, H, T, S)
+        out_lat = scores.softmax(dim=-1).to(c.dtype) @ c[:, None]  # (B, H, T, C)
         return torch.einsum("bhtc,hvc->bhtv", out_lat, w_uv)  # (B, H, T, Dv)
 
 

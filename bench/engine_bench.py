@@ -1,0 +1,304 @@
+"""Engine benchmark: every figure beside this machine's limit, both measured in the same run.
+
+    python bench/engine_bench.py [--model DIR] [--sections limits,vision,prefill,decode,e2e] [--json OUT]
+
+The model defaults to a random checkpoint at the real deepseek-vl2-tiny dimensions, written by the
+checkpoint factory on first use (bench/out/, git-ignored). Limits: bf16 and fp32 matrix rate (a GEMM of
+the model's own shapes) and memory read bandwidth. Ratios: vision and prefill FLOP/s over the bf16 rate;
+decode time per step over its bandwidth bound, counting the bytes actually touched (weights of the
+distinct experts the batch routes to, shared weights, lm_head, and the cache rows read); end to end pages
+per hour over the bound from the same three limits. Results print as a table and, with --json, a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.engine import Engine  # noqa: E402
+from model.language import MoE  # noqa: E402
+from model.processor import Processor  # noqa: E402
+from model.requests import Request, Sampling, user_prompt  # noqa: E402
+from model.weights import load_model  # noqa: E402
+
+DEFAULT_MODEL = ROOT / "bench" / "out" / "deepseek-vl2-tiny-random"
+TINY_CONFIG = ROOT / "tests" / "data" / "configs" / "deepseek-vl2-tiny"
+PARITY_TOKENIZER = ROOT.parent / "shared" / "parity" / "tokenizer"
+
+
+def best_time(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+# -- limits --------------------------------------------------------------------------------------------
+def measure_limits(hidden: int) -> dict:
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(2048, hidden, dtype=dt), torch.randn(4 * hidden, hidden, dtype=dt)
+        out[f"{name}_gflops"] = 2 * a.shape[0] * hidden * b.shape[0] / best_time(lambda a=a, b=b: F.linear(a, b)) / 1e9
+    big = torch.ones(512 * 2**20 // 2, dtype=torch.bfloat16)
+    out["read_gbs"] = big.numel() * 2 / best_time(lambda: big.sum()) / 1e9
+    return out
+
+
+# -- FLOP and byte accounting -----------------------------------------------------------------------------
+def vision_flops_per_tile(model) -> float:
+    v = model.cfg.vision
+    P, W = v.grid * v.grid, v.width
+    per_block = 2 * P * (4 * W * W + 2 * W * v.mlp_hidden) + 2 * 2 * P * P * W
+    patch = 2 * P * 3 * v.patch_size**2 * W
+    proj_params = sum(p.numel() for n, p in model.projector.named_parameters() if n.endswith("weight"))
+    tokens = ((v.grid + 1) // 2) ** 2
+    return v.layers * per_block + patch + 2 * tokens * proj_params
+
+
+def lm_token_params(model) -> tuple[int, int]:
+    """Matmul parameters one token touches (routed experts at top-k) excluding embedding and lm_head,
+    and the attention FLOPs per (query, key) pair over all layers."""
+    cfg = model.cfg.language
+    total = 0
+    for layer in model.language.model.layers:
+        total += sum(p.numel() for p in layer.self_attn.parameters() if p.dim() == 2)
+        mlp = layer.mlp
+        if isinstance(mlp, MoE):
+            expert = sum(p.numel() for p in mlp.experts[0].parameters())
+            total += cfg.num_experts_per_tok * expert + mlp.gate.weight.numel()
+            if hasattr(mlp, "shared_experts"):
+                total += sum(p.numel() for p in mlp.shared_experts.parameters())
+        else:
+            total += sum(p.numel() for p in mlp.parameters() if p.dim() == 2)
+    if cfg.use_mla:
+        pair = 2 * cfg.num_attention_heads * (cfg.q_head_dim + cfg.v_head_dim)
+    else:
+        pair = 2 * cfg.num_attention_heads * 2 * cfg.head_dim
+    return total, pair * cfg.num_hidden_layers
+
+
+def nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+class DecodeBytes:
+    """Bytes a decode step reads: every non-expert weight once, each distinct routed expert once, the
+    lm_head, and the cache rows (counted per step from the gate hooks and the cache lengths)."""
+
+    def __init__(self, model):
+        self.model = model
+        lm = model.language
+        self.fixed = nbytes(lm.lm_head.parameters()) + nbytes(lm.model.norm.parameters())
+        self.moes = []
+        for layer in lm.model.layers:
+            self.fixed += nbytes(layer.self_attn.parameters()) + nbytes(layer.input_layernorm.parameters())
+            self.fixed += nbytes(layer.post_attention_layernorm.parameters())
+            if isinstance(layer.mlp, MoE):
+                self.fixed += nbytes(layer.mlp.gate.parameters())
+                if hasattr(layer.mlp, "shared_experts"):
+                    self.fixed += nbytes(layer.mlp.shared_experts.parameters())
+                self.moes.append(layer.mlp)
+            else:
+                self.fixed += nbytes(layer.mlp.parameters())
+        self.expert_bytes = nbytes(self.moes[0].experts[0].parameters()) if self.moes else 0
+        self.distinct: list[int] = []
+        self.hooks = [m.gate.register_forward_hook(self._count) for m in self.moes]
+
+    def _count(self, _module, _inputs, out) -> None:
+        self.distinct.append(int(out[0].unique().numel()))
+
+    def step_bytes(self, cache_bytes: int) -> float:
+        """Average bytes per step over the steps recorded since the last reset."""
+        steps = max(len(self.distinct) // max(len(self.moes), 1), 1)
+        return self.fixed + self.expert_bytes * sum(self.distinct) / steps + cache_bytes
+
+    def reset(self) -> None:
+        self.distinct.clear()
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+# -- sections ------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def bench_vision(model, limits, tiles: int = 8) -> dict:
+    pixels = torch.randn(tiles, 3, 384, 384)
+    seconds = best_time(lambda: model.encode_tiles(pixels), repeat=3) / tiles
+    gflops = vision_flops_per_tile(model) / seconds / 1e9
+    return {"seconds_per_tile": seconds, "gflops": gflops, "of_bf16_rate": gflops / limits["bf16_gflops"]}
+
+
+@torch.inference_mode()
+def bench_prefill(model, limits, tokens: int = 1000) -> dict:
+    lm = model.language
+    x = lm.embed(torch.randint(3, model.cfg.language.vocab_size, (1, tokens)))
+
+    def run():
+        cache = lm.new_cache(1, tokens)
+        lm.logits(lm(x, cache)[:, -1])
+
+    seconds = best_time(run, repeat=2)
+    params, pair = lm_token_params(model)
+    flops = 2 * params * tokens + pair * tokens * (tokens + 1) / 2 + 2 * nbytes([lm.lm_head.weight]) // 2
+    gflops = flops / seconds / 1e9
+    return {"tokens_per_s": tokens / seconds, "gflops": gflops, "of_bf16_rate": gflops / limits["bf16_gflops"]}
+
+
+@torch.inference_mode()
+def bench_decode(model, limits, batch: int, context: int = 1000, steps: int = 8) -> dict:
+    lm = model.language
+    cache = lm.new_cache(batch, context + steps + 4)
+    for b in range(batch):  # prefill row by row (a 1000-token page prompt each)
+        rows = cache.rows([b])
+        lm(lm.embed(torch.randint(3, model.cfg.language.vocab_size, (1, context))), rows)
+        rows.advance(context)
+    counter = DecodeBytes(model)
+    tokens = torch.randint(3, model.cfg.language.vocab_size, (batch, 1))
+    lm.logits(lm(lm.embed(tokens), cache)[:, 0])  # warm
+    cache.advance(1)
+    counter.reset()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        logits = lm.logits(lm(lm.embed(tokens), cache)[:, 0])
+        tokens = logits.argmax(-1, keepdim=True)
+        cache.advance(1)
+        times.append(time.perf_counter() - t)
+    per_token_cache = cache.nbytes() // cache.capacity // batch
+    step = statistics.median(times)
+    touched = counter.step_bytes(int(cache.lengths.sum()) * per_token_cache)
+    counter.close()
+    bound = touched / (limits["read_gbs"] * 1e9)
+    return {"batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step, "bytes_per_step": touched,
+            "bound_ms": bound * 1e3, "of_bandwidth_bound": bound / step, "cache_bytes_per_token": per_token_cache}
+
+
+def synthetic_page(side: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def bench_e2e(model, processor, limits, *, pages: int, new_tokens: int, batch: int, tiling: int = 2) -> dict:
+    """A synthetic OCR job: `pages` pages tiled tiling x tiling, `new_tokens` each with EOS suppressed."""
+    side = 384 * tiling
+    sampling = Sampling(max_new_tokens=new_tokens, suppress_eos=True)
+    requests = [Request(f"p{i}", user_prompt("Convert the document to markdown.", (synthetic_page(side, i),)),
+                        sampling) for i in range(pages)]
+    engine = Engine(model, processor, max_batch_size=batch)
+    t = time.perf_counter()
+    done = engine.generate(requests)
+    seconds = time.perf_counter() - t
+    assert all(c.n_generated == new_tokens for c in done)
+    return {"batch": batch, "tiling": f"{tiling}x{tiling}", "pages": pages, "new_tokens": new_tokens,
+            "seconds": seconds, "pages_per_hour": pages / seconds * 3600,
+            "prompt_tokens": done[0].n_prompt}
+
+
+def e2e_bound(model, limits, *, prompt_tokens: int, tiles: int, new_tokens: int, decode_bytes: float,
+              batch: int) -> float:
+    """Pages per hour if vision and prefill ran at the bf16 rate and decode at the read bandwidth."""
+    params, pair = lm_token_params(model)
+    compute = tiles * vision_flops_per_tile(model) + 2 * params * prompt_tokens + pair * prompt_tokens**2 / 2
+    seconds = compute / (limits["bf16_gflops"] * 1e9) + new_tokens * decode_bytes / (limits["read_gbs"] * 1e9) / batch
+    return 3600 / seconds
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def ensure_model(path: Path) -> Path:
+    if (path / "config.json").is_file():
+        return path
+    from model.factory import write_random_checkpoint
+
+    config = json.loads((TINY_CONFIG / "config.json").read_text())
+    out = write_random_checkpoint(config, path, seed=0, dtype=torch.bfloat16, tokenizer_dir=PARITY_TOKENIZER)
+    import shutil
+
+    shutil.copy(TINY_CONFIG / "processor_config.json", out / "processor_config.json")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--sections", default="limits,vision,prefill,decode,e2e")
+    ap.add_argument("--decode-batches", default="1,8,32")
+    ap.add_argument("--e2e-pages", type=int, default=8)
+    ap.add_argument("--e2e-tokens", type=int, default=600)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    dtype = getattr(torch, args.dtype)
+
+    path = ensure_model(args.model)
+    rss_before = peak_rss_gib()
+    t = time.perf_counter()
+    model = load_model(path, dtype=dtype)
+    processor = Processor.from_dir(path)
+    weights_gib = nbytes(model.parameters()) / 2**30
+    results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+                     "model": str(path), "dtype": args.dtype, "weights_gib": weights_gib,
+                     "load_seconds": time.perf_counter() - t, "rss_before_load_gib": rss_before}
+    limits = measure_limits(model.cfg.language.hidden_size)
+    results["limits"] = limits
+    print(f"limits: bf16 {limits['bf16_gflops']:.0f} GFLOP/s, fp32 {limits['fp32_gflops']:.0f} GFLOP/s, "
+          f"read {limits['read_gbs']:.1f} GB/s", flush=True)
+    if "vision" in sections:
+        r = results["vision"] = bench_vision(model, limits)
+        print(f"vision: {r['seconds_per_tile']:.3f} s/tile, {r['gflops']:.0f} GFLOP/s = "
+              f"{r['of_bf16_rate']:.0%} of bf16 rate", flush=True)
+    if "prefill" in sections:
+        r = results["prefill"] = bench_prefill(model, limits)
+        print(f"prefill: {r['tokens_per_s']:.0f} tok/s, {r['gflops']:.0f} GFLOP/s = "
+              f"{r['of_bf16_rate']:.0%} of bf16 rate", flush=True)
+    decode_bytes = {}
+    if "decode" in sections:
+        results["decode"] = []
+        for batch in (int(b) for b in args.decode_batches.split(",")):
+            r = bench_decode(model, limits, batch)
+            results["decode"].append(r)
+            decode_bytes[batch] = r["bytes_per_step"]
+            print(f"decode batch {batch}: {r['step_ms']:.0f} ms/step, {r['tokens_per_s']:.1f} tok/s, "
+                  f"{r['bytes_per_step'] / 1e9:.2f} GB/step, bound {r['bound_ms']:.0f} ms = "
+                  f"{r['of_bandwidth_bound']:.0%} of bandwidth bound; cache {r['cache_bytes_per_token']} B/token",
+                  flush=True)
+    if "e2e" in sections:
+        batched = bench_e2e(model, processor, limits, pages=args.e2e_pages, new_tokens=args.e2e_tokens, batch=8)
+        single = bench_e2e(model, processor, limits, pages=2, new_tokens=args.e2e_tokens, batch=1)
+        step_bytes = decode_bytes.get(8) or bench_decode(model, limits, 8)["bytes_per_step"]
+        bound = e2e_bound(model, limits, prompt_tokens=batched["prompt_tokens"], tiles=5,
+                          new_tokens=args.e2e_tokens, decode_bytes=step_bytes, batch=8)
+        results["e2e"] = {"batch8": batched, "batch1": single, "bound_pages_per_hour": bound,
+                          "of_bound": batched["pages_per_hour"] / bound,
+                          "speedup_over_one_at_a_time": batched["pages_per_hour"] / single["pages_per_hour"]}
+        print(f"end to end (2x2 pages, {args.e2e_tokens} tokens): batch 8 {batched['pages_per_hour']:.0f} pages/h "
+              f"= {results['e2e']['of_bound']:.0%} of bound {bound:.0f}; one at a time "
+              f"{single['pages_per_hour']:.0f} pages/h; speedup {results['e2e']['speedup_over_one_at_a_time']:.2f}x",
+              flush=True)
+    results["peak_rss_gib"] = peak_rss_gib()
+    print(f"peak RSS {results['peak_rss_gib']:.2f} GiB (weights {weights_gib:.2f} GiB)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
