@@ -1,6 +1,6 @@
-"""Turn command-line inputs into documents and pages: expand files, directories (recursive, `--glob`),
-`-` (paths on stdin) and `--stdin-data` (one document's bytes on stdin); open and hash each document; then
-render pages lazily, one at a time, as the runner pulls them.
+"""Turn command-line inputs into documents: expand files, directories (recursive, `--glob`), `-` (paths on
+stdin) and `--stdin-data` (one document's bytes on stdin); open, hash and count the pages of each document
+(dsvl2_cli/pages.py renders them).
 
 Documents are told apart by their content (a PDF header, else one of the image formats we support),
 never by file name. Every problem with one input becomes that document's or page's `error`; nothing here
@@ -19,16 +19,15 @@ import io
 import os
 import re
 import stat
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from pipelines.base import Document, Page, PageSize
+from pipelines.base import Document
 
 if TYPE_CHECKING:
     import pymupdf
@@ -270,7 +269,7 @@ def _head(file: InputFile) -> bytes:
         return f.read(1024)
 
 
-def _open_pdf(file: InputFile, password: str | None) -> pymupdf.Document:
+def open_pdf(file: InputFile, password: str | None) -> pymupdf.Document:
     import pymupdf  # imported on first use: it costs about a second, which `--help` should not pay
 
     try:
@@ -286,13 +285,13 @@ def _open_pdf(file: InputFile, password: str | None) -> pymupdf.Document:
     return doc
 
 
-def _check_size(image: Image.Image) -> None:
+def check_size(image: Image.Image) -> None:
     w, h = image.size
     if w * h > MAX_PIXELS:
         raise ValueError(f"image is {w}x{h} pixels, over the limit of {MAX_PIXELS:,}")
 
 
-def _open_image(file: InputFile) -> Image.Image:
+def open_image(file: InputFile) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides below
@@ -300,7 +299,7 @@ def _open_image(file: InputFile) -> Image.Image:
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit, above ours: same message
         raise ValueError(f"image is over the limit of {MAX_PIXELS:,} pixels ({exc})") from None
     try:
-        _check_size(image)
+        check_size(image)
     except ValueError:
         image.close()
         raise
@@ -315,12 +314,12 @@ def open_document(file: InputFile, *, password: str | None, pages: PageSelection
     try:
         sha = _sha256(file)
         if b"%PDF-" in _head(file):
-            with _open_pdf(file, password) as pdf:
+            with open_pdf(file, password) as pdf:
                 kind, n = "pdf", pdf.page_count
                 if pdf.is_repaired:
                     warning = f"{file.source}: damaged PDF repaired on opening; some pages may be blank or incomplete"
         else:
-            with _open_image(file) as image:
+            with open_image(file) as image:
                 kind, n = "image", (getattr(image, "n_frames", 1) if image.format == "TIFF" else 1)
     except Exception as exc:
         unknown = isinstance(exc, Image.UnidentifiedImageError)
@@ -331,91 +330,3 @@ def open_document(file: InputFile, *, password: str | None, pages: PageSelection
         return Opened(file, doc, (), warning)
     selected = pages.select(n) if pages else tuple(range(1, n + 1))
     return Opened(file, Document(file.source, file.key, sha, kind, n), selected, warning)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode → RGB: alpha composited on white, 16/32-bit and float scaled to 8 bits, CMYK/palette converted."""
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        lo, hi = (0, 65535) if image.mode.startswith("I;16") else image.getextrema()
-        scale = 255.0 / (hi - lo) if hi > lo else 1.0
-        image = image.convert("F").point(lambda v: (v - lo) * scale).convert("L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _render_pdf_page(pdf: pymupdf.Document, number: int, *, dpi: float, max_side: int) -> tuple[Image.Image, PageSize]:
-    page = pdf.load_page(number - 1)
-    rect = page.rect
-    longest = max(rect.width, rect.height)
-    if longest <= 0:
-        raise ValueError("the page has zero size")
-    zoom = min(dpi / 72.0, max_side / longest)
-    import pymupdf
-
-    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB)
-    image = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
-    size = PageSize(pix.width, pix.height, round(rect.width, 2), round(rect.height, 2), round(zoom * 72.0, 2))
-    return image, size
-
-
-def _render_image_frame(image: Image.Image, number: int, *, max_side: int) -> tuple[Image.Image, PageSize]:
-    """One frame as RGB, no larger than `max_side`; the size reported is the frame's own (upright) size."""
-    image.seek(number - 1)
-    _check_size(image)  # every frame declares its own size: a later TIFF frame can be the bomb
-    width, height = image.size
-    if image.format == "JPEG":
-        image.draft("RGB", (max_side, max_side))  # decode a large JPEG at reduced scale
-    frame = image.copy()
-    if number == 1:
-        try:
-            turned = ImageOps.exif_transpose(frame)
-        except Exception:  # a broken EXIF block costs the orientation, not the page
-            turned = frame
-        if turned.size != frame.size and turned.size == frame.size[::-1]:
-            width, height = height, width
-        frame = turned
-    frame = to_rgb(frame)
-    if max(frame.size) > max_side:
-        frame.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return frame, PageSize(width, height)
-
-
-def iter_pages(
-    opened: Iterable[Opened],
-    *,
-    dpi: float,
-    max_side: int,
-    password: str | None,
-    want: Callable[[Document, int], bool] = lambda doc, number: True,
-) -> Iterator[Page]:
-    """Pages in document order, each rendered only when pulled and only if `want` it (else image None).
-    A document that failed to open yields one Page with number None and its error."""
-    for item in opened:
-        doc = item.doc
-        if doc.error is not None:
-            yield Page(doc, None, error=doc.error)
-            continue
-        handle: pymupdf.Document | Image.Image | None = None
-        try:
-            for number in item.pages:
-                if not want(doc, number):
-                    yield Page(doc, number)
-                    continue
-                start = time.perf_counter()
-                try:
-                    if handle is None:
-                        handle = _open_pdf(item.input, password) if doc.kind == "pdf" else _open_image(item.input)
-                    if not isinstance(handle, Image.Image):
-                        image, size = _render_pdf_page(handle, number, dpi=dpi, max_side=max_side)
-                    else:
-                        image, size = _render_image_frame(handle, number, max_side=max_side)
-                except Exception as exc:
-                    yield Page(doc, number, error=f"cannot render page: {type(exc).__name__}: {exc}")
-                    continue
-                yield Page(doc, number, image, size, render_seconds=time.perf_counter() - start)
-        finally:
-            if handle is not None:
-                handle.close()

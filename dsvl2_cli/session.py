@@ -22,11 +22,11 @@ from dsvl2_cli.inputs import (
     PageSelection,
     Shard,
     expand_inputs,
-    iter_pages,
     open_document,
     read_path_list,
 )
 from dsvl2_cli.manifest import Ending, manifest_path, now, write_manifest
+from dsvl2_cli.pages import iter_pages
 from dsvl2_cli.progress import Reporter
 from dsvl2_cli.signals import shielded
 from dsvl2_cli.writers import DirSink, FileSink, Format, Sink, StreamSink

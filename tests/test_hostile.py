@@ -18,6 +18,7 @@ from pathlib import Path
 import corpus
 import pytest
 from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
+from PIL import Image
 from test_writers import violations
 from typer.testing import CliRunner
 
@@ -199,3 +200,18 @@ def test_a_real_process_over_the_corpus_finishes_within_a_memory_bound(built, tm
     assert len(done.stdout.splitlines()) == sum(c.records for c in cases)
     peak_mib = int((tmp_path / "rss").read_text()) / 1024
     assert peak_mib < 400, f"peak resident memory {peak_mib:.0f} MiB"
+
+
+def test_a_large_image_is_decoded_once_not_once_per_conversion(tmp_path):
+    """Catches full-size copies of a big image (copy, alpha composite, RGB conversion: 4-5 times its decoded
+    size before this was shrunk right after decoding). 6000x6000 RGBA decodes to 144 MB."""
+    image = tmp_path / "big.png"
+    Image.new("RGBA", (6000, 6000), (10, 20, 30, 128)).save(image)
+    env = {**os.environ, "HOME": str(tmp_path), "DSVL2_FAKE_RSS": str(tmp_path / "rss")}
+    done = subprocess.run(
+        [*FAKE_CLI, "ocr", str(image), "-f", "jsonl", "-q"], env=env, stdin=subprocess.DEVNULL, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["page_size"]["width_px"] == 6000
+    peak_mib = int((tmp_path / "rss").read_text()) / 1024
+    assert peak_mib < 550, f"peak resident memory {peak_mib:.0f} MiB"

@@ -19,13 +19,13 @@ from PIL import Image
 from dsvl2_cli.inputs import (
     MAX_PIXELS,
     expand_inputs,
-    iter_pages,
     open_document,
     parse_pages,
     parse_shard,
     read_path_list,
     safe_key,
 )
+from dsvl2_cli.pages import iter_pages
 
 
 def opened(path: Path, **kw):
