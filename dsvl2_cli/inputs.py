@@ -232,8 +232,12 @@ def expand_inputs(
         path = Path(arg)
         if path.is_dir():
             errors: list[tuple[str, str]] = []
-            for file, rel in _walk(path, globs, errors):
+            found = _walk(path, globs, errors)
+            for file, rel in found:
                 add(str(file), rel, file)
+            if not found and not errors:
+                wanted = f"files matching {', '.join(globs)}" if globs else "PDF or image files"
+                warns.append(f"{display(arg)}: no {wanted} in this directory")
             for where, why in errors:  # an unreadable directory must not vanish without a word
                 inside = Path(where).is_relative_to(path)
                 parts = list(Path(where).relative_to(path).parts) if inside else _arg_parts(where)

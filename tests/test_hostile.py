@@ -169,6 +169,16 @@ def test_an_unreadable_file_fails_alone(fake, monkeypatch, tmp_path):
     assert "Permission denied" in records[1]["error"]
 
 
+def test_a_directory_without_documents_says_so(fake):
+    Path("notes").mkdir()
+    Path("notes/readme.txt").write_text("no documents here")
+    result = invoke("ocr", "notes", "-f", "jsonl")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "notes: no PDF or image files in this directory" in result.stderr
+    result = invoke("ocr", "notes", "--glob", "*.tiff", "-f", "jsonl")
+    assert "notes: no files matching *.tiff in this directory" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("paths", "code"),
     [
