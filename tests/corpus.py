@@ -33,9 +33,10 @@ LONG = "long-" + "n" * 235 + ".png"  # 244 bytes: the output name must be shorte
 class Case:
     """One corpus file and what dsvl2 must make of it.
 
-    `status` is the status of every record of the file; `records` how many there are (a file that cannot
-    be opened at all gives one record with page null: `page_level` False); `error` a substring of the
-    error message; `warning` a substring of a stderr warning, when one is due.
+    `status` is the status of every record of the file, unless `page_statuses` gives one per page;
+    `records` how many there are (a file that cannot be opened at all gives one record with page null:
+    `page_level` False); `error` a substring of the error message of every record that is not ok;
+    `warning` a substring of a stderr warning, when one is due.
     """
 
     path: str
@@ -46,6 +47,10 @@ class Case:
     error: str | None = None
     page_level: bool = True
     warning: str | None = None
+    page_statuses: tuple[str, ...] = ()
+
+    def statuses(self) -> tuple[str, ...]:
+        return self.page_statuses or (self.status,) * self.records
 
 
 def _png(image: Image.Image, **save: object) -> bytes:
@@ -74,6 +79,26 @@ def png_bomb(side: int = BOMB_SIDE) -> bytes:
     ihdr = struct.pack(">II", side, side) + bytes(data[24:29])
     data[16:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def tiff_frame_bomb(side: int = 20_000) -> bytes:
+    """A two-frame TIFF whose first frame is honest and whose second declares `side` x `side` pixels."""
+    frames = [Image.new("RGB", (20, 10), "red"), Image.new("RGB", (20, 10), "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="TIFF", save_all=True, append_images=frames[1:])
+    data = bytearray(buffer.getvalue())
+    order = "<" if data[:2] == b"II" else ">"
+    offset, index = struct.unpack(order + "I", data[4:8])[0], 0
+    while offset:
+        (n,) = struct.unpack(order + "H", data[offset : offset + 2])
+        for i in range(n):
+            entry = offset + 2 + 12 * i
+            tag, kind = struct.unpack(order + "HH", data[entry : entry + 4])
+            if index == 1 and tag in (256, 257):  # ImageWidth, ImageLength of the second frame
+                value = struct.pack(order + ("H" if kind == 3 else "I"), side)
+                data[entry + 8 : entry + 8 + len(value)] = value
+        offset, index = struct.unpack(order + "I", data[offset + 2 + 12 * n : offset + 6 + 12 * n])[0], index + 1
     return bytes(data)
 
 
@@ -203,6 +228,7 @@ def _images(root: Path) -> list[Case]:
     _image(root, "image/grayscale.png", photo.convert("L"), "PNG")
     _image(root, "image/bilevel.png", photo.convert("1"), "PNG")
     _write(root, "image/bomb.png", png_bomb())
+    _write(root, "image/tiff-frame-bomb.tiff", tiff_frame_bomb())
     _image(root, "image/1x1.png", Image.new("RGB", (1, 1), "black"), "PNG")
     _image(root, "image/20000x50.png", _gradient((20_000, 50)), "PNG")
     truncated = "cannot render page: OSError: image file is truncated"
@@ -229,6 +255,15 @@ def _images(root: Path) -> list[Case]:
             "failed",
             error="over the limit",
             page_level=False,
+        ),
+        Case(
+            "image/tiff-frame-bomb.tiff",
+            "image",
+            "2-frame TIFF whose 2nd frame declares 20000x20000",
+            "failed",
+            2,
+            error="over the limit",
+            page_statuses=("ok", "failed"),
         ),
         Case("image/1x1.png", "image", "a 1x1 image", "ok"),
         Case("image/20000x50.png", "image", "a 20000x50 strip", "ok"),
