@@ -151,6 +151,10 @@ def test_an_unfinished_markdown_file_is_left_as_partial_and_the_earlier_file_unt
     result = CliRunner().invoke(app, ["ocr", "d.pdf", "-o", "out.md"], catch_exceptions=False)
     assert result.exit_code == 0 and Path("out.md").read_text().count("<!-- page") == 3
     assert not Path("out.md.partial").exists()
+    Path("broken.pdf").write_text("not a PDF")  # a --fail-fast stop is unfinished too
+    result = CliRunner().invoke(app, ["ocr", "broken.pdf", "d.pdf", "-o", "out.md", "--fail-fast"])
+    assert result.exit_code == 1 and Path("out.md").read_text().count("<!-- page") == 3
+    assert "broken.pdf" in Path("out.md.partial").read_text()
 
 
 @pytest.fixture
