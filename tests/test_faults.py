@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
+from parity import checkpoint_dir
 from test_writers import violations
 from typer.testing import CliRunner
 
@@ -226,7 +227,7 @@ def test_page_timeout_stops_the_real_engine_through_its_cancel(monkeypatch, tmp_
     isolate(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     make_image(Path("p.png"), size=(40, 30))
-    model = "/work/shared/parity/checkpoints/tiny-mha"
+    model = str(checkpoint_dir("tiny-mha"))
     args = ["--model", model, "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "3000"]
     start = time.monotonic()
     result = invoke("ocr", "p.png", "-f", "jsonl", *args, "--repetition-guard", "0", "--page-timeout", "0.5")

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from fakes import isolate, make_image
+from parity import checkpoint_dir
 from typer.testing import CliRunner
 
 from dsvl2_cli.app import app
 
-TINY = Path("/work/shared/parity/checkpoints/tiny-mha")
+TINY = checkpoint_dir("tiny-mha")
 MARKER = "UNPICKLED"
 
 

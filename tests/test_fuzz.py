@@ -6,13 +6,13 @@ hold their contracts for any input. Small examples and few of them: the whole fi
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from parity import checkpoint_dir
 from PIL import Image
 from test_writers import violations
 
@@ -26,7 +26,7 @@ from pipelines.ocr import parse_markdown
 from pipelines.schema import RESULTS
 from pipelines.table import parse_tables
 
-TINY = "/work/shared/parity/checkpoints/tiny-mha"
+TINY = checkpoint_dir("tiny-mha")
 FEW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -218,4 +218,3 @@ def test_displayed_sources_are_utf8_without_control_characters(name):
     assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in shown)
     if name.isprintable() and name.encode("utf-8", "surrogatepass") == name.encode("utf-8", "surrogateescape"):
         assert shown == name  # ordinary names are shown as they are
-    assert math.isfinite(len(shown))
