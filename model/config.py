@@ -60,9 +60,13 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"unsupported value for {key}: {msg}")
 
 
-def _positive_int(value: Any, key: str) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
-             f"expected a positive integer, got {value!r}")
+MAX_SIZE = 1 << 20  # no dimension of a real model comes near; a larger one is a broken config
+MAX_LAYERS = 1024  # building even the meta model takes minutes far below a billion layers
+
+
+def _positive_int(value: Any, key: str, most: int = MAX_SIZE) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most, key,
+             f"expected an integer from 1 to {most}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +85,9 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "vision_config")
-        for key in ("width", "layers", "heads", "patch_size", "image_size"):
+        for key in ("width", "heads", "patch_size", "image_size"):
             _positive_int(getattr(self, key), f"vision_config.{key}")
+        _positive_int(self.layers, "vision_config.layers", MAX_LAYERS)
         _require(self.width % self.heads == 0, "vision_config.heads", f"{self.heads} does not divide width")
         _require(self.class_token is False, "vision_config.class_token", "only false is supported")
         _require(self.ignore_head is True, "vision_config.ignore_head", "only true is supported")
@@ -116,8 +121,9 @@ class ProjectorConfig:
         _check_types(self, "projector_config")
         _require(self.projector_type in PROJECTOR_TYPES, "projector_config.projector_type",
                  f"{self.projector_type!r} (supported: {', '.join(PROJECTOR_TYPES)})")
-        for key in ("input_dim", "n_embed", "depth", "mlp_ratio", "downsample_ratio"):
+        for key in ("input_dim", "n_embed", "mlp_ratio", "downsample_ratio"):
             _positive_int(getattr(self, key), f"projector_config.{key}")
+        _positive_int(self.depth, "projector_config.depth", MAX_LAYERS)
         _require(self.token_pooling is False, "projector_config.token_pooling", "only false is supported")
 
 
@@ -163,9 +169,10 @@ class LanguageConfig:
         _check_types(self, "language_config")
         _require(self.first_k_dense_replace >= 0, p + "first_k_dense_replace",
                  f"expected >= 0, got {self.first_k_dense_replace}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings", "moe_layer_freq"):
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "max_position_embeddings", "moe_layer_freq"):
             _positive_int(getattr(self, key), p + key)
+        _positive_int(self.num_hidden_layers, p + "num_hidden_layers", MAX_LAYERS)
         _require(self.hidden_act == "silu", p + "hidden_act", f"{self.hidden_act!r} (supported: silu)")
         _require(self.attention_bias is False, p + "attention_bias", "only false is supported")
         _require(self.rms_norm_eps > 0, p + "rms_norm_eps", f"{self.rms_norm_eps!r}")

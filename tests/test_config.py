@@ -216,3 +216,18 @@ def test_config_file_errors_name_the_file(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps(raw), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"config\.json.*language_config\.topk_method"):
         ModelConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("language_config", "num_hidden_layers", 100_000),
+    ("language_config", "hidden_size", 10**9),
+    ("vision_config", "layers", 10**9),
+    ("projector_config", "depth", 5000),
+    ("language_config", "vocab_size", 2**40),
+])
+def test_absurd_sizes_rejected_before_building(section, key, value):
+    """A config asking for absurd sizes is refused at once (building it, even on meta, would hang)."""
+    raw = real("deepseek-vl2")
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=f"{section}.{key}"):
+        ModelConfig.from_dict(raw)
