@@ -36,3 +36,17 @@ def tokenizer():
     from model.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(tokenizer_dir())
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """A scripted FakeRuntime behind the CLI's runtime seam, in an isolated HOME and working directory."""
+    from fakes import FakeRuntime, factory_for, isolate
+
+    from dsvl2_cli import runtime as runtime_seam
+
+    isolate(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rt = FakeRuntime()
+    monkeypatch.setattr(runtime_seam, "runtime_factory", factory_for(rt))
+    return rt

@@ -225,5 +225,21 @@ def main() -> None:
     dsvl2()
 
 
+def invoke(*args: str, input: bytes | str | None = None):
+    """`dsvl2 ARGS` in-process through Typer's CliRunner (exceptions propagate)."""
+    from typer.testing import CliRunner
+
+    from dsvl2_cli.app import app
+
+    return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
+
+
+def jsonl(text: str) -> list[dict]:
+    """The records of JSON Lines text (blank lines ignored)."""
+    import json
+
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 if __name__ == "__main__":
     main()

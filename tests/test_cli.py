@@ -10,32 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
-from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
-from typer.testing import CliRunner
+from fakes import invoke, jsonl, make_image, make_pdf
 
 from dsvl2_cli import runtime as runtime_seam
-from dsvl2_cli.app import app
 from model.errors import InputError, ModelNotFoundError
 from pipelines import ocr, table
 
 TABLE = "| Item | Qty |\n|---|---|\n| Widget | 4 |\n| Gear | 1 |"
-
-
-@pytest.fixture
-def fake(monkeypatch, tmp_path) -> FakeRuntime:
-    isolate(monkeypatch, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    rt = FakeRuntime()
-    monkeypatch.setattr(runtime_seam, "runtime_factory", factory_for(rt))
-    return rt
-
-
-def invoke(*args: str, input: bytes | str | None = None):
-    return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_help_for_every_command_has_examples(fake):

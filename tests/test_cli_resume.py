@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
-from typer.testing import CliRunner
+from fakes import FakeRuntime, factory_for, invoke, isolate, make_image, make_pdf
 
 from dsvl2_cli import runtime as runtime_seam
-from dsvl2_cli.app import app
 
 
 @pytest.fixture
@@ -30,10 +28,6 @@ def runtime(monkeypatch, tmp_path):
         return fake
 
     return install
-
-
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
 
 
 def jsonl(path: Path) -> list[dict]:

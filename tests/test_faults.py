@@ -11,13 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
+from fakes import FakeRuntime, factory_for, invoke, isolate, jsonl, make_image, make_pdf
 from parity import checkpoint_dir
 from test_writers import violations
-from typer.testing import CliRunner
 
 from dsvl2_cli import runtime as runtime_seam
-from dsvl2_cli.app import app
 from pipelines.base import REPETITION_GUARD, RETRY_TEMPERATURE, RETRY_TOP_P
 from pipelines.schema import record_schema
 
@@ -38,23 +36,6 @@ FAULTS = {
         {"*": "ok", "table": "parse_error", "chart": "parse_error", "ground": "parse_error"},
     ),
 }
-
-
-@pytest.fixture
-def fake(monkeypatch, tmp_path) -> FakeRuntime:
-    isolate(monkeypatch, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    rt = FakeRuntime()
-    monkeypatch.setattr(runtime_seam, "runtime_factory", factory_for(rt))
-    return rt
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("task", ["ocr", "table", "chart", "ground", "ask"])

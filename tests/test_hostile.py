@@ -17,14 +17,11 @@ from pathlib import Path
 
 import corpus
 import pytest
-from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
+from fakes import invoke, jsonl, make_image, make_pdf
 from PIL import Image
 from test_writers import violations
-from typer.testing import CliRunner
 
 from dsvl2_cli import inputs
-from dsvl2_cli import runtime as runtime_seam
-from dsvl2_cli.app import app
 from pipelines.schema import record_schema
 
 FAKE_CLI = [sys.executable, str(Path(__file__).parent / "fakes.py")]
@@ -53,23 +50,6 @@ def deadline():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture
-def fake(monkeypatch, tmp_path) -> FakeRuntime:
-    isolate(monkeypatch, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    rt = FakeRuntime()
-    monkeypatch.setattr(runtime_seam, "runtime_factory", factory_for(rt))
-    return rt
-
-
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def by_source(records: list[dict], root: Path) -> dict[str, list[dict]]:

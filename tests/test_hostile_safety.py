@@ -12,26 +12,9 @@ from pathlib import Path
 import pymupdf
 import pytest
 from corpus import snapshot
-from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
-from typer.testing import CliRunner
-
-from dsvl2_cli import runtime as runtime_seam
-from dsvl2_cli.app import app
+from fakes import invoke, make_image, make_pdf
 
 PWNED = "PWNED"
-
-
-@pytest.fixture
-def fake(monkeypatch, tmp_path) -> FakeRuntime:
-    isolate(monkeypatch, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    rt = FakeRuntime()
-    monkeypatch.setattr(runtime_seam, "runtime_factory", factory_for(rt))
-    return rt
-
-
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
 
 
 def tree(root: Path) -> set[str]:

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
+from fakes import make_image, make_pdf
 from typer.testing import CliRunner
 
 from dsvl2_cli import render
-from dsvl2_cli import runtime as runtime_seam
 from dsvl2_cli.app import app
 from dsvl2_cli.writers import DirSink, Format, atomic_open, atomic_write, read_records
 from pipelines.base import Document, PageRecord, PageSize, Settings
@@ -207,15 +206,6 @@ def test_the_validator_catches_violations():
     assert violations({**good, "result": {"tables": "x"}}, schema)  # the result's shape follows the task
     assert violations({**good, "result": {"markdown": 3}}, schema)
     assert violations({**good, "task": "table", "result": {"tables": [{"index": 0}]}}, schema)
-
-
-@pytest.fixture
-def fake(monkeypatch, tmp_path) -> FakeRuntime:
-    isolate(monkeypatch, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    rt = FakeRuntime()
-    monkeypatch.setattr(runtime_seam, "runtime_factory", factory_for(rt))
-    return rt
 
 
 ANSWERS = {
