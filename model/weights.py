@@ -125,9 +125,9 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32,
 
 def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype, device: str | torch.device,
                   batch_bytes: int = 256 * 2**20):
-    """Yield (key, tensor in `dtype` on `device`) for every stored tensor. Each file is reopened every
-    `batch_bytes` of stored data, so the pages of tensors already converted to another dtype are
-    released: peak memory stays near the converted weights' size instead of adding a whole shard."""
+    """Yield (key, tensor in `dtype` on `device`, owning its memory) for every stored tensor. Each file is
+    reopened every `batch_bytes` of stored data, so the mapped pages already copied out are released: peak
+    memory stays near the loaded weights' size plus one batch, instead of adding a whole shard."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
@@ -143,7 +143,9 @@ def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype, device:
             try:
                 with safe_open(file, framework="pt", device=str(device)) as f:
                     for key in keys[start:end]:
-                        yield key, f.get_tensor(key).to(dtype)
+                        # A copy even when the dtype matches: weights in process memory, not file pages the
+                        # kernel may evict under memory pressure and re-read from disk mid-run.
+                        yield key, f.get_tensor(key).to(dtype, copy=True)
             except Exception as e:
                 raise WeightsError(f"{file}: cannot read tensor data ({e})") from None
             start = end
