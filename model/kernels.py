@@ -1,0 +1,110 @@
+"""Optional compiled CPU kernels for decode: `linear`, an `F.linear` for bf16 products with few rows that reads
+each weight once for all rows with AVX512-BF16 dot products (model/csrc/linear_bf16.cpp).
+
+The C++ source is built on first use with torch.utils.cpp_extension (needs a C++ compiler and the `ninja`
+executable) into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Nothing
+here is required: without AVX512-BF16, when the build fails, for shapes, dtypes or devices it does not cover,
+or when switched off (`enabled=False`, or DSVL2_KERNELS=0 in the environment), `linear` is `F.linear`.
+Build failures are recorded (`build_error`), never raised or printed. Where to use it is the model's choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Rows (tokens) up to which the kernel is used: beyond, the product stops being bound by reading the weight
+# and torch's blocked GEMM wins (bench/gemv.py).
+MAX_ROWS = 32
+ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "linear_bf16.cpp"
+_NAME = "dsvl2_kernels"
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+
+
+@functools.cache
+def cpu_supported() -> bool:
+    """True on an x86 CPU with the AVX512 F/BW/BF16 instructions the kernel is compiled for."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
+    except OSError:
+        return False
+    return all(flag in flags for flag in _CPU_FLAGS)
+
+
+@functools.cache
+def _build() -> tuple[str | None, float]:
+    """Build and load the extension once per process: (error or None, seconds spent)."""
+    start = time.perf_counter()
+    if not cpu_supported():
+        return f"this CPU lacks one of {', '.join(_CPU_FLAGS)}", 0.0
+    try:
+        from torch.utils import cpp_extension
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # is_python_module=False: a plain shared library that registers torch.ops.dsvl2_kernels.*
+            # (no pybind module, no Python.h ABI to match). The build cache is keyed by source and flags.
+            cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        torch.ops.dsvl2_kernels.linear_bf16  # noqa: B018 - raises if the library registered nothing
+    except Exception as exc:  # any failure (no compiler, no ninja, compile error, load error) means: fall back
+        return f"{type(exc).__name__}: {exc}".strip(), time.perf_counter() - start
+    return None, time.perf_counter() - start
+
+
+def switched_off() -> bool:
+    """True when the environment turns the kernels off (DSVL2_KERNELS=0, off, false or no); read at each call."""
+    value = os.environ.get(ENV_SWITCH)
+    return value is not None and value.strip().lower() in ("0", "off", "false", "no")
+
+
+def available() -> bool:
+    """True when the kernel can run here; the first call builds it (seconds to a minute, then cached on disk),
+    so call this at model load to keep the build out of the first decode step."""
+    return not switched_off() and cpu_supported() and _build()[0] is None
+
+
+def build_error() -> str | None:
+    """Why the kernel is unavailable (unsupported CPU, or the build or load error), or None once built."""
+    return _build()[0]
+
+
+def build_seconds() -> float:
+    """Seconds the first `available()` spent building or loading the extension in this process."""
+    return _build()[1]
+
+
+def fits(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear(x, w, bias)` is a product the kernel covers (ignoring whether it is available)."""
+    return (
+        bias is None
+        and x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16
+        and x.is_cpu and w.is_cpu
+        and w.ndim == 2 and x.ndim >= 1 and x.shape[-1] == w.shape[1] and w.is_contiguous()
+        and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and w.numel() > 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))  # the op has no backward
+    )
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y (M, N) = x (M, K) @ w (N, K)^T in bf16 with float32 sums, by the kernel; requires `available()`.
+    x may be non-contiguous; w must be contiguous (a Linear weight)."""
+    return torch.ops.dsvl2_kernels.linear_bf16(x, w)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, enabled: bool = True) -> torch.Tensor:
+    """`F.linear(x, w, bias)`, by the kernel when it is enabled, available and `fits`; x is (..., K)."""
+    if not (enabled and fits(x, w, bias) and available()):
+        return F.linear(x, w, bias)
+    if x.ndim == 2:
+        return linear_bf16(x, w)
+    return linear_bf16(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])  # (..., N)

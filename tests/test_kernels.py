@@ -1,0 +1,162 @@
+"""model/kernels.py: the AVX512-BF16 skinny product equals F.linear within bf16 rounding wherever it runs, and
+`linear` is exactly F.linear wherever it does not (no such CPU, no compiler, failed build, switched off, or a
+product it does not cover). The extension is built at most once per test session (cached on disk after)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import kernels
+
+
+def _can_build() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return kernels.cpu_supported() and shutil.which("c++") is not None and is_ninja_available()
+
+
+@pytest.fixture(scope="module")
+def built() -> bool:
+    return kernels.available()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Records the (M, N, K) of every product `linear` hands to the kernel."""
+    calls: list[tuple[int, ...]] = []
+    real = kernels.linear_bf16
+
+    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], *w.shape))
+        return real(x, w)
+
+    monkeypatch.setattr(kernels, "linear_bf16", spy)
+    return calls
+
+
+def assert_close_to_float32(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Catches wrong sums (K tails, odd K, M and N remainders, strides) while allowing what bf16 output must
+    differ by: rounding the float32 sum to bf16 (at most 2^-8 relative) plus float32 summation order."""
+    ref = F.linear(x.float(), w.float())
+    bound = ref.abs() * 2**-8 + F.linear(x.float().abs(), w.float().abs()) * 1e-5 + 1e-30
+    excess = (y.float() - ref).abs() / bound
+    worst = int(excess.argmax())
+    row, col = divmod(worst, ref.shape[-1])
+    assert excess.max() <= 1, (
+        f"{tuple(x.shape)} @ {tuple(w.shape)}^T: worst at y[{row}, {col}] = "
+        f"{y.reshape(-1)[worst].item()} vs float32 {ref.reshape(-1)[worst].item()}"
+    )
+
+
+def test_availability_follows_the_machine(built):
+    """On a CPU with AVX512-BF16, a compiler and ninja the kernel must build; elsewhere it must say it is not
+    available, with a reason, and `linear` must be F.linear."""
+    if _can_build():
+        assert built, f"the kernel failed to build here: {kernels.build_error()}"
+        assert kernels.build_error() is None
+    else:
+        assert not built and kernels.build_error()
+        x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)
+        assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+
+
+SHAPES = [  # (M, N, K): full tiles, every M and N remainder of the 4 x 4 tiles, K tails and odd K
+    (1, 896, 1280),
+    (2, 1792, 1280),
+    (3, 1280, 896),
+    (4, 17, 64),
+    (5, 7, 31),
+    (7, 130, 33),
+    (8, 1795, 1283),
+    (16, 1, 1),
+    (31, 9, 95),
+    (32, 128, 2048),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_kernel_matches_float32_reference(built, m, n, k):
+    if not built:
+        pytest.skip(f"kernel unavailable: {kernels.build_error()}")
+    torch.manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    assert_close_to_float32(kernels.linear_bf16(x, w), x, w)
+
+
+def test_kernel_reads_strided_activations(built):
+    if not built:
+        pytest.skip(f"kernel unavailable: {kernels.build_error()}")
+    torch.manual_seed(0)
+    w = torch.randn(37, 300, dtype=torch.bfloat16)
+    x = torch.randn(600, 6, dtype=torch.bfloat16)[::2, ::2].t()  # (3, 300), strides (2, 12)
+    assert not x.is_contiguous()
+    assert_close_to_float32(kernels.linear_bf16(x, w), x, w)
+
+
+def test_linear_uses_the_kernel_for_skinny_bf16_products(built, kernel_calls):
+    if not built:
+        pytest.skip(f"kernel unavailable: {kernels.build_error()}")
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)  # (B, T, K): rows are flattened
+    w = torch.randn(40, 64, dtype=torch.bfloat16)
+    y = kernels.linear(x, w)
+    assert kernel_calls == [(6, 40, 64)]
+    assert y.shape == (2, 3, 40)
+    assert_close_to_float32(y.reshape(6, 40), x.reshape(6, 64), w)
+
+
+def _fallback_cases() -> dict[str, tuple]:
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    w = torch.randn(24, 64, dtype=torch.bfloat16)
+    return {
+        "float32": (x.float(), w.float(), None),
+        "too many rows": (torch.randn(kernels.MAX_ROWS + 1, 64, dtype=torch.bfloat16), w, None),
+        "bias": (x, w, torch.randn(24, dtype=torch.bfloat16)),
+        "strided weight": (x, torch.randn(64, 24, dtype=torch.bfloat16).t(), None),
+        "empty": (x[:0], w, None),
+        "needs grad": (x, w.clone().requires_grad_(), None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_fallback_cases()))
+def test_products_the_kernel_does_not_cover_go_to_f_linear(built, kernel_calls, case):
+    torch.manual_seed(2)
+    x, w, bias = _fallback_cases()[case]
+    assert not kernels.fits(x, w, bias)
+    assert torch.equal(kernels.linear(x, w, bias), F.linear(x, w, bias))
+    assert kernel_calls == []
+
+
+def test_switched_off_by_parameter_or_environment(built, kernel_calls, monkeypatch):
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    w = torch.randn(24, 64, dtype=torch.bfloat16)
+    assert torch.equal(kernels.linear(x, w, enabled=False), F.linear(x, w))
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert not kernels.available()
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    assert kernel_calls == []
+
+
+def test_a_failed_build_is_recorded_not_raised(monkeypatch, kernel_calls):
+    """A machine with the CPU flags but a broken toolchain must fall back, not crash the first decode step."""
+    from torch.utils import cpp_extension
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Error building extension 'dsvl2_kernels': c++: fatal error")
+
+    monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    kernels._build.cache_clear()
+    try:
+        assert not kernels.available()
+        assert "fatal error" in kernels.build_error()
+        x, w = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16)
+        assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+        assert kernel_calls == []
+    finally:
+        kernels._build.cache_clear()  # the next caller loads the real (disk-cached) build again
