@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Rows (tokens) up to which the kernel is used: beyond, the product stops being bound by reading the weight
-# and torch's blocked GEMM wins (bench/gemv.py).
+# Rows (tokens) up to which `linear` uses the kernel (decode batches). Past ~16 rows a product is bound by the
+# bf16 dot-product rate rather than by reading the weight; the kernel still matched F.linear at 48 and 64 rows
+# on the 2-core Zen 4 (bench/gemv.py --rows 48 64), but prefill-sized products stay with torch's blocked GEMM.
 MAX_ROWS = 32
 ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
