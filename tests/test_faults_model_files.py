@@ -85,9 +85,10 @@ def test_a_safetensors_header_that_lies_about_sizes(checkpoint, lie):
         (lambda c: c["language_config"].__setitem__("hidden_size", -4), "language_config.hidden_size"),
         (lambda c: c["language_config"].__setitem__("num_attention_heads", 0), "num_attention_heads"),
         (lambda c: c["language_config"].__setitem__("rms_norm_eps", "tiny"), "rms_norm_eps"),
-        (lambda c: c["language_config"].__setitem__("vocab_size", 10**12), "misshaped"),
+        (lambda c: c["language_config"].__setitem__("vocab_size", 10**12), "language_config.vocab_size"),
+        (lambda c: c["language_config"].__setitem__("vocab_size", 2048), "misshaped"),
     ],
-    ids=["missing-section", "negative", "zero-heads", "wrong-type", "absurd-vocab"],
+    ids=["missing-section", "negative", "zero-heads", "wrong-type", "absurd-vocab", "vocab-unlike-weights"],
 )
 def test_a_config_with_missing_or_absurd_values(checkpoint, change, needle):
     config = json.loads((checkpoint / "config.json").read_text())
