@@ -16,10 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import kernels
 from model.cache import CacheRows, KVCache
 from model.config import LanguageConfig, yarn_mscale
 
 Cache = KVCache | CacheRows
+
+
+def proj(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """A bias-free projection. Few-row bf16 products on CPU (decode) go to the compiled kernel that reads the
+    weight once at memory speed for all rows (model/kernels.py); everything else is F.linear."""
+    return kernels.linear(x, layer.weight)
 
 
 class RMSNorm(nn.Module):
@@ -155,9 +162,9 @@ class MHAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = proj(x, self.q_proj).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = proj(x, self.k_proj).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = proj(x, self.v_proj).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(positions, q.dtype)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
@@ -166,7 +173,7 @@ class MHAttention(nn.Module):
             k, v = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, S, D)
             k_pos = torch.arange(k.shape[2], device=x.device).expand(B, -1)
         out = attend(q, k, v, causal_mask(positions, k_pos), self.scale)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj)
 
 
 class MLAttention(nn.Module):
@@ -254,7 +261,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return proj(F.silu(proj(x, self.gate_proj)) * proj(x, self.up_proj), self.down_proj)
 
 
 class MoEGate(nn.Module):
@@ -395,4 +402,4 @@ class LanguageModel(nn.Module):
         return self.model(embeds, positions, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return proj(hidden, self.lm_head).float()
