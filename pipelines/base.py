@@ -286,17 +286,16 @@ class RecordContext:
     model: dict[str, str | None] = field(default_factory=lambda: {"id": None, "revision": None})
 
 
+def _identity(ctx: RecordContext, page: Page, prompt: str) -> dict:
+    """The fields that say which page, prompt, model and settings a record is for (its resume identity)."""
+    return {"source": page.doc.source, "sha256": page.doc.sha256, "page": page.number, "page_size": page.size,
+            "task": ctx.task, "prompt": prompt, "model": dict(ctx.model), "settings": ctx.settings.to_dict()}
+
+
 def failed_record(ctx: RecordContext, page: Page, prompt: str, error: str) -> PageRecord:
     """A page that produced no answer: unreadable document, render failure, or a model error."""
     return PageRecord(
-        source=page.doc.source,
-        sha256=page.doc.sha256,
-        page=page.number,
-        page_size=page.size,
-        task=ctx.task,
-        prompt=prompt,
-        model=dict(ctx.model),
-        settings=ctx.settings.to_dict(),
+        **_identity(ctx, page, prompt),
         text=None,
         result=None,
         status="failed",
@@ -346,14 +345,7 @@ def answered_record(
         status, error = "parse_error", parsed.error
     t = completion.timings
     return PageRecord(
-        source=page.doc.source,
-        sha256=page.doc.sha256,
-        page=page.number,
-        page_size=page.size,
-        task=ctx.task,
-        prompt=prompt,
-        model=dict(ctx.model),
-        settings=ctx.settings.to_dict(),
+        **_identity(ctx, page, prompt),
         text=completion.text,
         result=parsed.result,
         status=status,
