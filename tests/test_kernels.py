@@ -19,6 +19,8 @@ def _can_build() -> bool:
     return kernels.cpu_supported() and shutil.which("c++") is not None and is_ninja_available()
 
 
+NO_KERNEL = "no compiled kernel on this machine ({}); the F.linear fallback is tested instead"
+
 @pytest.fixture(scope="module")
 def built() -> bool:
     return kernels.available()
@@ -81,7 +83,7 @@ SHAPES = [  # (M, N, K): full tiles, every M and N remainder of the 4 x 4 tiles,
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
 def test_kernel_matches_float32_reference(built, m, n, k):
     if not built:
-        pytest.skip(f"kernel unavailable: {kernels.build_error()}")
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     torch.manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, dtype=torch.bfloat16)
     w = torch.randn(n, k, dtype=torch.bfloat16)
@@ -90,7 +92,7 @@ def test_kernel_matches_float32_reference(built, m, n, k):
 
 def test_kernel_reads_strided_activations(built):
     if not built:
-        pytest.skip(f"kernel unavailable: {kernels.build_error()}")
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     torch.manual_seed(0)
     w = torch.randn(37, 300, dtype=torch.bfloat16)
     x = torch.randn(600, 6, dtype=torch.bfloat16)[::2, ::2].t()  # (3, 300), strides (2, 12)
@@ -100,7 +102,7 @@ def test_kernel_reads_strided_activations(built):
 
 def test_linear_uses_the_kernel_for_skinny_bf16_products(built, kernel_calls):
     if not built:
-        pytest.skip(f"kernel unavailable: {kernels.build_error()}")
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     torch.manual_seed(1)
     x = torch.randn(2, 3, 64, dtype=torch.bfloat16)  # (B, T, K): rows are flattened
     w = torch.randn(40, 64, dtype=torch.bfloat16)
@@ -160,3 +162,27 @@ def test_a_failed_build_is_recorded_not_raised(monkeypatch, kernel_calls):
         assert kernel_calls == []
     finally:
         kernels._build.cache_clear()  # the next caller loads the real (disk-cached) build again
+
+
+def test_model_decode_through_the_kernel_equals_decode_through_f_linear(built, kernel_calls, monkeypatch):
+    """Catches a wrong wiring of the kernel into the model: a bf16 decode step on a parity checkpoint gives the
+    same logits (within bf16 noise) with the kernel as with F.linear, and the kernel really ran."""
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    from parity import checkpoint_names, parity_model
+
+    lm = parity_model(checkpoint_names()[0], torch.bfloat16).language
+    ids = torch.randint(3, lm.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def decode_logits() -> torch.Tensor:
+        with torch.inference_mode():
+            cache = lm.new_cache(2, 16)
+            lm(lm.embed(ids[:, :11]), cache)
+            cache.advance(11)
+            return lm.logits(lm(lm.embed(ids[:, 11:]), cache)[:, 0])
+
+    with_kernel = decode_logits()
+    assert kernel_calls, "the decode step never reached the kernel"
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    without = decode_logits()
+    assert (with_kernel - without).abs().max() <= 0.05 * without.abs().max()
