@@ -1,0 +1,34 @@
+"""load_runtime's choices: dtype auto follows the checkpoint, and the batch is sized from free memory."""
+
+from __future__ import annotations
+
+import torch
+from parity import checkpoint_dir, checkpoint_names, parity_model, require
+
+from model import runtime
+
+
+def test_auto_batch_size_follows_free_memory(monkeypatch):
+    model = parity_model(require(checkpoint_names(), "parity checkpoints")[0])
+    per_row = model.language.new_cache(1, 1).nbytes() * model.cfg.language.max_position_embeddings
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "available_memory", lambda: 6 * per_row)
+    assert runtime.auto_batch_size(model, cpu) == 3  # half of the free memory, one full-context row each
+    monkeypatch.setattr(runtime, "available_memory", lambda: per_row // 10)
+    assert runtime.auto_batch_size(model, cpu) == 1
+    monkeypatch.setattr(runtime, "available_memory", lambda: 10**15)
+    assert runtime.auto_batch_size(model, cpu, limit=16) == 16
+
+
+def test_dtype_auto_follows_the_checkpoint(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert runtime.pick_dtype("auto", cpu, "float32") is torch.float32
+    assert runtime.pick_dtype("auto", cpu, "bfloat16") is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    assert runtime.pick_dtype("auto", cpu, "bfloat16") is torch.float32
+    assert runtime.pick_dtype("bf16", cpu, "float32") is torch.bfloat16
+    name = require(checkpoint_names(), "parity checkpoints")[0]
+    assert runtime.checkpoint_dtype(checkpoint_dir(name)) == "float32"
+    engine = runtime.load_runtime(str(checkpoint_dir(name)), max_batch_size=2)
+    assert engine.model.dtype is torch.float32 and engine.max_batch_size == 2
