@@ -1,14 +1,18 @@
 """The `dsvl2` command line: thin Typer commands, each one call into dsvl2_cli.session or dsvl2_cli.cache.
-Options are shared aliases from dsvl2_cli.options; exit codes are defined in dsvl2_cli.errors."""
+Options are shared aliases from dsvl2_cli.options; the document commands get the ones they all share from
+`document_command`. Exit codes are defined in dsvl2_cli.errors."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Protocol
 
 import typer
 
@@ -18,6 +22,7 @@ from dsvl2_cli.runtime import DEFAULT_MODEL
 from dsvl2_cli.session import run_task
 from pipelines import chart, ground, ocr, table
 from pipelines.ask import AskTask
+from pipelines.base import Task
 from pipelines.chart import ChartTask
 from pipelines.ground import GroundTask
 from pipelines.ocr import OcrTask
@@ -62,21 +67,15 @@ def ask_prompts(prompt: list[str] | None, prompts: PromptFile | None) -> tuple[s
     return tuple(dict.fromkeys(t for t in texts if t.strip()))
 
 
-# fmt: off
-# The five document commands share most options; one dense block per command keeps them comparable.
+class Run(Protocol):
+    """run_task with the shared options already bound: a document command passes only what is its own."""
 
-@app.command(
-    "ocr",
-    help=f"Page → Markdown, per page and per document with page markers.\n\nDefault prompt: *{ocr.DEFAULT_PROMPT}*",
-    epilog=_examples(
-        "dsvl2 ocr samples/report.pdf",
-        "dsvl2 ocr scans/ -o out/ --resume",
-        "dsvl2 ocr samples/report.pdf --pages 2 --format jsonl | jq -r .result.markdown",
-    ),
-)
-def ocr_(
+    def __call__(self, *, task: Task, annotate_dir: Path | None = None) -> int: ...
+
+
+# fmt: off
+def _shared_options(
     inputs: o.Inputs = None,
-    prompt: o.Prompt = None,
     glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
     dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
     resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
@@ -85,19 +84,62 @@ def ocr_(
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
     repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
     page_timeout: o.PageTimeout = None,
-) -> None:
-    raise typer.Exit(run_task(
-        task=OcrTask(prompt or ocr.DEFAULT_PROMPT),
+) -> Run:
+    """The options every document command has, in `--help` order, bound onto run_task's keywords."""
+    return functools.partial(
+        run_task,
         paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
         max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
         fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
         device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed,
         repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
-    ))
+    )
+# fmt: on
 
 
-@app.command(
+SHARED_OPTIONS = inspect.signature(_shared_options, eval_str=True).parameters
+
+
+def document_command(name: str, *, help: str, epilog: str) -> Callable[[Callable[..., int]], Callable[..., None]]:
+    """Register `command(run, **own_options) -> exit code` as `dsvl2 NAME`. Typer reads the callback's
+    `__signature__`: INPUTS, then the command's own options, then the shared ones of `_shared_options` (so
+    panels and `--help` order are the same for every command); `run` is run_task with the shared ones bound."""
+
+    def register(command: Callable[..., int]) -> Callable[..., None]:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]  # all but `run`
+        if clash := {p.name for p in own} & SHARED_OPTIONS.keys():
+            raise TypeError(f"{command.__name__}: {sorted(clash)} are shared options already")
+        inputs, *shared = SHARED_OPTIONS.values()
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in (inputs, *own, *shared)]
+
+        @functools.wraps(command)
+        def callback(**values: Any) -> None:
+            run = _shared_options(**{key: values.pop(key) for key in SHARED_OPTIONS})
+            raise typer.Exit(command(run, **values))
+
+        callback.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+        callback.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        app.command(name, help=help, epilog=epilog)(callback)
+        return callback
+
+    return register
+
+
+@document_command(
+    "ocr",
+    help=f"Page → Markdown, per page and per document with page markers.\n\nDefault prompt: *{ocr.DEFAULT_PROMPT}*",
+    epilog=_examples(
+        "dsvl2 ocr samples/report.pdf",
+        "dsvl2 ocr scans/ -o out/ --resume",
+        "dsvl2 ocr samples/report.pdf --pages 2 --format jsonl | jq -r .result.markdown",
+    ),
+)
+def ocr_(run: Run, prompt: o.Prompt = None) -> int:
+    return run(task=OcrTask(prompt or ocr.DEFAULT_PROMPT))
+
+
+@document_command(
     "table",
     help="Every table on the page → rows and columns. CSV to stdout or a file is tidy (one row per cell); "
     "-o DIR/ gets one CSV per table plus the records.\n\n"
@@ -108,30 +150,11 @@ def ocr_(
         "dsvl2 table samples/invoice.pdf -f jsonl | jq '.result.tables[].rows'",
     ),
 )
-def table_(
-    inputs: o.Inputs = None,
-    prompt: o.Prompt = None,
-    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
-    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
-    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
-    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
-    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
-    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
-    page_timeout: o.PageTimeout = None,
-) -> None:
-    raise typer.Exit(run_task(
-        task=TableTask(prompt or table.DEFAULT_PROMPT),
-        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
-        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
-        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
-        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed,
-        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
-    ))
+def table_(run: Run, prompt: o.Prompt = None) -> int:
+    return run(task=TableTask(prompt or table.DEFAULT_PROMPT))
 
 
-@app.command(
+@document_command(
     "chart",
     help="Chart → its data (categories, series, values) with title and axes. CSV is tidy "
     "(series, category, value); -o DIR/ gets one wide CSV per chart.\n\n"
@@ -141,30 +164,11 @@ def table_(
         "find . -name '*.png' | dsvl2 chart - --format jsonl | jq .result.series",
     ),
 )
-def chart_(
-    inputs: o.Inputs = None,
-    prompt: o.Prompt = None,
-    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
-    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
-    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
-    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
-    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
-    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
-    page_timeout: o.PageTimeout = None,
-) -> None:
-    raise typer.Exit(run_task(
-        task=ChartTask(prompt or chart.DEFAULT_PROMPT),
-        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
-        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
-        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
-        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed,
-        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
-    ))
+def chart_(run: Run, prompt: o.Prompt = None) -> int:
+    return run(task=ChartTask(prompt or chart.DEFAULT_PROMPT))
 
 
-@app.command(
+@document_command(
     "ground",
     help="Referring-expression grounding: boxes for each --query, on the model's 0–999 grid, in page pixels "
     "and (PDF pages) in points. Malformed boxes are repaired or flagged, never dropped.\n\n"
@@ -176,7 +180,7 @@ def chart_(
     ),
 )
 def ground_(
-    inputs: o.Inputs = None,
+    run: Run,
     query: Annotated[
         list[str] | None,
         typer.Option("--query", metavar="TEXT", help="What to find; repeatable, one record per page and query."),
@@ -201,28 +205,12 @@ def ground_(
             rich_help_panel=o.OUT,
         ),
     ] = None,
-    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
-    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
-    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
-    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
-    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
-    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
-    page_timeout: o.PageTimeout = None,
-) -> None:
-    raise typer.Exit(run_task(
-        task=GroundTask(tuple(query or ()), prompt or ground.DEFAULT_TEMPLATE),
-        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
-        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
-        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
-        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed,
-        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
-        annotate_dir=annotate,
-    ))
+) -> int:
+    return run(task=GroundTask(tuple(query or ()), prompt or ground.DEFAULT_TEMPLATE), annotate_dir=annotate)
 
 
-@app.command(
+@document_command(
+    "ask",
     help="Free-form questions: every --prompt asked of every page, batched. With one page and one prompt the "
     "answer alone is printed; otherwise each answer follows a '==> source (page N): prompt <==' line.",
     epilog=_examples(
@@ -231,7 +219,7 @@ def ground_(
     ),
 )
 def ask(
-    inputs: o.Inputs = None,
+    run: Run,
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", metavar="TEXT", help="A question; repeatable.")
     ] = None,
@@ -239,27 +227,8 @@ def ask(
         PromptFile | None,
         typer.Option("--prompts", metavar="FILE", parser=read_prompt_file, help="Questions, one per line."),
     ] = None,
-    glob: o.Glob = None, stdin_data: o.StdinData = False, pages: o.Pages = None, password: o.Password = None,
-    dpi: o.Dpi = 144.0, max_side: o.MaxSide = 2048, output: o.Output = None, format: o.FormatOpt = None,
-    resume: o.Resume = False, manifest: o.Manifest = None, shard: o.ShardOpt = None, fail_fast: o.FailFast = False,
-    batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
-    revision: o.Revision = None, device: o.DeviceOpt = o.Device.auto, dtype: o.DTypeOpt = o.DType.auto,
-    max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
-    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
-    page_timeout: o.PageTimeout = None,
-) -> None:
-    raise typer.Exit(run_task(
-        task=AskTask(ask_prompts(prompt, prompts)),
-        paths=inputs or [], globs=glob or (), stdin_data=stdin_data, pages=pages, password=password, dpi=dpi,
-        max_side=max_side, output=output, fmt=format, resume=resume, manifest=manifest, shard=shard,
-        fail_fast=fail_fast, batch_size=batch_size, quiet=quiet, verbose=verbose, model=model, revision=revision,
-        device=device.value, dtype=dtype.value, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed,
-        repetition_guard=repetition_guard, retry_repetition=retry_repetition, page_timeout=page_timeout,
-    ))
-
-
-# fmt: on
+) -> int:
+    return run(task=AskTask(ask_prompts(prompt, prompts)))
 
 
 @app.command(help="Print the JSON Schema of a page record (the same as schema/page-record.schema.json).")
