@@ -1,10 +1,16 @@
-"""Optional compiled CPU kernels for decode: `linear`, an `F.linear` for bf16 products with few rows that reads
-each weight once for all rows with AVX512-BF16 dot products (model/csrc/linear_bf16.cpp).
+"""Optional compiled CPU kernels for decode (model/csrc/decode_bf16.cpp), AVX512-BF16 dot products that read each
+weight once for all rows:
+  `linear`      an `F.linear` for bf16 products with few rows;
+  `moe_routed`  the routed experts of a MoE layer for a few tokens in one call (two parallel passes over the
+                active experts' weights instead of three separate products per expert);
+  `attend`      attention of a few new queries over the cache, reading each cached key and value row once, in
+                place (torch's batched products copy the cache's strided views first).
 
 The C++ source is built on first use with torch.utils.cpp_extension (needs a C++ compiler and the `ninja`
 executable) into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Nothing
 here is required: without AVX512-BF16, when the build fails, for shapes, dtypes or devices it does not cover,
-or when switched off (`enabled=False`, or DSVL2_KERNELS=0 in the environment), `linear` is `F.linear`.
+or when switched off (`enabled=False`, or DSVL2_KERNELS=0 in the environment), `linear` is `F.linear` and
+`moe_fits` is False (the model then runs its experts one by one).
 Build failures are recorded (`build_error`), never raised or printed. Where to use it is the model's choice.
 """
 
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 MAX_ROWS = 32
 ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "linear_bf16.cpp"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_bf16.cpp"
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
@@ -109,3 +115,41 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     if x.ndim == 2:
         return linear_bf16(x, w)
     return linear_bf16(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])  # (..., N)
+
+
+def moe_fits(x: torch.Tensor, expert_weight: torch.Tensor) -> bool:
+    """Whether `moe_routed` covers routing tokens x (N, E) to experts whose weights look like `expert_weight`
+    (one of them), and the kernel is available and switched on."""
+    return (
+        x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype is torch.bfloat16 and x.is_cpu
+        and expert_weight.dtype is torch.bfloat16 and expert_weight.is_cpu
+        and not (torch.is_grad_enabled() and (x.requires_grad or expert_weight.requires_grad))
+        and available()
+    )
+
+
+def moe_routed(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: list[torch.Tensor],
+               up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
+    """The routed part of a MoE layer, y (N, E) = sum over k of weights[n, k] * expert_{ids[n, k]}(x[n]), where
+    expert e is down[e] (silu(gate[e] x) * up[e] x) with the model's bf16 roundings. x (N, E) bf16, ids (N, K)
+    int64, weights (N, K) float32; gate[e], up[e] (I, E) and down[e] (E, I) contiguous bf16. Requires `moe_fits`."""
+    return torch.ops.dsvl2_kernels.moe_bf16(x, ids, weights, gate, up, down)
+
+
+def attend_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attend` covers queries q (B, H, T, D) over cache views k, v (B, Hk, S, D|Dv), and the kernel is
+    available and switched on."""
+    return (
+        all(t.dtype is torch.bfloat16 and t.is_cpu and t.ndim == 4 for t in (q, k, v))
+        and 0 < q.shape[2] <= MAX_ROWS and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
+        and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1]
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+        and available()
+    )
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention over a cache whose slot is the position: query (b, h, t) sees slots 0..positions[b, t] of
+    key head h // (H / Hk). Scores bf16(q . k) * scale and softmax in float32, probabilities rounded to bf16, sums
+    of p * v in float32, as the model's short-query path. Returns (B, H, T, Dv). Requires `attend_fits`."""
+    return torch.ops.dsvl2_kernels.attend_bf16(q, k, v, positions, scale)

@@ -172,6 +172,9 @@ class MHAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, S, D)
             k_pos = torch.arange(k.shape[2], device=x.device).expand(B, -1)
+            if T < SDPA_MIN_QUERIES and kernels.attend_fits(q, k, v):  # decode: the cache read once, in place
+                out = kernels.attend(q, k, v, positions, self.scale)
+                return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj)
         out = attend(q, k, v, causal_mask(positions, k_pos), self.scale)  # (B, H, T, D)
         return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj)
 
@@ -321,12 +324,21 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, E)
         ids, weights = self.gate(flat)  # (N, K)
-        y = self.dispatch(flat, ids, weights)
+        if kernels.moe_fits(flat, self.experts[0].down_proj.weight):  # decode: the whole layer in one call
+            y = kernels.moe_routed(flat, ids, weights, *self._expert_weights())
+        else:
+            y = self.dispatch(flat, ids, weights)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(flat)
         return y.view(shape)
 
+    def _expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        experts = self.experts
+        return ([e.gate_proj.weight for e in experts], [e.up_proj.weight for e in experts],
+                [e.down_proj.weight for e in experts])
+
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Experts one by one, each over all of its tokens (any dtype, device and token count)."""
         N, K = ids.shape
         order = ids.flatten().argsort(stable=True)  # token-slot indices grouped by expert
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()

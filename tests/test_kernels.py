@@ -164,15 +164,119 @@ def test_a_failed_build_is_recorded_not_raised(monkeypatch, kernel_calls):
         kernels._build.cache_clear()  # the next caller loads the real (disk-cached) build again
 
 
-def test_model_decode_through_the_kernel_equals_decode_through_f_linear(built, kernel_calls, monkeypatch):
-    """Catches a wrong wiring of the kernel into the model: a bf16 decode step on a parity checkpoint gives the
-    same logits (within bf16 noise) with the kernel as with F.linear, and the kernel really ran."""
+def _moe(hidden: int, inter: int, experts: int, top_k: int, seed: int):
+    from types import SimpleNamespace
+
+    from model.language import MoE
+
+    cfg = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
+                          num_experts_per_tok=top_k, topk_method="greedy", scoring_func="softmax", n_group=1,
+                          topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, n_shared_experts=1)
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.05)
+    return moe.to(torch.bfloat16).requires_grad_(False)
+
+
+MOE_SHAPES = [  # (hidden, intermediate, experts, top-k, tokens): Tiny's layer at batch 8, odd sizes, one token,
+    (1280, 896, 64, 6, 8),  # all slots on few experts, the most rows the kernel takes
+    (97, 31, 5, 3, 32),
+    (33, 7, 4, 4, 1),
+    (64, 40, 8, 2, 3),
+]
+
+
+@pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), MOE_SHAPES)
+def test_moe_kernel_equals_the_experts_one_by_one(built, hidden, inter, experts, top_k, tokens):
+    """The fused routed-expert kernel computes what MoE.dispatch does, expert by expert through F.linear: the same
+    bf16 roundings, so only float32 summation order may differ (one bf16 step on a rare element)."""
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    moe = _moe(hidden, inter, experts, top_k, seed=tokens)
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ids, weights = moe.gate(x)
+        if experts <= 5:  # crowd every slot onto the first experts: some run many rows, the rest none
+            ids = torch.arange(top_k).expand(tokens, -1).contiguous()
+        fused = kernels.moe_routed(x, ids, weights, *moe._expert_weights())
+        one_by_one = moe.dispatch(x, ids, weights)
+    diff = (fused.float() - one_by_one.float()).abs()
+    assert diff.max() <= 2**-7 * one_by_one.float().abs().max()
+    assert (diff == 0).float().mean() >= 0.99
+
+
+def test_moe_layer_takes_the_kernel_only_where_it_fits(built, monkeypatch):
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    moe = _moe(64, 40, 8, 2, seed=0)
+    calls = []
+    real = kernels.moe_routed
+    monkeypatch.setattr(kernels, "moe_routed", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.inference_mode():
+        decode = moe(torch.randn(2, 3, 64, dtype=torch.bfloat16))
+        moe(torch.randn(1, kernels.MAX_ROWS + 1, 64, dtype=torch.bfloat16))  # prefill-sized: experts one by one
+        moe.float()(torch.randn(1, 4, 64))  # float32: F.linear
+    assert calls == [6]
+    assert decode.shape == (2, 3, 64)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert not kernels.moe_fits(torch.randn(2, 64, dtype=torch.bfloat16), moe.experts[0].down_proj.weight.bfloat16())
+
+
+ATTEND_SHAPES = [  # (B, H, Hk, T, D, Dv, capacity, row lengths)
+    (8, 10, 10, 1, 128, 128, 1200, [1000, 3, 500, 999, 0, 1, 77, 1000]),  # Tiny decode, ragged rows
+    (2, 4, 2, 3, 72, 40, 50, [10, 20]),  # grouped key heads, several queries, D not a multiple of 32
+    (2, 3, 1, 5, 33, 17, 9, [2, 0]),  # odd sizes, rows of different lengths
+]
+
+
+@pytest.mark.parametrize(("B", "H", "Hk", "T", "D", "Dv", "capacity", "lengths"), ATTEND_SHAPES)
+def test_attention_kernel_equals_the_masked_matmul_path(built, B, H, Hk, T, D, Dv, capacity, lengths):
+    """Over strided cache views (capacity > used slots), the kernel's causal attention equals language.attend with
+    the causal mask: the same bf16 roundings, float32 summation order aside."""
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    from model.language import attend, causal_mask
+
+    torch.manual_seed(B * 100 + T)
+    keys = torch.randn(B, Hk, capacity, D).to(torch.bfloat16)
+    values = torch.randn(B, Hk, capacity, Dv).to(torch.bfloat16)
+    q = torch.randn(B, H, T, D).to(torch.bfloat16)
+    positions = torch.tensor(lengths)[:, None] + torch.arange(T)
+    used = int(positions.max()) + 1
+    k, v = keys[..., :used, :], values[..., :used, :]
+    assert kernels.attend_fits(q, k, v) and not k.is_contiguous()
+    out = kernels.attend(q, k, v, positions, 0.1)
+    ref = attend(q, k, v, causal_mask(positions, torch.arange(used).expand(B, -1)), 0.1)
+    diff = (out.float() - ref.float()).abs()
+    assert diff.max() <= 2**-7 * ref.float().abs().max()
+    assert (diff == 0).float().mean() >= 0.99
+
+
+def test_attention_kernel_rejects_positions_past_the_cache(built):
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    q, k = torch.randn(1, 2, 1, 16, dtype=torch.bfloat16), torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="position past the cache"):
+        kernels.attend(q, k, k, torch.tensor([[4]]), 1.0)
+
+
+@pytest.mark.parametrize("name", ["base-noaux", "small-mla", "tiny-mha"])
+def test_model_decode_through_the_kernels_equals_decode_through_f_linear(built, kernel_calls, monkeypatch, name):
+    """Catches a wrong wiring of the kernels into the model: a bf16 decode step on each parity checkpoint gives the
+    same logits (within bf16 noise) with the kernels as with F.linear and torch's attention, and the kernels (the
+    fused experts, and on the MHA checkpoint the cache attention) really ran."""
     if not built:
         pytest.skip(NO_KERNEL.format(kernels.build_error()))
     from parity import checkpoint_names, parity_model
 
-    lm = parity_model(checkpoint_names()[0], torch.bfloat16).language
+    assert name in checkpoint_names()
+    lm = parity_model(name, torch.bfloat16).language
     ids = torch.randint(3, lm.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    ran = []
+    for op in ("moe_routed", "attend"):
+        real = getattr(kernels, op)
+        monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real: ran.append(op) or real(*a))
 
     def decode_logits() -> torch.Tensor:
         with torch.inference_mode():
@@ -183,6 +287,10 @@ def test_model_decode_through_the_kernel_equals_decode_through_f_linear(built, k
 
     with_kernel = decode_logits()
     assert kernel_calls, "the decode step never reached the kernel"
+    assert "moe_routed" in ran
+    assert ("attend" in ran) == (not lm.cfg.use_mla)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    ran.clear()
     without = decode_logits()
+    assert not ran
     assert (with_kernel - without).abs().max() <= 0.05 * without.abs().max()

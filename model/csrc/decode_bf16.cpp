@@ -1,0 +1,353 @@
+// Decode kernels for bf16 on AVX512-BF16 CPUs, registered as torch.ops.dsvl2_kernels.*; model/kernels.py builds
+// them and decides when to call them.
+//   linear_bf16  skinny product y (M, N) = x (M, K) @ w (N, K)^T with M small (1..32);
+//   moe_bf16     a whole routed-expert layer for a few tokens: every active expert's gate/up products, SiLU
+//                gating and down product, then the routing-weighted sum, in two parallel passes (see below).
+//
+// Decode is bound by reading the weight, so the weight is read from memory exactly once for all M rows. Threads
+// take chunks of W's rows (~128 KB) from a shared counter, so a thread that starts late (another process on its
+// core) does not hold up the product. Within a chunk, tiles of kNB weight rows x kMB activation rows accumulate
+// in registers: the first block of kMB activation rows streams the chunk in from memory, prefetching one tile
+// ahead into L2, and later blocks (M > kMB) find it in L2. Products use AVX512-BF16 (vdpbf16ps: 32 bf16 pairs
+// -> 16 float32 lanes); sums stay float32 until the final round-to-nearest-even store.
+//
+// Tile shape and prefetch were chosen by bench/gemv.py-style runs on a 2-core Zen 4 (AVX512-BF16, no AMX):
+// 3 x 8 tiles with an L2 prefetch one tile ahead beat 4 x 4 and 8 x 2 tiles and L1 or longer prefetches by
+// 10-40% at M = 8 and tie at M = 1; chunk-by-chunk row blocks beat tile-by-tile ones by ~40% at M = 16.
+// At M >= 8 a core is near its vdpbf16ps issue rate (about one per cycle, ~180 GFLOP/s here).
+
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+constexpr int kNB = 3;  // weight rows per tile
+constexpr int kMB = 8;  // activation rows per tile: kNB * kMB = 24 accumulators, + 3 weight + 1 x of 32 registers
+constexpr int64_t kChunkBytes = int64_t{1} << 17;  // weight bytes per unit of work handed to a thread
+
+inline __m512bh load_bf16(const bf16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+inline __m512bh load_bf16_masked(const bf16* p, __mmask32 mask) {
+  // Lanes past K read as zero, so their products add nothing (any K, odd included).
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, reinterpret_cast<const void*>(p));
+}
+
+// [sum of a's lanes, sum of b's, c's, d's]. Quarters (128 bits) are named a0..a3; A, B, C, D are 4-float
+// partial sums of a, b, c, d. About 3x fewer instructions than four _mm512_reduce_add_ps.
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44),   // [a0 a1 b0 b1]
+                                  _mm512_shuffle_f32x4(a, b, 0xEE));  // [a2 a3 b2 b3]
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88),   // [ab0 ab2 cd0 cd2]
+                                    _mm512_shuffle_f32x4(ab, cd, 0xDD));  // [ab1 ab3 cd1 cd3] -> [A B C D]
+  const __m256 ab4 = _mm512_castps512_ps256(abcd);                                           // [A | B]
+  const __m256 cd4 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));  // [C | D]
+  const __m256 h1 = _mm256_hadd_ps(ab4, cd4);  // per 128-bit lane: [A01 A23 C01 C23 | B01 B23 D01 D23]
+  const __m256 h2 = _mm256_hadd_ps(h1, h1);    // [a c a c | b d b d]
+  return _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));  // [a b c d]
+}
+
+// y[j, i] = x[j] . w[i] for the NB rows of w at `w` and the MB rows of x at `x` (row strides K; y's is ldy).
+// With PREFETCH, each 64-byte load of a weight row also prefetches the same place in the next slab into L2.
+template <int NB, int MB, bool PREFETCH>
+inline void tile(const bf16* w, const bf16* x, bf16* y, int64_t K, int64_t ldy) {
+  __m512 acc[NB * MB];  // acc[i * MB + j] for w row i, x row j
+  for (int t = 0; t < NB * MB; ++t) acc[t] = _mm512_setzero_ps();
+
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[NB];
+    for (int i = 0; i < NB; ++i) {
+      wv[i] = load_bf16(w + i * K + k);
+      if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(w + (kNB + i) * K + k), _MM_HINT_T1);
+    }
+    for (int j = 0; j < MB; ++j) {
+      const __m512bh xv = load_bf16(x + j * K + k);
+      for (int i = 0; i < NB; ++i) acc[i * MB + j] = _mm512_dpbf16_ps(acc[i * MB + j], wv[i], xv);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    __m512bh wv[NB];
+    for (int i = 0; i < NB; ++i) wv[i] = load_bf16_masked(w + i * K + k, mask);
+    for (int j = 0; j < MB; ++j) {
+      const __m512bh xv = load_bf16_masked(x + j * K + k, mask);
+      for (int i = 0; i < NB; ++i) acc[i * MB + j] = _mm512_dpbf16_ps(acc[i * MB + j], wv[i], xv);
+    }
+  }
+
+  float sums[NB * MB];
+  int t = 0;
+  for (; t + 4 <= NB * MB; t += 4) _mm_storeu_ps(sums + t, reduce4(acc[t], acc[t + 1], acc[t + 2], acc[t + 3]));
+  for (; t < NB * MB; ++t) sums[t] = _mm512_reduce_add_ps(acc[t]);
+  for (int j = 0; j < MB; ++j)
+    for (int i = 0; i < NB; ++i) y[j * ldy + i] = bf16(sums[i * MB + j]);
+}
+
+template <int NB, bool PREFETCH>
+inline void tile_rows(const bf16* w, const bf16* x, bf16* y, int64_t rows, int64_t K, int64_t ldy) {
+  static_assert(kMB == 8, "one case per row count up to kMB");
+  switch (rows) {
+    case 8: tile<NB, 8, PREFETCH>(w, x, y, K, ldy); break;
+    case 7: tile<NB, 7, PREFETCH>(w, x, y, K, ldy); break;
+    case 6: tile<NB, 6, PREFETCH>(w, x, y, K, ldy); break;
+    case 5: tile<NB, 5, PREFETCH>(w, x, y, K, ldy); break;
+    case 4: tile<NB, 4, PREFETCH>(w, x, y, K, ldy); break;
+    case 3: tile<NB, 3, PREFETCH>(w, x, y, K, ldy); break;
+    case 2: tile<NB, 2, PREFETCH>(w, x, y, K, ldy); break;
+    case 1: tile<NB, 1, PREFETCH>(w, x, y, K, ldy); break;
+    default: break;
+  }
+}
+
+// y[:, n0:n1] for all M rows of x, rows n0..n1 of w (a multiple of NB of them). Row block by row block: the
+// first block streams the weight in (and prefetches ahead), the others find it in L2 (n1 - n0 rows of w are at
+// most ~kChunkBytes), while x's current block of kMB rows stays in L1.
+template <int NB>
+inline void rows(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N) {
+  for (int64_t n = n0; n < n1; n += NB) tile_rows<NB, true>(w + n * K, x, y + n, std::min<int64_t>(M, kMB), K, N);
+  for (int64_t m = kMB; m < M; m += kMB)
+    for (int64_t n = n0; n < n1; n += NB)
+      tile_rows<NB, false>(w + n * K, x + m * K, y + m * N + n, std::min<int64_t>(M - m, kMB), K, N);
+}
+
+// y[:, n0:n1] for any span: tiles of kNB weight rows, then the last (n1 - n0) % kNB rows one by one.
+inline void span(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N) {
+  const int64_t full = n0 + (n1 - n0) / kNB * kNB;
+  rows<kNB>(w, x, y, n0, full, M, K, N);
+  rows<1>(w, x, y, full, n1, M, K, N);
+}
+
+// Runs work(unit) for units 0..units-1 on the intra-op threads; threads take units from a shared counter, so a
+// thread that starts late (another process on its core) does not hold up the rest.
+template <typename Work>
+void run_units(int64_t units, const Work& work) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), units);
+  if (workers <= 0) return;
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < units;
+         u = next.fetch_add(1, std::memory_order_relaxed))
+      work(u);
+  });
+}
+
+// Rows of a weight of `row_bytes` per row handed out as one unit: ~kChunkBytes, a multiple of kNB.
+inline int64_t rows_per_unit(int64_t row_bytes) {
+  return std::max<int64_t>(kNB, kChunkBytes / row_bytes / kNB * kNB);
+}
+
+at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "linear_bf16: x (M, K) and w (N, K) must be 2-D");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "linear_bf16: x and w must be bfloat16");
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "linear_bf16: x and w must be on the CPU");
+  TORCH_CHECK(w.is_contiguous(), "linear_bf16: w must be contiguous");
+  TORCH_CHECK(x_in.size(1) == w.size(1), "linear_bf16: x has K=", x_in.size(1), " but w has K=", w.size(1));
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+
+  const bf16* xp = x.const_data_ptr<bf16>();
+  const bf16* wp = w.const_data_ptr<bf16>();
+  bf16* yp = y.mutable_data_ptr<bf16>();
+  const int64_t per_unit = rows_per_unit(K * 2);
+  run_units((N + per_unit - 1) / per_unit, [&](int64_t u) {
+    span(wp, xp, yp, u * per_unit, std::min(N, (u + 1) * per_unit), M, K, N);
+  });
+  return y;
+}
+
+// The routed experts of one MoE layer for a few tokens (decode), matching the model's reference arithmetic:
+// per token slot (n, k) routed to expert e, a = bf16(bf16(silu(bf16(x gate_e))) * bf16(x up_e)),
+// o = bf16(a down_e), then y[n] = bf16(sum over k in order of float(o[n, k]) * weights[n, k]).
+// Slots are grouped by expert, each active expert's rows of x gathered once. Pass 1 hands out units of (expert,
+// block of gate/up rows): both products for all of the expert's tokens, then the gating for those columns. Pass 2
+// hands out units of (expert, block of down rows). Each expert weight byte is read once per step, and the whole
+// layer is two parallel regions instead of three products per active expert.
+at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
+                    at::TensorList gate, at::TensorList up, at::TensorList down) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu(),
+              "moe_bf16: x must be a (N, E) bfloat16 CPU tensor");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0) && ids_in.scalar_type() == at::kLong,
+              "moe_bf16: ids must be (N, K) int64");
+  TORCH_CHECK(weights_in.sizes() == ids_in.sizes() && weights_in.scalar_type() == at::kFloat,
+              "moe_bf16: weights must be (N, K) float32");
+  const int64_t X = static_cast<int64_t>(gate.size());
+  TORCH_CHECK(X > 0 && static_cast<int64_t>(up.size()) == X && static_cast<int64_t>(down.size()) == X,
+              "moe_bf16: gate, up and down must list the same experts");
+  const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous(), routing = weights_in.contiguous();
+  const int64_t N = x.size(0), E = x.size(1), K = ids.size(1), I = gate[0].size(0);
+  const int64_t* idp = ids.const_data_ptr<int64_t>();
+  for (int64_t s = 0; s < N * K; ++s) TORCH_CHECK(idp[s] >= 0 && idp[s] < X, "moe_bf16: expert id out of range");
+
+  // Slots grouped by expert (stable); packed row r of the gathered activations belongs to slot slot_of[r].
+  std::vector<int64_t> count(X, 0), start(X + 1, 0), slot_of(N * K), row_of(N * K);
+  for (int64_t s = 0; s < N * K; ++s) ++count[idp[s]];
+  for (int64_t e = 0; e < X; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t s = 0; s < N * K; ++s) {
+    row_of[s] = fill[idp[s]]++;
+    slot_of[row_of[s]] = s;
+  }
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < X; ++e) {
+    if (!count[e]) continue;
+    active.push_back(e);
+    for (const at::Tensor* w : {&gate[e], &up[e], &down[e]})
+      TORCH_CHECK(w->scalar_type() == at::kBFloat16 && w->device().is_cpu() && w->is_contiguous() && w->dim() == 2,
+                  "moe_bf16: expert weights must be contiguous 2-D bfloat16 CPU tensors");
+    TORCH_CHECK(gate[e].size(0) == I && gate[e].size(1) == E && up[e].sizes() == gate[e].sizes() &&
+                down[e].size(0) == E && down[e].size(1) == I,
+                "moe_bf16: expert ", e, " has weights of the wrong shape");
+  }
+
+  const int64_t R = N * K;
+  at::Tensor xs = at::empty({R, E}, x.options()), g = at::empty({R, I}, x.options());
+  at::Tensor u = at::empty({R, I}, x.options()), out = at::empty({R, E}, x.options());
+  const bf16* xp = x.const_data_ptr<bf16>();
+  bf16* xsp = xs.mutable_data_ptr<bf16>();
+  for (int64_t r = 0; r < R; ++r) std::copy_n(xp + slot_of[r] / K * E, E, xsp + r * E);
+  bf16* gp = g.mutable_data_ptr<bf16>();
+  bf16* up_ = u.mutable_data_ptr<bf16>();
+  bf16* op = out.mutable_data_ptr<bf16>();
+  const int64_t A = static_cast<int64_t>(active.size());
+
+  // Pass 1: gate and up rows [n0, n1) of one expert for all its tokens, then a = silu(g) * u in place in g.
+  const int64_t per1 = rows_per_unit(2 * E * 2), units1 = (I + per1 - 1) / per1;
+  run_units(A * units1, [&](int64_t unit) {
+    const int64_t e = active[unit / units1], n0 = unit % units1 * per1, n1 = std::min(I, n0 + per1);
+    const int64_t r0 = start[e], M = count[e];
+    span(gate[e].const_data_ptr<bf16>(), xsp + r0 * E, gp + r0 * I, n0, n1, M, E, I);
+    span(up[e].const_data_ptr<bf16>(), xsp + r0 * E, up_ + r0 * I, n0, n1, M, E, I);
+    for (int64_t m = r0; m < r0 + M; ++m)
+      for (int64_t i = n0; i < n1; ++i) {
+        const float gv = static_cast<float>(gp[m * I + i]);
+        const bf16 act = bf16(gv / (1.0f + std::exp(-gv)));
+        gp[m * I + i] = bf16(static_cast<float>(act) * static_cast<float>(up_[m * I + i]));
+      }
+  });
+  // Pass 2: down rows [n0, n1) of one expert for all its tokens.
+  const int64_t per2 = rows_per_unit(I * 2), units2 = (E + per2 - 1) / per2;
+  run_units(A * units2, [&](int64_t unit) {
+    const int64_t e = active[unit / units2], n0 = unit % units2 * per2, n1 = std::min(E, n0 + per2);
+    span(down[e].const_data_ptr<bf16>(), gp + start[e] * I, op + start[e] * E, n0, n1, count[e], I, E);
+  });
+
+  at::Tensor y = at::empty({N, E}, x.options());
+  bf16* yp = y.mutable_data_ptr<bf16>();
+  const float* wp = routing.const_data_ptr<float>();
+  std::vector<float> acc(E);
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const bf16* o = op + row_of[n * K + k] * E;
+      const float w = wp[n * K + k];
+      for (int64_t c = 0; c < E; ++c) acc[c] += static_cast<float>(o[c]) * w;
+    }
+    for (int64_t c = 0; c < E; ++c) yp[n * E + c] = bf16(acc[c]);
+  }
+  return y;
+}
+
+// bf16 -> float32 for 16 values (bf16 is the top half of a float32); lanes past `mask` read as zero.
+inline __m512 load16_f32(const bf16* p, __mmask16 mask) {
+  const __m512i raw = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(mask), reinterpret_cast<const void*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+}
+
+// Attention of a few new queries over the cache, as the model's short-query path computes it: scores
+// bf16(q . k) * scale in float32, softmax in float32 over the slots each query may see (slot <= its position),
+// probabilities rounded to bf16, out = bf16(sum of p * v in float32). Units of (row b, key head): the G query
+// heads sharing the key head and their T queries read each cached key and value row once; slots past the
+// furthest position in the row are never read. k and v are (B, Hk, S, D) views whose slot rows are contiguous
+// (the cache's layout cut to the used slots), with any batch and head strides.
+at::Tensor attend_bf16(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos_in,
+                       double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attend_bf16: q, k, v must be 4-D");
+  for (const at::Tensor* t : {&q_in, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "attend_bf16: q, k, v must be bf16 on CPU");
+  const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
+  const int64_t Hk = k.size(1), S = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.size(0) == B && v.size(1) == Hk && v.size(2) == S,
+              "attend_bf16: q, k, v shapes disagree");
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, "attend_bf16: query heads must be a multiple of key heads");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 && v.stride(2) == Dv,
+              "attend_bf16: each cached slot's key and value must be contiguous rows");
+  TORCH_CHECK(pos_in.dim() == 2 && pos_in.size(0) == B && pos_in.size(1) == T && pos_in.scalar_type() == at::kLong,
+              "attend_bf16: positions must be (B, T) int64");
+  const at::Tensor q = q_in.contiguous(), pos = pos_in.contiguous();
+  const int64_t* pp = pos.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < S, "attend_bf16: position past the cache");
+  at::Tensor out = at::empty({B, H, T, Dv}, q.options());
+  const int64_t G = H / Hk, Q = G * T;
+  const bf16* qp = q.const_data_ptr<bf16>();
+  const bf16* kp = k.const_data_ptr<bf16>();
+  const bf16* vp = v.const_data_ptr<bf16>();
+  bf16* op = out.mutable_data_ptr<bf16>();
+  const float fscale = static_cast<float>(scale);
+
+  run_units(B * Hk, [&](int64_t unit) {
+    const int64_t b = unit / Hk, h = unit % Hk;
+    int64_t seen = 0;  // slots visible to the furthest query of the row
+    for (int64_t t = 0; t < T; ++t) seen = std::max(seen, pp[b * T + t] + 1);
+    const bf16* kb = kp + b * k.stride(0) + h * k.stride(1);
+    const bf16* vb = vp + b * v.stride(0) + h * v.stride(1);
+    const bf16* qb = qp + (b * H + h * G) * T * D;  // Q = G * T contiguous query rows
+    std::vector<bf16> scores(Q * seen);
+    span(kb, qb, scores.data(), 0, seen, Q, D, seen);  // scores[r][s] = bf16(q_r . k_s)
+    std::vector<float> probs(Q * seen, 0.0f), acc(Q * Dv, 0.0f);
+    for (int64_t r = 0; r < Q; ++r) {
+      const int64_t n = pp[b * T + r % T] + 1;
+      float* pr = probs.data() + r * seen;
+      float top = -INFINITY, total = 0.0f;
+      for (int64_t s = 0; s < n; ++s) top = std::max(top, pr[s] = static_cast<float>(scores[r * seen + s]) * fscale);
+      for (int64_t s = 0; s < n; ++s) total += pr[s] = std::exp(pr[s] - top);
+      for (int64_t s = 0; s < n; ++s) pr[s] = static_cast<float>(bf16(pr[s] / total));
+    }
+    for (int64_t s = 0; s < seen; ++s) {
+      const bf16* vs = vb + s * Dv;
+      for (int64_t d = 0; d < Dv; d += 16) {
+        const __mmask16 mask = Dv - d >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (Dv - d)) - 1);
+        const __m512 vv = load16_f32(vs + d, mask);
+        for (int64_t r = 0; r < Q; ++r) {
+          float* a = acc.data() + r * Dv + d;
+          const __m512 sum = _mm512_fmadd_ps(_mm512_set1_ps(probs[r * seen + s]), vv, _mm512_maskz_loadu_ps(mask, a));
+          _mm512_mask_storeu_ps(a, mask, sum);
+        }
+      }
+    }
+    bf16* ob = op + (b * H + h * G) * T * Dv;
+    for (int64_t i = 0; i < Q * Dv; ++i) ob[i] = bf16(acc[i]);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dsvl2_kernels, m) {
+  m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor positions, float scale) -> Tensor");
+  m.def("moe_bf16(Tensor x, Tensor ids, Tensor weights, Tensor[] gate, Tensor[] up, Tensor[] down) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsvl2_kernels, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("moe_bf16", &moe_bf16);
+  m.impl("attend_bf16", &attend_bf16);
+}
