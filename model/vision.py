@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import kernels
 from model.config import ProjectorConfig, VisionConfig
 
 LAYER_NORM_EPS = 1e-6
@@ -25,7 +26,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(kernels.linear_gelu(x, self.fc1.weight, self.fc1.bias))
 
 
 class Attention(nn.Module):
@@ -38,7 +39,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, P, C = x.shape
         qkv = self.qkv(x).view(N, P, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, N, H, P, D)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, P, D)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if kernels.attention_fits(q, k, v):
+            out = kernels.attention(q, k, v, q.shape[-1] ** -0.5)  # (N, H, P, D), stored as (N, P, H, D)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(N, P, C))
 
 

@@ -294,3 +294,66 @@ def test_model_decode_through_the_kernels_equals_decode_through_f_linear(built, 
     without = decode_logits()
     assert not ran
     assert (with_kernel - without).abs().max() <= 0.05 * without.abs().max()
+
+
+ATTENTION_SHAPES = [  # (B, H, Lq, Lk, D, Dv): SigLIP tiles (729 tokens, 72-wide heads), odd sizes, more keys
+    (2, 16, 729, 729, 72, 72),
+    (2, 3, 37, 37, 33, 17),
+    (1, 2, 5, 40, 80, 80),
+]
+
+
+@pytest.mark.parametrize(("B", "H", "Lq", "Lk", "D", "Dv"), ATTENTION_SHAPES)
+def test_full_attention_kernel_is_as_close_to_float32_as_torchs_bf16_attention(built, B, H, Lq, Lk, D, Dv):
+    """The vision tower's attention kernel against float32 attention, on strided views like the tower's (q, k, v
+    cut from one projection): its error stays within torch's own bf16 fused attention's (about one bf16 step of
+    the output); a wrong pack, tail or softmax gives errors of the order of the values themselves."""
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    torch.manual_seed(Lq + D)
+    fused = (torch.randn(B, max(Lq, Lk), 3, H, max(D, Dv)) * 1.5).to(torch.bfloat16).permute(2, 0, 3, 1, 4)
+    q, k, v = fused[0][:, :, :Lq, :D], fused[1][:, :, :Lk, :D], fused[2][:, :, :Lk, :Dv]
+    assert kernels.attention_fits(q, k, v)
+    out = kernels.attention(q, k, v, D**-0.5)
+    assert out.shape == (B, H, Lq, Dv) and out.transpose(1, 2).is_contiguous()
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=D**-0.5)
+    torch_error = (F.scaled_dot_product_attention(q, k, v, scale=D**-0.5).float() - ref).abs().max()
+    assert (out.float() - ref).abs().max() <= 2 * torch_error + 1e-3
+
+
+def test_vision_tower_runs_its_attention_and_fused_gelu_through_the_kernels(built, monkeypatch):
+    """Catches a wrong wiring into the tower: a bf16 tile gives the same features (within bf16 noise) with the
+    kernels as with torch's fused attention and separate GELU, and the kernels really ran."""
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    from parity import checkpoint_names, parity_model
+
+    model = parity_model(checkpoint_names()[0], torch.bfloat16)
+    pixels = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(5))
+    ran = []
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a: ran.append("attention") or real(*a))
+    with torch.inference_mode():
+        with_kernels = model.vision(pixels)
+        assert ran
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+        ran.clear()
+        without = model.vision(pixels)
+    assert not ran
+    diff = (with_kernels.float() - without.float()).abs()
+    assert diff.max() <= 0.05 * without.float().abs().max()
+
+
+def test_linear_gelu_equals_the_two_torch_ops(monkeypatch):
+    """bf16 on CPU: one fused oneDNN call within a bf16 step of F.gelu(F.linear(...)); float32 or switched off:
+    exactly the two ops."""
+    torch.manual_seed(6)
+    x, w, b = torch.randn(3, 50, 64), torch.randn(96, 64) * 0.2, torch.randn(96)
+    assert torch.equal(kernels.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b), approximate="tanh"))
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    ref = F.gelu(F.linear(xb.float(), wb.float(), bb.float()), approximate="tanh")
+    fused = kernels.linear_gelu(xb, wb, bb)
+    assert fused.shape == (3, 50, 96) and fused.dtype is torch.bfloat16
+    assert ((fused.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-2).all()
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert torch.equal(kernels.linear_gelu(xb, wb, bb), F.gelu(F.linear(xb, wb, bb), approximate="tanh"))
