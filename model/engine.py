@@ -57,7 +57,7 @@ class Engine:
     another thread (or a callback) while `generate` runs."""
 
     def __init__(self, model: DeepseekVL2, processor: Processor, *, max_batch_size: int = 8,
-                 prefill_chunk: int = 1024, vision_chunk: int = 16, model_id: str = "",
+                 prefill_chunk: int = 2048, vision_chunk: int = 16, model_id: str = "",
                  revision: str | None = None):
         if max_batch_size < 1 or prefill_chunk < 1 or vision_chunk < 1:
             raise ValueError("max_batch_size, prefill_chunk and vision_chunk must be >= 1")
@@ -170,13 +170,23 @@ class Engine:
 
     # -- steps ------------------------------------------------------------------------------------------
     def _prefill_step(self, cache: KVCache, rows: list[_Sequence | None], finish) -> None:
-        """One chunk of prompt for every row still prefilling (right-padded to the longest chunk)."""
-        pending = [s for s in rows if s is not None and not s.decoding]
-        if not pending:
+        """One chunk of prompt for as many prefilling rows (in request order) as fit a budget of `prefill_chunk`
+        tokens, counting the right-padding to the longest chunk, and at least one row. A prompt of n tokens goes
+        in ceil(n / prefill_chunk) equal chunks, so no chunk is a sliver that costs a whole weight read. The
+        budget bounds the activations of a step whatever the batch size."""
+        waiting = sorted((s for s in rows if s is not None and not s.decoding), key=lambda s: s.index)
+        if not waiting:
             return
+        pending, sizes = [], []
+        for seq in waiting:
+            size = self._chunk_size(seq)
+            if pending and (len(pending) + 1) * max(*sizes, size) > self.prefill_chunk:
+                break
+            pending.append(seq)
+            sizes.append(size)
         start = time.perf_counter()
-        chunks = [s.embeds[s.prefilled : s.prefilled + self.prefill_chunk] for s in pending]
-        T = max(c.shape[0] for c in chunks)
+        chunks = [s.embeds[s.prefilled : s.prefilled + n] for s, n in zip(pending, sizes, strict=True)]
+        T = max(sizes)
         x = chunks[0].new_zeros(len(pending), T, chunks[0].shape[-1])
         for b, c in enumerate(chunks):
             x[b, : c.shape[0]] = c
@@ -193,6 +203,10 @@ class Engine:
                 seq.decode_started = time.perf_counter()
                 logits = self.model.language.logits(hidden[b, chunks[b].shape[0] - 1])
                 self._accept(seq, logits, finish)
+
+    def _chunk_size(self, seq: _Sequence) -> int:
+        parts = -(-seq.n_prompt // self.prefill_chunk)
+        return min(-(-seq.n_prompt // parts), seq.n_prompt - seq.prefilled)
 
     def _decode_step(self, cache: KVCache, rows: list[_Sequence | None], finish) -> None:
         """One token for every decoding row. The step runs over all cache rows (views, no copies); rows

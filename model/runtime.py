@@ -103,7 +103,7 @@ def auto_batch_size(engine_model, device: torch.device, *, limit: int = 16, shar
 
 
 def load_runtime(model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
-                 dtype: str = "auto", max_batch_size: int | None = None, prefill_chunk: int = 1024) -> Engine:
+                 dtype: str = "auto", max_batch_size: int | None = None, prefill_chunk: int = 2048) -> Engine:
     """A generation engine for `model` (a local checkpoint directory or a Hugging Face repo id). Without
     `max_batch_size` the batch is sized from the memory left after loading (`auto_batch_size`)."""
     path = resolve_model(model, revision=revision)

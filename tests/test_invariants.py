@@ -230,6 +230,36 @@ def test_staggered_arrivals_equal_static_batch() -> None:
     assert [c.id for c in rolling] == [r.id for r in requests], "results must come back in request order"
 
 
+def test_prefill_steps_stay_within_the_token_budget(monkeypatch) -> None:
+    """Catches unbounded prefill activations: every prefill forward holds at most `prefill_chunk` tokens including
+    padding (or one row's chunk), a prompt is split into equal chunks (no slivers), and the tokens still equal an
+    unchunked run's."""
+    ckpt = CHECKPOINTS[0]
+    model = parity_model(ckpt)
+    requests = page_requests(4)
+    whole = Engine(model, parity_processor(ckpt), max_batch_size=4).generate(requests)
+    shapes: list[tuple[int, int]] = []
+    real = type(model.language).forward
+
+    def spy(self, embeds, cache=None):
+        if embeds.shape[1] > 1:
+            shapes.append(tuple(embeds.shape[:2]))
+        return real(self, embeds, cache)
+
+    monkeypatch.setattr(type(model.language), "forward", spy)
+    budget = 150
+    chunked = Engine(model, parity_processor(ckpt), max_batch_size=4, prefill_chunk=budget).generate(requests)
+    assert [c.token_ids for c in chunked] == [c.token_ids for c in whole]
+    assert all(b * t <= budget or b == 1 for b, t in shapes), shapes
+    expected = []  # each prompt of n tokens in ceil(n / budget) near-equal chunks
+    for n in (c.n_prompt for c in chunked):
+        parts = -(-n // budget)
+        size = -(-n // parts)
+        expected += [size] * (parts - 1) + [n - size * (parts - 1)]
+    assert max(expected) > min(expected) and len(expected) > len(requests)
+    assert sorted(t for _, t in shapes) == sorted(expected)
+
+
 def test_sampling_is_reproducible_whatever_the_batch() -> None:
     """Catches shared random state: a seeded request samples the same tokens alone or among others."""
     ckpt = CHECKPOINTS[0]
