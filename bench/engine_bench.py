@@ -7,12 +7,15 @@ checkpoint factory on first use (bench/out/, git-ignored). Limits: bf16 and fp32
 the model's own shapes) and memory read bandwidth. Ratios: vision and prefill FLOP/s over the bf16 rate;
 decode time per step over its bandwidth bound, counting the bytes actually touched (weights of the
 distinct experts the batch routes to, shared weights, lm_head, and the cache rows read); end to end pages
-per hour over the bound from the same three limits. Results print as a table and, with --json, a file.
+per hour over the bound from the same three limits. The limits are measured again right before each section
+and each section's ratio uses its own (a shared machine's speed drifts over a ten-minute run; the first
+measurement is reported as `limits`). Results print as lines and, with --json, a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -220,7 +223,24 @@ def e2e_bound(model, limits, *, prompt_tokens: int, tiles: int, new_tokens: int,
 
 
 def peak_rss_gib() -> float:
+    """Peak resident memory of this process since it started or since the last `reset_peak_rss`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count at the current RSS (Linux: /proc/self/clear_refs), so a section's own peak can be
+    read in a run that did other things first. False where the system does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def ensure_model(path: Path) -> Path:
@@ -258,21 +278,31 @@ def main() -> None:
     results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
                      "model": str(path), "dtype": args.dtype, "weights_gib": weights_gib,
                      "load_seconds": time.perf_counter() - t, "rss_before_load_gib": rss_before}
-    limits = measure_limits(model.cfg.language.hidden_size)
-    results["limits"] = limits
-    print(f"limits: bf16 {limits['bf16_gflops']:.0f} GFLOP/s, fp32 {limits['fp32_gflops']:.0f} GFLOP/s, "
-          f"read {limits['read_gbs']:.1f} GB/s", flush=True)
+
+    def limits_before(section: str) -> dict:
+        found = measure_limits(model.cfg.language.hidden_size)
+        results.setdefault("limits_by_section", {})[section] = found
+        results.setdefault("limits", found)
+        print(f"limits before {section}: bf16 {found['bf16_gflops']:.0f} GFLOP/s, fp32 {found['fp32_gflops']:.0f} "
+              f"GFLOP/s, read {found['read_gbs']:.1f} GB/s", flush=True)
+        return found
+
+    if sections == {"limits"}:
+        limits_before("limits")
     if "vision" in sections:
+        limits = limits_before("vision")
         r = results["vision"] = bench_vision(model, limits)
         print(f"vision: {r['seconds_per_tile']:.3f} s/tile, {r['gflops']:.0f} GFLOP/s = "
               f"{r['of_bf16_rate']:.0%} of bf16 rate", flush=True)
     if "prefill" in sections:
+        limits = limits_before("prefill")
         r = results["prefill"] = bench_prefill(model, limits)
         print(f"prefill: {r['tokens_per_s']:.0f} tok/s, {r['gflops']:.0f} GFLOP/s = "
               f"{r['of_bf16_rate']:.0%} of bf16 rate", flush=True)
     decode_bytes = {}
     if "decode" in sections:
         results["decode"] = []
+        limits = limits_before("decode")
         for batch in (int(b) for b in args.decode_batches.split(",")):
             r = bench_decode(model, limits, batch)
             results["decode"].append(r)
@@ -282,18 +312,27 @@ def main() -> None:
                   f"{r['of_bandwidth_bound']:.0%} of bandwidth bound; cache {r['cache_bytes_per_token']} B/token",
                   flush=True)
     if "e2e" in sections:
+        gc.collect()
+        limits = limits_before("e2e")
+        section_peak = reset_peak_rss()
         batched = bench_e2e(model, processor, limits, pages=args.e2e_pages, new_tokens=args.e2e_tokens, batch=8)
+        batch8_peak = peak_rss_gib() if section_peak else None  # the batch-8 job's own peak
         single = bench_e2e(model, processor, limits, pages=2, new_tokens=args.e2e_tokens, batch=1)
         step_bytes = decode_bytes.get(8) or bench_decode(model, limits, 8)["bytes_per_step"]
         bound = e2e_bound(model, limits, prompt_tokens=batched["prompt_tokens"], tiles=5,
                           new_tokens=args.e2e_tokens, decode_bytes=step_bytes, batch=8)
         results["e2e"] = {"batch8": batched, "batch1": single, "bound_pages_per_hour": bound,
+                          "batch8_peak_rss_gib": batch8_peak,
+                          "batch8_peak_over_weights_gib": batch8_peak - weights_gib if batch8_peak else None,
                           "of_bound": batched["pages_per_hour"] / bound,
                           "speedup_over_one_at_a_time": batched["pages_per_hour"] / single["pages_per_hour"]}
         print(f"end to end (2x2 pages, {args.e2e_tokens} tokens): batch 8 {batched['pages_per_hour']:.0f} pages/h "
               f"= {results['e2e']['of_bound']:.0%} of bound {bound:.0f}; one at a time "
               f"{single['pages_per_hour']:.0f} pages/h; speedup {results['e2e']['speedup_over_one_at_a_time']:.2f}x",
               flush=True)
+        if batch8_peak:
+            print(f"peak RSS of the batch-8 job: {batch8_peak:.2f} GiB = weights + {batch8_peak - weights_gib:.2f} GiB",
+                  flush=True)
     results["peak_rss_gib"] = peak_rss_gib()
     print(f"peak RSS {results['peak_rss_gib']:.2f} GiB (weights {weights_gib:.2f} GiB)")
     if args.json:

@@ -5,8 +5,8 @@ weight once for all rows:
                 active experts' weights instead of three separate products per expert);
   `attend`      attention of a few new queries over the cache, reading each cached key and value row once, in
                 place (torch's batched products copy the cache's strided views first);
-  `attention`   full (unmasked) attention for the vision tower's 729-token tiles, ~1.6x torch's fused CPU kernel
-                on its 72-wide heads.
+  `attention`   attention of many queries (the vision tower's 729-token tiles; prefill chunks, causal over the
+                cache), ~1.6x torch's fused CPU kernel on SigLIP's 72-wide heads.
 Also `linear_gelu`, a bias-and-GELU-fused product through torch's own oneDNN (no build needed), for the vision
 tower's large bf16 products.
 
@@ -180,21 +180,21 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-ATTENTION_MAX_DV = 80  # value head size the full-attention kernel's output tile holds (SigLIP: 72)
-
-
 def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention` covers q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv), and the kernel is available."""
+    """Whether `attention` covers q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), and the kernel is available."""
     return (
         all(t.dtype is torch.bfloat16 and t.is_cpu and t.ndim == 4 and t.stride(-1) == 1 for t in (q, k, v))
-        and q.shape[1] == k.shape[1] == v.shape[1] and k.shape[2] > 0 and 0 < v.shape[-1] <= ATTENTION_MAX_DV
+        and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
         and available()
     )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v without a mask, as `F.scaled_dot_product_attention` computes it in bf16 (float32
-    scores and softmax, probabilities rounded to bf16). Returns (B, H, Lq, Dv) whose storage is (B, Lq, H, Dv), so
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v as `F.scaled_dot_product_attention` computes it in bf16 (float32 scores and
+    softmax, probabilities rounded to bf16); query head h reads key head h // (H / Hk). Without `positions` every
+    query sees every key; with positions (B, Lq), query (b, i) sees keys 0..positions[b, i] (causal attention over
+    a cache whose slot is the position). Returns (B, H, Lq, Dv) whose storage is (B, Lq, H, Dv), so
     `out.transpose(1, 2).reshape(B, Lq, H * Dv)` is free. Requires `attention_fits`."""
-    return torch.ops.dsvl2_kernels.attention_bf16(q, k, v, scale)
+    return torch.ops.dsvl2_kernels.attention_bf16(q, k, v, positions, scale)

@@ -175,7 +175,10 @@ class MHAttention(nn.Module):
             if T < SDPA_MIN_QUERIES and kernels.attend_fits(q, k, v):  # decode: the cache read once, in place
                 out = kernels.attend(q, k, v, positions, self.scale)
                 return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj)
-        out = attend(q, k, v, causal_mask(positions, k_pos), self.scale)  # (B, H, T, D)
+        if T >= SDPA_MIN_QUERIES and kernels.attention_fits(q, k, v):  # prefill: keys by slot = position
+            out = kernels.attention(q, k, v, self.scale, positions)
+        else:
+            out = attend(q, k, v, causal_mask(positions, k_pos), self.scale)  # (B, H, T, D)
         return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj)
 
 
@@ -234,15 +237,20 @@ class MLAttention(nn.Module):
             k_pos = torch.arange(c.shape[1], device=x.device).expand(B, -1)
         mask = causal_mask(positions, k_pos)
         absorb = self.absorb if self.absorb is not None else (cache is not None and T <= self.ABSORB_MAX_TOKENS)
-        out = self._absorbed(q_nope, q_pe, c, k_pe, mask) if absorb else self._expanded(q_nope, q_pe, c, k_pe, mask)
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, c, k_pe, mask)
+        else:
+            out = self._expanded(q_nope, q_pe, c, k_pe, mask, positions)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.dv))
 
-    def _expanded(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
+    def _expanded(self, q_nope, q_pe, c, k_pe, mask, positions) -> torch.Tensor:
         B, S, _ = c.shape
         kv = self.kv_b_proj(c).view(B, S, self.heads, self.dn + self.dv).transpose(1, 2)  # (B, H, S, Dn+Dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.heads, S, self.dr)), dim=-1)  # (B, H, S, Dn+R)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if q.shape[2] >= SDPA_MIN_QUERIES and kernels.attention_fits(q, k, v):  # key slot = position
+            return kernels.attention(q, k, v, self.scale, positions)
         return attend(q, k, v, mask, self.scale)  # (B, H, T, Dv)
 
     def _absorbed(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from model import kernels
 from model.engine import Engine
 from model.errors import ConfigError
 from model.hub import DEFAULT_MODEL, resolve_model
@@ -112,5 +113,7 @@ def load_runtime(model: str = DEFAULT_MODEL, *, revision: str | None = None, dev
     weights = load_model(path, dtype=pick_dtype(dtype, dev, checkpoint_dtype(path)), device=dev)
     if max_batch_size is None:
         max_batch_size = auto_batch_size(weights, dev)
+    if dev.type == "cpu" and weights.dtype is torch.bfloat16:
+        kernels.available()  # build (first run only) or load the CPU kernels now, not inside the first page
     return Engine(weights, processor, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
                   model_id=model, revision=snapshot_revision(path) or revision)

@@ -321,6 +321,47 @@ def test_full_attention_kernel_is_as_close_to_float32_as_torchs_bf16_attention(b
     assert (out.float() - ref).abs().max() <= 2 * torch_error + 1e-3
 
 
+CAUSAL_SHAPES = [  # (B, H, Hk, T, D, Dv, capacity, row lengths before the chunk)
+    (1, 10, 10, 300, 128, 128, 320, [0]),  # Tiny's prefill from an empty cache
+    (2, 4, 2, 40, 72, 40, 120, [50, 3]),  # grouped key heads, a chunk continuing rows of different lengths
+    (2, 3, 3, 17, 192, 128, 40, [0, 20]),  # MLA's expanded heads (192-wide keys, 128-wide values)
+]
+
+
+@pytest.mark.parametrize(("B", "H", "Hk", "T", "D", "Dv", "capacity", "lengths"), CAUSAL_SHAPES)
+def test_causal_attention_kernel_is_as_close_to_float32_as_the_masked_path(built, B, H, Hk, T, D, Dv, capacity,
+                                                                          lengths):
+    """Prefill through the kernel: over strided cache views, query (b, t) sees slots 0..position; the error
+    against float32 stays within the error of the model's own bf16 path (language.attend with the causal mask)."""
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    from model.language import attend, causal_mask
+
+    torch.manual_seed(T + D)
+    keys = (torch.randn(B, Hk, capacity, D) * 1.5).to(torch.bfloat16)
+    values = torch.randn(B, Hk, capacity, Dv).to(torch.bfloat16)
+    q = (torch.randn(B, T, H, D) * 1.5).to(torch.bfloat16).transpose(1, 2)  # (B, H, T, D) as projections give it
+    positions = torch.tensor(lengths)[:, None] + torch.arange(T)
+    used = int(positions.max()) + 1
+    k, v = keys[..., :used, :], values[..., :used, :]
+    assert kernels.attention_fits(q, k, v)
+    out = kernels.attention(q, k, v, D**-0.5, positions)
+    assert out.shape == (B, H, T, Dv)
+    mask = causal_mask(positions, torch.arange(used).expand(B, -1))
+    G = H // Hk
+    ref = attend(q.float(), k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1), mask, D**-0.5)
+    model_error = (attend(q, k, v, mask, D**-0.5).float() - ref).abs().max()
+    assert (out.float() - ref).abs().max() <= 2 * model_error + 1e-3
+
+
+def test_causal_attention_kernel_rejects_positions_past_the_keys(built):
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+    q = torch.randn(1, 2, 3, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="position past the keys"):
+        kernels.attention(q, q, q, 1.0, torch.tensor([[1, 2, 3]]))
+
+
 def test_vision_tower_runs_its_attention_and_fused_gelu_through_the_kernels(built, monkeypatch):
     """Catches a wrong wiring into the tower: a bf16 tile gives the same features (within bf16 noise) with the
     kernels as with torch's fused attention and separate GELU, and the kernels really ran."""

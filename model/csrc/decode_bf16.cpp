@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -457,33 +458,53 @@ inline void pack_values(const bf16* v, int64_t ldv, int64_t Lk, int64_t Dv, int6
 
 constexpr int kQB = 32;  // queries per unit of work
 constexpr int kMR = 4;   // query rows per micro-tile
+constexpr int kNR = 5;   // 16-lane output columns per micro-tile (kMR x kNR accumulators + kNR loads + 1 broadcast)
 
-// softmax(q k^T * scale) v without a mask, as torch's fused attention: scores and softmax in float32, the
-// probabilities rounded to bf16 for the product with v, float32 sums, one rounding of the output. q (B, H, Lq, D),
-// k (B, H, Lk, D), v (B, H, Lk, Dv), any strides with contiguous last dims. Returns (B, H, Lq, Dv) as a view of a
-// (B, Lq, H, Dv) tensor, so that merging the heads back into the features costs nothing.
-// Keys are packed once per (b, h) into pairs along D ([D/2][Lk][2]) and values into pairs along Lk ([Lk/2][Dv][2]);
-// units of (b, h, kQB queries) then compute their score block with the pair-packed micro-kernel (4 queries x 48
-// keys), the softmax with a vectorised exp, and the output (4 queries x all of Dv).
-at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+// softmax(q k^T * scale) v as torch's fused attention computes it in bf16: scores and softmax in float32, the
+// probabilities rounded to bf16 for the product with v, float32 sums, one rounding of the output.
+// q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with H a multiple of Hk (query head h reads key head
+// h / (H / Hk)), any strides with contiguous last dims. Without positions every query sees every key (the vision
+// tower); with positions (B, Lq), query (b, i) sees keys 0..positions[b, i] (the language model's prefill over its
+// cache, where a key's slot is its position). Returns (B, H, Lq, Dv) as a view of a (B, Lq, H, Dv) tensor, so
+// merging the heads back into the features costs nothing.
+// Keys are packed once per (b, key head) into pairs along D ([D/2][Lk][2]) and values into pairs along Lk
+// ([Lk/2][Dv][2]); units of (b, h, kQB queries) compute their score block with the pair-packed micro-kernel
+// (4 queries x 48 keys) up to the furthest key a query of the block sees, the softmax with a vectorised exp, and
+// the output (4 queries x 5 columns at a time).
+at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& positions, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_bf16: q, k, v must be 4-D");
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu() && t->stride(3) == 1,
                 "attention_bf16: q, k, v must be bf16 CPU tensors with contiguous last dims");
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
-              v.size(2) == Lk, "attention_bf16: q, k, v shapes disagree");
-  TORCH_CHECK(Lk > 0 && D > 0 && Dv > 0 && Dv <= 80, "attention_bf16: needs keys, D > 0 and 0 < Dv <= 80");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.size(0) == B && v.size(1) == Hk && v.size(2) == Lk,
+              "attention_bf16: q, k, v shapes disagree");
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, "attention_bf16: query heads must be a multiple of key heads");
+  TORCH_CHECK(Lk > 0 && D > 0 && Dv > 0, "attention_bf16: needs keys and non-empty heads");
+  at::Tensor pos;
+  if (positions.has_value()) {
+    pos = positions->contiguous();
+    TORCH_CHECK(pos.dim() == 2 && pos.size(0) == B && pos.size(1) == Lq && pos.scalar_type() == at::kLong,
+                "attention_bf16: positions must be (B, Lq) int64");
+    const int64_t* pp = pos.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * Lq; ++i)
+      TORCH_CHECK(pp[i] >= 0 && pp[i] < Lk, "attention_bf16: position past the keys");
+  }
+  const int64_t* pp = positions.has_value() ? pos.const_data_ptr<int64_t>() : nullptr;
   at::Tensor out = at::empty({B, Lq, H, Dv}, q.options());
   if (B * H * Lq == 0) return out.transpose(1, 2);
+  const int64_t G = H / Hk;
   const int64_t Dp = (D + 1) / 2;            // pairs along D
   const int64_t Lkp = (Lk + 15) / 16 * 16;   // keys padded to whole 16-lane columns
   const int64_t Vc = (Dv + 15) / 16;         // 16-lane columns of the output
   const int64_t kpack = Dp * Lkp * 2, vpack = Lkp / 2 * Vc * 32;
-  at::Tensor packed = at::empty({B * H * (kpack + vpack)}, q.options());
+
+  at::Tensor packed = at::empty({B * Hk * (kpack + vpack)}, q.options());
   bf16* const pk = packed.mutable_data_ptr<bf16>();
-  run_units(B * H, [&](int64_t bh) {
-    const int64_t b = bh / H, h = bh % H;
+  run_units(B * Hk, [&](int64_t bh) {
+    const int64_t b = bh / Hk, h = bh % Hk;
     pack_keys(k.const_data_ptr<bf16>() + b * k.stride(0) + h * k.stride(1), k.stride(2), Lk, D, Lkp,
               pk + bh * (kpack + vpack));
     pack_values(v.const_data_ptr<bf16>() + b * v.stride(0) + h * v.stride(1), v.stride(2), Lk, Dv, Lkp, Vc,
@@ -496,52 +517,60 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   run_units(B * H * qblocks, [&](int64_t unit) {
     const int64_t bh = unit / qblocks, b = bh / H, h = bh % H, i0 = unit % qblocks * kQB;
     const int64_t rows = std::min<int64_t>(kQB, Lq - i0);
-    const bf16* kp = pk + bh * (kpack + vpack);
+    int64_t seen[kQB];  // keys each query of the block sees
+    int64_t extent = 0;
+    for (int64_t r = 0; r < rows; ++r) extent = std::max(extent, seen[r] = pp ? pp[b * Lq + i0 + r] + 1 : Lk);
+    const int64_t ext = (extent + 15) / 16 * 16;  // keys computed for the block: whole 16-lane columns
+    const bf16* kp = pk + (b * Hk + h / G) * (kpack + vpack);
     const bf16* vp = kp + kpack;
-    std::vector<bf16> qs(kQB * Dp * 2, zero), probs(kQB * Lkp, zero);
-    std::vector<float> scores(kQB * Lkp);
+    std::vector<bf16> qs(kQB * Dp * 2, zero), probs(kQB * ext);
+    std::vector<float> scores(kQB * ext);
     const bf16* qb = q.const_data_ptr<bf16>() + b * q.stride(0) + h * q.stride(1);
     for (int64_t r = 0; r < rows; ++r) std::copy_n(qb + (i0 + r) * q.stride(2), D, qs.data() + r * Dp * 2);
-    __m512 acc[kMR * 5];
-    for (int64_t j = 0; j < Lkp; j += 48) {  // a slab of 48 keys stays in L1 while every query block uses it
-      const int nr = static_cast<int>(std::min<int64_t>(3, (Lkp - j) / 16));
+    __m512 acc[kMR * kNR];
+    for (int64_t j = 0; j < ext; j += 48) {  // a slab of 48 keys stays in L1 while every query block uses it
+      const int nr = static_cast<int>(std::min<int64_t>(3, (ext - j) / 16));
       for (int64_t r = 0; r < rows; r += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r));
         pair_tile_any(mr, nr, qs.data() + r * Dp * 2, Dp * 2, kp + j * 2, Lkp * 2, Dp, acc);
         for (int x = 0; x < mr; ++x)
           for (int c = 0; c < nr; ++c)
-            _mm512_storeu_ps(scores.data() + (r + x) * Lkp + j + 16 * c, _mm512_mul_ps(acc[x * nr + c],
-                                                                                      _mm512_set1_ps(fscale)));
+            _mm512_storeu_ps(scores.data() + (r + x) * ext + j + 16 * c,
+                             _mm512_mul_ps(acc[x * nr + c], _mm512_set1_ps(fscale)));
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {  // softmax over the Lk real keys, probabilities to bf16
-      float* s = scores.data() + r * Lkp;
+    for (int64_t r = 0; r < rows; ++r) {  // softmax over the keys the query sees, probabilities to bf16
+      float* s = scores.data() + r * ext;
+      const int64_t n = seen[r];
       __m512 top = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < Lk; j += 16)
-        top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, tail_mask(Lk - j), s + j));
+      for (int64_t j = 0; j < n; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, tail_mask(n - j), s + j));
       const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
       __m512 total = _mm512_setzero_ps();
-      for (int64_t j = 0; j < Lk; j += 16) {
-        const __mmask16 m = tail_mask(Lk - j);
-        const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
+      for (int64_t j = 0; j < ext; j += 16) {  // keys past n (masked, or padding) get probability 0
+        const __m512 e = _mm512_maskz_mov_ps(tail_mask(std::max<int64_t>(n - j, 0)),
+                                             exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
         _mm512_storeu_ps(s + j, e);
         total = _mm512_add_ps(total, e);
       }
       const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-      bf16* p = probs.data() + r * Lkp;
-      for (int64_t j = 0; j < Lkp; j += 16)  // keys past Lk were zeroed above
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j),
+      bf16* pr = probs.data() + r * ext;
+      for (int64_t j = 0; j < ext; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j),
                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(s + j), inv)));
     }
     bf16* ob = out.mutable_data_ptr<bf16>();
+    std::vector<float> row(Vc * 16);
     for (int64_t r = 0; r < rows; r += kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r));
-      pair_tile_any(mr, static_cast<int>(Vc), probs.data() + r * Lkp, Lkp, vp, Vc * 32, Lkp / 2, acc);
-      for (int x = 0; x < mr; ++x) {
-        float row[80];
-        for (int c = 0; c < Vc; ++c) _mm512_storeu_ps(row + 16 * c, acc[x * Vc + c]);
-        bf16* o = ob + ((b * Lq + i0 + r + x) * H + h) * Dv;
-        for (int64_t d = 0; d < Dv; ++d) o[d] = bf16(row[d]);
+      for (int64_t c0 = 0; c0 < Vc; c0 += kNR) {
+        const int nr = static_cast<int>(std::min<int64_t>(kNR, Vc - c0));
+        pair_tile_any(mr, nr, probs.data() + r * ext, ext, vp + 32 * c0, Vc * 32, ext / 2, acc);
+        for (int x = 0; x < mr; ++x) {
+          float* dst = row.data();
+          for (int c = 0; c < nr; ++c) _mm512_storeu_ps(dst + 16 * c, acc[x * nr + c]);
+          bf16* o = ob + ((b * Lq + i0 + r + x) * H + h) * Dv;
+          for (int64_t d = 16 * c0; d < std::min(Dv, 16 * (c0 + nr)); ++d) o[d] = bf16(dst[d - 16 * c0]);
+        }
       }
     }
   });
@@ -553,7 +582,7 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
 TORCH_LIBRARY(dsvl2_kernels, m) {
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor positions, float scale) -> Tensor");
-  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, Tensor? positions, float scale) -> Tensor");
   m.def("moe_bf16(Tensor x, Tensor ids, Tensor weights, Tensor[] gate, Tensor[] up, Tensor[] down) -> Tensor");
 }
 
