@@ -57,7 +57,7 @@ class Engine:
     another thread (or a callback) while `generate` runs."""
 
     def __init__(self, model: DeepseekVL2, processor: Processor, *, max_batch_size: int = 8,
-                 prefill_chunk: int = 2048, vision_chunk: int = 16, model_id: str = "",
+                 prefill_chunk: int = 2048, vision_chunk: int = 8, model_id: str = "",
                  revision: str | None = None):
         if max_batch_size < 1 or prefill_chunk < 1 or vision_chunk < 1:
             raise ValueError("max_batch_size, prefill_chunk and vision_chunk must be >= 1")
