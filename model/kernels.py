@@ -1,5 +1,5 @@
-"""Optional compiled CPU kernels for decode (model/csrc/decode_bf16.cpp), AVX512-BF16 dot products that read each
-weight once for all rows:
+"""Optional compiled CPU kernels (model/csrc/: decode_bf16.cpp, attention_bf16.cpp, bf16_common.h), AVX512-BF16
+dot products; the decode ones read each weight once for all rows:
   `linear`      an `F.linear` for bf16 products with few rows;
   `moe_routed`  the routed experts of a MoE layer for a few tokens in one call (two parallel passes over the
                 active experts' weights instead of three separate products per expert);
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 MAX_ROWS = 32
 ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_bf16.cpp"
+_SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_bf16.cpp", "attention_bf16.cpp")]
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
@@ -64,7 +64,7 @@ def _build() -> tuple[str | None, float]:
             warnings.simplefilter("ignore")
             # is_python_module=False: a plain shared library that registers torch.ops.dsvl2_kernels.*
             # (no pybind module, no Python.h ABI to match). The build cache is keyed by source and flags.
-            cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+            cpp_extension.load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         torch.ops.dsvl2_kernels.linear_bf16  # noqa: B018 - raises if the library registered nothing
     except Exception as exc:  # any failure (no compiler, no ninja, compile error, load error) means: fall back
