@@ -32,7 +32,8 @@ class _Sequence:
     index: int
     request: Request
     submitted: float
-    prepared: Prepared | None = None
+    prepared: Prepared | None = None  # processor output (pixels included), dropped once embedded
+    n_prompt: int = 0  # prompt tokens, known from admission
     embeds: torch.Tensor | None = None  # (T, E) prompt embeddings, dropped once prefilled
     row: int = -1
     prefilled: int = 0
@@ -44,12 +45,8 @@ class _Sequence:
     text: str = ""
 
     @property
-    def n_prompt(self) -> int:
-        return int(self.prepared.input_ids.shape[0]) if self.prepared is not None else 0
-
-    @property
     def decoding(self) -> bool:
-        return self.prepared is not None and self.prefilled == self.n_prompt
+        return self.n_prompt > 0 and self.prefilled == self.n_prompt
 
 
 class Engine:
@@ -128,6 +125,7 @@ class Engine:
                 finish(seq, "cancelled")
                 continue
             seq.prepared = self.processor.prepare(seq.request.conversation)
+            seq.n_prompt = int(seq.prepared.input_ids.shape[0])
             seq.row, seq.admitted = free.pop(0), time.perf_counter()
             seq.generator = make_generator(seq.request.sampling)
             rows[seq.row] = seq
@@ -152,9 +150,10 @@ class Engine:
         tiles = torch.cat([p.tiles for p in items])
         embeds = self.model.embed(ids, mask, tiles, crops, vision_chunk=self.vision_chunk)
         elapsed = (time.perf_counter() - start) / len(wave)
-        for b, seq in enumerate(wave):
-            seq.embeds = embeds[b, : seq.n_prompt]
+        for b, seq in enumerate(wave):  # own copies, so each row's memory goes when it is prefilled
+            seq.embeds = embeds[b, : seq.n_prompt].clone()
             seq.prefill_seconds += elapsed
+            seq.prepared = None  # the pixels are no longer needed
 
     def _ensure_cache(self, cache: KVCache | None, rows: list[_Sequence | None]) -> KVCache:
         """A cache with room for every running row's prompt plus its token budget (grown by copying when
