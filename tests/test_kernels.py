@@ -27,6 +27,15 @@ def built() -> bool:
 
 
 @pytest.fixture
+def kernel(built) -> None:
+    """For the tests of the compiled kernels themselves. Where none can be built here (no AVX512-BF16, compiler or
+    ninja), test_availability_follows_the_machine checks that this is why, and the fallback paths are what the
+    model runs (tested by the other tests here and by the whole suite)."""
+    if not built:
+        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+
+
+@pytest.fixture
 def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
     """Records the (M, N, K) of every product `linear` hands to the kernel."""
     calls: list[tuple[int, ...]] = []
@@ -81,18 +90,14 @@ SHAPES = [  # (M, N, K): full tiles, every M and N remainder of the 4 x 4 tiles,
 
 
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
-def test_kernel_matches_float32_reference(built, m, n, k):
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+def test_kernel_matches_float32_reference(kernel, m, n, k):
     torch.manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, dtype=torch.bfloat16)
     w = torch.randn(n, k, dtype=torch.bfloat16)
     assert_close_to_float32(kernels.linear_bf16(x, w), x, w)
 
 
-def test_kernel_reads_strided_activations(built):
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+def test_kernel_reads_strided_activations(kernel):
     torch.manual_seed(0)
     w = torch.randn(37, 300, dtype=torch.bfloat16)
     x = torch.randn(600, 6, dtype=torch.bfloat16)[::2, ::2].t()  # (3, 300), strides (2, 12)
@@ -100,9 +105,7 @@ def test_kernel_reads_strided_activations(built):
     assert_close_to_float32(kernels.linear_bf16(x, w), x, w)
 
 
-def test_linear_uses_the_kernel_for_skinny_bf16_products(built, kernel_calls):
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+def test_linear_uses_the_kernel_for_skinny_bf16_products(kernel, kernel_calls):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 64, dtype=torch.bfloat16)  # (B, T, K): rows are flattened
     w = torch.randn(40, 64, dtype=torch.bfloat16)
@@ -188,11 +191,9 @@ MOE_SHAPES = [  # (hidden, intermediate, experts, top-k, tokens): Tiny's layer a
 
 
 @pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), MOE_SHAPES)
-def test_moe_kernel_equals_the_experts_one_by_one(built, hidden, inter, experts, top_k, tokens):
+def test_moe_kernel_equals_the_experts_one_by_one(kernel, hidden, inter, experts, top_k, tokens):
     """The fused routed-expert kernel computes what MoE.dispatch does, expert by expert through F.linear: the same
     bf16 roundings, so only float32 summation order may differ (one bf16 step on a rare element)."""
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     moe = _moe(hidden, inter, experts, top_k, seed=tokens)
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -206,9 +207,7 @@ def test_moe_kernel_equals_the_experts_one_by_one(built, hidden, inter, experts,
     assert (diff == 0).float().mean() >= 0.99
 
 
-def test_moe_layer_takes_the_kernel_only_where_it_fits(built, monkeypatch):
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+def test_moe_layer_takes_the_kernel_only_where_it_fits(kernel, monkeypatch):
     moe = _moe(64, 40, 8, 2, seed=0)
     calls = []
     real = kernels.moe_routed
@@ -231,11 +230,9 @@ ATTEND_SHAPES = [  # (B, H, Hk, T, D, Dv, capacity, row lengths)
 
 
 @pytest.mark.parametrize(("B", "H", "Hk", "T", "D", "Dv", "capacity", "lengths"), ATTEND_SHAPES)
-def test_attention_kernel_equals_the_masked_matmul_path(built, B, H, Hk, T, D, Dv, capacity, lengths):
+def test_attention_kernel_equals_the_masked_matmul_path(kernel, B, H, Hk, T, D, Dv, capacity, lengths):
     """Over strided cache views (capacity > used slots), the kernel's causal attention equals language.attend with
     the causal mask: the same bf16 roundings, float32 summation order aside."""
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     from model.language import attend, causal_mask
 
     torch.manual_seed(B * 100 + T)
@@ -253,21 +250,17 @@ def test_attention_kernel_equals_the_masked_matmul_path(built, B, H, Hk, T, D, D
     assert (diff == 0).float().mean() >= 0.99
 
 
-def test_attention_kernel_rejects_positions_past_the_cache(built):
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+def test_attention_kernel_rejects_positions_past_the_cache(kernel):
     q, k = torch.randn(1, 2, 1, 16, dtype=torch.bfloat16), torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="position past the cache"):
         kernels.attend(q, k, k, torch.tensor([[4]]), 1.0)
 
 
 @pytest.mark.parametrize("name", ["base-noaux", "small-mla", "tiny-mha"])
-def test_model_decode_through_the_kernels_equals_decode_through_f_linear(built, kernel_calls, monkeypatch, name):
+def test_model_decode_through_the_kernels_equals_decode_through_f_linear(kernel, kernel_calls, monkeypatch, name):
     """Catches a wrong wiring of the kernels into the model: a bf16 decode step on each parity checkpoint gives the
     same logits (within bf16 noise) with the kernels as with F.linear and torch's attention, and the kernels (the
     fused experts, and on the MHA checkpoint the cache attention) really ran."""
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     from parity import checkpoint_names, parity_model
 
     assert name in checkpoint_names()
@@ -304,12 +297,10 @@ ATTENTION_SHAPES = [  # (B, H, Lq, Lk, D, Dv): SigLIP tiles (729 tokens, 72-wide
 
 
 @pytest.mark.parametrize(("B", "H", "Lq", "Lk", "D", "Dv"), ATTENTION_SHAPES)
-def test_full_attention_kernel_is_as_close_to_float32_as_torchs_bf16_attention(built, B, H, Lq, Lk, D, Dv):
+def test_full_attention_kernel_is_as_close_to_float32_as_torchs_bf16_attention(kernel, B, H, Lq, Lk, D, Dv):
     """The vision tower's attention kernel against float32 attention, on strided views like the tower's (q, k, v
     cut from one projection): its error stays within torch's own bf16 fused attention's (about one bf16 step of
     the output); a wrong pack, tail or softmax gives errors of the order of the values themselves."""
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     torch.manual_seed(Lq + D)
     fused = (torch.randn(B, max(Lq, Lk), 3, H, max(D, Dv)) * 1.5).to(torch.bfloat16).permute(2, 0, 3, 1, 4)
     q, k, v = fused[0][:, :, :Lq, :D], fused[1][:, :, :Lk, :D], fused[2][:, :, :Lk, :Dv]
@@ -329,12 +320,10 @@ CAUSAL_SHAPES = [  # (B, H, Hk, T, D, Dv, capacity, row lengths before the chunk
 
 
 @pytest.mark.parametrize(("B", "H", "Hk", "T", "D", "Dv", "capacity", "lengths"), CAUSAL_SHAPES)
-def test_causal_attention_kernel_is_as_close_to_float32_as_the_masked_path(built, B, H, Hk, T, D, Dv, capacity,
+def test_causal_attention_kernel_is_as_close_to_float32_as_the_masked_path(kernel, B, H, Hk, T, D, Dv, capacity,
                                                                           lengths):
     """Prefill through the kernel: over strided cache views, query (b, t) sees slots 0..position; the error
     against float32 stays within the error of the model's own bf16 path (language.attend with the causal mask)."""
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     from model.language import attend, causal_mask
 
     torch.manual_seed(T + D)
@@ -354,19 +343,15 @@ def test_causal_attention_kernel_is_as_close_to_float32_as_the_masked_path(built
     assert (out.float() - ref).abs().max() <= 2 * model_error + 1e-3
 
 
-def test_causal_attention_kernel_rejects_positions_past_the_keys(built):
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
+def test_causal_attention_kernel_rejects_positions_past_the_keys(kernel):
     q = torch.randn(1, 2, 3, 16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="position past the keys"):
         kernels.attention(q, q, q, 1.0, torch.tensor([[1, 2, 3]]))
 
 
-def test_vision_tower_runs_its_attention_and_fused_gelu_through_the_kernels(built, monkeypatch):
+def test_vision_tower_runs_its_attention_and_fused_gelu_through_the_kernels(kernel, monkeypatch):
     """Catches a wrong wiring into the tower: a bf16 tile gives the same features (within bf16 noise) with the
     kernels as with torch's fused attention and separate GELU, and the kernels really ran."""
-    if not built:
-        pytest.skip(NO_KERNEL.format(kernels.build_error()))
     from parity import checkpoint_names, parity_model
 
     model = parity_model(checkpoint_names()[0], torch.bfloat16)
