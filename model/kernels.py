@@ -121,15 +121,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     return linear_bf16(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])  # (..., N)
 
 
+def _usable(*tensors: torch.Tensor) -> bool:
+    """bf16 CPU tensors that need no autograd (the ops have no backward), and the kernels available here."""
+    return (
+        all(t.dtype is torch.bfloat16 and t.is_cpu for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and available()
+    )
+
+
 def moe_fits(x: torch.Tensor, expert_weight: torch.Tensor) -> bool:
     """Whether `moe_routed` covers routing tokens x (N, E) to experts whose weights look like `expert_weight`
     (one of them), and the kernel is available and switched on."""
-    return (
-        x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype is torch.bfloat16 and x.is_cpu
-        and expert_weight.dtype is torch.bfloat16 and expert_weight.is_cpu
-        and not (torch.is_grad_enabled() and (x.requires_grad or expert_weight.requires_grad))
-        and available()
-    )
+    return x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS and _usable(x, expert_weight)
 
 
 def moe_routed(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: list[torch.Tensor],
@@ -144,11 +148,10 @@ def attend_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attend` covers queries q (B, H, T, D) over cache views k, v (B, Hk, S, D|Dv), and the kernel is
     available and switched on."""
     return (
-        all(t.dtype is torch.bfloat16 and t.is_cpu and t.ndim == 4 for t in (q, k, v))
+        q.ndim == k.ndim == v.ndim == 4
         and 0 < q.shape[2] <= MAX_ROWS and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
         and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1]
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-        and available()
+        and _usable(q, k, v)
     )
 
 
@@ -183,10 +186,9 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
 def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attention` covers q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), and the kernel is available."""
     return (
-        all(t.dtype is torch.bfloat16 and t.is_cpu and t.ndim == 4 and t.stride(-1) == 1 for t in (q, k, v))
+        q.ndim == k.ndim == v.ndim == 4 and all(t.stride(-1) == 1 for t in (q, k, v))
         and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-        and available()
+        and _usable(q, k, v)
     )
 
 
