@@ -32,3 +32,17 @@ def test_dtype_auto_follows_the_checkpoint(monkeypatch):
     assert runtime.checkpoint_dtype(checkpoint_dir(name)) == "float32"
     engine = runtime.load_runtime(str(checkpoint_dir(name)), max_batch_size=2)
     assert engine.model.dtype is torch.float32 and engine.max_batch_size == 2
+
+
+def test_a_bf16_cpu_runtime_prepares_the_kernels_at_load(monkeypatch):
+    """The kernels' build (first run) or load happens in load_runtime, not inside the first page; a float32
+    runtime never asks for them."""
+    from model import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "available", lambda: calls.append(1) or False)
+    name = require(checkpoint_names(), "parity checkpoints")[0]
+    engine = runtime.load_runtime(str(checkpoint_dir(name)), dtype="float32", max_batch_size=1)
+    assert engine.model.dtype is torch.float32 and not calls
+    engine = runtime.load_runtime(str(checkpoint_dir(name)), dtype="bfloat16", max_batch_size=1)
+    assert engine.model.dtype is torch.bfloat16 and calls == [1]
