@@ -204,6 +204,7 @@ class Engine:
                 self._accept(seq, logits, finish)
 
     def _chunk_size(self, seq: _Sequence) -> int:
+        """This step's chunk of `seq`'s prompt: ceil(n / budget) equal parts of its n tokens, or what is left."""
         parts = -(-seq.n_prompt // self.prefill_chunk)
         return min(-(-seq.n_prompt // parts), seq.n_prompt - seq.prefilled)
 

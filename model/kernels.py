@@ -162,6 +162,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.T
     return torch.ops.dsvl2_kernels.attend_bf16(q, k, v, positions, scale)
 
 
+@functools.cache
 def _onednn_linear_pointwise():
     """torch's oneDNN linear with a fused epilogue (the op Inductor uses on CPU), or None where this torch lacks it."""
     if not torch.backends.mkldnn.is_available():
