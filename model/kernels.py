@@ -1,8 +1,9 @@
-"""Optional compiled CPU kernels (model/csrc/: decode_bf16.cpp, attention_bf16.cpp, bf16_common.h), AVX512-BF16
-dot products; the decode ones read each weight once for all rows:
+"""Optional compiled CPU kernels (model/csrc/: decode_bf16.cpp, moe_bf16.cpp, attention_bf16.cpp, bf16_common.h),
+AVX512-BF16 dot products; the decode ones read each weight once for all rows:
   `linear`      an `F.linear` for bf16 products with few rows;
-  `moe_routed`  the routed experts of a MoE layer for a few tokens in one call (two parallel passes over the
-                active experts' weights instead of three separate products per expert);
+  `moe_routed`  the routed experts of a MoE layer in one call (two parallel passes over the active experts' weights
+                instead of three separate products per expert, with the token gathering and the weighted sum):
+                decode streams each weight once; experts with many rows (prefill) multiply packed weight blocks;
   `attend`      attention of a few new queries over the cache, reading each cached key and value row once, in
                 place (torch's batched products copy the cache's strided views first);
   `attention`   attention of many queries (the vision tower's 729-token tiles; prefill chunks, causal over the
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 MAX_ROWS = 32
 ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
-_SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_bf16.cpp", "attention_bf16.cpp")]
+_SOURCES = [Path(__file__).resolve().parent / "csrc" / name
+            for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp")]
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
@@ -133,7 +135,7 @@ def _usable(*tensors: torch.Tensor) -> bool:
 def moe_fits(x: torch.Tensor, expert_weight: torch.Tensor) -> bool:
     """Whether `moe_routed` covers routing tokens x (N, E) to experts whose weights look like `expert_weight`
     (one of them), and the kernel is available and switched on."""
-    return x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS and _usable(x, expert_weight)
+    return x.ndim == 2 and x.shape[0] > 0 and _usable(x, expert_weight)
 
 
 def moe_routed(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: list[torch.Tensor],

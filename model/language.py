@@ -332,7 +332,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, E)
         ids, weights = self.gate(flat)  # (N, K)
-        if kernels.moe_fits(flat, self.experts[0].down_proj.weight):  # decode: the whole layer in one call
+        if kernels.moe_fits(flat, self.experts[0].down_proj.weight):  # bf16 CPU: the whole layer in one call
             y = kernels.moe_routed(flat, ids, weights, *self._expert_weights())
         else:
             y = self.dispatch(flat, ids, weights)

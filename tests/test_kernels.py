@@ -182,10 +182,12 @@ def _moe(hidden: int, inter: int, experts: int, top_k: int, seed: int):
     return moe.to(torch.bfloat16).requires_grad_(False)
 
 
-MOE_SHAPES = [  # (hidden, intermediate, experts, top-k, tokens): Tiny's layer at batch 8, odd sizes, one token,
-    (1280, 896, 64, 6, 8),  # all slots on few experts, the most rows the kernel takes
-    (97, 31, 5, 3, 32),
-    (33, 7, 4, 4, 1),
+MOE_SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: all slots crowded onto the first ones
+    (1280, 896, 64, 6, 8),  # Tiny's layer at batch 8: every expert streams its weight (few rows)
+    (1280, 896, 64, 6, 160),  # prefill-sized: experts with >= 16 rows packed, the others streamed, in one call
+    (97, 31, 5, 3, 32),  # odd sizes, crowded: packed with odd K on both passes and a partial column block
+    (33, 7, 4, 4, 40),
+    (33, 7, 4, 4, 1),  # one token
     (64, 40, 8, 2, 3),
 ]
 
@@ -214,9 +216,9 @@ def test_moe_layer_takes_the_kernel_only_where_it_fits(kernel, monkeypatch):
     monkeypatch.setattr(kernels, "moe_routed", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     with torch.inference_mode():
         decode = moe(torch.randn(2, 3, 64, dtype=torch.bfloat16))
-        moe(torch.randn(1, kernels.MAX_ROWS + 1, 64, dtype=torch.bfloat16))  # prefill-sized: experts one by one
-        moe.float()(torch.randn(1, 4, 64))  # float32: F.linear
-    assert calls == [6]
+        moe(torch.randn(1, 100, 64, dtype=torch.bfloat16))  # prefill-sized: the kernel too
+        moe.float()(torch.randn(1, 4, 64))  # float32: experts one by one through F.linear
+    assert calls == [6, 100]
     assert decode.shape == (2, 3, 64)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     assert not kernels.moe_fits(torch.randn(2, 64, dtype=torch.bfloat16), moe.experts[0].down_proj.weight.bfloat16())

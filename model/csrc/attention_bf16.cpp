@@ -8,85 +8,6 @@ namespace {
 
 using namespace dsvl2_kernels_detail;
 
-// e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, times 2^n (scalef). Relative
-// error ~2e-7 (a couple of float ulps); x below -87 gives 0, as expf underflows.
-inline __m512 exp16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 y = _mm512_set1_ps(1.0f / 720);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(y, n));
-}
-
-// acc[r][c] (MR rows x NR 16-lane columns) += sum over pairs t < pairs of a_r pair t * b[t][c]: the pair-packed
-// GEMM micro-kernel. Row r of `a` starts at a + r * lda (bf16, pairs contiguous); b's pair t starts at b + t * ldb.
-template <int MR, int NR>
-inline void pair_tile(const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs, __m512* out) {
-  __m512 acc[MR * NR];  // local, so the compiler keeps it in registers (out may alias anything)
-  for (int t = 0; t < MR * NR; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < pairs; ++t) {
-    __m512bh bv[NR];
-    for (int c = 0; c < NR; ++c) bv[c] = load_bf16(b + t * ldb + 32 * c);
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh av = bcast_pair(a + r * lda + 2 * t);
-      for (int c = 0; c < NR; ++c) acc[r * NR + c] = _mm512_dpbf16_ps(acc[r * NR + c], bv[c], av);
-    }
-  }
-  for (int t = 0; t < MR * NR; ++t) out[t] = acc[t];
-}
-
-template <int MR>
-inline void pair_tile_cols(int nr, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs,
-                           __m512* acc) {
-  switch (nr) {
-    case 5: pair_tile<MR, 5>(a, lda, b, ldb, pairs, acc); break;
-    case 4: pair_tile<MR, 4>(a, lda, b, ldb, pairs, acc); break;
-    case 3: pair_tile<MR, 3>(a, lda, b, ldb, pairs, acc); break;
-    case 2: pair_tile<MR, 2>(a, lda, b, ldb, pairs, acc); break;
-    default: pair_tile<MR, 1>(a, lda, b, ldb, pairs, acc); break;
-  }
-}
-
-inline void pair_tile_any(int mr, int nr, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs,
-                          __m512* acc) {
-  switch (mr) {
-    case 4: pair_tile_cols<4>(nr, a, lda, b, ldb, pairs, acc); break;
-    case 3: pair_tile_cols<3>(nr, a, lda, b, ldb, pairs, acc); break;
-    case 2: pair_tile_cols<2>(nr, a, lda, b, ldb, pairs, acc); break;
-    default: pair_tile_cols<1>(nr, a, lda, b, ldb, pairs, acc); break;
-  }
-}
-
-// Keys into pairs along D: out[p][j] = (k[j][2p], k[j][2p + 1]) for p < ceil(D / 2), j < Lkp (zero past Lk and D).
-// One 32-bit gather takes a pair from 16 key rows.
-inline void pack_keys(const bf16* k, int64_t ldk, int64_t Lk, int64_t D, int64_t Lkp, bf16* out) {
-  const int64_t Dp = (D + 1) / 2, even = D / 2;
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(ldk)));
-  for (int64_t j = 0; j < Lkp; j += 16) {
-    const __mmask16 m = tail_mask(Lk - j);
-    const bf16* base = k + j * ldk;
-    for (int64_t p = 0; p < even; ++p) {
-      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, base + 2 * p, 2);
-      _mm512_storeu_si512(reinterpret_cast<void*>(out + (p * Lkp + j) * 2), w);
-    }
-    if (Dp > even) {  // odd D: the last pair is (k[j][D - 1], 0)
-      bf16* dst = out + (even * Lkp + j) * 2;
-      for (int64_t jj = 0; jj < 16; ++jj) {
-        dst[2 * jj] = j + jj < Lk ? base[jj * ldk + D - 1] : bf16(0.0f);
-        dst[2 * jj + 1] = bf16(0.0f);
-      }
-    }
-  }
-}
-
 // Values into pairs along Lk: out[t][d] = (v[2t][d], v[2t + 1][d]) for t < Lkp / 2, d < 16 * Vc (zero past Lk, Dv).
 inline void pack_values(const bf16* v, int64_t ldv, int64_t Lk, int64_t Dv, int64_t Lkp, int64_t Vc, bf16* out) {
   __m512i lo_idx, hi_idx;  // interleave the low / high 16 lanes of a and b: a0 b0 a1 b1 ...
@@ -161,7 +82,7 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   bf16* const pk = packed.mutable_data_ptr<bf16>();
   run_units(B * Hk, [&](int64_t bh) {
     const int64_t b = bh / Hk, h = bh % Hk;
-    pack_keys(k.const_data_ptr<bf16>() + b * k.stride(0) + h * k.stride(1), k.stride(2), Lk, D, Lkp,
+    pack_pairs(k.const_data_ptr<bf16>() + b * k.stride(0) + h * k.stride(1), k.stride(2), Lk, D, Lkp,
               pk + bh * (kpack + vpack));
     pack_values(v.const_data_ptr<bf16>() + b * v.stride(0) + h * v.stride(1), v.stride(2), Lk, Dv, Lkp, Vc,
                 pk + bh * (kpack + vpack) + kpack);

@@ -49,10 +49,11 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));  // [a b c d]
 }
 
-// y[j, i] = x[j] . w[i] for the NB rows of w at `w` and the MB rows of x at `x` (row strides K; y's is ldy).
+// y[j, i] = x[j] . w[i] for the NB rows of w at `w` (row stride K) and the MB rows of x at `x` (row stride ldx),
+// y's row stride ldy.
 // With PREFETCH, each 64-byte load of a weight row also prefetches the same place in the next slab into L2.
 template <int NB, int MB, bool PREFETCH>
-inline void tile(const bf16* w, const bf16* x, bf16* y, int64_t K, int64_t ldy) {
+inline void tile(const bf16* w, const bf16* x, int64_t ldx, bf16* y, int64_t K, int64_t ldy) {
   __m512 acc[NB * MB];  // acc[i * MB + j] for w row i, x row j
   for (int t = 0; t < NB * MB; ++t) acc[t] = _mm512_setzero_ps();
 
@@ -64,7 +65,7 @@ inline void tile(const bf16* w, const bf16* x, bf16* y, int64_t K, int64_t ldy) 
       if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(w + (kNB + i) * K + k), _MM_HINT_T1);
     }
     for (int j = 0; j < MB; ++j) {
-      const __m512bh xv = load_bf16(x + j * K + k);
+      const __m512bh xv = load_bf16(x + j * ldx + k);
       for (int i = 0; i < NB; ++i) acc[i * MB + j] = _mm512_dpbf16_ps(acc[i * MB + j], wv[i], xv);
     }
   }
@@ -73,7 +74,7 @@ inline void tile(const bf16* w, const bf16* x, bf16* y, int64_t K, int64_t ldy) 
     __m512bh wv[NB];
     for (int i = 0; i < NB; ++i) wv[i] = load_bf16_masked(w + i * K + k, mask);
     for (int j = 0; j < MB; ++j) {
-      const __m512bh xv = load_bf16_masked(x + j * K + k, mask);
+      const __m512bh xv = load_bf16_masked(x + j * ldx + k, mask);
       for (int i = 0; i < NB; ++i) acc[i * MB + j] = _mm512_dpbf16_ps(acc[i * MB + j], wv[i], xv);
     }
   }
@@ -87,37 +88,41 @@ inline void tile(const bf16* w, const bf16* x, bf16* y, int64_t K, int64_t ldy) 
 }
 
 template <int NB, bool PREFETCH>
-inline void tile_rows(const bf16* w, const bf16* x, bf16* y, int64_t rows, int64_t K, int64_t ldy) {
+inline void tile_rows(const bf16* w, const bf16* x, int64_t ldx, bf16* y, int64_t rows, int64_t K, int64_t ldy) {
   static_assert(kMB == 8, "one case per row count up to kMB");
   switch (rows) {
-    case 8: tile<NB, 8, PREFETCH>(w, x, y, K, ldy); break;
-    case 7: tile<NB, 7, PREFETCH>(w, x, y, K, ldy); break;
-    case 6: tile<NB, 6, PREFETCH>(w, x, y, K, ldy); break;
-    case 5: tile<NB, 5, PREFETCH>(w, x, y, K, ldy); break;
-    case 4: tile<NB, 4, PREFETCH>(w, x, y, K, ldy); break;
-    case 3: tile<NB, 3, PREFETCH>(w, x, y, K, ldy); break;
-    case 2: tile<NB, 2, PREFETCH>(w, x, y, K, ldy); break;
-    case 1: tile<NB, 1, PREFETCH>(w, x, y, K, ldy); break;
+    case 8: tile<NB, 8, PREFETCH>(w, x, ldx, y, K, ldy); break;
+    case 7: tile<NB, 7, PREFETCH>(w, x, ldx, y, K, ldy); break;
+    case 6: tile<NB, 6, PREFETCH>(w, x, ldx, y, K, ldy); break;
+    case 5: tile<NB, 5, PREFETCH>(w, x, ldx, y, K, ldy); break;
+    case 4: tile<NB, 4, PREFETCH>(w, x, ldx, y, K, ldy); break;
+    case 3: tile<NB, 3, PREFETCH>(w, x, ldx, y, K, ldy); break;
+    case 2: tile<NB, 2, PREFETCH>(w, x, ldx, y, K, ldy); break;
+    case 1: tile<NB, 1, PREFETCH>(w, x, ldx, y, K, ldy); break;
     default: break;
   }
 }
 
-// y[:, n0:n1] for all M rows of x, rows n0..n1 of w (a multiple of NB of them). Row block by row block: the
-// first block streams the weight in (and prefetches ahead), the others find it in L2 (n1 - n0 rows of w are at
-// most ~kChunkBytes), while x's current block of kMB rows stays in L1.
+// y[:, n0:n1] for all M rows of x (row stride ldx), rows n0..n1 of w (a multiple of NB of them). Row block by row
+// block: the first block streams the weight in (and prefetches ahead), the others find it in L2 (n1 - n0 rows of w
+// are at most ~kChunkBytes), while x's current block of kMB rows stays in L1.
 template <int NB>
-inline void rows(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N) {
-  for (int64_t n = n0; n < n1; n += NB) tile_rows<NB, true>(w + n * K, x, y + n, std::min<int64_t>(M, kMB), K, N);
+inline void rows(const bf16* w, const bf16* x, int64_t ldx, bf16* y, int64_t n0, int64_t n1, int64_t M, int64_t K,
+                 int64_t N) {
+  for (int64_t n = n0; n < n1; n += NB) tile_rows<NB, true>(w + n * K, x, ldx, y + n, std::min<int64_t>(M, kMB), K, N);
   for (int64_t m = kMB; m < M; m += kMB)
     for (int64_t n = n0; n < n1; n += NB)
-      tile_rows<NB, false>(w + n * K, x + m * K, y + m * N + n, std::min<int64_t>(M - m, kMB), K, N);
+      tile_rows<NB, false>(w + n * K, x + m * ldx, ldx, y + m * N + n, std::min<int64_t>(M - m, kMB), K, N);
 }
 
-// y[:, n0:n1] for any span: tiles of kNB weight rows, then the last (n1 - n0) % kNB rows one by one.
-inline void span(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N) {
+// y[:, n0:n1] for any span: tiles of kNB weight rows, then the last (n1 - n0) % kNB rows one by one. x's rows are K
+// long at stride ldx (K unless given), y's stride is N.
+inline void span(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N,
+                 int64_t ldx = -1) {
+  if (ldx < 0) ldx = K;
   const int64_t full = n0 + (n1 - n0) / kNB * kNB;
-  rows<kNB>(w, x, y, n0, full, M, K, N);
-  rows<1>(w, x, y, full, n1, M, K, N);
+  rows<kNB>(w, x, ldx, y, n0, full, M, K, N);
+  rows<1>(w, x, ldx, y, full, n1, M, K, N);
 }
 
 // Runs work(unit) for units 0..units-1 on the intra-op threads; threads take units from a shared counter, so a
@@ -153,6 +158,115 @@ inline __m512bh bcast_pair(const bf16* p) {  // (p[0], p[1]) in all 16 pair lane
   uint32_t bits;
   std::memcpy(&bits, p, sizeof bits);
   return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+}
+
+// e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, times 2^n (scalef). Relative
+// error ~2e-7 (a couple of float ulps); x below -87 gives 0, as expf underflows.
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 y = _mm512_set1_ps(1.0f / 720);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(y, n));
+}
+
+// acc[r][c] (MR rows x NR 16-lane columns) += sum over pairs t < pairs of a_r pair t * b[t][c]: the pair-packed
+// GEMM micro-kernel. Row r of `a` starts at a + r * lda (bf16, pairs contiguous); b's pair t starts at b + t * ldb.
+template <int MR, int NR>
+inline void pair_tile(const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs, __m512* out) {
+  __m512 acc[MR * NR];  // local, so the compiler keeps it in registers (out may alias anything)
+  for (int t = 0; t < MR * NR; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < pairs; ++t) {
+    __m512bh bv[NR];
+    for (int c = 0; c < NR; ++c) bv[c] = load_bf16(b + t * ldb + 32 * c);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh av = bcast_pair(a + r * lda + 2 * t);
+      for (int c = 0; c < NR; ++c) acc[r * NR + c] = _mm512_dpbf16_ps(acc[r * NR + c], bv[c], av);
+    }
+  }
+  for (int t = 0; t < MR * NR; ++t) out[t] = acc[t];
+}
+
+template <int MR>
+inline void pair_tile_cols(int nr, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs,
+                           __m512* acc) {
+  switch (nr) {
+    case 5: pair_tile<MR, 5>(a, lda, b, ldb, pairs, acc); break;
+    case 4: pair_tile<MR, 4>(a, lda, b, ldb, pairs, acc); break;
+    case 3: pair_tile<MR, 3>(a, lda, b, ldb, pairs, acc); break;
+    case 2: pair_tile<MR, 2>(a, lda, b, ldb, pairs, acc); break;
+    default: pair_tile<MR, 1>(a, lda, b, ldb, pairs, acc); break;
+  }
+}
+
+inline void pair_tile_any(int mr, int nr, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs,
+                          __m512* acc) {
+  switch (mr) {
+    case 4: pair_tile_cols<4>(nr, a, lda, b, ldb, pairs, acc); break;
+    case 3: pair_tile_cols<3>(nr, a, lda, b, ldb, pairs, acc); break;
+    case 2: pair_tile_cols<2>(nr, a, lda, b, ldb, pairs, acc); break;
+    default: pair_tile_cols<1>(nr, a, lda, b, ldb, pairs, acc); break;
+  }
+}
+
+// Transposes 16 rows of 16 32-bit elements in place: r[i] lane j becomes r[j] lane i (unpacks within 128-bit
+// lanes, then 128-bit lane shuffles; 64 shuffles).
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+
+// Rows of a matrix (attention keys, expert weights) into pairs along their length, the layout `pair_tile` reads as
+// its b: out[p][j] = (k[j][2p], k[j][2p + 1]) for p < ceil(D / 2), j < Lkp, rows Lk of length D at stride ldk (zero
+// past Lk and D). Blocks of 16 rows x 16 pairs are read as 64-byte row pieces (sequential, prefetch-friendly, where
+// a 32-bit gather per pair touched 16 cache lines) and transposed in registers.
+inline void pack_pairs(const bf16* k, int64_t ldk, int64_t Lk, int64_t D, int64_t Lkp, bf16* out) {
+  const int64_t Dp = (D + 1) / 2;
+  __m512i r[16];
+  for (int64_t j = 0; j < Lkp; j += 16) {
+    const int64_t rows = std::clamp<int64_t>(Lk - j, 0, 16);
+    for (int64_t p = 0; p < Dp; p += 16) {
+      const int64_t left = D - 2 * p;  // elements of each row from pair p on
+      const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t{1} << left) - 1);
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i >= rows) {
+          r[i] = _mm512_setzero_si512();
+          continue;
+        }
+        const bf16* src = k + (j + i) * ldk + 2 * p;
+        _mm_prefetch(reinterpret_cast<const char*>(src + 4 * 32), _MM_HINT_T0);  // 4 blocks ahead in the row
+        r[i] = _mm512_maskz_loadu_epi16(m, src);
+      }
+      transpose16(r);
+      for (int64_t q = 0; q < std::min<int64_t>(16, Dp - p); ++q)
+        _mm512_storeu_si512(reinterpret_cast<void*>(out + ((p + q) * Lkp + j) * 2), r[q]);
+    }
+  }
 }
 
 }  // namespace dsvl2_kernels_detail

@@ -1,10 +1,9 @@
 // Decode kernels for bf16 on AVX512-BF16 CPUs, registered as torch.ops.dsvl2_kernels.*; model/kernels.py builds
 // them and decides when to call them.
 //   linear_bf16  skinny product y (M, N) = x (M, K) @ w (N, K)^T with M small (1..32);
-//   moe_bf16     a whole routed-expert layer for a few tokens: every active expert's gate/up products, SiLU
-//                gating and down product, then the routing-weighted sum, in two parallel passes (see below);
 //   attend_bf16  attention of a few new queries over the KV cache, in place.
-// The many-query attention is in attention_bf16.cpp; shared pieces in bf16_common.h.
+// The routed-expert layer (moe_bf16) is in moe_bf16.cpp, the many-query attention in attention_bf16.cpp, shared
+// pieces in bf16_common.h.
 //
 // Decode is bound by reading the weight, so the weight is read from memory exactly once for all M rows. Threads
 // take chunks of W's rows (~128 KB) from a shared counter, so a thread that starts late (another process on its
@@ -45,98 +44,6 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
   run_units((N + per_unit - 1) / per_unit, [&](int64_t u) {
     span(wp, xp, yp, u * per_unit, std::min(N, (u + 1) * per_unit), M, K, N);
   });
-  return y;
-}
-
-// The routed experts of one MoE layer for a few tokens (decode), matching the model's reference arithmetic:
-// per token slot (n, k) routed to expert e, a = bf16(bf16(silu(bf16(x gate_e))) * bf16(x up_e)),
-// o = bf16(a down_e), then y[n] = bf16(sum over k in order of float(o[n, k]) * weights[n, k]).
-// Slots are grouped by expert, each active expert's rows of x gathered once. Pass 1 hands out units of (expert,
-// block of gate/up rows): both products for all of the expert's tokens, then the gating for those columns. Pass 2
-// hands out units of (expert, block of down rows). Each expert weight byte is read once per step, and the whole
-// layer is two parallel regions instead of three products per active expert.
-at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
-                    at::TensorList gate, at::TensorList up, at::TensorList down) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu(),
-              "moe_bf16: x must be a (N, E) bfloat16 CPU tensor");
-  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0) && ids_in.scalar_type() == at::kLong,
-              "moe_bf16: ids must be (N, K) int64");
-  TORCH_CHECK(weights_in.sizes() == ids_in.sizes() && weights_in.scalar_type() == at::kFloat,
-              "moe_bf16: weights must be (N, K) float32");
-  const int64_t X = static_cast<int64_t>(gate.size());
-  TORCH_CHECK(X > 0 && static_cast<int64_t>(up.size()) == X && static_cast<int64_t>(down.size()) == X,
-              "moe_bf16: gate, up and down must list the same experts");
-  const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous(), routing = weights_in.contiguous();
-  const int64_t N = x.size(0), E = x.size(1), K = ids.size(1), I = gate[0].size(0);
-  const int64_t* idp = ids.const_data_ptr<int64_t>();
-  for (int64_t s = 0; s < N * K; ++s) TORCH_CHECK(idp[s] >= 0 && idp[s] < X, "moe_bf16: expert id out of range");
-
-  // Slots grouped by expert (stable); packed row r of the gathered activations belongs to slot slot_of[r].
-  std::vector<int64_t> count(X, 0), start(X + 1, 0), slot_of(N * K), row_of(N * K);
-  for (int64_t s = 0; s < N * K; ++s) ++count[idp[s]];
-  for (int64_t e = 0; e < X; ++e) start[e + 1] = start[e] + count[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t s = 0; s < N * K; ++s) {
-    row_of[s] = fill[idp[s]]++;
-    slot_of[row_of[s]] = s;
-  }
-  std::vector<int64_t> active;
-  for (int64_t e = 0; e < X; ++e) {
-    if (!count[e]) continue;
-    active.push_back(e);
-    for (const at::Tensor* w : {&gate[e], &up[e], &down[e]})
-      TORCH_CHECK(w->scalar_type() == at::kBFloat16 && w->device().is_cpu() && w->is_contiguous() && w->dim() == 2,
-                  "moe_bf16: expert weights must be contiguous 2-D bfloat16 CPU tensors");
-    TORCH_CHECK(gate[e].size(0) == I && gate[e].size(1) == E && up[e].sizes() == gate[e].sizes() &&
-                down[e].size(0) == E && down[e].size(1) == I,
-                "moe_bf16: expert ", e, " has weights of the wrong shape");
-  }
-
-  const int64_t R = N * K;
-  at::Tensor xs = at::empty({R, E}, x.options()), g = at::empty({R, I}, x.options());
-  at::Tensor u = at::empty({R, I}, x.options()), out = at::empty({R, E}, x.options());
-  const bf16* xp = x.const_data_ptr<bf16>();
-  bf16* xsp = xs.mutable_data_ptr<bf16>();
-  for (int64_t r = 0; r < R; ++r) std::copy_n(xp + slot_of[r] / K * E, E, xsp + r * E);
-  bf16* gp = g.mutable_data_ptr<bf16>();
-  bf16* up_ = u.mutable_data_ptr<bf16>();
-  bf16* op = out.mutable_data_ptr<bf16>();
-  const int64_t A = static_cast<int64_t>(active.size());
-
-  // Pass 1: gate and up rows [n0, n1) of one expert for all its tokens, then a = silu(g) * u in place in g.
-  const int64_t per1 = rows_per_unit(2 * E * 2), units1 = (I + per1 - 1) / per1;
-  run_units(A * units1, [&](int64_t unit) {
-    const int64_t e = active[unit / units1], n0 = unit % units1 * per1, n1 = std::min(I, n0 + per1);
-    const int64_t r0 = start[e], M = count[e];
-    span(gate[e].const_data_ptr<bf16>(), xsp + r0 * E, gp + r0 * I, n0, n1, M, E, I);
-    span(up[e].const_data_ptr<bf16>(), xsp + r0 * E, up_ + r0 * I, n0, n1, M, E, I);
-    for (int64_t m = r0; m < r0 + M; ++m)
-      for (int64_t i = n0; i < n1; ++i) {
-        const float gv = static_cast<float>(gp[m * I + i]);
-        const bf16 act = bf16(gv / (1.0f + std::exp(-gv)));
-        gp[m * I + i] = bf16(static_cast<float>(act) * static_cast<float>(up_[m * I + i]));
-      }
-  });
-  // Pass 2: down rows [n0, n1) of one expert for all its tokens.
-  const int64_t per2 = rows_per_unit(I * 2), units2 = (E + per2 - 1) / per2;
-  run_units(A * units2, [&](int64_t unit) {
-    const int64_t e = active[unit / units2], n0 = unit % units2 * per2, n1 = std::min(E, n0 + per2);
-    span(down[e].const_data_ptr<bf16>(), gp + start[e] * I, op + start[e] * E, n0, n1, count[e], I, E);
-  });
-
-  at::Tensor y = at::empty({N, E}, x.options());
-  bf16* yp = y.mutable_data_ptr<bf16>();
-  const float* wp = routing.const_data_ptr<float>();
-  std::vector<float> acc(E);
-  for (int64_t n = 0; n < N; ++n) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const bf16* o = op + row_of[n * K + k] * E;
-      const float w = wp[n * K + k];
-      for (int64_t c = 0; c < E; ++c) acc[c] += static_cast<float>(o[c]) * w;
-    }
-    for (int64_t c = 0; c < E; ++c) yp[n * E + c] = bf16(acc[c]);
-  }
   return y;
 }
 
@@ -218,6 +125,5 @@ TORCH_LIBRARY(dsvl2_kernels, m) {
 
 TORCH_LIBRARY_IMPL(dsvl2_kernels, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
-  m.impl("moe_bf16", &moe_bf16);
   m.impl("attend_bf16", &attend_bf16);
 }

@@ -1,0 +1,250 @@
+// The routed experts of a MoE layer in bf16 on AVX512-BF16 CPUs, registered as torch.ops.dsvl2_kernels.moe_bf16
+// (declared with the other ops in decode_bf16.cpp); model/kernels.py builds it and decides when to call it.
+//
+// One call computes every active expert's gate and up products, the SiLU gating and the down product, then the
+// routing-weighted sum, matching the model's reference arithmetic: per token slot (n, k) routed to expert e,
+// a = bf16(bf16(silu(bf16(x gate_e))) * bf16(x up_e)), o = bf16(a down_e), and y[n] = bf16(sum over k in order of
+// float(o[n, k]) * weights[n, k]). Slots are grouped by expert, each expert's rows of x gathered once. Two parallel
+// passes hand out units of (expert, block of weight rows): pass 1 the gate and up rows with the gating, pass 2 the
+// down rows. How a unit multiplies depends on how many rows its expert has:
+//   few rows (decode)   the weight is streamed once at memory speed with the dot-product tiles of bf16_common.h
+//                       (`span`), whose per-output reduction is cheap next to reading the weight;
+//   many rows (prefill) the unit's weight rows are packed into pairs along K (`pack_pairs`, 80 rows at a time,
+//                       L2-resident) and multiplied by the outer-product micro-kernel (`pair_tile`, 4 rows x 80
+//                       columns), which needs no reductions: near the dot-product rate, where oneDNN spends a
+//                       weight reorder on every expert's small product.
+
+#include "bf16_common.h"
+
+namespace {
+
+using namespace dsvl2_kernels_detail;
+
+constexpr int64_t kPackedMinRows = 16;  // an expert with at least this many rows takes the packed path
+constexpr int kPR = 8;                  // activation rows per packed micro-tile
+constexpr int kPC = 3;                  // 16-lane weight columns per packed unit and micro-tile: 48 weight rows
+
+inline __m512 round_bf16(__m512 v) {  // float32 -> nearest bf16 -> float32
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline void store_bf16(bf16* p, __m512 v, __mmask16 mask) {
+  const __m512i h = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));  // the 16 bf16 in the low half
+  _mm512_mask_storeu_epi16(reinterpret_cast<void*>(p), static_cast<__mmask32>(mask), h);
+}
+
+// The gating of bf16-rounded gate and up values: bf16(silu(g)) * u, silu(g) = g / (1 + e^-g) in float32 as torch
+// computes it (rounded once more when stored).
+inline __m512 silu_mul(__m512 g, __m512 u) {
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e))), u);
+}
+
+// g[i] = bf16(bf16(silu(g[i])) * u[i]) for i < n.
+inline void gate_in_place(bf16* g, const bf16* u, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    store_bf16(g + i, silu_mul(load16_f32(g + i, m), load16_f32(u + i, m)), m);
+  }
+}
+
+template <int NR>
+inline void rows_tile(int mr, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs, __m512* acc) {
+  switch (mr) {
+    case 8: pair_tile<8, NR>(a, lda, b, ldb, pairs, acc); break;
+    case 7: pair_tile<7, NR>(a, lda, b, ldb, pairs, acc); break;
+    case 6: pair_tile<6, NR>(a, lda, b, ldb, pairs, acc); break;
+    case 5: pair_tile<5, NR>(a, lda, b, ldb, pairs, acc); break;
+    case 4: pair_tile<4, NR>(a, lda, b, ldb, pairs, acc); break;
+    case 3: pair_tile<3, NR>(a, lda, b, ldb, pairs, acc); break;
+    case 2: pair_tile<2, NR>(a, lda, b, ldb, pairs, acc); break;
+    default: pair_tile<1, NR>(a, lda, b, ldb, pairs, acc); break;
+  }
+}
+
+// acc (mr x nr) = the pair_tile product of mr <= kPR rows of a and nr <= kPC packed columns of b.
+inline void moe_tile(int mr, int nr, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs,
+                     __m512* acc) {
+  static_assert(kPR == 8 && kPC == 3, "one case per row and column count");
+  switch (nr) {
+    case 3: rows_tile<3>(mr, a, lda, b, ldb, pairs, acc); break;
+    case 2: rows_tile<2>(mr, a, lda, b, ldb, pairs, acc); break;
+    default: rows_tile<1>(mr, a, lda, b, ldb, pairs, acc); break;
+  }
+}
+
+// Prefetches piece `part` of `parts` of the bytes [p, p + bytes) into L2. Spread over a packed unit's row blocks, it
+// brings in the weight rows of the unit this thread will likely take next while this one computes (cold expert
+// weights otherwise stall the packing).
+inline void prefetch_piece(const bf16* p, int64_t bytes, int64_t part, int64_t parts) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t o = bytes * part / parts / 64 * 64; o < bytes * (part + 1) / parts; o += 64)
+    _mm_prefetch(c + o, _MM_HINT_T1);
+}
+
+struct Unit {
+  int64_t expert, n0, n1;  // weight rows [n0, n1)
+  bool packed;
+};
+
+// Units covering `rows` weight rows of every active expert: kPC * 16 rows where the expert takes the packed path,
+// `streamed` rows (about kChunkBytes of weight) where it streams.
+std::vector<Unit> plan(const std::vector<int64_t>& active, const std::vector<int64_t>& count, int64_t rows,
+                       int64_t streamed) {
+  std::vector<Unit> units;
+  for (int64_t e : active) {
+    const bool packed = count[e] >= kPackedMinRows;
+    const int64_t step = packed ? kPC * 16 : streamed;
+    for (int64_t n0 = 0; n0 < rows; n0 += step) units.push_back({e, n0, std::min(rows, n0 + step), packed});
+  }
+  return units;
+}
+
+// Rows [n0, n1) of a weight w (rows K long) packed into `pk` as pairs along K for pair_tile's b operand
+// ((K + 1) / 2 pairs x 16 * cols lanes); returns cols, the 16-lane columns.
+int pack_unit(const bf16* w, int64_t K, int64_t n0, int64_t n1, std::vector<bf16>& pk) {
+  const int cols = static_cast<int>((n1 - n0 + 15) / 16);
+  pk.resize((K + 1) / 2 * cols * 32);
+  pack_pairs(w + n0 * K, K, n1 - n0, K, cols * 16, pk.data());
+  return cols;
+}
+
+at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
+                    at::TensorList gate, at::TensorList up, at::TensorList down) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu(),
+              "moe_bf16: x must be a (N, E) bfloat16 CPU tensor");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0) && ids_in.scalar_type() == at::kLong,
+              "moe_bf16: ids must be (N, K) int64");
+  TORCH_CHECK(weights_in.sizes() == ids_in.sizes() && weights_in.scalar_type() == at::kFloat,
+              "moe_bf16: weights must be (N, K) float32");
+  const int64_t X = static_cast<int64_t>(gate.size());
+  TORCH_CHECK(X > 0 && static_cast<int64_t>(up.size()) == X && static_cast<int64_t>(down.size()) == X,
+              "moe_bf16: gate, up and down must list the same experts");
+  const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous(), routing = weights_in.contiguous();
+  const int64_t N = x.size(0), E = x.size(1), K = ids.size(1), I = gate[0].size(0);
+  const int64_t* idp = ids.const_data_ptr<int64_t>();
+  for (int64_t s = 0; s < N * K; ++s) TORCH_CHECK(idp[s] >= 0 && idp[s] < X, "moe_bf16: expert id out of range");
+
+  // Slots grouped by expert (stable); packed row r of the gathered activations belongs to slot slot_of[r].
+  std::vector<int64_t> count(X, 0), start(X + 1, 0), slot_of(N * K), row_of(N * K);
+  for (int64_t s = 0; s < N * K; ++s) ++count[idp[s]];
+  for (int64_t e = 0; e < X; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t s = 0; s < N * K; ++s) {
+    row_of[s] = fill[idp[s]]++;
+    slot_of[row_of[s]] = s;
+  }
+  std::vector<int64_t> active;
+  bool any_streamed = false;
+  for (int64_t e = 0; e < X; ++e) {
+    if (!count[e]) continue;
+    active.push_back(e);
+    any_streamed |= count[e] < kPackedMinRows;
+    for (const at::Tensor* w : {&gate[e], &up[e], &down[e]})
+      TORCH_CHECK(w->scalar_type() == at::kBFloat16 && w->device().is_cpu() && w->is_contiguous() && w->dim() == 2,
+                  "moe_bf16: expert weights must be contiguous 2-D bfloat16 CPU tensors");
+    TORCH_CHECK(gate[e].size(0) == I && gate[e].size(1) == E && up[e].sizes() == gate[e].sizes() &&
+                down[e].size(0) == E && down[e].size(1) == I,
+                "moe_bf16: expert ", e, " has weights of the wrong shape");
+  }
+
+  // Gathered rows of x and the gated activations, each zero-padded to an even length (the packed path reads pairs).
+  const int64_t R = N * K, Ex = (E + 1) / 2 * 2, Ix = (I + 1) / 2 * 2;
+  at::Tensor xs = at::empty({R, Ex}, x.options()), g = at::empty({R, Ix}, x.options());
+  at::Tensor u = at::empty({any_streamed ? R : 0, I}, x.options()), out = at::empty({R, E}, x.options());
+  const bf16* xp = x.const_data_ptr<bf16>();
+  bf16* xsp = xs.mutable_data_ptr<bf16>();
+  bf16* gp = g.mutable_data_ptr<bf16>();
+  bf16* up_ = u.mutable_data_ptr<bf16>();
+  bf16* op = out.mutable_data_ptr<bf16>();
+  const bf16 zero(0.0f);
+  run_units((R + 63) / 64, [&](int64_t block) {
+    for (int64_t r = block * 64; r < std::min(R, block * 64 + 64); ++r) {
+      std::copy_n(xp + slot_of[r] / K * E, E, xsp + r * Ex);
+      if (Ex > E) xsp[r * Ex + E] = zero;
+      if (Ix > I) gp[r * Ix + I] = zero;
+    }
+  });
+
+  const int64_t workers = at::get_num_threads();
+  // Pass 1: gate and up rows [n0, n1) of one expert for all its rows, gated into g.
+  const std::vector<Unit> units1 = plan(active, count, I, rows_per_unit(2 * E * 2));
+  run_units(static_cast<int64_t>(units1.size()), [&](int64_t i) {
+    const Unit& t = units1[i];
+    const int64_t r0 = start[t.expert], M = count[t.expert];
+    const bf16* wg = gate[t.expert].const_data_ptr<bf16>();
+    const bf16* wu = up[t.expert].const_data_ptr<bf16>();
+    if (!t.packed) {
+      span(wg, xsp + r0 * Ex, gp + r0 * Ix, t.n0, t.n1, M, E, Ix, Ex);
+      span(wu, xsp + r0 * Ex, up_ + r0 * I, t.n0, t.n1, M, E, I, Ex);
+      for (int64_t m = r0; m < r0 + M; ++m) gate_in_place(gp + m * Ix + t.n0, up_ + m * I + t.n0, t.n1 - t.n0);
+      return;
+    }
+    thread_local std::vector<bf16> pkg, pku;
+    const int cols = pack_unit(wg, E, t.n0, t.n1, pkg);
+    pack_unit(wu, E, t.n0, t.n1, pku);
+    const Unit& next = units1[std::min<int64_t>(i + workers, units1.size() - 1)];  // likely this thread's next
+    const int64_t next_bytes = (next.n1 - next.n0) * E * 2, blocks = (M + kPR - 1) / kPR;
+    __m512 ag[kPR * kPC], au[kPR * kPC];
+    for (int64_t m = 0; m < M; m += kPR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kPR, M - m));
+      prefetch_piece(gate[next.expert].const_data_ptr<bf16>() + next.n0 * E, next_bytes, m / kPR, blocks);
+      prefetch_piece(up[next.expert].const_data_ptr<bf16>() + next.n0 * E, next_bytes, m / kPR, blocks);
+      const bf16* xm = xsp + (r0 + m) * Ex;
+      moe_tile(mr, cols, xm, Ex, pkg.data(), cols * 32, Ex / 2, ag);
+      moe_tile(mr, cols, xm, Ex, pku.data(), cols * 32, Ex / 2, au);
+      for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < cols; ++c)
+          store_bf16(gp + (r0 + m + r) * Ix + t.n0 + 16 * c, silu_mul(round_bf16(ag[r * cols + c]),
+                     round_bf16(au[r * cols + c])), tail_mask(t.n1 - t.n0 - 16 * c));
+    }
+  });
+
+  // Pass 2: down rows [n0, n1) of one expert for all its rows.
+  const std::vector<Unit> units2 = plan(active, count, E, rows_per_unit(I * 2));
+  run_units(static_cast<int64_t>(units2.size()), [&](int64_t i) {
+    const Unit& t = units2[i];
+    const int64_t r0 = start[t.expert], M = count[t.expert];
+    const bf16* wd = down[t.expert].const_data_ptr<bf16>();
+    if (!t.packed) {
+      span(wd, gp + r0 * Ix, op + r0 * E, t.n0, t.n1, M, I, E, Ix);
+      return;
+    }
+    thread_local std::vector<bf16> pk;
+    const int cols = pack_unit(wd, I, t.n0, t.n1, pk);
+    const Unit& next = units2[std::min<int64_t>(i + workers, units2.size() - 1)];
+    const int64_t next_bytes = (next.n1 - next.n0) * I * 2, blocks = (M + kPR - 1) / kPR;
+    __m512 acc[kPR * kPC];
+    for (int64_t m = 0; m < M; m += kPR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kPR, M - m));
+      prefetch_piece(down[next.expert].const_data_ptr<bf16>() + next.n0 * I, next_bytes, m / kPR, blocks);
+      moe_tile(mr, cols, gp + (r0 + m) * Ix, Ix, pk.data(), cols * 32, Ix / 2, acc);
+      for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < cols; ++c)
+          store_bf16(op + (r0 + m + r) * E + t.n0 + 16 * c, acc[r * cols + c], tail_mask(t.n1 - t.n0 - 16 * c));
+    }
+  });
+
+  // The routing-weighted sum over each token's slots, in slot order.
+  at::Tensor y = at::empty({N, E}, x.options());
+  bf16* yp = y.mutable_data_ptr<bf16>();
+  const float* wp = routing.const_data_ptr<float>();
+  run_units((N + 15) / 16, [&](int64_t block) {
+    for (int64_t n = block * 16; n < std::min(N, block * 16 + 16); ++n)
+      for (int64_t c = 0; c < E; c += 16) {
+        const __mmask16 m = tail_mask(E - c);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; ++k)
+          acc = _mm512_fmadd_ps(load16_f32(op + row_of[n * K + k] * E + c, m), _mm512_set1_ps(wp[n * K + k]), acc);
+        store_bf16(yp + n * E + c, acc, m);
+      }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsvl2_kernels, CPU, m) {
+  m.impl("moe_bf16", &moe_bf16);
+}
