@@ -81,19 +81,22 @@ class KVCache:
         else:
             self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
 
-    def grown(self, capacity: int) -> KVCache:
-        """A cache of `capacity` slots per row holding this one's contents and lengths."""
-        if capacity <= self.capacity:
+    def grown(self, capacity: int, batch: int | None = None) -> KVCache:
+        """A cache of `capacity` slots per row and `batch` rows (at least this one's of each) holding this one's
+        contents and lengths; new rows start empty."""
+        capacity, batch = max(capacity, self.capacity), max(batch or 0, self.batch)
+        if capacity == self.capacity and batch == self.batch:
             return self
-        first = self.layers[0][0]
         bigger = KVCache.__new__(KVCache)
-        bigger.capacity, bigger.lengths = capacity, self.lengths.clone()
+        bigger.capacity = capacity
+        bigger.lengths = torch.zeros(batch, dtype=self.lengths.dtype, device=self.lengths.device)
+        bigger.lengths[: self.batch] = self.lengths
         bigger.layers = []
         for layer in self.layers:
             new = []
             for buf in layer:
-                grown = torch.zeros(*buf.shape[:-2], capacity, buf.shape[-1], dtype=first.dtype, device=first.device)
-                grown[..., : self.capacity, :] = buf
+                grown = buf.new_zeros(batch, *buf.shape[1:-2], capacity, buf.shape[-1])
+                grown[: self.batch, ..., : self.capacity, :] = buf
                 new.append(grown)
             bigger.layers.append(tuple(new))
         return bigger

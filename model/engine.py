@@ -1,7 +1,8 @@
 """Generation engine: turns `Request`s into `Completion`s with continuous batching over one KV cache.
 
 The engine knows nothing about documents, files or terminals. It admits requests into free cache rows as
-others finish, encodes the images of each admission wave together (in fixed-size chunks of tiles),
+others finish (up to `max_batch_size` rows, and while the cache for every running row's prompt plus token
+budget fits `cache_budget`), encodes the images of each admission wave together (in fixed-size chunks of tiles),
 prefills prompts in chunks interleaved with decode steps of the running rows (so a long page neither
 stalls the others nor spikes memory), samples each row with its own settings and seed, and stops rows on
 EOS, `max_new_tokens`, stop strings or the repetition guard. Results come back in request order and, as
@@ -54,12 +55,19 @@ class Engine:
     another thread (or a callback) while `generate` runs."""
 
     def __init__(self, model: DeepseekVL2, processor: Processor, *, max_batch_size: int = 8,
-                 prefill_chunk: int = 2048, vision_chunk: int = 8, model_id: str = "",
-                 revision: str | None = None):
+                 prefill_chunk: int = 2048, vision_chunk: int = 8, cache_budget: int | None = None,
+                 model_id: str = "", revision: str | None = None):
+        """`cache_budget`: the most bytes the KV cache may take (None: as many rows as `max_batch_size` needs).
+        A request is admitted only while the cache for every running row's prompt plus token budget fits it;
+        a request alone always runs, whatever it needs."""
         if max_batch_size < 1 or prefill_chunk < 1 or vision_chunk < 1:
             raise ValueError("max_batch_size, prefill_chunk and vision_chunk must be >= 1")
+        if cache_budget is not None and cache_budget < 1:
+            raise ValueError("cache_budget must be a positive number of bytes")
         self.model, self.processor = model, processor
         self.max_batch_size, self.prefill_chunk, self.vision_chunk = max_batch_size, prefill_chunk, vision_chunk
+        self.cache_budget = cache_budget
+        self._token_bytes = model.language.cache_bytes_per_token()
         self.model_id, self.revision = model_id, revision
         self.eos_id = processor.tokenizer.eos_id
         self._cancelled: set[str] = set()
@@ -101,7 +109,7 @@ class Engine:
                 on_completion(completion)
 
         while queue or any(rows):
-            admitted = self._admit(queue, rows, finish)
+            admitted = self._admit(queue, rows, finish, cache)
             if admitted:
                 cache = self._ensure_cache(cache, rows)
                 cache.reset([s.row for s in admitted])
@@ -116,7 +124,8 @@ class Engine:
         return [c for c in results if c is not None]
 
     # -- admission --------------------------------------------------------------------------------------
-    def _admit(self, queue: deque[_Sequence], rows: list[_Sequence | None], finish) -> list[_Sequence]:
+    def _admit(self, queue: deque[_Sequence], rows: list[_Sequence | None], finish,
+               cache: KVCache | None) -> list[_Sequence]:
         wave = []
         free = [i for i, s in enumerate(rows) if s is None]
         while queue and free:
@@ -124,8 +133,12 @@ class Engine:
             if self._is_cancelled(seq.request.id):
                 finish(seq, "cancelled")
                 continue
-            seq.prepared = self.processor.prepare(seq.request.conversation)
-            seq.n_prompt = int(seq.prepared.input_ids.shape[0])
+            if seq.prepared is None:
+                seq.prepared = self.processor.prepare(seq.request.conversation)
+                seq.n_prompt = int(seq.prepared.input_ids.shape[0])
+            if not self._fits_budget(seq, free[0], rows, cache):
+                queue.appendleft(seq)  # waits, prepared, for running rows to finish
+                break
             seq.row, seq.admitted = free.pop(0), time.perf_counter()
             seq.generator = make_generator(seq.request.sampling)
             rows[seq.row] = seq
@@ -155,17 +168,39 @@ class Engine:
             seq.prefill_seconds += elapsed
             seq.prepared = None  # the pixels are no longer needed
 
+    @staticmethod
+    def _need(seq: _Sequence) -> int:
+        """Cache slots `seq` may fill: its prompt plus its token budget."""
+        return seq.n_prompt + seq.request.sampling.max_new_tokens
+
+    def _fits_budget(self, seq: _Sequence, row: int, rows: list[_Sequence | None], cache: KVCache | None) -> bool:
+        """Whether the cache for the running rows plus `seq` in `row` stays within `cache_budget`."""
+        running = [s for s in rows if s is not None]
+        if self.cache_budget is None or not running:
+            return True
+        capacity = max(self._need(seq), *(self._need(s) for s in running), cache.capacity if cache else 0)
+        batch = max(row, *(s.row for s in running)) + 1
+        return max(batch, cache.batch if cache else 0) * capacity * self._token_bytes <= self.cache_budget
+
     def _ensure_cache(self, cache: KVCache | None, rows: list[_Sequence | None]) -> KVCache:
-        """A cache with room for every running row's prompt plus its token budget (grown by copying when
-        a new admission needs more; rows keep their contents)."""
-        need = max(s.n_prompt + s.request.sampling.max_new_tokens for s in rows if s is not None)
-        if cache is not None and cache.capacity >= need:
+        """A cache with room for every running row's prompt plus its token budget (grown by copying when a new
+        admission needs more slots or rows; rows keep their contents). Capacity grows by doubling and the rows
+        to `len(rows)`, as far as `cache_budget` allows."""
+        running = [s for s in rows if s is not None]
+        need = max(self._need(s) for s in running)
+        batch = max(max(s.row for s in running) + 1, cache.batch if cache is not None else 0)
+        if cache is not None and cache.capacity >= need and cache.batch >= batch:
             return cache
         capacity = max(need, 2 * cache.capacity if cache is not None else 0)
         capacity = min(capacity, max(need, self.model.cfg.language.max_position_embeddings))
+        if self.cache_budget is None:
+            batch = len(rows)
+        else:
+            capacity = max(need, min(capacity, self.cache_budget // (batch * self._token_bytes)))
+            batch = max(batch, min(len(rows), self.cache_budget // (capacity * self._token_bytes)))
         if cache is None:
-            return self.model.language.new_cache(len(rows), capacity)
-        return cache.grown(capacity)
+            return self.model.language.new_cache(batch, capacity)
+        return cache.grown(capacity, batch)
 
     # -- steps ------------------------------------------------------------------------------------------
     def _prefill_step(self, cache: KVCache, rows: list[_Sequence | None], finish) -> None:
@@ -214,8 +249,8 @@ class Engine:
         active = [s for s in rows if s is not None and s.decoding and s.tokens]
         if not active:
             return
-        last = torch.zeros(len(rows), dtype=torch.long, device=cache.lengths.device)
-        live = torch.zeros(len(rows), dtype=torch.long, device=cache.lengths.device)
+        last = torch.zeros(cache.batch, dtype=torch.long, device=cache.lengths.device)
+        live = torch.zeros(cache.batch, dtype=torch.long, device=cache.lengths.device)
         for seq in active:
             last[seq.row], live[seq.row] = seq.tokens[-1], 1
         x = self.model.language.embed(last[:, None]) * live[:, None, None].to(self.model.dtype)

@@ -402,11 +402,18 @@ class LanguageModel(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    def _cache_shapes(self) -> list[tuple[int, ...]]:
+        return (MLAttention if self.cfg.use_mla else MHAttention).cache_shapes(self.cfg)
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        attn = MLAttention if self.cfg.use_mla else MHAttention
         p = self.lm_head.weight
-        return KVCache(attn.cache_shapes(self.cfg), batch=batch, capacity=capacity,
-                       n_layers=self.cfg.num_hidden_layers, dtype=p.dtype, device=p.device)
+        return KVCache(self._cache_shapes(), batch=batch, capacity=capacity, n_layers=self.cfg.num_hidden_layers,
+                       dtype=p.dtype, device=p.device)
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes one token takes in the KV cache, over all layers (MLA: the latent and the rope key only)."""
+        per_layer = sum(math.prod(shape) for shape in self._cache_shapes())
+        return per_layer * self.cfg.num_hidden_layers * self.lm_head.weight.element_size()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)

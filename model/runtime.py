@@ -89,31 +89,38 @@ def available_memory() -> int | None:
     return None
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (CPU: MemAvailable; CUDA: free device memory), None if unknown."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+
+
 def auto_batch_size(engine_model, device: torch.device, *, limit: int = 16, share: float = 0.5) -> int:
     """Rows such that every row's KV cache at the model's full context fits in `share` of the memory left
-    after loading (CPU: MemAvailable; CUDA: free device memory); between 1 and `limit`."""
+    after loading; between 1 and `limit`."""
     lang = engine_model.cfg.language
-    per_row = engine_model.language.new_cache(1, 1).nbytes() * lang.max_position_embeddings
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = available_memory()
+    per_row = engine_model.language.cache_bytes_per_token() * lang.max_position_embeddings
+    free = free_memory(device)
     if free is None:
         return 8
     return max(1, min(limit, int(free * share // max(per_row, 1))))
 
 
 def load_runtime(model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
-                 dtype: str = "auto", max_batch_size: int | None = None, prefill_chunk: int = 2048) -> Engine:
+                 dtype: str = "auto", max_batch_size: int | None = None, prefill_chunk: int = 2048,
+                 cache_budget: int | None = None) -> Engine:
     """A generation engine for `model` (a local checkpoint directory or a Hugging Face repo id). Without
-    `max_batch_size` the batch is sized from the memory left after loading (`auto_batch_size`)."""
+    `max_batch_size` the batch is sized from the memory left after loading (`auto_batch_size`); without
+    `cache_budget` the KV cache may take half of that memory, so a large batch size given by hand admits only as
+    many pages at once as their cache fits."""
     path = resolve_model(model, revision=revision)
     dev = pick_device(device)
     processor = Processor.from_dir(path)
     weights = load_model(path, dtype=pick_dtype(dtype, dev, checkpoint_dtype(path)), device=dev)
     if max_batch_size is None:
         max_batch_size = auto_batch_size(weights, dev)
+    if cache_budget is None and (free := free_memory(dev)) is not None:
+        cache_budget = max(1, free // 2)
     if dev.type == "cpu" and weights.dtype is torch.bfloat16:
         kernels.available()  # build (first run only) or load the CPU kernels now, not inside the first page
     return Engine(weights, processor, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
-                  model_id=model, revision=snapshot_revision(path) or revision)
+                  cache_budget=cache_budget, model_id=model, revision=snapshot_revision(path) or revision)

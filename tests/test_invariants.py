@@ -230,6 +230,34 @@ def test_staggered_arrivals_equal_static_batch() -> None:
     assert [c.id for c in rolling] == [r.id for r in requests], "results must come back in request order"
 
 
+@pytest.mark.parametrize("rows_in_budget", [2, 0.5])
+def test_cache_budget_bounds_the_cache_and_keeps_the_tokens(monkeypatch, rows_in_budget: float) -> None:
+    """Catches admission past the memory budget: with a cache budget of about two requests' worth (or less than
+    one), every cache the engine allocates fits the budget (a request alone excepted), fewer rows run at once than
+    the batch size allows, and the tokens equal an unbounded run's."""
+    ckpt = CHECKPOINTS[0]
+    model = parity_model(ckpt)
+    requests = page_requests(6)
+    free = Engine(model, parity_processor(ckpt), max_batch_size=4).generate(requests)
+    token_bytes = model.language.cache_bytes_per_token()
+    assert token_bytes == model.language.new_cache(1, 1).nbytes()
+    need = max(c.n_prompt + r.sampling.max_new_tokens for c, r in zip(free, requests, strict=True))
+    budget = int(rows_in_budget * need * token_bytes)
+    caches = []
+    real = Engine._ensure_cache
+
+    def spy(self, cache, rows):
+        cache = real(self, cache, rows)
+        caches.append((cache.nbytes(), sum(s is not None for s in rows)))
+        return cache
+
+    monkeypatch.setattr(Engine, "_ensure_cache", spy)
+    bounded = Engine(model, parity_processor(ckpt), max_batch_size=4, cache_budget=budget).generate(requests)
+    assert [c.token_ids for c in bounded] == [c.token_ids for c in free]
+    assert all(nbytes <= budget or running == 1 for nbytes, running in caches), (budget, caches)
+    assert max(running for _, running in caches) == (2 if rows_in_budget == 2 else 1)
+
+
 def test_prefill_steps_stay_within_the_token_budget(monkeypatch) -> None:
     """Catches unbounded prefill activations: every prefill forward holds at most `prefill_chunk` tokens including
     padding (or one row's chunk), a prompt is split into equal chunks (no slivers), and the tokens still equal an

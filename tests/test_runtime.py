@@ -1,4 +1,4 @@
-"""load_runtime's choices: dtype auto follows the checkpoint, and the batch is sized from free memory."""
+"""load_runtime's choices: dtype auto follows the checkpoint, the batch and the cache budget follow free memory."""
 
 from __future__ import annotations
 
@@ -46,3 +46,13 @@ def test_a_bf16_cpu_runtime_prepares_the_kernels_at_load(monkeypatch):
     assert engine.model.dtype is torch.float32 and not calls
     engine = runtime.load_runtime(str(checkpoint_dir(name)), dtype="bfloat16", max_batch_size=1)
     assert engine.model.dtype is torch.bfloat16 and calls == [1]
+
+
+def test_the_cache_budget_follows_free_memory_unless_given(monkeypatch):
+    name = require(checkpoint_names(), "parity checkpoints")[0]
+    monkeypatch.setattr(runtime, "available_memory", lambda: 10 * 2**20)
+    engine = runtime.load_runtime(str(checkpoint_dir(name)), max_batch_size=64)
+    assert engine.max_batch_size == 64 and engine.cache_budget == 5 * 2**20  # half the free memory
+    assert runtime.load_runtime(str(checkpoint_dir(name)), cache_budget=12345).cache_budget == 12345
+    monkeypatch.setattr(runtime, "available_memory", lambda: None)
+    assert runtime.load_runtime(str(checkpoint_dir(name))).cache_budget is None
