@@ -100,10 +100,16 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
     const int64_t ext = (extent + 15) / 16 * 16;  // keys computed for the block: whole 16-lane columns
     const bf16* kp = pk + (b * Hk + h / G) * (kpack + vpack);
     const bf16* vp = kp + kpack;
-    std::vector<bf16> qs(kQB * Dp * 2, zero), probs(kQB * ext);
-    std::vector<float> scores(kQB * ext);
+    // Per-thread scratch, reused unit after unit: filling fresh buffers (bf16 elements one by one) cost as much as
+    // the block's score products. Every element read below is written first.
+    thread_local std::vector<bf16> qs, probs;
+    thread_local std::vector<float> scores;
+    qs.resize(kQB * Dp * 2), probs.resize(kQB * ext), scores.resize(kQB * ext);
     const bf16* qb = q.const_data_ptr<bf16>() + b * q.stride(0) + h * q.stride(1);
-    for (int64_t r = 0; r < rows; ++r) std::copy_n(qb + (i0 + r) * q.stride(2), D, qs.data() + r * Dp * 2);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(qb + (i0 + r) * q.stride(2), D, qs.data() + r * Dp * 2);
+      if (Dp * 2 > D) qs[r * Dp * 2 + D] = zero;  // odd D: the last pair's second half
+    }
     __m512 acc[kMR * kNR];
     for (int64_t j = 0; j < ext; j += 48) {  // a slab of 48 keys stays in L1 while every query block uses it
       const int nr = static_cast<int>(std::min<int64_t>(3, (ext - j) / 16));
@@ -136,17 +142,14 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(s + j), inv)));
     }
     bf16* ob = out.mutable_data_ptr<bf16>();
-    std::vector<float> row(Vc * 16);
     for (int64_t r = 0; r < rows; r += kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r));
       for (int64_t c0 = 0; c0 < Vc; c0 += kNR) {
         const int nr = static_cast<int>(std::min<int64_t>(kNR, Vc - c0));
         pair_tile_any(mr, nr, probs.data() + r * ext, ext, vp + 32 * c0, Vc * 32, ext / 2, acc);
         for (int x = 0; x < mr; ++x) {
-          float* dst = row.data();
-          for (int c = 0; c < nr; ++c) _mm512_storeu_ps(dst + 16 * c, acc[x * nr + c]);
           bf16* o = ob + ((b * Lq + i0 + r + x) * H + h) * Dv;
-          for (int64_t d = 16 * c0; d < std::min(Dv, 16 * (c0 + nr)); ++d) o[d] = bf16(dst[d - 16 * c0]);
+          for (int c = 0; c < nr; ++c) store_bf16(o + 16 * (c0 + c), acc[x * nr + c], tail_mask(Dv - 16 * (c0 + c)));
         }
       }
     }

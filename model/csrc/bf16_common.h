@@ -154,6 +154,17 @@ inline __mmask16 tail_mask(int64_t left) {  // the first min(left, 16) lanes
   return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
 
+inline __m512 round_bf16(__m512 v) {  // float32 -> nearest bf16 (ties to even) -> float32
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The lanes of `mask` of v rounded to bf16 (nearest, ties to even) at p[0..15].
+inline void store_bf16(bf16* p, __m512 v, __mmask16 mask) {
+  const __m512i h = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));  // the 16 bf16 in the low half
+  _mm512_mask_storeu_epi16(reinterpret_cast<void*>(p), static_cast<__mmask32>(mask), h);
+}
+
 inline __m512bh bcast_pair(const bf16* p) {  // (p[0], p[1]) in all 16 pair lanes
   uint32_t bits;
   std::memcpy(&bits, p, sizeof bits);

@@ -47,6 +47,34 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
   return y;
 }
 
+// out[0..cols) = bf16(sum over s < n of p[s] * v[s][0..cols)) for v's rows at stride ldv, float32 sums in registers
+// (NV 16-lane columns, cols <= 16 * NV).
+template <int NV>
+inline void weighted_rows_n(const float* p, int64_t n, const bf16* v, int64_t ldv, bf16* out, int64_t cols) {
+  __m512 acc[NV];
+  __mmask16 mask[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps(), mask[j] = tail_mask(cols - 16 * j);
+  for (int64_t s = 0; s < n; ++s) {
+    const __m512 ps = _mm512_set1_ps(p[s]);
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(ps, load16_f32(v + s * ldv + 16 * j, mask[j]), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) store_bf16(out + 16 * j, acc[j], mask[j]);
+}
+
+// weighted_rows_n for up to 128 columns (any more are the caller's next call).
+inline void weighted_rows(const float* p, int64_t n, const bf16* v, int64_t ldv, bf16* out, int64_t cols) {
+  switch (std::min<int64_t>((cols + 15) / 16, 8)) {
+    case 8: weighted_rows_n<8>(p, n, v, ldv, out, cols); break;
+    case 7: weighted_rows_n<7>(p, n, v, ldv, out, cols); break;
+    case 6: weighted_rows_n<6>(p, n, v, ldv, out, cols); break;
+    case 5: weighted_rows_n<5>(p, n, v, ldv, out, cols); break;
+    case 4: weighted_rows_n<4>(p, n, v, ldv, out, cols); break;
+    case 3: weighted_rows_n<3>(p, n, v, ldv, out, cols); break;
+    case 2: weighted_rows_n<2>(p, n, v, ldv, out, cols); break;
+    default: weighted_rows_n<1>(p, n, v, ldv, out, cols); break;
+  }
+}
+
 // Attention of a few new queries over the cache, as the model's short-query path computes it: scores
 // bf16(q . k) * scale in float32, softmax in float32 over the slots each query may see (slot <= its position),
 // probabilities rounded to bf16, out = bf16(sum of p * v in float32). Units of (row b, key head): the G query
@@ -85,31 +113,40 @@ at::Tensor attend_bf16(const at::Tensor& q_in, const at::Tensor& k, const at::Te
     const bf16* kb = kp + b * k.stride(0) + h * k.stride(1);
     const bf16* vb = vp + b * v.stride(0) + h * v.stride(1);
     const bf16* qb = qp + (b * H + h * G) * T * D;  // Q = G * T contiguous query rows
-    std::vector<bf16> scores(Q * seen);
-    span(kb, qb, scores.data(), 0, seen, Q, D, seen);  // scores[r][s] = bf16(q_r . k_s)
-    std::vector<float> probs(Q * seen, 0.0f), acc(Q * Dv, 0.0f);
-    for (int64_t r = 0; r < Q; ++r) {
+    thread_local std::vector<bf16> score_buf;  // per-thread scratch, reused unit after unit
+    thread_local std::vector<float> prob_buf;
+    score_buf.resize(Q * seen), prob_buf.resize(Q * seen);
+    bf16* const scores = score_buf.data();
+    float* const probs = prob_buf.data();
+    span(kb, qb, scores, 0, seen, Q, D, seen);  // scores[r][s] = bf16(q_r . k_s)
+    const __m512 vscale = _mm512_set1_ps(fscale);
+    for (int64_t r = 0; r < Q; ++r) {  // softmax over the slots the query sees, probabilities rounded to bf16
       const int64_t n = pp[b * T + r % T] + 1;
-      float* pr = probs.data() + r * seen;
-      float top = -INFINITY, total = 0.0f;
-      for (int64_t s = 0; s < n; ++s) top = std::max(top, pr[s] = static_cast<float>(scores[r * seen + s]) * fscale);
-      for (int64_t s = 0; s < n; ++s) total += pr[s] = std::exp(pr[s] - top);
-      for (int64_t s = 0; s < n; ++s) pr[s] = static_cast<float>(bf16(pr[s] / total));
-    }
-    for (int64_t s = 0; s < seen; ++s) {
-      const bf16* vs = vb + s * Dv;
-      for (int64_t d = 0; d < Dv; d += 16) {
-        const __mmask16 mask = Dv - d >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (Dv - d)) - 1);
-        const __m512 vv = load16_f32(vs + d, mask);
-        for (int64_t r = 0; r < Q; ++r) {
-          float* a = acc.data() + r * Dv + d;
-          const __m512 sum = _mm512_fmadd_ps(_mm512_set1_ps(probs[r * seen + s]), vv, _mm512_maskz_loadu_ps(mask, a));
-          _mm512_mask_storeu_ps(a, mask, sum);
-        }
+      float* pr = probs + r * seen;
+      __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+      for (int64_t s = 0; s < n; s += 16) {
+        const __mmask16 m = tail_mask(n - s);
+        const __m512 x = _mm512_mul_ps(load16_f32(scores + r * seen + s, m), vscale);
+        _mm512_mask_storeu_ps(pr + s, m, x);
+        top = _mm512_mask_max_ps(top, m, top, x);
+      }
+      const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      for (int64_t s = 0; s < n; s += 16) {
+        const __mmask16 m = tail_mask(n - s);
+        const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pr + s), shift)));
+        _mm512_mask_storeu_ps(pr + s, m, e);
+        total = _mm512_add_ps(total, e);
+      }
+      const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total));
+      for (int64_t s = 0; s < n; s += 16) {
+        const __mmask16 m = tail_mask(n - s);
+        _mm512_mask_storeu_ps(pr + s, m, round_bf16(_mm512_div_ps(_mm512_maskz_loadu_ps(m, pr + s), sum)));
       }
     }
     bf16* ob = op + (b * H + h * G) * T * Dv;
-    for (int64_t i = 0; i < Q * Dv; ++i) ob[i] = bf16(acc[i]);
+    for (int64_t r = 0; r < Q; ++r)  // out row r = sum over its visible slots of p * v, 128 columns at a time
+      for (int64_t d = 0; d < Dv; d += 128)
+        weighted_rows(probs + r * seen, pp[b * T + r % T] + 1, vb + d, Dv, ob + r * Dv + d, Dv - d);
   });
   return out;
 }

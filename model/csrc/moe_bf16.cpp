@@ -24,16 +24,6 @@ constexpr int64_t kPackedMinRows = 16;  // an expert with at least this many row
 constexpr int kPR = 8;                  // activation rows per packed micro-tile
 constexpr int kPC = 3;                  // 16-lane weight columns per packed unit and micro-tile: 48 weight rows
 
-inline __m512 round_bf16(__m512 v) {  // float32 -> nearest bf16 -> float32
-  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-inline void store_bf16(bf16* p, __m512 v, __mmask16 mask) {
-  const __m512i h = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));  // the 16 bf16 in the low half
-  _mm512_mask_storeu_epi16(reinterpret_cast<void*>(p), static_cast<__mmask32>(mask), h);
-}
-
 // The gating of bf16-rounded gate and up values: bf16(silu(g)) * u, silu(g) = g / (1 + e^-g) in float32 as torch
 // computes it (rounded once more when stored).
 inline __m512 silu_mul(__m512 g, __m512 u) {
