@@ -8,8 +8,8 @@ AVX512-BF16 dot products; the decode ones read each weight once for all rows:
                 place (torch's batched products copy the cache's strided views first);
   `attention`   attention of many queries (the vision tower's 729-token tiles; prefill chunks, causal over the
                 cache), ~1.6x torch's fused CPU kernel on SigLIP's 72-wide heads.
-Also `linear_gelu`, a bias-and-GELU-fused product through torch's own oneDNN (no build needed), for the vision
-tower's large bf16 products.
+Also `linear_fused`, a product with its bias (and GELU) fused through torch's own oneDNN (no build needed), for
+the vision tower's large bf16 products.
 
 The C++ source is built on first use with torch.utils.cpp_extension (needs a C++ compiler and the `ninja`
 executable) into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Nothing
@@ -175,14 +175,16 @@ def _onednn_linear_pointwise():
         return None
 
 
-def linear_gelu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.gelu(F.linear(x, w, bias), approximate="tanh")`. For bf16 on CPU in one oneDNN call: bias and GELU are
-    applied to the float32 sums before the single rounding to bf16, which saves a pass over the (large) output and
-    one bf16 rounding. Elsewhere, or when switched off (DSVL2_KERNELS=0), the two torch ops."""
+def linear_fused(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False) -> torch.Tensor:
+    """`F.linear(x, w, bias)`, followed by `F.gelu(..., approximate="tanh")` when `gelu`. For bf16 on CPU in one
+    oneDNN call: bias (and GELU) are applied to the float32 sums before the single rounding to bf16, where torch's
+    addmm first copies the bias into the whole output and a separate GELU makes another pass over it (and one
+    more bf16 rounding). Elsewhere, or when switched off (DSVL2_KERNELS=0), the torch ops."""
     op = _onednn_linear_pointwise() if x.dtype is torch.bfloat16 and x.is_cpu and not switched_off() else None
     if op is None or w.dtype is not x.dtype or (bias is not None and bias.dtype is not x.dtype) or w.ndim != 2:
-        return F.gelu(F.linear(x, w, bias), approximate="tanh")
-    y = op(x.reshape(-1, x.shape[-1]), w, bias, "gelu", [], "tanh")
+        y = F.linear(x, w, bias)
+        return F.gelu(y, approximate="tanh") if gelu else y
+    y = op(x.reshape(-1, x.shape[-1]), w, bias, *(("gelu", [], "tanh") if gelu else ("none", [], "")))
     return y.view(*x.shape[:-1], w.shape[0])
 
 

@@ -19,6 +19,11 @@ from model.config import ProjectorConfig, VisionConfig
 LAYER_NORM_EPS = 1e-6
 
 
+def dense(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False) -> torch.Tensor:
+    """`layer(x)` (then tanh-GELU when `gelu`), with bias and GELU fused into the product where possible."""
+    return kernels.linear_fused(x, layer.weight, layer.bias, gelu=gelu)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -26,7 +31,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(kernels.linear_gelu(x, self.fc1.weight, self.fc1.bias))
+        return dense(dense(x, self.fc1, gelu=True), self.fc2)
 
 
 class Attention(nn.Module):
@@ -38,13 +43,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, P, C = x.shape
-        qkv = self.qkv(x).view(N, P, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, N, H, P, D)
+        qkv = dense(x, self.qkv).view(N, P, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, N, H, P, D)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if kernels.attention_fits(q, k, v):
             out = kernels.attention(q, k, v, q.shape[-1] ** -0.5)  # (N, H, P, D), stored as (N, P, H, D)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(N, P, C))
+        return dense(out.transpose(1, 2).reshape(N, P, C), self.proj)
 
 
 class Block(nn.Module):

@@ -372,16 +372,23 @@ def test_vision_tower_runs_its_attention_and_fused_gelu_through_the_kernels(kern
     assert diff.max() <= 0.05 * without.float().abs().max()
 
 
-def test_linear_gelu_equals_the_two_torch_ops(monkeypatch):
-    """bf16 on CPU: one fused oneDNN call within a bf16 step of F.gelu(F.linear(...)); float32 or switched off:
-    exactly the two ops."""
+@pytest.mark.parametrize("gelu", [True, False])
+def test_fused_linear_equals_the_torch_ops(monkeypatch, gelu):
+    """bf16 on CPU: one oneDNN call (bias, and GELU when asked, fused) within a bf16 step of F.linear (then
+    F.gelu); float32 or switched off: exactly the torch ops."""
+
+    def torch_ops(x, w, b):
+        y = F.linear(x, w, b)
+        return F.gelu(y, approximate="tanh") if gelu else y
+
     torch.manual_seed(6)
     x, w, b = torch.randn(3, 50, 64), torch.randn(96, 64) * 0.2, torch.randn(96)
-    assert torch.equal(kernels.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b), approximate="tanh"))
+    assert torch.equal(kernels.linear_fused(x, w, b, gelu=gelu), torch_ops(x, w, b))
     xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
-    ref = F.gelu(F.linear(xb.float(), wb.float(), bb.float()), approximate="tanh")
-    fused = kernels.linear_gelu(xb, wb, bb)
+    ref = torch_ops(xb.float(), wb.float(), bb.float())
+    fused = kernels.linear_fused(xb, wb, bb, gelu=gelu)
     assert fused.shape == (3, 50, 96) and fused.dtype is torch.bfloat16
     assert ((fused.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-2).all()
+    assert not torch.equal(fused, torch_ops(xb, wb, torch.zeros_like(bb)))  # the bias is really added
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    assert torch.equal(kernels.linear_gelu(xb, wb, bb), F.gelu(F.linear(xb, wb, bb), approximate="tanh"))
+    assert torch.equal(kernels.linear_fused(xb, wb, bb, gelu=gelu), torch_ops(xb, wb, bb))
