@@ -164,7 +164,7 @@ def bench_prefill(model, limits, tokens: int = 1000) -> dict:
 
 
 @torch.inference_mode()
-def bench_decode(model, limits, batch: int, context: int = 1000, steps: int = 8) -> dict:
+def bench_decode(model, batch: int, context: int = 1000, steps: int = 8) -> dict:
     lm = model.language
     cache = lm.new_cache(batch, context + steps + 4)
     for b in range(batch):  # prefill row by row (a 1000-token page prompt each)
@@ -176,20 +176,27 @@ def bench_decode(model, limits, batch: int, context: int = 1000, steps: int = 8)
     lm.logits(lm(lm.embed(tokens), cache)[:, 0])  # warm
     cache.advance(1)
     counter.reset()
-    times = []
+    # This shared host's read bandwidth moves by 2x within minutes, so each step is paired with a bandwidth sample
+    # taken right after it (a 256 MiB read, as in measure_limits) and the ratio is the median of the step ratios.
+    probe = torch.ones(256 * 2**20 // 2, dtype=torch.bfloat16)
+    times, bandwidth = [], []
     for _ in range(steps):
         t = time.perf_counter()
         logits = lm.logits(lm(lm.embed(tokens), cache)[:, 0])
         tokens = logits.argmax(-1, keepdim=True)
         cache.advance(1)
         times.append(time.perf_counter() - t)
+        bandwidth.append(probe.numel() * 2 / best_time(lambda: probe.sum(), repeat=2) / 1e9)
     per_token_cache = cache.nbytes() // cache.capacity // batch
     step = statistics.median(times)
     touched = counter.step_bytes(int(cache.lengths.sum()) * per_token_cache)
     counter.close()
-    bound = touched / (limits["read_gbs"] * 1e9)
+    read_gbs = statistics.median(bandwidth)
+    bound = touched / (read_gbs * 1e9)
+    ratio = statistics.median(touched / (gbs * 1e9) / t for t, gbs in zip(times, bandwidth, strict=True))
     return {"batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step, "bytes_per_step": touched,
-            "bound_ms": bound * 1e3, "of_bandwidth_bound": bound / step, "cache_bytes_per_token": per_token_cache}
+            "read_gbs": read_gbs, "read_gbs_range": [min(bandwidth), max(bandwidth)], "bound_ms": bound * 1e3,
+            "of_bandwidth_bound": ratio, "cache_bytes_per_token": per_token_cache}
 
 
 def synthetic_page(side: int, seed: int) -> Image.Image:
@@ -323,13 +330,14 @@ def main() -> None:
         results["decode"] = []
         for batch in (int(b) for b in args.decode_batches.split(",")):
             limits = limits_before(f"decode batch {batch}")
-            r = bench_decode(model, limits, batch)
+            r = bench_decode(model, batch)
             results["decode"].append(r)
             decode_bytes[batch] = r["bytes_per_step"]
+            low, high = r["read_gbs_range"]
             print(f"decode batch {batch}: {r['step_ms']:.0f} ms/step, {r['tokens_per_s']:.1f} tok/s, "
-                  f"{r['bytes_per_step'] / 1e9:.2f} GB/step, bound {r['bound_ms']:.0f} ms = "
-                  f"{r['of_bandwidth_bound']:.0%} of bandwidth bound; cache {r['cache_bytes_per_token']} B/token",
-                  flush=True)
+                  f"{r['bytes_per_step'] / 1e9:.2f} GB/step; read {r['read_gbs']:.1f} GB/s ({low:.0f}-{high:.0f}) "
+                  f"between steps, bound {r['bound_ms']:.0f} ms; {r['of_bandwidth_bound']:.0%} of bandwidth bound "
+                  f"(median of the steps); cache {r['cache_bytes_per_token']} B/token", flush=True)
     if "e2e" in sections:
         limits = limits_before("e2e")
         release_free_memory()  # what earlier sections left in the allocator's free lists is not the job's memory
@@ -338,7 +346,7 @@ def main() -> None:
         batched = bench_e2e(model, processor, limits, pages=args.e2e_pages, new_tokens=args.e2e_tokens, batch=8)
         batch8_peak = peak_rss_gib() if section_peak else None  # the batch-8 job's own peak
         single = bench_e2e(model, processor, limits, pages=2, new_tokens=args.e2e_tokens, batch=1)
-        step_bytes = decode_bytes.get(8) or bench_decode(model, limits, 8)["bytes_per_step"]
+        step_bytes = decode_bytes.get(8) or bench_decode(model, 8)["bytes_per_step"]
         bound = e2e_bound(model, limits, prompt_tokens=batched["prompt_tokens"], tiles=5,
                           new_tokens=args.e2e_tokens, decode_bytes=step_bytes, batch=8)
         results["e2e"] = {"batch8": batched, "batch1": single, "bound_pages_per_hour": bound,
