@@ -30,8 +30,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model.config import ModelConfig  # noqa: E402
 from model.engine import Engine  # noqa: E402
-from model.language import MoE  # noqa: E402
+from model.language import MoE, cache_token_bytes  # noqa: E402
 from model.processor import Processor  # noqa: E402
 from model.requests import Request, Sampling, user_prompt  # noqa: E402
 from model.weights import load_model  # noqa: E402
@@ -269,6 +270,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cache_bytes_by_model(dtype: torch.dtype) -> dict:
+    """KV-cache bytes per token of each DeepSeek-VL2 model (their configs in tests/data/configs), beside what an
+    expanded cache (every head's keys and values) would take: MLA caches only the latent and the rope key."""
+    out = {}
+    for config in sorted((ROOT / "tests" / "data" / "configs").glob("*/config.json")):
+        lang = ModelConfig.from_dir(config.parent).language
+        size = torch.empty((), dtype=dtype).element_size()
+        if lang.use_mla:
+            per_head = lang.num_attention_heads * (lang.q_head_dim + lang.v_head_dim)
+        else:
+            per_head = lang.kv_heads * 2 * lang.head_dim
+        expanded = lang.num_hidden_layers * per_head * size
+        out[config.parent.name] = {"attention": "MLA" if lang.use_mla else "MHA",
+                                   "bytes_per_token": cache_token_bytes(lang, dtype),
+                                   "expanded_bytes_per_token": expanded}
+    return out
+
+
 def ensure_model(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
@@ -304,6 +323,11 @@ def main() -> None:
     results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
                      "model": str(path), "dtype": args.dtype, "weights_gib": weights_gib,
                      "load_seconds": time.perf_counter() - t, "rss_before_load_gib": rss_before}
+
+    results["cache_bytes_per_token"] = cache_bytes_by_model(dtype)
+    for name, c in results["cache_bytes_per_token"].items():
+        print(f"KV cache {name} ({c['attention']}, {args.dtype}): {c['bytes_per_token']:,} bytes per token "
+              f"(every head's keys and values would take {c['expanded_bytes_per_token']:,})", flush=True)
 
     def limits_before(section: str) -> dict:
         found = measure_limits(model.cfg.language.hidden_size)

@@ -393,6 +393,17 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
+def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
+    """Per-token shapes of what one layer caches: MHA keys and values, or MLA's latent and rope key."""
+    return (MLAttention if cfg.use_mla else MHAttention).cache_shapes(cfg)
+
+
+def cache_token_bytes(cfg: LanguageConfig, dtype: torch.dtype) -> int:
+    """Bytes one token takes in the KV cache over all layers, for a cache of `dtype`, without building a model."""
+    per_layer = sum(math.prod(shape) for shape in cache_shapes(cfg))
+    return per_layer * cfg.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+
+
 class LanguageModel(nn.Module):
     """`language`: the decoder plus its (untied) output head."""
 
@@ -402,18 +413,14 @@ class LanguageModel(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def _cache_shapes(self) -> list[tuple[int, ...]]:
-        return (MLAttention if self.cfg.use_mla else MHAttention).cache_shapes(self.cfg)
-
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self._cache_shapes(), batch=batch, capacity=capacity, n_layers=self.cfg.num_hidden_layers,
+        return KVCache(cache_shapes(self.cfg), batch=batch, capacity=capacity, n_layers=self.cfg.num_hidden_layers,
                        dtype=p.dtype, device=p.device)
 
     def cache_bytes_per_token(self) -> int:
-        """Bytes one token takes in the KV cache, over all layers (MLA: the latent and the rope key only)."""
-        per_layer = sum(math.prod(shape) for shape in self._cache_shapes())
-        return per_layer * self.cfg.num_hidden_layers * self.lm_head.weight.element_size()
+        """Bytes one token takes in this model's KV cache (`cache_token_bytes`)."""
+        return cache_token_bytes(self.cfg, self.lm_head.weight.dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
