@@ -217,9 +217,15 @@ inline void pair_tile_cols(int nr, const bf16* a, int64_t lda, const bf16* b, in
   }
 }
 
+// acc[r * nr + c] = the pair_tile product for any 1 <= mr <= 8 and 1 <= nr <= 5. Callers keep mr * nr <= 24, what
+// the registers hold (attention 4 x 5, the experts 8 x 3).
 inline void pair_tile_any(int mr, int nr, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t pairs,
                           __m512* acc) {
   switch (mr) {
+    case 8: pair_tile_cols<8>(nr, a, lda, b, ldb, pairs, acc); break;
+    case 7: pair_tile_cols<7>(nr, a, lda, b, ldb, pairs, acc); break;
+    case 6: pair_tile_cols<6>(nr, a, lda, b, ldb, pairs, acc); break;
+    case 5: pair_tile_cols<5>(nr, a, lda, b, ldb, pairs, acc); break;
     case 4: pair_tile_cols<4>(nr, a, lda, b, ldb, pairs, acc); break;
     case 3: pair_tile_cols<3>(nr, a, lda, b, ldb, pairs, acc); break;
     case 2: pair_tile_cols<2>(nr, a, lda, b, ldb, pairs, acc); break;
