@@ -327,6 +327,7 @@ class MoE(nn.Module):
         self.gate = MoEGate(cfg)
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self._weight_lists: tuple[tuple, tuple[list[torch.Tensor], ...]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -341,9 +342,17 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def _expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        experts = self.experts
-        return ([e.gate_proj.weight for e in experts], [e.up_proj.weight for e in experts],
-                [e.down_proj.weight for e in experts])
+        """The experts' gate, up and down weights as lists, built once: collecting 3 x 64 parameters through
+        nn.Module attribute lookups took ~0.25 ms per layer, a twentieth of a batch-1 decode step. Rebuilt when
+        the parameters are replaced or moved (loading, `.to()`), which the first and last weights show."""
+        first, last = self.experts[0].gate_proj.weight, self.experts[-1].down_proj.weight
+        key = (len(self.experts), id(first), first.data_ptr(), id(last), last.data_ptr())
+        if self._weight_lists is None or self._weight_lists[0] != key:
+            experts = self.experts
+            lists = ([e.gate_proj.weight for e in experts], [e.up_proj.weight for e in experts],
+                     [e.down_proj.weight for e in experts])
+            self._weight_lists = (key, lists)
+        return self._weight_lists[1]
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Experts one by one, each over all of its tokens (any dtype, device and token count)."""
