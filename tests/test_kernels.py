@@ -209,6 +209,21 @@ def test_moe_kernel_equals_the_experts_one_by_one(kernel, hidden, inter, experts
     assert (diff == 0).float().mean() >= 0.99
 
 
+def test_expert_weight_lists_follow_replaced_parameters():
+    """The kernel's weight lists are built once, and rebuilt when the parameters are moved or replaced (as
+    `.to()` and loading with assign=True do), so the kernel never reads stale weights."""
+    moe = _moe(64, 40, 8, 2, seed=0)
+    lists = moe._expert_weights()
+    assert moe._expert_weights() is lists
+    moe.float()
+    assert all(w.dtype is torch.float32 for group in moe._expert_weights() for w in group)
+    state = {k: torch.randn_like(v) for k, v in moe.state_dict().items()}
+    moe.load_state_dict(state, assign=True)
+    gate, up, down = moe._expert_weights()
+    for e, g, u, d in zip(moe.experts, gate, up, down, strict=True):
+        assert g is e.gate_proj.weight and u is e.up_proj.weight and d is e.down_proj.weight
+
+
 def test_moe_layer_takes_the_kernel_only_where_it_fits(kernel, monkeypatch):
     moe = _moe(64, 40, 8, 2, seed=0)
     calls = []
