@@ -46,6 +46,29 @@ def incremental_logits(model: DeepseekVL2, x: torch.Tensor, chunks: list[int]) -
     return torch.cat(out, dim=1)
 
 
+def test_grown_cache_keeps_every_row_and_adds_empty_ones() -> None:
+    """Catches a cache growth that loses or shifts contents: growing slots and rows keeps each row's tensors and
+    length where they were, new rows and slots start empty, and the cache it came from is untouched."""
+    from model.cache import KVCache
+
+    cache = KVCache([(2, 3), (4,)], batch=2, capacity=5, n_layers=2, dtype=torch.float32)
+    for layer in cache.layers:
+        for buf in layer:
+            buf.normal_()
+    cache.advance(torch.tensor([3, 5]))
+    before = [tuple(buf.clone() for buf in layer) for layer in cache.layers]
+    bigger = cache.grown(9, batch=4)
+    assert (bigger.capacity, bigger.batch) == (9, 4) and bigger.lengths.tolist() == [3, 5, 0, 0]
+    for old, new in zip(before, bigger.layers, strict=True):
+        for a, b in zip(old, new, strict=True):
+            assert torch.equal(b[:2, ..., :5, :], a)
+            assert not b[2:].any() and not b[:, ..., 5:, :].any()
+    assert all(torch.equal(a, b) for old, layer in zip(before, cache.layers, strict=True)
+               for a, b in zip(old, layer, strict=True))
+    assert cache.grown(5) is cache and cache.grown(4, batch=1) is cache
+    assert cache.nbytes() == 2 * 5 * (2 * 3 + 4) * 4 * 2
+
+
 @pytest.mark.parametrize("ckpt", CHECKPOINTS)
 @torch.inference_mode()
 def test_cached_decode_equals_full_forward(ckpt: str) -> None:
