@@ -71,7 +71,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)  # (N, C, G, G) -> (N, P, C)
+        # (N, C, G, G) -> (N, P, C), made contiguous: left channel-major, the layout carried through every residual
+        # add of the tower, and each LayerNorm and add ran on strided data (a transposing copy per LayerNorm).
+        return self.proj(pixels).flatten(2).transpose(1, 2).contiguous()
 
 
 class AttentionPoolHead(nn.Module):

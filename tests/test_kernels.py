@@ -387,6 +387,22 @@ def test_vision_tower_runs_its_attention_and_fused_gelu_through_the_kernels(kern
     assert diff.max() <= 0.05 * without.float().abs().max()
 
 
+def test_vision_tower_carries_contiguous_activations():
+    """Catches a layout regression that costs every block: the patch embedding's transpose left the activations
+    channel-major, a layout each residual add keeps, so every LayerNorm made a transposing copy."""
+    from parity import checkpoint_names, parity_model
+
+    model = parity_model(checkpoint_names()[0])
+    seen = []
+    hooks = [block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+             for block in model.vision.blocks]
+    with torch.inference_mode():
+        model.vision(torch.randn(1, 3, 384, 384))
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(seen)
+
+
 @pytest.mark.parametrize("gelu", [True, False])
 def test_fused_linear_equals_the_torch_ops(monkeypatch, gelu):
     """bf16 on CPU: one oneDNN call (bias, and GELU when asked, fused) within a bf16 step of F.linear (then
