@@ -373,7 +373,12 @@ def main() -> None:
         step_bytes = decode_bytes.get(8) or bench_decode(model, 8)["bytes_per_step"]
         bound = e2e_bound(model, limits, prompt_tokens=batched["prompt_tokens"], tiles=5,
                           new_tokens=args.e2e_tokens, decode_bytes=step_bytes, batch=8)
+        # The same bound one page at a time: what batching can gain at all once both run at the machine's limits.
+        single_bytes = decode_bytes.get(1) or bench_decode(model, 1)["bytes_per_step"]
+        bound_single = e2e_bound(model, limits, prompt_tokens=batched["prompt_tokens"], tiles=5,
+                                 new_tokens=args.e2e_tokens, decode_bytes=single_bytes, batch=1)
         results["e2e"] = {"batch8": batched, "batch1": single, "bound_pages_per_hour": bound,
+                          "bound_one_at_a_time_pages_per_hour": bound_single, "bound_speedup": bound / bound_single,
                           "batch8_peak_rss_gib": batch8_peak, "rss_at_section_start_gib": e2e_start_rss,
                           "batch8_peak_over_weights_gib": batch8_peak - weights_gib if batch8_peak else None,
                           "of_bound": batched["pages_per_hour"] / bound,
@@ -382,6 +387,8 @@ def main() -> None:
               f"= {results['e2e']['of_bound']:.0%} of bound {bound:.0f}; one at a time "
               f"{single['pages_per_hour']:.0f} pages/h; speedup {results['e2e']['speedup_over_one_at_a_time']:.2f}x",
               flush=True)
+        print(f"  bound one page at a time {bound_single:.0f} pages/h: at this machine's limits batch 8 gains "
+              f"{bound / bound_single:.2f}x over one at a time", flush=True)
         if batch8_peak:
             print(f"peak RSS of the batch-8 job: {batch8_peak:.2f} GiB = weights + {batch8_peak - weights_gib:.2f} GiB "
                   f"(RSS at its start {e2e_start_rss:.2f} GiB)", flush=True)
