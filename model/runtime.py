@@ -94,7 +94,10 @@ def free_memory(device: torch.device) -> int | None:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
 
 
-def auto_batch_size(engine_model, device: torch.device, *, limit: int = 16, share: float = 0.5) -> int:
+MEMORY_SHARE = 0.5  # of the memory free after loading, what the KV cache may take
+
+
+def auto_batch_size(engine_model, device: torch.device, *, limit: int = 16, share: float = MEMORY_SHARE) -> int:
     """Rows such that every row's KV cache at the model's full context fits in `share` of the memory left
     after loading; between 1 and `limit`."""
     lang = engine_model.cfg.language
@@ -119,7 +122,7 @@ def load_runtime(model: str = DEFAULT_MODEL, *, revision: str | None = None, dev
     if max_batch_size is None:
         max_batch_size = auto_batch_size(weights, dev)
     if cache_budget is None and (free := free_memory(dev)) is not None:
-        cache_budget = max(1, free // 2)
+        cache_budget = max(1, int(free * MEMORY_SHARE))
     if dev.type == "cpu" and weights.dtype is torch.bfloat16:
         kernels.available()  # build (first run only) or load the CPU kernels now, not inside the first page
     return Engine(weights, processor, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
