@@ -410,7 +410,7 @@ def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
 def cache_token_bytes(cfg: LanguageConfig, dtype: torch.dtype) -> int:
     """Bytes one token takes in the KV cache over all layers, for a cache of `dtype`, without building a model."""
     per_layer = sum(math.prod(shape) for shape in cache_shapes(cfg))
-    return per_layer * cfg.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+    return per_layer * cfg.num_hidden_layers * dtype.itemsize
 
 
 class LanguageModel(nn.Module):
