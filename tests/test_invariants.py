@@ -279,6 +279,8 @@ def test_cache_budget_bounds_the_cache_and_keeps_the_tokens(monkeypatch, rows_in
     assert [c.token_ids for c in bounded] == [c.token_ids for c in free]
     assert all(nbytes <= budget or running == 1 for nbytes, running in caches), (budget, caches)
     assert max(running for _, running in caches) == (2 if rows_in_budget == 2 else 1)
+    with pytest.raises(ValueError, match="cache_budget"):
+        Engine(model, parity_processor(ckpt), cache_budget=0)
 
 
 def test_prefill_steps_stay_within_the_token_budget(monkeypatch) -> None:
