@@ -173,24 +173,30 @@ class Engine:
         """Cache slots `seq` may fill: its prompt plus its token budget."""
         return seq.n_prompt + seq.request.sampling.max_new_tokens
 
+    def _shape_for(self, placed: list[tuple[int, _Sequence]], cache: KVCache | None) -> tuple[int, int]:
+        """(rows, slots) a cache needs to hold each (row, sequence) of `placed`, and never fewer than `cache` has."""
+        batch = max(row for row, _ in placed) + 1
+        capacity = max(self._need(seq) for _, seq in placed)
+        if cache is None:
+            return batch, capacity
+        return max(batch, cache.batch), max(capacity, cache.capacity)
+
     def _fits_budget(self, seq: _Sequence, row: int, rows: list[_Sequence | None], cache: KVCache | None) -> bool:
         """Whether the cache for the running rows plus `seq` in `row` stays within `cache_budget`."""
-        running = [s for s in rows if s is not None]
-        if self.cache_budget is None or not running:
+        placed = [(s.row, s) for s in rows if s is not None]
+        if self.cache_budget is None or not placed:
             return True
-        capacity = max(self._need(seq), *(self._need(s) for s in running), cache.capacity if cache else 0)
-        batch = max(row, *(s.row for s in running)) + 1
-        return max(batch, cache.batch if cache else 0) * capacity * self._token_bytes <= self.cache_budget
+        batch, capacity = self._shape_for([*placed, (row, seq)], cache)
+        return batch * capacity * self._token_bytes <= self.cache_budget
 
     def _ensure_cache(self, cache: KVCache | None, rows: list[_Sequence | None]) -> KVCache:
         """A cache with room for every running row's prompt plus its token budget (grown by copying when a new
         admission needs more slots or rows; rows keep their contents). Capacity grows by doubling and the rows
         to `len(rows)`, as far as `cache_budget` allows."""
-        running = [s for s in rows if s is not None]
-        need = max(self._need(s) for s in running)
-        batch = max(max(s.row for s in running) + 1, cache.batch if cache is not None else 0)
+        batch, need = self._shape_for([(s.row, s) for s in rows if s is not None], None)
         if cache is not None and cache.capacity >= need and cache.batch >= batch:
             return cache
+        batch = max(batch, cache.batch if cache is not None else 0)
         capacity = max(need, 2 * cache.capacity if cache is not None else 0)
         capacity = min(capacity, max(need, self.model.cfg.language.max_position_embeddings))
         if self.cache_budget is None:
