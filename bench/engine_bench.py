@@ -19,7 +19,6 @@ import gc
 import json
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,14 +27,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from model.config import ModelConfig  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.language import MoE, cache_token_bytes  # noqa: E402
-from model.processor import Processor  # noqa: E402
-from model.requests import Request, Sampling, user_prompt  # noqa: E402
-from model.weights import load_model  # noqa: E402
+from dsvl2.model.config import ModelConfig  # noqa: E402
+from dsvl2.model.engine import Engine  # noqa: E402
+from dsvl2.model.language import MoE, cache_token_bytes  # noqa: E402
+from dsvl2.model.processor import Processor  # noqa: E402
+from dsvl2.model.requests import Request, Sampling, user_prompt  # noqa: E402
+from dsvl2.model.weights import load_model  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench" / "out" / "deepseek-vl2-tiny-random"
 TINY_CONFIG = ROOT / "tests" / "data" / "configs" / "deepseek-vl2-tiny"
@@ -291,7 +289,7 @@ def cache_bytes_by_model(dtype: torch.dtype) -> dict:
 def ensure_model(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
-    from model.factory import write_random_checkpoint
+    from dsvl2.model.factory import write_random_checkpoint
 
     config = json.loads((TINY_CONFIG / "config.json").read_text())
     out = write_random_checkpoint(config, path, seed=0, dtype=torch.bfloat16, tokenizer_dir=PARITY_TOKENIZER)

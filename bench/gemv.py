@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import kernels
+from dsvl2.model import kernels
 
 SHAPES = ((896, 1280), (1792, 1280), (1280, 896), (1280, 1280), (129280, 1280))  # (N, K) of w
 ROWS = (1, 2, 4, 8, 16, 32)

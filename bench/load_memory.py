@@ -40,7 +40,7 @@ def ensure_checkpoint(out: Path, *, dtype: str, seed: int, shard_gb: float) -> N
         # The parity tokenizer plus the real processor_config.json, in the one directory the factory copies from.
         for src in [*(PARITY_DIR / "tokenizer").glob("*.json"), CONFIG_DIR / "processor_config.json"]:
             shutil.copyfile(src, Path(staging) / src.name)
-        subprocess.run([sys.executable, "-m", "model.factory", "--config", str(CONFIG_DIR / "config.json"),
+        subprocess.run([sys.executable, "-m", "dsvl2.model.factory", "--config", str(CONFIG_DIR / "config.json"),
                         "--out", str(out), "--seed", str(seed), "--dtype", dtype, "--shard-gb", str(shard_gb),
                         "--tokenizer-dir", staging], cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
 
@@ -80,10 +80,8 @@ def _max_rss() -> int:
 
 def measure(directory: Path) -> dict:
     """Load `directory` in this process (call in a fresh one) and return the figures."""
-    sys.path.insert(0, str(REPO_ROOT))
     import torch
-
-    from model.weights import load_model
+    from dsvl2.model.weights import load_model
 
     rss_before = _status_kib("VmRSS") * 1024
     sampler = _Sampler()

@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -50,9 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from model.weights import load_model  # noqa: E402
+from dsvl2.model.weights import load_model  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench" / "out" / "deepseek-vl2-tiny-random"
 CHECK_VOCAB = 4096

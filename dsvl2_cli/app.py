@@ -1,6 +1,6 @@
-"""The `dsvl2` command line: thin Typer commands, each one call into dsvl2_cli.session or dsvl2_cli.cache.
-Options are shared aliases from dsvl2_cli.options; the document commands get the ones they all share from
-`document_command`. Exit codes are defined in dsvl2_cli.errors."""
+"""The `dsvl2` command line: thin Typer commands, each one call into dsvl2.session or dsvl2.models_cmd.
+Options are shared aliases from dsvl2.options; the document commands get the ones they all share from
+`document_command`. Exit codes are defined in dsvl2.errors."""
 
 from __future__ import annotations
 
@@ -15,19 +15,18 @@ from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 import typer
-
-from dsvl2_cli import cache, signals
-from dsvl2_cli import options as o
-from dsvl2_cli.runtime import DEFAULT_MODEL
-from dsvl2_cli.session import run_task
-from pipelines import chart, ground, ocr, table
-from pipelines.ask import AskTask
-from pipelines.base import Task
-from pipelines.chart import ChartTask
-from pipelines.ground import GroundTask
-from pipelines.ocr import OcrTask
-from pipelines.schema import record_schema
-from pipelines.table import TableTask
+from dsvl2 import models_cmd, signals
+from dsvl2 import options as o
+from dsvl2.backend import DEFAULT_MODEL
+from dsvl2.pipelines import chart, ground, ocr, table
+from dsvl2.pipelines.ask import AskTask
+from dsvl2.pipelines.base import Task
+from dsvl2.pipelines.chart import ChartTask
+from dsvl2.pipelines.ground import GroundTask
+from dsvl2.pipelines.ocr import OcrTask
+from dsvl2.pipelines.schema import record_schema
+from dsvl2.pipelines.table import TableTask
+from dsvl2.session import run_task
 
 app = typer.Typer(
     name="dsvl2",
@@ -245,7 +244,7 @@ def models_download(
     revision: o.Revision = None,
 ) -> None:
     """Download a model into the Hugging Face cache and print its local directory."""
-    raise typer.Exit(cache.download(repo_id=repo_id, revision=revision))
+    raise typer.Exit(models_cmd.download(repo_id=repo_id, revision=revision))
 
 
 @models_app.command("list", epilog=_examples("dsvl2 models list", "dsvl2 models list --json"))
@@ -253,7 +252,7 @@ def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List cached models with revision and size."""
-    raise typer.Exit(cache.list_models(as_json=as_json))
+    raise typer.Exit(models_cmd.list_models(as_json=as_json))
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from enum import IntEnum
 
-from model.errors import (
+from dsvl2.model.errors import (
     ConfigError,
     InputError,
     ModelError,
@@ -19,7 +19,7 @@ from model.errors import (
     TokenizerError,
     WeightsError,
 )
-from pipelines.limits import OutOfMemory
+from dsvl2.pipelines.limits import OutOfMemory
 
 
 class ExitCode(IntEnum):
@@ -34,7 +34,7 @@ class UsageError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, turned into an orderly stop (see dsvl2_cli.signals)."""
+    """SIGINT or SIGTERM, turned into an orderly stop (see dsvl2.signals)."""
 
 
 class OutputError(ValueError):

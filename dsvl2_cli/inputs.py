@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from dsvl2.pipelines.base import Document
 from PIL import Image
-
-from pipelines.base import Document
 
 if TYPE_CHECKING:
     import pymupdf

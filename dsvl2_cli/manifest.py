@@ -14,10 +14,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dsvl2_cli.errors import one_line
-from dsvl2_cli.inputs import Opened, Shard
-from dsvl2_cli.writers import atomic_write
-from pipelines.base import SCHEMA_VERSION
+from dsvl2.errors import one_line
+from dsvl2.inputs import Opened, Shard
+from dsvl2.pipelines.base import SCHEMA_VERSION
+from dsvl2.writers import atomic_write
 
 
 def versions() -> dict[str, str]:

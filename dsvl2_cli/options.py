@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from dsvl2_cli.inputs import PageSelection, Shard, parse_pages, parse_shard
-from dsvl2_cli.writers import Format
-from pipelines.base import REPETITION_GUARD
+from dsvl2.inputs import PageSelection, Shard, parse_pages, parse_shard
+from dsvl2.pipelines.base import REPETITION_GUARD
+from dsvl2.writers import Format
 
 IN, OUT, RUN, MODEL = "Inputs", "Output", "Run", "Model"
 

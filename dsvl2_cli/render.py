@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipelines.base import PageRecord
+from dsvl2.pipelines.base import PageRecord
 
 _COMMON = ["source", "page", "status"]
 CSV_COLUMNS: dict[str, list[str]] = {

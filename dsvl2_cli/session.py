@@ -2,7 +2,7 @@
 check that no output path escapes the output or overwrites an input, load resume state, load the model
 only if some page still needs it, stream pages through the runner into the output, then write the
 manifest and the summary. Returns the exit code; never raises for user errors. Writing a record and
-finishing the outputs are shielded from SIGINT / SIGTERM (dsvl2_cli.signals), so a stop never cuts one.
+finishing the outputs are shielded from SIGINT / SIGTERM (dsvl2.signals), so a stop never cuts one.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from dsvl2_cli import runtime as runtime_seam
-from dsvl2_cli.annotate import annotate, annotation_path
-from dsvl2_cli.errors import ExitCode, OutputError, UsageError, describe
-from dsvl2_cli.inputs import (
+from dsvl2 import backend
+from dsvl2.annotate import annotate, annotation_path
+from dsvl2.errors import ExitCode, OutputError, UsageError, describe
+from dsvl2.inputs import (
     Opened,
     PageSelection,
     Shard,
@@ -25,15 +25,15 @@ from dsvl2_cli.inputs import (
     open_document,
     read_path_list,
 )
-from dsvl2_cli.manifest import Ending, manifest_path, now, write_manifest
-from dsvl2_cli.pages import iter_pages
-from dsvl2_cli.progress import Reporter
-from dsvl2_cli.signals import shielded
-from dsvl2_cli.writers import DirSink, FileSink, Format, Sink, StreamSink
-from pipelines import runner
-from pipelines.base import REPETITION_GUARD, Document, Settings, Task, record_key
-from pipelines.ground import GroundTask
-from pipelines.limits import OutOfMemory
+from dsvl2.manifest import Ending, manifest_path, now, write_manifest
+from dsvl2.pages import iter_pages
+from dsvl2.pipelines import runner
+from dsvl2.pipelines.base import REPETITION_GUARD, Document, Settings, Task, record_key
+from dsvl2.pipelines.ground import GroundTask
+from dsvl2.pipelines.limits import OutOfMemory
+from dsvl2.progress import Reporter
+from dsvl2.signals import shielded
+from dsvl2.writers import DirSink, FileSink, Format, Sink, StreamSink
 
 DEFAULT_FORMAT = {
     "ocr": Format.md,
@@ -147,7 +147,7 @@ def run_task(
     quiet: bool = False,
     verbose: int = 0,
     annotate_dir: Path | None = None,
-    model: str = runtime_seam.DEFAULT_MODEL,
+    model: str = backend.DEFAULT_MODEL,
     revision: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -159,7 +159,7 @@ def run_task(
     repetition_guard: int | None = None,
     retry_repetition: bool = False,
 ) -> int:
-    """Run `task` over the inputs; returns the exit code (see dsvl2_cli.errors). `repetition_guard` None
+    """Run `task` over the inputs; returns the exit code (see dsvl2.errors). `repetition_guard` None
     takes the task's default from pipelines.base.REPETITION_GUARD; 0 turns the guard off."""
     reporter = Reporter(total_pages=0, total_docs=0, quiet=quiet, verbose=verbose)
     try:
@@ -298,7 +298,7 @@ class _Session:
             self.reporter.warn(w)
         needs_model = any(o.doc.error is None and any(self._need(sink, o.doc, n) for n in o.pages) for o in self.opened)
         model = (
-            runtime_seam.runtime_factory(
+            backend.runtime_factory(
                 self.settings.model, revision=self.settings.revision, device=device, dtype=dtype, batch_size=batch_size
             )
             if needs_model

@@ -11,7 +11,7 @@ import signal
 from collections.abc import Iterator
 from types import FrameType
 
-from dsvl2_cli.errors import Interrupted
+from dsvl2.errors import Interrupted
 
 
 class _Shield:

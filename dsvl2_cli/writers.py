@@ -21,9 +21,9 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from dsvl2_cli import render
-from dsvl2_cli.errors import OutputError
-from pipelines.base import Document, PageRecord
+from dsvl2 import render
+from dsvl2.errors import OutputError
+from dsvl2.pipelines.base import Document, PageRecord
 
 
 class Format(str, Enum):

@@ -18,12 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-
-from model.cache import KVCache
-from model.processor import Prepared, Processor
-from model.requests import Completion, Request, Timings
-from model.sampling import find_stop, make_generator, repeats_ngram, sample_token
-from model.vl2 import DeepseekVL2
+from dsvl2.model.kv_cache import KVCache
+from dsvl2.model.processor import Prepared, Processor
+from dsvl2.model.requests import Completion, Request, Timings
+from dsvl2.model.sampling import find_stop, make_generator, repeats_ngram, sample_token
+from dsvl2.model.vl2 import DeepseekVL2
 
 
 @dataclass

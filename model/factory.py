@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dsvl2.model.config import ModelConfig
+from dsvl2.model.language import MoEGate, RMSNorm
+from dsvl2.model.weights import INDEX_FILE, RENAMES, SINGLE_FILE, build_meta, expected_shapes
 from torch import nn
-
-from model.config import ModelConfig
-from model.language import MoEGate, RMSNorm
-from model.weights import INDEX_FILE, RENAMES, SINGLE_FILE, build_meta, expected_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -187,7 +186,7 @@ def _write_files(directory: Path, config: dict[str, Any], *, dtype: torch.dtype,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m model.factory",
+        prog="python -m dsvl2.model.factory",
         description="Write a random-weight DeepSeek-VL2 checkpoint in the Hugging Face layout; print its path.")
     parser.add_argument("--config", type=Path, required=True, help="config.json to build the model from")
     parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.errors import ConfigError, ModelNotFoundError
+from dsvl2.model.errors import ConfigError, ModelNotFoundError
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 

@@ -180,12 +180,22 @@ def linear_fused(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *,
     oneDNN call: bias (and GELU) are applied to the float32 sums before the single rounding to bf16, where torch's
     addmm first copies the bias into the whole output and a separate GELU makes another pass over it (and one
     more bf16 rounding). Elsewhere, or when switched off (DSVL2_KERNELS=0), the torch ops."""
+    global _fused_refused
     op = _onednn_linear_pointwise() if x.dtype is torch.bfloat16 and x.is_cpu and not switched_off() else None
-    if op is None or w.dtype is not x.dtype or (bias is not None and bias.dtype is not x.dtype) or w.ndim != 2:
-        y = F.linear(x, w, bias)
-        return F.gelu(y, approximate="tanh") if gelu else y
-    y = op(x.reshape(-1, x.shape[-1]), w, bias, *(("gelu", [], "tanh") if gelu else ("none", [], "")))
-    return y.view(*x.shape[:-1], w.shape[0])
+    usable = op is not None and not _fused_refused and w.ndim == 2 and w.dtype is x.dtype
+    if usable and (bias is None or bias.dtype is x.dtype):
+        try:
+            y = op(x.reshape(-1, x.shape[-1]), w, bias, *(("gelu", [], "tanh") if gelu else ("none", [], "")))
+            return y.view(*x.shape[:-1], w.shape[0])
+        except RuntimeError:
+            # oneDNN has no bf16 inner product for this CPU (an AVX2-only host: "could not create a primitive
+            # descriptor"); torch's own ops compute the same product there, so use them from now on.
+            _fused_refused = True
+    y = F.linear(x, w, bias)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
+_fused_refused = False  # set once oneDNN has refused the fused bf16 product on this CPU
 
 
 def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

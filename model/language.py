@@ -14,11 +14,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from dsvl2.model import kernels
+from dsvl2.model.config import LanguageConfig, yarn_mscale
+from dsvl2.model.kv_cache import CacheRows, KVCache
 from torch import nn
-
-from model import kernels
-from model.cache import CacheRows, KVCache
-from model.config import LanguageConfig, yarn_mscale
 
 Cache = KVCache | CacheRows
 

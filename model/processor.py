@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from dsvl2.model.errors import ConfigError, InputError
+from dsvl2.model.requests import ASSISTANT, IMAGE_TOKEN, USER, Message
+from dsvl2.model.tokenizer import PAD, Tokenizer
 from PIL import Image
-
-from model.errors import ConfigError, InputError
-from model.requests import ASSISTANT, IMAGE_TOKEN, USER, Message
-from model.tokenizer import PAD, Tokenizer
 
 # The reference tiles images only when the whole conversation has at most this many
 # (`cropping=len(pil_images) <= 2` in format_messages_v2); beyond it every image is one S x S view.

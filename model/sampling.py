@@ -7,8 +7,7 @@ top-p-filtered distribution, so a request samples the same tokens whatever else 
 from __future__ import annotations
 
 import torch
-
-from model.requests import Sampling
+from dsvl2.model.requests import Sampling
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.errors import TokenizerError
-from model.requests import ASSISTANT, IMAGE_TOKEN, USER
+from dsvl2.model.errors import TokenizerError
+from dsvl2.model.requests import ASSISTANT, IMAGE_TOKEN, USER
 
 if TYPE_CHECKING:
     import tokenizers

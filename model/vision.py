@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dsvl2.model import kernels
+from dsvl2.model.config import ProjectorConfig, VisionConfig
 from torch import nn
-
-from model import kernels
-from model.config import ProjectorConfig, VisionConfig
 
 LAYER_NORM_EPS = 1e-6
 

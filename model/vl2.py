@@ -10,11 +10,10 @@ tw / th tiles across / down the local view.
 from __future__ import annotations
 
 import torch
+from dsvl2.model.config import ModelConfig
+from dsvl2.model.language import LanguageModel
+from dsvl2.model.vision import Projector, VisionTower
 from torch import nn
-
-from model.config import ModelConfig
-from model.language import LanguageModel
-from model.vision import Projector, VisionTower
 
 
 class DeepseekVL2(nn.Module):

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from model.config import ModelConfig
-from model.errors import WeightsError
-from model.vl2 import DeepseekVL2
+from dsvl2.model.config import ModelConfig
+from dsvl2.model.errors import WeightsError
+from dsvl2.model.vl2 import DeepseekVL2
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

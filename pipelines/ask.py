@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.base import Page, Parsed
+from dsvl2.pipelines.base import Page, Parsed
 
 
 def parse_answer(text: str) -> Parsed:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from model.requests import Completion, Request, Sampling
+from dsvl2.model.requests import Completion, Request, Sampling
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -43,7 +43,7 @@ RETRY_TOP_P = 0.9
 
 
 class Runtime(Protocol):
-    """What pipelines need from the model runtime (`model.runtime.load_runtime` returns one)."""
+    """What pipelines need from the model runtime (`model.loading.load_runtime` returns one)."""
 
     model_id: str
     revision: str | None

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.base import Page, Parsed
-from pipelines.table import Table, find_tables
+from dsvl2.pipelines.base import Page, Parsed
+from dsvl2.pipelines.table import Table, find_tables
 
 DEFAULT_PROMPT = (
     "Extract the data of this chart. First write 'Title: ...', 'X axis: ...' and 'Y axis: ...' lines, then "

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.base import Page, PageSize, Parsed
+from dsvl2.pipelines.base import Page, PageSize, Parsed
 
 DEFAULT_TEMPLATE = "<|ref|>{query}<|/ref|>."
 GRID = 999  # DeepSeek-VL2 boxes live on a 0..999 grid over the image's width and height

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from model.requests import Completion
+from dsvl2.model.requests import Completion
 
 # How allocators word it: torch.OutOfMemoryError ("CUDA out of memory"), torch's CPU allocator
 # ("DefaultCPUAllocator: can't allocate memory"), and the C library's ENOMEM text.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.base import Page, Parsed
+from dsvl2.pipelines.base import Page, Parsed
 
 DEFAULT_PROMPT = (
     "Convert this page to Markdown. Keep the reading order, headings, lists and paragraphs; write tables "

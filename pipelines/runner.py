@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from model.requests import Completion, Request, Sampling, user_prompt
-from pipelines.base import (
+from dsvl2.model.requests import Completion, Request, Sampling, user_prompt
+from dsvl2.pipelines.base import (
     FAILURES,
     Document,
     Page,
@@ -36,7 +36,7 @@ from pipelines.base import (
     failed_record,
     page_key,
 )
-from pipelines.limits import Deadline, OutOfMemory, is_out_of_memory
+from dsvl2.pipelines.limits import Deadline, OutOfMemory, is_out_of_memory
 
 T = TypeVar("T")
 

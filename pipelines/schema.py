@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.base import SCHEMA_VERSION, STATUSES
+from dsvl2.pipelines.base import SCHEMA_VERSION, STATUSES
 
 _NUM = {"type": "number"}
 _STR = {"type": "string"}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any, Literal
 
-from pipelines.base import Page, Parsed
+from dsvl2.pipelines.base import Page, Parsed
 
 DEFAULT_PROMPT = (
     "Extract every table on this page. Write each table as a Markdown table with a header row, "

@@ -1,13 +1,7 @@
-"""Test session setup: make the repository importable and report how many parity fixtures were checked."""
-
-import sys
-from pathlib import Path
+"""Test session setup: report how many parity fixtures were checked; shared fixtures. The code under test
+is the installed `dsvl2` package (`pip install -e .`), never the folders imported by their own names."""
 
 import pytest
-
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -21,9 +15,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
 @pytest.fixture(scope="module")
 def processor():
     """The processor of the first parity checkpoint (all parity checkpoints share one setup)."""
+    from dsvl2.model.processor import Processor
     from parity import checkpoint_dir, checkpoint_names, require
-
-    from model.processor import Processor
 
     return Processor.from_dir(checkpoint_dir(require(checkpoint_names(), "parity checkpoints")[0]))
 
@@ -31,9 +24,8 @@ def processor():
 @pytest.fixture(scope="module")
 def tokenizer():
     """The parity fixtures' test tokenizer (real special tokens, synthetic vocabulary)."""
+    from dsvl2.model.tokenizer import Tokenizer
     from parity import tokenizer_dir
-
-    from model.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(tokenizer_dir())
 
@@ -41,12 +33,11 @@ def tokenizer():
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     """A scripted FakeRuntime behind the CLI's runtime seam, in an isolated HOME and working directory."""
+    from dsvl2 import backend
     from fakes import FakeRuntime, factory_for, isolate
-
-    from dsvl2_cli import runtime as runtime_seam
 
     isolate(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     rt = FakeRuntime()
-    monkeypatch.setattr(runtime_seam, "runtime_factory", factory_for(rt))
+    monkeypatch.setattr(backend, "runtime_factory", factory_for(rt))
     return rt

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pymupdf
+from dsvl2.model.requests import Completion, Request, Timings
 from PIL import Image
-
-from model.requests import Completion, Request, Timings
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,8 +202,8 @@ def main() -> None:
     import os
     import re
 
-    from dsvl2_cli import runtime as runtime_seam
-    from dsvl2_cli.app import main as dsvl2
+    from dsvl2 import backend
+    from dsvl2.app import main as dsvl2
 
     log = os.environ.get("DSVL2_FAKE_LOG")
     rss = os.environ.get("DSVL2_FAKE_RSS")
@@ -221,15 +220,14 @@ def main() -> None:
         return f"text of {request.id}"
 
     fake = FakeRuntime(answer, delay=float(os.environ.get("DSVL2_FAKE_DELAY", "0")))
-    runtime_seam.runtime_factory = factory_for(fake)
+    backend.runtime_factory = factory_for(fake)
     dsvl2()
 
 
 def invoke(*args: str, input: bytes | str | None = None):
     """`dsvl2 ARGS` in-process through Typer's CliRunner (exceptions propagate)."""
+    from dsvl2.app import app
     from typer.testing import CliRunner
-
-    from dsvl2_cli.app import app
 
     return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
 

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from dsvl2.model.requests import Message
 from PIL import Image
 from safetensors.torch import load_file
-
-from model.requests import Message
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = Path(os.environ.get("DSVL2_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
@@ -136,13 +135,13 @@ def load_cases() -> list[Case]:
 @functools.cache
 def parity_model(name: str, dtype: torch.dtype = torch.float32):
     """The checkpoint `name` loaded once per test session (read-only use: tests must not modify it)."""
-    from model.weights import load_model
+    from dsvl2.model.weights import load_model
 
     return load_model(checkpoint_dir(name), dtype=dtype)
 
 
 @functools.cache
 def parity_processor(name: str):
-    from model.processor import Processor
+    from dsvl2.model.processor import Processor
 
     return Processor.from_dir(checkpoint_dir(name))

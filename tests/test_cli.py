@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+from dsvl2 import backend
+from dsvl2.model.errors import InputError, ModelNotFoundError
+from dsvl2.pipelines import ocr, table
 from fakes import invoke, jsonl, make_image, make_pdf
-
-from dsvl2_cli import runtime as runtime_seam
-from model.errors import InputError, ModelNotFoundError
-from pipelines import ocr, table
 
 TABLE = "| Item | Qty |\n|---|---|\n| Widget | 4 |\n| Gear | 1 |"
 
@@ -226,7 +225,7 @@ def test_setup_and_usage_errors_exit_2_with_one_line(fake, monkeypatch):
     def missing(*args, **kwargs):
         raise ModelNotFoundError("no such model: nobody/nothing")
 
-    monkeypatch.setattr(runtime_seam, "runtime_factory", missing)
+    monkeypatch.setattr(backend, "runtime_factory", missing)
     result = invoke("ocr", "p.png", "--model", "nobody/nothing", "-f", "json")
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == ["error: model not found: no such model: nobody/nothing"]
@@ -411,10 +410,10 @@ def test_quiet_and_verbose(fake):
 
 
 def test_models_download_and_list(fake, monkeypatch, tmp_path):
-    monkeypatch.setattr(runtime_seam, "download_model", lambda repo, revision=None: tmp_path / repo / str(revision))
+    monkeypatch.setattr(backend, "download_model", lambda repo, revision=None: tmp_path / repo / str(revision))
     result = invoke("models", "download", "org/m", "--revision", "v1")
     assert result.exit_code == 0 and result.stdout.strip() == str(tmp_path / "org/m/v1")
-    monkeypatch.setattr(runtime_seam, "list_cached_models", lambda: [("org/m", "a" * 40, 3 * 1024 * 1024)])
+    monkeypatch.setattr(backend, "list_cached_models", lambda: [("org/m", "a" * 40, 3 * 1024 * 1024)])
     result = invoke("models", "list")
     assert "org/m" in result.stdout and "3.0 MB" in result.stdout
     assert json.loads(invoke("models", "list", "--json").stdout) == [
@@ -424,7 +423,7 @@ def test_models_download_and_list(fake, monkeypatch, tmp_path):
     def offline(repo, revision=None):
         raise ModelNotFoundError("cannot reach the hub")
 
-    monkeypatch.setattr(runtime_seam, "download_model", offline)
+    monkeypatch.setattr(backend, "download_model", offline)
     result = invoke("models", "download")
     assert result.exit_code == 2 and "cannot reach the hub" in result.stderr
 
@@ -435,11 +434,10 @@ def test_schema_command_matches_the_committed_file(fake):
 
 
 def test_progress_bar_on_a_terminal_and_summary(fake):
+    from dsvl2.pipelines.base import Document, Page, PageRecord
+    from dsvl2.pipelines.runner import DocumentDone, RecordDone
+    from dsvl2.progress import Reporter
     from rich.console import Console
-
-    from dsvl2_cli.progress import Reporter
-    from pipelines.base import Document, Page, PageRecord
-    from pipelines.runner import DocumentDone, RecordDone
 
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120, color_system=None, highlight=False)
@@ -460,8 +458,8 @@ def test_progress_bar_on_a_terminal_and_summary(fake):
 
 
 def test_output_destination_rules(fake, tmp_path):
-    from dsvl2_cli.session import destination
-    from dsvl2_cli.writers import Format
+    from dsvl2.session import destination
+    from dsvl2.writers import Format
 
     Path("existing-dir").mkdir()
     Path("existing-file").write_text("")

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from dsvl2 import backend
 from fakes import FakeRuntime, factory_for, invoke, isolate, make_image, make_pdf
-
-from dsvl2_cli import runtime as runtime_seam
 
 
 @pytest.fixture
@@ -24,7 +23,7 @@ def runtime(monkeypatch, tmp_path):
 
     def install(**kwargs) -> FakeRuntime:
         fake = FakeRuntime(lambda r: f"text of {r.id}", **kwargs)
-        monkeypatch.setattr(runtime_seam, "runtime_factory", factory_for(fake))
+        monkeypatch.setattr(backend, "runtime_factory", factory_for(fake))
         return fake
 
     return install

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from dsvl2.model.errors import ConfigError
+from dsvl2.model.factory import Init, random_tensor, split_shards, write_random_checkpoint
+from dsvl2.model.language import MLP, MoE
+from dsvl2.model.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_model, read_headers
 from parity import REPO_ROOT, checkpoint_dir, checkpoint_names, require
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from model.errors import ConfigError
-from model.factory import Init, random_tensor, split_shards, write_random_checkpoint
-from model.language import MLP, MoE
-from model.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_model, read_headers
 
 REAL_CONFIGS = REPO_ROOT / "tests" / "data" / "configs"
 IMAGE_TOKENS = 14 * 15 + 1 + 14 * 15  # one image, one 384x384 local tile (tw = th = 1)
@@ -234,7 +233,7 @@ def test_cli_prints_only_the_path(tmp_path):
     config_file.write_text(json.dumps(CONFIGS["real-tiny"]), encoding="utf-8")
     out = tmp_path / "cli"
     run = subprocess.run(
-        [sys.executable, "-m", "model.factory", "--config", str(config_file), "--out", str(out),
+        [sys.executable, "-m", "dsvl2.model.factory", "--config", str(config_file), "--out", str(out),
          "--seed", "3", "--dtype", "float32", "--shard-gb", "0.0002"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     )

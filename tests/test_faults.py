@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from dsvl2 import backend
+from dsvl2.pipelines.base import REPETITION_GUARD, RETRY_TEMPERATURE, RETRY_TOP_P
+from dsvl2.pipelines.schema import record_schema
 from fakes import FakeRuntime, factory_for, invoke, isolate, jsonl, make_image, make_pdf
 from parity import checkpoint_dir
 from test_writers import violations
-
-from dsvl2_cli import runtime as runtime_seam
-from pipelines.base import REPETITION_GUARD, RETRY_TEMPERATURE, RETRY_TOP_P
-from pipelines.schema import record_schema
 
 EXTRA = {"ground": ["--query", "the thing"], "ask": ["--prompt", "What is it?"]}
 FAULTS = {
@@ -140,7 +139,7 @@ def test_page_timeout_without_a_cancel_marks_the_late_page_failed(fake):
     slow = NoCancel()
     slow.enqueue("late", seconds=0.4).enqueue("fine")
     make_pdf(Path("d.pdf"), 2)
-    runtime_seam.runtime_factory = factory_for(slow)
+    backend.runtime_factory = factory_for(slow)
     records = jsonl(invoke("ocr", "d.pdf", "-f", "jsonl", "-b", "1", "--page-timeout", "0.2").stdout)
     assert [(r["status"], r["text"]) for r in records] == [("failed", "late"), ("ok", "fine")]
 

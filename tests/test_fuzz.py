@@ -10,21 +10,20 @@ import os
 
 import pytest
 import torch
+from dsvl2.inputs import display, parse_pages, parse_shard, safe_key
+from dsvl2.model.processor import Processor, num_image_tokens, plan_image
+from dsvl2.model.requests import user_prompt
+from dsvl2.pipelines.base import PageSize
+from dsvl2.pipelines.chart import parse_chart
+from dsvl2.pipelines.ground import GRID, parse_grounding
+from dsvl2.pipelines.ocr import parse_markdown
+from dsvl2.pipelines.schema import RESULTS
+from dsvl2.pipelines.table import parse_tables
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from parity import checkpoint_dir
 from PIL import Image
 from test_writers import violations
-
-from dsvl2_cli.inputs import display, parse_pages, parse_shard, safe_key
-from model.processor import Processor, num_image_tokens, plan_image
-from model.requests import user_prompt
-from pipelines.base import PageSize
-from pipelines.chart import parse_chart
-from pipelines.ground import GRID, parse_grounding
-from pipelines.ocr import parse_markdown
-from pipelines.schema import RESULTS
-from pipelines.table import parse_tables
 
 TINY = checkpoint_dir("tiny-mha")
 FEW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

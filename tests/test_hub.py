@@ -20,12 +20,11 @@ from pathlib import Path
 import httpx2
 import huggingface_hub
 import pytest
+from dsvl2.model import hub
+from dsvl2.model.errors import ModelNotFoundError
+from dsvl2.model.hub import CachedModel, download_model, list_cached_models, resolve_model
 from huggingface_hub import constants, errors
 from huggingface_hub.hf_api import HfApi
-
-from model import hub
-from model.errors import ModelNotFoundError
-from model.hub import CachedModel, download_model, list_cached_models, resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO = "deepseek-ai/deepseek-vl2-tiny"

@@ -1,4 +1,4 @@
-"""Input expansion, sniffing, page selection and lazy rendering (dsvl2_cli.inputs)."""
+"""Input expansion, sniffing, page selection and lazy rendering (dsvl2.inputs)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from fakes import make_image, make_pdf
-from hypothesis import given
-from hypothesis import strategies as st
-from PIL import Image
-
-from dsvl2_cli.inputs import (
+from dsvl2.inputs import (
     MAX_PIXELS,
     expand_inputs,
     open_document,
@@ -25,7 +20,11 @@ from dsvl2_cli.inputs import (
     read_path_list,
     safe_key,
 )
-from dsvl2_cli.pages import iter_pages
+from dsvl2.pages import iter_pages
+from fakes import make_image, make_pdf
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
 
 
 def opened(path: Path, **kw):
@@ -229,7 +228,7 @@ def test_unreadable_directory_becomes_an_error_input(tmp_path, monkeypatch):
         yield from real_walk(top, onerror=onerror, followlinks=followlinks)
         onerror(PermissionError(13, "Permission denied", str(tmp_path / "d" / "locked")))
 
-    monkeypatch.setattr("dsvl2_cli.inputs.os.walk", walk)
+    monkeypatch.setattr("dsvl2.inputs.os.walk", walk)
     files, _ = expand_inputs([str(tmp_path / "d")])
     assert [(f.key, f.error) for f in files] == [
         ("ok.png", None),

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dsvl2.model.engine import Engine
+from dsvl2.model.language import MLAttention, MoE, MoEGate
+from dsvl2.model.requests import Request, Sampling, user_prompt
+from dsvl2.model.vl2 import DeepseekVL2
 from parity import checkpoint_names, load_cases, parity_model, parity_processor, require
-
-from model.engine import Engine
-from model.language import MLAttention, MoE, MoEGate
-from model.requests import Request, Sampling, user_prompt
-from model.vl2 import DeepseekVL2
 
 CHECKPOINTS = require(checkpoint_names(), "parity checkpoints")
 TOL = 1e-4
@@ -49,7 +48,7 @@ def incremental_logits(model: DeepseekVL2, x: torch.Tensor, chunks: list[int]) -
 def test_grown_cache_keeps_every_row_and_adds_empty_ones() -> None:
     """Catches a cache growth that loses or shifts contents: growing slots and rows keeps each row's tensors and
     length where they were, new rows and slots start empty, and the cache it came from is untouched."""
-    from model.cache import KVCache
+    from dsvl2.model.kv_cache import KVCache
 
     cache = KVCache([(2, 3), (4,)], batch=2, capacity=5, n_layers=2, dtype=torch.float32)
     for layer in cache.layers:
@@ -193,7 +192,7 @@ GATE_VARIANTS = [
 def test_gate_matches_hand_written_reference(method, scoring, norm, groups, topk_group) -> None:
     """Catches routing bugs per method: group scores, masking value, biased selection vs unbiased weights,
     normalisation and scaling."""
-    from model.config import LanguageConfig
+    from dsvl2.model.config import LanguageConfig
 
     cfg = LanguageConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                          n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=8, topk_method=method,
@@ -349,7 +348,7 @@ def test_stop_rules_and_callbacks() -> None:
 
 def test_repetition_guard_fires_on_a_loop() -> None:
     """Catches a silent guard: a model looping on a short cycle is stopped with finish reason repetition."""
-    from model.sampling import repeats_ngram
+    from dsvl2.model.sampling import repeats_ngram
 
     assert repeats_ngram([1, 2, 3, 4, 1, 2, 3, 4], n=4, window=100)
     assert not repeats_ngram([1, 2, 3, 4, 5, 6, 7, 8], n=4, window=100)

@@ -9,8 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-
-from model import kernels
+from dsvl2.model import kernels
 
 
 def _can_build() -> bool:
@@ -170,7 +169,7 @@ def test_a_failed_build_is_recorded_not_raised(monkeypatch, kernel_calls):
 def _moe(hidden: int, inter: int, experts: int, top_k: int, seed: int):
     from types import SimpleNamespace
 
-    from model.language import MoE
+    from dsvl2.model.language import MoE
 
     cfg = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
                           num_experts_per_tok=top_k, topk_method="greedy", scoring_func="softmax", n_group=1,
@@ -250,7 +249,7 @@ ATTEND_SHAPES = [  # (B, H, Hk, T, D, Dv, capacity, row lengths)
 def test_attention_kernel_equals_the_masked_matmul_path(kernel, B, H, Hk, T, D, Dv, capacity, lengths):
     """Over strided cache views (capacity > used slots), the kernel's causal attention equals language.attend with
     the causal mask: the same bf16 roundings, float32 summation order aside."""
-    from model.language import attend, causal_mask
+    from dsvl2.model.language import attend, causal_mask
 
     torch.manual_seed(B * 100 + T)
     keys = torch.randn(B, Hk, capacity, D).to(torch.bfloat16)
@@ -341,7 +340,7 @@ def test_causal_attention_kernel_is_as_close_to_float32_as_the_masked_path(kerne
                                                                           lengths):
     """Prefill through the kernel: over strided cache views, query (b, t) sees slots 0..position; the error
     against float32 stays within the error of the model's own bf16 path (language.attend with the causal mask)."""
-    from model.language import attend, causal_mask
+    from dsvl2.model.language import attend, causal_mask
 
     torch.manual_seed(T + D)
     keys = (torch.randn(B, Hk, capacity, D) * 1.5).to(torch.bfloat16)

@@ -1,4 +1,5 @@
-"""Dependencies point one way, dsvl2_cli → pipelines → model, checked by walking every import (ast)."""
+"""Dependencies point one way, dsvl2 (CLI and API, in dsvl2_cli/) → dsvl2.pipelines → dsvl2.model, checked by
+walking every import (ast); and nothing imports the folders by their own names (they install only under `dsvl2`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 
+# The import name of each folder, and what it must never import.
+PACKAGES = {"model": "dsvl2.model", "pipelines": "dsvl2.pipelines", "dsvl2_cli": "dsvl2"}
+TERMINAL = {"typer", "rich", "fitz", "pymupdf", "click"}
 FORBIDDEN = {
-    "model": {"typer", "rich", "fitz", "pymupdf", "pipelines", "dsvl2_cli", "click"},
-    "pipelines": {"typer", "rich", "fitz", "pymupdf", "dsvl2_cli", "click"},
+    "model": {*TERMINAL, "dsvl2.pipelines", *(f"dsvl2.{m.stem}" for m in (ROOT / "dsvl2_cli").glob("*.py"))},
+    "pipelines": {*TERMINAL, *(f"dsvl2.{m.stem}" for m in (ROOT / "dsvl2_cli").glob("*.py"))},
 }
+# Names that exist only as folders of the repository, never as installed packages.
+FOLDER_NAMES = {"model", "pipelines", "dsvl2_cli"}
 # The CLI may import these parts of the runtime when its modules load; the rest only inside functions.
-CLI_EAGER_MODEL_IMPORTS = {"model.requests", "model.errors"}
+CLI_EAGER_MODEL_IMPORTS = {"dsvl2.model.requests", "dsvl2.model.errors"}
 
 
 def imports(path: Path, *, top_level_only: bool = False) -> list[tuple[int, str]]:
@@ -67,7 +73,20 @@ def test_lower_layers_do_not_import_upper_layers_or_terminal_libraries(package):
         f"{path.relative_to(ROOT)}:{line} imports {module}"
         for path in files(package)
         for line, module in imports(path)
-        if module.split(".")[0] in FORBIDDEN[package]
+        if any(module == f or module.startswith(f + ".") for f in FORBIDDEN[package])
+    ]
+    assert bad == [], "\n".join(bad)
+
+
+def test_nothing_imports_a_folder_by_its_own_name():
+    """`import model` would work only from the repository root (and picks up a user's own `model`)."""
+    folders = [*FOLDER_NAMES, "tests", "bench", "samples"]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for folder in folders
+        for path in files(folder)
+        for line, module in imports(path)
+        if module.split(".")[0] in FOLDER_NAMES
     ]
     assert bad == [], "\n".join(bad)
 
@@ -77,13 +96,13 @@ def test_cli_loads_only_the_runtime_seam_at_import_time():
     for path in files("dsvl2_cli"):
         hidden = _type_checking_lines(path)
         for line, module in imports(path, top_level_only=True):
-            if module.split(".")[0] == "model" and module not in CLI_EAGER_MODEL_IMPORTS and line not in hidden:
+            if module.startswith("dsvl2.model") and module not in CLI_EAGER_MODEL_IMPORTS and line not in hidden:
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {module} at import time")
     assert bad == [], "\n".join(bad)
 
 
 def test_importing_the_cli_loads_neither_torch_nor_pymupdf():
     """`dsvl2 --help` must stay fast: the heavy libraries load when a model or a PDF is first needed."""
-    code = "import sys, dsvl2_cli.app; print(sorted(m for m in ('torch', 'pymupdf', 'fitz') if m in sys.modules))"
+    code = "import sys, dsvl2, dsvl2.app; print(sorted(m for m in ('torch', 'pymupdf', 'fitz') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -4,14 +4,13 @@ gives a result, never an exception."""
 from __future__ import annotations
 
 import pytest
+from dsvl2.pipelines.base import PageSize
+from dsvl2.pipelines.chart import parse_chart, parse_number
+from dsvl2.pipelines.ground import check_box, parse_grounding
+from dsvl2.pipelines.ocr import parse_markdown
+from dsvl2.pipelines.table import find_tables, parse_html_table, parse_markdown_table, parse_tables
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from pipelines.base import PageSize
-from pipelines.chart import parse_chart, parse_number
-from pipelines.ground import check_box, parse_grounding
-from pipelines.ocr import parse_markdown
-from pipelines.table import find_tables, parse_html_table, parse_markdown_table, parse_tables
 
 # --- tables: Markdown ------------------------------------------------------------------------------------
 

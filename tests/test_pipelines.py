@@ -7,12 +7,9 @@ import itertools
 from collections.abc import Iterator
 
 import pytest
-from fakes import FakeRuntime
-from PIL import Image
-
-from model.requests import Completion
-from pipelines import runner
-from pipelines.base import (
+from dsvl2.model.requests import Completion
+from dsvl2.pipelines import runner
+from dsvl2.pipelines.base import (
     Document,
     Page,
     PageRecord,
@@ -23,7 +20,9 @@ from pipelines.base import (
     answered_record,
     page_key,
 )
-from pipelines.ocr import OcrTask
+from dsvl2.pipelines.ocr import OcrTask
+from fakes import FakeRuntime
+from PIL import Image
 
 SETTINGS = Settings(model="m")
 IMAGE = Image.new("RGB", (8, 8))

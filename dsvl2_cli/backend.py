@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipelines.base import Runtime
+    from dsvl2.pipelines.base import Runtime
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
@@ -29,7 +29,7 @@ def load_runtime(
 ) -> Runtime:
     """The embedded runtime for `model` (a local directory or a Hugging Face repo id). `batch_size` (from
     --batch-size) caps the engine's batch; None lets the runtime choose."""
-    from model.runtime import load_runtime as load
+    from dsvl2.model.loading import load_runtime as load
 
     if batch_size is None:
         return load(model, revision=revision, device=device, dtype=dtype)
@@ -37,13 +37,13 @@ def load_runtime(
 
 
 def _download_model(repo_id: str, *, revision: str | None = None) -> Path:
-    from model.hub import download_model as download
+    from dsvl2.model.hub import download_model as download
 
     return download(repo_id, revision=revision)
 
 
 def _list_cached_models() -> list[Any]:
-    from model.hub import list_cached_models as list_models
+    from dsvl2.model.hub import list_cached_models as list_models
 
     return list_models()
 

@@ -1,4 +1,4 @@
-"""`dsvl2 models download|list`: the model cache, through the seams in dsvl2_cli.runtime."""
+"""`dsvl2 models download|list`: the model cache, through the seams in dsvl2.backend."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 import sys
 from typing import Any
 
-from dsvl2_cli import runtime as runtime_seam
-from dsvl2_cli.errors import ExitCode, describe
-from dsvl2_cli.progress import Reporter
+from dsvl2 import backend
+from dsvl2.errors import ExitCode, describe
+from dsvl2.progress import Reporter
 
 
 def _size(n: int) -> str:
@@ -31,7 +31,7 @@ def _fail(exc: BaseException) -> int:
 def download(*, repo_id: str, revision: str | None) -> int:
     """Fetch a model into the cache; print its local directory on stdout."""
     try:
-        path = runtime_seam.download_model(repo_id, revision=revision)
+        path = backend.download_model(repo_id, revision=revision)
     except (Exception, KeyboardInterrupt) as exc:
         return _fail(exc)
     sys.stdout.write(f"{path}\n")
@@ -54,7 +54,7 @@ def _row(entry: Any) -> dict[str, Any]:
 def list_models(*, as_json: bool) -> int:
     """Cached models on stdout: a table, or JSON with `--json`."""
     try:
-        models = [_row(m) for m in runtime_seam.list_cached_models()]
+        models = [_row(m) for m in backend.list_cached_models()]
     except (Exception, KeyboardInterrupt) as exc:
         return _fail(exc)
     if as_json:

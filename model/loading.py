@@ -14,13 +14,12 @@ import json
 from pathlib import Path
 
 import torch
-
-from model import kernels
-from model.engine import Engine
-from model.errors import ConfigError
-from model.hub import DEFAULT_MODEL, resolve_model
-from model.processor import Processor
-from model.weights import load_model
+from dsvl2.model import kernels
+from dsvl2.model.engine import Engine
+from dsvl2.model.errors import ConfigError
+from dsvl2.model.hub import DEFAULT_MODEL, resolve_model
+from dsvl2.model.processor import Processor
+from dsvl2.model.weights import load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -1,0 +1,57 @@
+"""load_runtime's choices: dtype auto follows the checkpoint, the batch and the cache budget follow free memory."""
+
+from __future__ import annotations
+
+import torch
+from dsvl2.model import loading
+from parity import checkpoint_dir, checkpoint_names, parity_model, require
+
+
+def test_auto_batch_size_follows_free_memory(monkeypatch):
+    model = parity_model(require(checkpoint_names(), "parity checkpoints")[0])
+    per_row = model.language.new_cache(1, 1).nbytes() * model.cfg.language.max_position_embeddings
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loading, "available_memory", lambda: 6 * per_row)
+    assert loading.auto_batch_size(model, cpu) == 3  # half of the free memory, one full-context row each
+    monkeypatch.setattr(loading, "available_memory", lambda: per_row // 10)
+    assert loading.auto_batch_size(model, cpu) == 1
+    monkeypatch.setattr(loading, "available_memory", lambda: 10**15)
+    assert loading.auto_batch_size(model, cpu, limit=16) == 16
+
+
+def test_dtype_auto_follows_the_checkpoint(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: True)
+    assert loading.pick_dtype("auto", cpu, "float32") is torch.float32
+    assert loading.pick_dtype("auto", cpu, "bfloat16") is torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: False)
+    assert loading.pick_dtype("auto", cpu, "bfloat16") is torch.float32
+    assert loading.pick_dtype("bf16", cpu, "float32") is torch.bfloat16
+    name = require(checkpoint_names(), "parity checkpoints")[0]
+    assert loading.checkpoint_dtype(checkpoint_dir(name)) == "float32"
+    engine = loading.load_runtime(str(checkpoint_dir(name)), max_batch_size=2)
+    assert engine.model.dtype is torch.float32 and engine.max_batch_size == 2
+
+
+def test_a_bf16_cpu_runtime_prepares_the_kernels_at_load(monkeypatch):
+    """The kernels' build (first run) or load happens in load_runtime, not inside the first page; a float32
+    runtime never asks for them."""
+    from dsvl2.model import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "available", lambda: calls.append(1) or False)
+    name = require(checkpoint_names(), "parity checkpoints")[0]
+    engine = loading.load_runtime(str(checkpoint_dir(name)), dtype="float32", max_batch_size=1)
+    assert engine.model.dtype is torch.float32 and not calls
+    engine = loading.load_runtime(str(checkpoint_dir(name)), dtype="bfloat16", max_batch_size=1)
+    assert engine.model.dtype is torch.bfloat16 and calls == [1]
+
+
+def test_the_cache_budget_follows_free_memory_unless_given(monkeypatch):
+    name = require(checkpoint_names(), "parity checkpoints")[0]
+    monkeypatch.setattr(loading, "available_memory", lambda: 10 * 2**20)
+    engine = loading.load_runtime(str(checkpoint_dir(name)), max_batch_size=64)
+    assert engine.max_batch_size == 64 and engine.cache_budget == 5 * 2**20  # half the free memory
+    assert loading.load_runtime(str(checkpoint_dir(name)), cache_budget=12345).cache_budget == 12345
+    monkeypatch.setattr(loading, "available_memory", lambda: None)
+    assert loading.load_runtime(str(checkpoint_dir(name))).cache_budget is None
