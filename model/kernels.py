@@ -11,24 +11,30 @@ AVX512-BF16 dot products; the decode ones read each weight once for all rows:
 Also `linear_fused`, a product with its bias (and GELU) fused through torch's own oneDNN (no build needed), for
 the vision tower's large bf16 products.
 
-The C++ source is built on first use with torch.utils.cpp_extension (needs a C++ compiler and the `ninja`
-executable) into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Nothing
-here is required: without AVX512-BF16, when the build fails, for shapes, dtypes or devices it does not cover,
-or when switched off (`enabled=False`, or DSVL2_KERNELS=0 in the environment), `linear` is `F.linear` and
-`moe_fits` is False (the model then runs its experts one by one).
-Build failures are recorded (`build_error`), never raised or printed. Where to use it is the model's choice.
+The C++ source is built on first use (needs a C++ compiler and the `ninja` executable) by model/kernel_build.py,
+once per machine and source version, into <TORCH_EXTENSIONS_DIR or ~/.cache/dsvl2/kernels>/dsvl2_kernels-<key>/;
+a failed build is remembered there (delete that directory, `status().directory`, to retry). Nothing here is
+required: without AVX512-BF16, when the build fails, for shapes, dtypes or devices it does not cover, or when
+switched off (`enabled=False`, or DSVL2_KERNELS=0 in the environment), `linear` is `F.linear` and `moe_fits` is
+False (the model then runs its experts one by one).
+Nothing is raised or printed: `status()` returns a `KernelStatus` (built, loaded from the cache, failed with a
+reason, unsupported CPU or switched off, and the seconds spent) for the caller to report, and
+`available(on_build_start=...)` calls back when a build really starts. Where to use the kernels is the model's choice.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import time
-import warnings
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from dsvl2.model import kernel_build
+from dsvl2.model.kernel_build import KernelStatus
 
 # Rows (tokens) up to which `linear` uses the kernel (decode batches). Past ~16 rows a product is bound by the
 # bf16 dot-product rate rather than by reading the weight; the kernel still matched F.linear at 48 and 64 rows
@@ -36,10 +42,12 @@ import torch.nn.functional as F
 MAX_ROWS = 32
 ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
-_SOURCES = [Path(__file__).resolve().parent / "csrc" / name
-            for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp")]
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp")]
+_DEPENDS = [_CSRC / "bf16_common.h"]  # included by the sources: part of the build key
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 
 
@@ -53,47 +61,65 @@ def cpu_supported() -> bool:
     return all(flag in flags for flag in _CPU_FLAGS)
 
 
-@functools.cache
-def _build() -> tuple[str | None, float]:
-    """Build and load the extension once per process: (error or None, seconds spent)."""
-    start = time.perf_counter()
-    if not cpu_supported():
-        return f"this CPU lacks one of {', '.join(_CPU_FLAGS)}", 0.0
-    try:
-        from torch.utils import cpp_extension
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # is_python_module=False: a plain shared library that registers torch.ops.dsvl2_kernels.*
-            # (no pybind module, no Python.h ABI to match). The build cache is keyed by source and flags.
-            cpp_extension.load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS,
-                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-        torch.ops.dsvl2_kernels.linear_bf16  # noqa: B018 - raises if the library registered nothing
-    except Exception as exc:  # any failure (no compiler, no ninja, compile error, load error) means: fall back
-        return f"{type(exc).__name__}: {exc}".strip(), time.perf_counter() - start
-    return None, time.perf_counter() - start
-
-
 def switched_off() -> bool:
     """True when the environment turns the kernels off (DSVL2_KERNELS=0, off, false or no); read at each call."""
     value = os.environ.get(ENV_SWITCH)
     return value is not None and value.strip().lower() in ("0", "off", "false", "no")
 
 
-def available() -> bool:
-    """True when the kernel can run here; the first call builds it (seconds to a minute, then cached on disk),
-    so call this at model load to keep the build out of the first decode step."""
-    return not switched_off() and cpu_supported() and _build()[0] is None
+def _registered() -> None:
+    """Raises unless the loaded library registered the ops (the build's check)."""
+    torch.ops.dsvl2_kernels.linear_bf16  # noqa: B018 - attribute access raises if the op is missing
+
+
+_loaded: KernelStatus | None = None  # the build or load, once per process
+_loading = threading.Lock()
+
+
+def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
+    """What the kernels are in this process: "off" (DSVL2_KERNELS=0, read at each call), "unsupported" (no
+    AVX512-BF16), else the first call builds (seconds to a minute, first run only; `on_build_start` is called
+    just before the compiler starts) or loads the cached build, and later calls return that result ("built",
+    "loaded" or "failed", with the reason and seconds). Never raises, never prints."""
+    global _loaded
+    if switched_off():
+        return _off(os.environ[ENV_SWITCH])
+    if not cpu_supported():
+        return _unsupported()
+    if (loaded := _loaded) is not None:  # every product asks: no lock once loaded
+        return loaded
+    with _loading:
+        if _loaded is None:
+            _loaded = kernel_build.load_library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS,
+                                                depends=_DEPENDS, check=_registered, on_build_start=on_build_start)
+        return _loaded
+
+
+@functools.cache
+def _off(value: str) -> KernelStatus:
+    return KernelStatus("off", reason=f"switched off by {ENV_SWITCH}={value}")
+
+
+@functools.cache
+def _unsupported() -> KernelStatus:
+    return KernelStatus("unsupported", reason=f"this CPU lacks one of {', '.join(_CPU_FLAGS)}")
+
+
+def available(on_build_start: Callable[[], None] | None = None) -> bool:
+    """True when the kernels can run here; the first call builds them (see `status`), so call this at model load
+    to keep the build out of the first decode step."""
+    return status(on_build_start).available
 
 
 def build_error() -> str | None:
-    """Why the kernel is unavailable (unsupported CPU, or the build or load error), or None once built."""
-    return _build()[0]
+    """Why the kernels are unavailable (switched off, unsupported CPU, or the build or load error), or None."""
+    return status().reason
 
 
 def build_seconds() -> float:
     """Seconds the first `available()` spent building or loading the extension in this process."""
-    return _build()[1]
+    s = status()
+    return s.build_seconds + s.load_seconds
 
 
 def fits(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dsvl2.model import kernels
 
 
@@ -146,24 +147,54 @@ def test_switched_off_by_parameter_or_environment(built, kernel_calls, monkeypat
     assert kernel_calls == []
 
 
-def test_a_failed_build_is_recorded_not_raised(monkeypatch, kernel_calls):
-    """A machine with the CPU flags but a broken toolchain must fall back, not crash the first decode step."""
+def test_a_failed_build_is_recorded_not_raised(monkeypatch, tmp_path, kernel_calls):
+    """A machine with the CPU flags but a broken toolchain must fall back, not crash the first decode step, and
+    later processes read the recorded failure instead of building again (model/kernel_build.py)."""
     from torch.utils import cpp_extension
 
-    def broken_load(*args, **kwargs):
-        raise RuntimeError("Error building extension 'dsvl2_kernels': c++: fatal error")
+    from dsvl2.model import kernel_build
 
+    loads = []
+
+    def broken_load(*args, **kwargs):
+        loads.append(1)
+        raise RuntimeError("Error building extension 'dsvl2_kernels': [1/2] c++ ...\n"
+                           "decode_bf16.cpp:1:1: fatal error: immintrin.h: No such file or directory")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # never touch the real cache
     monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
+    monkeypatch.setattr(kernel_build, "toolchain_problem", lambda: None)  # CI may lack ninja: the load is fake
     monkeypatch.setattr(cpp_extension, "load", broken_load)
-    kernels._build.cache_clear()
-    try:
-        assert not kernels.available()
-        assert "fatal error" in kernels.build_error()
-        x, w = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16)
-        assert torch.equal(kernels.linear(x, w), F.linear(x, w))
-        assert kernel_calls == []
-    finally:
-        kernels._build.cache_clear()  # the next caller loads the real (disk-cached) build again
+    monkeypatch.setattr(kernels, "_loaded", None)
+    started = []
+    assert not kernels.available(on_build_start=lambda: started.append(1))
+    status = kernels.status()
+    assert status.state == "failed" and status.compiled and started == [1] and loads == [1]
+    assert "fatal error: immintrin.h" in kernels.build_error() and "\n" not in kernels.build_error()
+    x, w = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    assert kernel_calls == []
+    monkeypatch.setattr(kernels, "_loaded", None)  # as a new process would
+    again = kernels.status(on_build_start=lambda: started.append(2))
+    assert again.state == "failed" and not again.compiled and started == [1] and loads == [1]
+    assert "fatal error: immintrin.h" in again.reason and again.directory in again.reason
+
+
+def test_status_says_why_without_building(monkeypatch):
+    """Switched off or an unsupported CPU: a status with the reason, and no build is attempted."""
+    from dsvl2.model import kernel_build
+
+    monkeypatch.setattr(kernel_build, "load_library", lambda *a, **k: pytest.fail("a build was attempted"))
+    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    off = kernels.status()
+    assert off.state == "off" and kernels.ENV_SWITCH in off.reason and not off.available
+    assert off.reason in off.describe()
+    monkeypatch.delenv(kernels.ENV_SWITCH)
+    monkeypatch.setattr(kernels, "cpu_supported", lambda: False)
+    unsupported = kernels.status()
+    assert unsupported.state == "unsupported" and "avx512_bf16" in unsupported.reason
+    assert kernels.build_error() == unsupported.reason and kernels.build_seconds() == 0.0
 
 
 def _moe(hidden: int, inter: int, experts: int, top_k: int, seed: int):
