@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from dsvl2.model import kernels
 
 SHAPES = ((896, 1280), (1792, 1280), (1280, 896), (1280, 1280), (129280, 1280))  # (N, K) of w

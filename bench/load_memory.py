@@ -81,6 +81,7 @@ def _max_rss() -> int:
 def measure(directory: Path) -> dict:
     """Load `directory` in this process (call in a fresh one) and return the figures."""
     import torch
+
     from dsvl2.model.weights import load_model
 
     rss_before = _status_kib("VmRSS") * 1024

@@ -6,11 +6,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 from dsvl2.errors import OutputError
 from dsvl2.pipelines.base import Document, Page, PageRecord
 from dsvl2.pipelines.ground import GRID
 from dsvl2.writers import atomic_write
-from PIL import Image, ImageDraw
 
 _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
 

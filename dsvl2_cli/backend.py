@@ -1,39 +1,106 @@
-"""The CLI's only doors into the model runtime, each a module attribute so that tests can replace it:
-`runtime_factory` (load a model for generation), `download_model` and `list_cached_models` (the cache).
+"""The one door from the CLI and the Python API into the model runtime, each function a module attribute so
+that tests can replace it: `identify` (which model, revision, device and dtype a run would use, without
+loading it), `runtime_factory` (load it), `download_model` and `list_cached_models` (the cache).
 
-The runtime is imported when a model is first needed, never at CLI import time, so `--help`, input
-errors and fully-resumed runs cost no torch import.
+The runtime is imported when a model is first needed, never at import time, so `dsvl2 --help` and
+`import dsvl2` cost no torch import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsvl2.model.hub import DEFAULT_MODEL
+
 if TYPE_CHECKING:
-    from dsvl2.pipelines.base import Runtime
+    from dsvl2.model.engine import Engine
+    from dsvl2.model.loading import Resolved
+    from dsvl2.model.requests import Completion, Request
 
-DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
-
-RuntimeFactory = Callable[..., "Runtime"]
+__all__ = ["DEFAULT_MODEL", "Identity", "Runtime", "identify", "load"]
 
 
-def load_runtime(
-    model: str,
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What answers a run's pages: the model as given, its hub revision, its fingerprint (None when unknown),
+    and the device kind and dtype it runs in. Part of every record and of its resume key."""
+
+    model: str
+    revision: str | None
+    fingerprint: str | None
+    device: str
+    dtype: str
+
+    def record_model(self) -> dict[str, str | None]:
+        return {"id": self.model, "revision": self.revision, "fingerprint": self.fingerprint}
+
+
+def _identity(resolved: Resolved) -> Identity:
+    return Identity(
+        model=resolved.model,
+        revision=resolved.revision,
+        fingerprint=resolved.fingerprint,
+        device=resolved.device.type,
+        dtype=str(resolved.dtype).removeprefix("torch."),
+    )
+
+
+def _identify(model: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Identity:
+    from dsvl2.model.loading import resolve
+
+    return _identity(resolve(model, revision=revision, device=device, dtype=dtype))
+
+
+class Runtime:
+    """A loaded model, reusable across calls and threads' worth of pages: `dsvl2.load()` returns one, and
+    every task function takes it as `runtime=`. Implements `dsvl2.pipelines.base.Runtime`."""
+
+    def __init__(self, engine: Engine, identity: Identity) -> None:
+        self.engine, self.identity = engine, identity
+
+    @property
+    def model_id(self) -> str:
+        return self.identity.model
+
+    @property
+    def revision(self) -> str | None:
+        return self.identity.revision
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine.max_batch_size
+
+    def generate(
+        self, requests: Sequence[Request], *, on_completion: Callable[[Completion], None] | None = None
+    ) -> list[Completion]:
+        return self.engine.generate(requests, on_completion=on_completion)
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
+
+    def __repr__(self) -> str:
+        i = self.identity
+        return f"<dsvl2.Runtime {i.model} on {i.device} in {i.dtype}, {self.max_batch_size} pages at once>"
+
+
+def load(
+    model: str = DEFAULT_MODEL,
     *,
     revision: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
     batch_size: int | None = None,
 ) -> Runtime:
-    """The embedded runtime for `model` (a local directory or a Hugging Face repo id). `batch_size` (from
-    --batch-size) caps the engine's batch; None lets the runtime choose."""
-    from dsvl2.model.loading import load_runtime as load
+    """The embedded runtime for `model` (a local directory or a Hugging Face repo id). `batch_size` caps how
+    many pages it answers at once; None sizes it from free memory."""
+    from dsvl2.model.loading import load_runtime, resolve
 
-    if batch_size is None:
-        return load(model, revision=revision, device=device, dtype=dtype)
-    return load(model, revision=revision, device=device, dtype=dtype, max_batch_size=batch_size)
+    resolved = resolve(model, revision=revision, device=device, dtype=dtype)
+    engine = load_runtime(resolved, **({} if batch_size is None else {"max_batch_size": batch_size}))
+    return Runtime(engine, _identity(resolved))
 
 
 def _download_model(repo_id: str, *, revision: str | None = None) -> Path:
@@ -48,7 +115,8 @@ def _list_cached_models() -> list[Any]:
     return list_models()
 
 
-runtime_factory: RuntimeFactory = load_runtime
+identify: Callable[..., Identity] = _identify
+runtime_factory: Callable[..., Any] = load
 download_model: Callable[..., Path] = _download_model
 # Entries are (repo id, revision, size bytes) tuples or objects with those attributes (model.hub.CachedModel).
 list_cached_models: Callable[[], list[Any]] = _list_cached_models

@@ -13,12 +13,14 @@ from enum import IntEnum
 
 from dsvl2.model.errors import (
     ConfigError,
+    DeviceError,
     InputError,
     ModelError,
     ModelNotFoundError,
     TokenizerError,
     WeightsError,
 )
+from dsvl2.pipelines.base import OptionError
 from dsvl2.pipelines.limits import OutOfMemory
 
 
@@ -45,6 +47,7 @@ class OutputError(ValueError):
 _MODEL_LABELS: tuple[tuple[type[ModelError], str], ...] = (
     (ModelNotFoundError, "model not found"),
     (ConfigError, "model config"),
+    (DeviceError, "device"),
     (WeightsError, "model weights"),
     (TokenizerError, "tokenizer"),
     (InputError, "model input"),
@@ -58,6 +61,8 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
         return "interrupted", ExitCode.INTERRUPTED
     if isinstance(exc, BrokenPipeError):  # e.g. `dsvl2 ... | head`: the reader stopped the run
         return "the output was closed before the run finished", ExitCode.INTERRUPTED
+    if isinstance(exc, OptionError):
+        return f"usage: {exc.flag} {exc.problem}", ExitCode.SETUP
     if isinstance(exc, UsageError):
         return f"usage: {exc}", ExitCode.SETUP
     if isinstance(exc, OutputError):
@@ -67,7 +72,7 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
     for kind, label in _MODEL_LABELS:
         if isinstance(exc, kind):
             return f"{label}: {exc}", ExitCode.SETUP
-    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("model"):
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("dsvl2.model"):
         return f"the model runtime is not available ({exc.name} is missing)", ExitCode.SETUP
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""

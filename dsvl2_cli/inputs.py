@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from dsvl2.pipelines.base import Document
 from PIL import Image
+
+from dsvl2.pipelines.base import Document
 
 if TYPE_CHECKING:
     import pymupdf
@@ -101,6 +102,15 @@ class InputFile:
     path: Path | None = None
     data: bytes | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """A document given as bytes rather than a path: `--stdin-data`, or bytes and images in the Python API.
+    `name` is its source in records (and, sanitised, its output key)."""
+
+    name: str
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,14 +206,14 @@ def _arg_parts(arg: str) -> list[str]:
 
 
 def expand_inputs(
-    args: Sequence[str],
+    args: Sequence[str | Blob],
     *,
     globs: Sequence[str] = (),
     stdin_paths: Iterable[str] = (),
     stdin_data: bytes | None = None,
 ) -> tuple[list[InputFile], list[str]]:
     """Inputs in a stable order with unique keys, and warnings (duplicates, unreadable directories).
-    `stdin_paths` replaces the first `-` argument."""
+    `stdin_paths` replaces the first `-` argument; a `Blob` is one document as it is."""
     files: list[InputFile] = []
     warns: list[str] = []
     taken: set[str] = set()
@@ -223,6 +233,9 @@ def expand_inputs(
     if stdin_data is not None:
         files.append(InputFile("-", _unique("stdin", taken), data=stdin_data))
     for arg in args:
+        if isinstance(arg, Blob):
+            files.append(InputFile(display(arg.name), _unique(safe_key([arg.name]), taken), data=arg.data))
+            continue
         if arg == "-":
             for line in stdin_paths:
                 if line.strip():

@@ -1,243 +1,129 @@
-"""Shared `Annotated` option aliases, so every command spells an option, its help and its default the same
-way. Help panels group them as Inputs, Output, Run and Model in `--help`."""
+"""The options of a run, built and checked once: `Options.create` takes what the CLI parsed or the keywords
+an API call got, turns text into values (`pages="1-3"`, `shard="1/4"`, `format="csv"`), and raises
+`OptionError` naming the option as the caller wrote it (the CLI shows `--top-p`, the API `top_p`). What
+is checked here is every value on its own; how inputs and outputs fit together is checked by the run.
+"""
 
 from __future__ import annotations
 
-from enum import Enum
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
-import typer
 from dsvl2.inputs import PageSelection, Shard, parse_pages, parse_shard
-from dsvl2.pipelines.base import REPETITION_GUARD
+from dsvl2.model.devices import check_device, check_dtype
+from dsvl2.model.hub import DEFAULT_MODEL
+from dsvl2.pipelines.base import OptionError, Settings
+from dsvl2.pipelines.task import Task
 from dsvl2.writers import Format
 
-IN, OUT, RUN, MODEL = "Inputs", "Output", "Run", "Model"
+# Options of the command line only: the API returns records instead of writing or reporting them.
+OUTPUT_OPTIONS = ("output", "format", "resume", "manifest", "quiet", "verbose", "stdin_data")
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Every option shared by the document commands and API functions (the task's own are its module's)."""
 
+    # Inputs
+    globs: tuple[str, ...] = ()
+    stdin_data: bool = False
+    pages: PageSelection | None = None
+    password: str | None = None
+    dpi: float = 144.0
+    max_side: int = 2048
+    # Output
+    output: str | None = None
+    format: Format | None = None
+    resume: bool = False
+    manifest: Path | None = None
+    annotate: Path | None = None
+    # Run
+    shard: Shard | None = None
+    fail_fast: bool = False
+    batch_size: int | None = None
+    page_timeout: float | None = None
+    quiet: bool = False
+    verbose: int = 0
+    # Model
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    repetition_guard: int | None = None
+    retry_repetition: bool = False
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("dpi", self.dpi > 0, "must be positive"),
+            ("max_side", self.max_side >= 16, "must be at least 16"),
+            ("batch_size", self.batch_size is None or self.batch_size >= 1, "must be at least 1"),
+            ("page_timeout", self.page_timeout is None or self.page_timeout > 0,
+             "must be a positive number of seconds"),
+            ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0, "must be 0 (greedy) or more"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_guard", self.repetition_guard is None or self.repetition_guard >= 0,
+             "must be 0 (off) or a number of tokens"),
+            ("verbose", self.verbose >= 0, "must be 0 or more"),
+            ("model", bool(self.model.strip()), "must not be empty"),
+        ]  # fmt: skip
+        for option, ok, problem in checks:
+            if not ok:
+                raise OptionError(option, problem)
+        for option, problem in (("device", check_device(self.device)), ("dtype", check_dtype(self.dtype))):
+            if problem:
+                raise OptionError(option, problem)
 
+    @classmethod
+    def create(cls, **values: Any) -> Options:
+        """Options from keywords named like the long options (`top_p`, `max_new_tokens`, `glob`, ...), with
+        text accepted where the command line takes text; OptionError for an unknown or bad one."""
+        known = {f.name for f in fields(cls)}
+        if "glob" in values:
+            values["globs"] = values.pop("glob")
+        if unknown := sorted(set(values) - known):
+            raise OptionError(unknown[0], f"is not an option (options: {', '.join(sorted(known))})")
+        converters = {
+            "globs": lambda v: (v,) if isinstance(v, str) else tuple(v or ()),
+            "pages": lambda v: parse_pages(v) if isinstance(v, str) else v,
+            "shard": lambda v: parse_shard(v) if isinstance(v, str) else v,
+            "format": lambda v: Format(v.value if isinstance(v, Format) else v) if v is not None else None,
+            "manifest": lambda v: Path(v) if v is not None else None,
+            "annotate": lambda v: Path(v) if v is not None else None,
+            "device": lambda v: getattr(v, "value", v),  # a Typer enum or text
+            "dtype": lambda v: getattr(v, "value", v),
+        }
+        for name, convert in converters.items():
+            if name in values:
+                try:
+                    values[name] = convert(values[name])
+                except ValueError as exc:  # parse_pages / parse_shard / Format say what is wrong
+                    raise OptionError(name, f"is not valid: {exc}") from None
+        return cls(**values)
 
-Inputs = Annotated[
-    list[str] | None,
-    typer.Argument(
-        help="PDFs, images (PNG, JPEG, WebP, TIFF, BMP, GIF) or directories (searched recursively). "
-        "'-' reads paths from stdin, one per line (or NUL-separated).",
-        show_default=False,
-        metavar="INPUTS",
-    ),
-]
-Glob = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--glob",
-        "-g",
-        metavar="PATTERN",
-        help="Only files in directories matching this pattern, e.g. '*.pdf' "
-        "(a pattern with '/' matches the path below the directory). Repeatable. "
-        "Default: every PDF and image suffix.",
-        rich_help_panel=IN,
-    ),
-]
-StdinData = Annotated[
-    bool,
-    typer.Option("--stdin-data", help="Read one PDF or image's bytes from stdin (source '-').", rich_help_panel=IN),
-]
-Pages = Annotated[
-    PageSelection | None,
-    typer.Option(
-        "--pages",
-        "-p",
-        parser=parse_pages,
-        metavar="RANGES",
-        help="Pages to process, 1-based, e.g. '1-3,7,10-'. Default: all.",
-        rich_help_panel=IN,
-    ),
-]
-Password = Annotated[
-    str | None,
-    typer.Option(
-        "--password",
-        metavar="TEXT",
-        envvar="DSVL2_PDF_PASSWORD",
-        help="Password for encrypted PDFs (or set DSVL2_PDF_PASSWORD to keep it out of shell history).",
-        rich_help_panel=IN,
-    ),
-]
-Dpi = Annotated[float, typer.Option("--dpi", min=1, help="Resolution PDF pages are rendered at.", rich_help_panel=IN)]
-MaxSide = Annotated[
-    int,
-    typer.Option(
-        "--max-side",
-        min=16,
-        help="Cap on the longest side of a page image in pixels (PDF pages render smaller, images are scaled down).",
-        rich_help_panel=IN,
-    ),
-]
-Output = Annotated[
-    str | None,
-    typer.Option(
-        "--output",
-        "-o",
-        metavar="PATH",
-        help="'-' or absent: stdout. A directory (existing, ending "
-        "in '/', or a new name without suffix): outputs per document, keeping the input tree. "
-        "Otherwise one file for the whole run.",
-        rich_help_panel=OUT,
-    ),
-]
-FormatOpt = Annotated[
-    Format | None,
-    typer.Option(
-        "--format",
-        "-f",
-        help="Output format; default per command, or from the -o file's suffix.",
-        rich_help_panel=OUT,
-        show_default=False,
-    ),
-]
-Resume = Annotated[
-    bool,
-    typer.Option(
-        "--resume",
-        help="Skip pages already done (same file hash, page, task, prompt, settings "
-        "and model) in the -o file or directory; failed pages are redone.",
-        rich_help_panel=OUT,
-    ),
-]
-Manifest = Annotated[
-    Path | None,
-    typer.Option(
-        "--manifest",
-        help="Where to write the run manifest. Default: DIR/TASK.manifest.json or FILE.manifest.json; none for stdout.",
-        rich_help_panel=OUT,
-        show_default=False,
-    ),
-]
-ShardOpt = Annotated[
-    Shard | None,
-    typer.Option(
-        "--shard",
-        parser=parse_shard,
-        metavar="I/N",
-        help="Process only the I-th of N deterministic "
-        "parts of the documents (1-based), so N processes can share a job.",
-        rich_help_panel=RUN,
-    ),
-]
-FailFast = Annotated[
-    bool,
-    typer.Option("--fail-fast", help="Stop after the first page that fails or cannot be parsed.", rich_help_panel=RUN),
-]
-BatchSize = Annotated[
-    int | None,
-    typer.Option(
-        "--batch-size",
-        "-b",
-        min=1,
-        help="Pages sent to the model together. Default: chosen by the runtime from available memory.",
-        rich_help_panel=RUN,
-        show_default=False,
-    ),
-]
-PageTimeout = Annotated[
-    float | None,
-    typer.Option(
-        "--page-timeout",
-        metavar="SECONDS",
-        help="Longest a page's answer may take, counted from when its batch starts. A page over it is stopped "
-        "and recorded as failed (its partial answer kept), and the run goes on. Default: no limit.",
-        rich_help_panel=RUN,
-        show_default=False,
-    ),
-]
-Quiet = Annotated[
-    bool, typer.Option("--quiet", "-q", help="No progress, warnings or summary on stderr.", rich_help_panel=RUN)
-]
-Verbose = Annotated[
-    int, typer.Option("--verbose", "-v", count=True, help="More detail on stderr (-vv: more).", rich_help_panel=RUN)
-]
-Model = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        metavar="REPO|DIR",
-        envvar="DSVL2_MODEL",
-        help="Hugging Face repo id or local checkpoint directory.",
-        rich_help_panel=MODEL,
-    ),
-]
-Revision = Annotated[
-    str | None,
-    typer.Option("--revision", metavar="REV", help="Branch, tag or commit of the model repo.", rich_help_panel=MODEL),
-]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.", rich_help_panel=MODEL)]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weight and activation dtype.", rich_help_panel=MODEL)]
-MaxNewTokens = Annotated[
-    int | None,
-    typer.Option(
-        "--max-new-tokens",
-        min=1,
-        help="Longest answer in tokens; a page that hits it is marked 'truncated'. Default per command.",
-        rich_help_panel=MODEL,
-        show_default=False,
-    ),
-]
-Temperature = Annotated[
-    float,
-    typer.Option(
-        "--temperature",
-        min=0.0,
-        help="0 is greedy (best for documents); the model authors advise at most 0.7.",
-        rich_help_panel=MODEL,
-    ),
-]
-TopP = Annotated[
-    float,
-    typer.Option(
-        "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).", rich_help_panel=MODEL
-    ),
-]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed for sampling.", rich_help_panel=MODEL)]
-RepetitionGuard = Annotated[
-    int | None,
-    typer.Option(
-        "--repetition-guard",
-        metavar="N",
-        help="Stop an answer once its last N tokens repeat earlier text (a generation loop); the page gets "
-        "status 'repetition'. 0 turns the guard off. Default per command: "
-        + ", ".join(f"{task} {n}" for task, (n, _window) in REPETITION_GUARD.items())
-        + ".",
-        rich_help_panel=MODEL,
-        show_default=False,
-    ),
-]
-RetryRepetition = Annotated[
-    bool,
-    typer.Option(
-        "--retry-repetition",
-        help="Answer a page the repetition guard stopped once more, sampling (temperature 0.5, or yours if "
-        "higher than 0; top-p 0.9; the next seed). Both attempts are kept in the record's 'attempts'.",
-        rich_help_panel=MODEL,
-    ),
-]
-Prompt = Annotated[
-    str | None,
-    typer.Option(
-        "--prompt",
-        metavar="TEXT",
-        help="Replace the command's default prompt (shown in the description above).",
-        show_default=False,
-    ),
-]
+    def settings(self, task: type[Task], *, device: str = "auto", dtype: str = "auto") -> Settings:
+        """What can change a page's answer, with the task's defaults filled in; `device` and `dtype` as the
+        model resolved them."""
+        ngram, window = task.repetition_guard
+        if self.repetition_guard is not None:
+            ngram, window = self.repetition_guard, max(window, 4 * self.repetition_guard)
+        return Settings(
+            model=self.model,
+            revision=self.revision,
+            max_new_tokens=self.max_new_tokens or task.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            dpi=self.dpi,
+            max_side=self.max_side,
+            no_repeat_ngram=ngram,
+            repeat_window=window,
+            retry_repetition=self.retry_repetition,
+            device=device,
+            dtype=dtype,
+        )

@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from PIL import Image
+
 from dsvl2.inputs import Opened, check_size, open_image, open_pdf
 from dsvl2.pipelines.base import Document, Page, PageSize
-from PIL import Image
 
 if TYPE_CHECKING:
     import pymupdf

@@ -9,12 +9,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dsvl2.errors import one_line
-from dsvl2.pipelines.base import FAILURES, PageRecord
-from dsvl2.pipelines.runner import BatchResized, BatchStarted, DocumentDone, Event, PageSkipped, RecordDone
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dsvl2.errors import one_line
+from dsvl2.pipelines.base import FAILURES, PageRecord
+from dsvl2.pipelines.runner import BatchResized, BatchStarted, DocumentDone, Event, PageSkipped, RecordDone
 
 
 @dataclass(slots=True)

@@ -136,7 +136,7 @@ class StreamSink:
         if self.fmt is Format.json:
             self.stream.write("[")
         elif self.csv is not None:
-            self.csv.writerow(render.CSV_COLUMNS[self.task])
+            self.csv.writerow(render.csv_columns(self.task))
 
     def is_done(self, key: str) -> bool:
         return False

@@ -22,5 +22,9 @@ class ModelNotFoundError(ModelError):
     """A model argument names neither a local directory nor a reachable / cached Hugging Face repo."""
 
 
+class DeviceError(ModelError):
+    """The device or dtype asked for is not available here (no CUDA, float16 on a CPU)."""
+
+
 class InputError(ModelError):
     """A conversation or image the processor cannot turn into model inputs."""

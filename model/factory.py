@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.language import MoEGate, RMSNorm
 from dsvl2.model.weights import INDEX_FILE, RENAMES, SINGLE_FILE, build_meta, expected_shapes
-from torch import nn
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -9,41 +9,33 @@ reproduce float32 reference outputs unless bf16 is asked for.
 
 from __future__ import annotations
 
-import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from dsvl2.model import kernels
+from dsvl2.model.devices import DTYPE_NAMES, check_device, check_dtype, cpu_has_bf16
 from dsvl2.model.engine import Engine
-from dsvl2.model.errors import ConfigError
+from dsvl2.model.errors import DeviceError
 from dsvl2.model.hub import DEFAULT_MODEL, resolve_model
 from dsvl2.model.processor import Processor
-from dsvl2.model.weights import load_model
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bfloat16 dot products (AVX512-BF16 or AMX), where torch's bf16
-    matrix products run faster than float32 instead of being emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from dsvl2.model.weights import fingerprint, load_model
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    if problem := check_device(device):
+        raise DeviceError(f"device {problem}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"unsupported device {device!r} (use auto, cpu or cuda)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device (this torch build: "
-                          f"{torch.__version__}); use --device cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{device} was asked for, but torch sees no CUDA device (this torch build: "
+                              f"{torch.__version__}); use --device cpu")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise DeviceError(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(device)
 
 
@@ -54,11 +46,12 @@ def pick_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None = 
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if dtype not in DTYPES:
-        raise ConfigError(f"unsupported dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
-    if DTYPES[dtype] is torch.float16 and device.type == "cpu":
-        raise ConfigError("float16 is not supported on CPU; use bfloat16 or float32")
-    return DTYPES[dtype]
+    if problem := check_dtype(dtype):
+        raise DeviceError(f"dtype {problem}")
+    chosen = getattr(torch, DTYPE_NAMES[dtype])
+    if chosen is torch.float16 and device.type == "cpu":
+        raise DeviceError("float16 is not supported on CPU; use bfloat16 or float32")
+    return chosen
 
 
 def checkpoint_dtype(path: Path) -> str | None:
@@ -107,22 +100,43 @@ def auto_batch_size(engine_model, device: torch.device, *, limit: int = 16, shar
     return max(1, min(limit, int(free * share // max(per_row, 1))))
 
 
-def load_runtime(model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A model argument resolved to what will run, without loading any weights: the checkpoint directory,
+    its hub revision (None for a local directory), its fingerprint, and the device and dtype it runs in."""
+
+    model: str
+    path: Path
+    revision: str | None
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve(model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
+            dtype: str = "auto") -> Resolved:
+    """Where `model` is and how it will run (the hub is asked only when the model is not cached)."""
+    dev = pick_device(device)
+    path = resolve_model(model, revision=revision)
+    return Resolved(model=model, path=path, revision=snapshot_revision(path) or revision,
+                    fingerprint=fingerprint(path), device=dev, dtype=pick_dtype(dtype, dev, checkpoint_dtype(path)))
+
+
+def load_runtime(model: str | Resolved = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int | None = None, prefill_chunk: int = 2048,
                  cache_budget: int | None = None) -> Engine:
-    """A generation engine for `model` (a local checkpoint directory or a Hugging Face repo id). Without
-    `max_batch_size` the batch is sized from the memory left after loading (`auto_batch_size`); without
-    `cache_budget` the KV cache may take half of that memory, so a large batch size given by hand admits only as
-    many pages at once as their cache fits."""
-    path = resolve_model(model, revision=revision)
-    dev = pick_device(device)
-    processor = Processor.from_dir(path)
-    weights = load_model(path, dtype=pick_dtype(dtype, dev, checkpoint_dtype(path)), device=dev)
+    """A generation engine for `model` (a local checkpoint directory, a Hugging Face repo id, or what
+    `resolve` made of one). Without `max_batch_size` the batch is sized from the memory left after loading
+    (`auto_batch_size`); without `cache_budget` the KV cache may take half of that memory, so a large batch
+    size given by hand admits only as many pages at once as their cache fits."""
+    where = model if isinstance(model, Resolved) else resolve(model, revision=revision, device=device, dtype=dtype)
+    processor = Processor.from_dir(where.path)
+    weights = load_model(where.path, dtype=where.dtype, device=where.device)
     if max_batch_size is None:
-        max_batch_size = auto_batch_size(weights, dev)
-    if cache_budget is None and (free := free_memory(dev)) is not None:
+        max_batch_size = auto_batch_size(weights, where.device)
+    if cache_budget is None and (free := free_memory(where.device)) is not None:
         cache_budget = max(1, int(free * MEMORY_SHARE))
-    if dev.type == "cpu" and weights.dtype is torch.bfloat16:
+    if where.device.type == "cpu" and weights.dtype is torch.bfloat16:
         kernels.available()  # build (first run only) or load the CPU kernels now, not inside the first page
     return Engine(weights, processor, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
-                  cache_budget=cache_budget, model_id=model, revision=snapshot_revision(path) or revision)
+                  cache_budget=cache_budget, model_id=where.model, revision=where.revision)

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
 from dsvl2.model.errors import ConfigError, InputError
 from dsvl2.model.requests import ASSISTANT, IMAGE_TOKEN, USER, Message
 from dsvl2.model.tokenizer import PAD, Tokenizer
-from PIL import Image
 
 # The reference tiles images only when the whole conversation has at most this many
 # (`cropping=len(pil_images) <= 2` in format_messages_v2); beyond it every image is one S x S view.

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from dsvl2.model import kernels
 from dsvl2.model.config import ProjectorConfig, VisionConfig
-from torch import nn
 
 LAYER_NORM_EPS = 1e-6
 

@@ -10,10 +10,11 @@ tw / th tiles across / down the local view.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.language import LanguageModel
 from dsvl2.model.vision import Projector, VisionTower
-from torch import nn
 
 
 class DeepseekVL2(nn.Module):

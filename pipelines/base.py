@@ -1,5 +1,5 @@
-"""The values pipelines work on and produce: documents, pages, settings, page records, and the two seams
-(`Runtime`, the model; `Task`, a document task's prompt and parser).
+"""The values pipelines work on and produce: documents, pages, settings, page records, option errors, and
+the seam to the model (`Runtime`). What a task is lives in pipelines/task.py.
 
 Pure data and small pure functions. Nothing here renders, prints, writes files or loads a model; the CLI
 builds `Document`s and `Page`s, the runner turns them into `PageRecord`s.
@@ -18,35 +18,41 @@ from dsvl2.model.requests import Completion, Request, Sampling
 if TYPE_CHECKING:
     from PIL import Image
 
-SCHEMA_VERSION = "1.0"
+    from dsvl2.pipelines.task import Task
+
+SCHEMA_VERSION = "1.1"  # 1.1: settings.device and settings.dtype, model.fingerprint
 
 Status = Literal["ok", "truncated", "repetition", "parse_error", "failed"]
 STATUSES: tuple[Status, ...] = ("ok", "truncated", "repetition", "parse_error", "failed")
 # Statuses that count as a failed page: exit code 1, `--fail-fast`, and redone by `--resume`.
 FAILURES: frozenset[str] = frozenset({"failed", "parse_error"})
 
-# The repetition guard per task, (n, window) for `Sampling.no_repeat_ngram` / `repeat_window`: an answer
-# stops (status "repetition") when its last n tokens already occurred within its last `window` tokens. A
-# loop of period p repeats every n-gram once it has run n + p tokens, so a large n only delays the stop by
-# n tokens, while it keeps honest repetition (table rows of equal cells, repeated headings) from tripping it.
-REPETITION_GUARD: dict[str, tuple[int, int]] = {
-    "ocr": (48, 1024),
-    "table": (64, 1024),
-    "chart": (32, 512),
-    "ground": (24, 256),
-    "ask": (24, 512),
-}
 # The one retry of an answer the guard stopped (`--retry-repetition`): sampled instead of greedy, the
 # model authors' advice (temperature <= 0.7) kept, a different seed.
 RETRY_TEMPERATURE = 0.5
 RETRY_TOP_P = 0.9
 
 
+class OptionError(ValueError):
+    """An option value that cannot work, named as the caller wrote it: `option` is the API keyword
+    (`top_p`); the CLI shows it as the flag (`--top-p`). Raised before any page is processed."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.option.replace("_", "-")
+
+
 class Runtime(Protocol):
-    """What pipelines need from the model runtime (`model.loading.load_runtime` returns one)."""
+    """What pipelines need from the model runtime (`dsvl2.load` returns one; so does
+    `dsvl2.model.loading.load_runtime`). `max_batch_size` is how many pages it answers at once."""
 
     model_id: str
     revision: str | None
+    max_batch_size: int
 
     def generate(
         self,
@@ -55,6 +61,10 @@ class Runtime(Protocol):
         on_completion: Callable[[Completion], None] | None = None,
     ) -> list[Completion]:
         """Completions in request order; `on_completion` is called as each one finishes."""
+        ...
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request: dropped if queued, stopped at its next step if running (callable from any thread)."""
         ...
 
 
@@ -125,6 +135,8 @@ class Settings:
     no_repeat_ngram: int = 0
     repeat_window: int = 256
     retry_repetition: bool = False
+    device: str = "auto"  # as resolved for the run: "cpu" or "cuda" (the kind; which GPU does not matter)
+    dtype: str = "auto"  # as resolved for the run: "float32", "bfloat16" or "float16"
 
     def sampling(self) -> Sampling:
         """How every page is answered; raises ValueError for values the runtime rejects."""
@@ -160,6 +172,8 @@ class Settings:
             "no_repeat_ngram": self.no_repeat_ngram,
             "repeat_window": self.repeat_window,
             "retry_repetition": self.retry_repetition,
+            "device": self.device,
+            "dtype": self.dtype,
         }
 
 
@@ -170,18 +184,6 @@ class Parsed:
     result: dict[str, Any]
     ok: bool = True
     error: str | None = None
-
-
-class Task(Protocol):
-    """A document task: which prompts each page gets, and how an answer becomes a structure.
-
-    `parse` must not raise on any text: malformed answers become `Parsed(ok=False, error=...)`.
-    """
-
-    name: str
-    prompts: tuple[str, ...]
-
-    def parse(self, text: str, *, page: Page, prompt: str) -> Parsed: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +213,12 @@ class PageRecord:
     @property
     def key(self) -> str:
         return record_key(
-            sha256=self.sha256, page=self.page, task=self.task, prompt=self.prompt, settings=self.settings
+            sha256=self.sha256,
+            page=self.page,
+            task=self.task,
+            prompt=self.prompt,
+            settings=self.settings,
+            model=self.model,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,18 +267,33 @@ class PageRecord:
         )
 
 
-def record_key(*, sha256: str | None, page: int | None, task: str, prompt: str, settings: Mapping[str, Any]) -> str:
-    """The resume identity of a record: same file content, page, task, prompt and settings → same key."""
+def record_key(
+    *,
+    sha256: str | None,
+    page: int | None,
+    task: str,
+    prompt: str,
+    settings: Mapping[str, Any],
+    model: Mapping[str, Any],
+) -> str:
+    """The resume identity of a record: same file content, page, task, prompt, settings (resolved device and
+    dtype included) and model → same key. A model with a `fingerprint` (its config, tokenizer and weights:
+    `dsvl2.model.weights.fingerprint`) is known by it alone, so the same checkpoint under another path or
+    name is the same model and a re-exported one is not; without one, by the name and revision given."""
+    fingerprint = model.get("fingerprint")
+    chosen = {k: v for k, v in settings.items() if not (fingerprint and k in ("model", "revision"))}
     blob = json.dumps(
-        {"sha256": sha256, "page": page, "task": task, "prompt": prompt, "settings": settings},
+        {"sha256": sha256, "page": page, "task": task, "prompt": prompt, "settings": chosen, "model": fingerprint},
         sort_keys=True,
         ensure_ascii=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def page_key(page: Page, *, task: str, prompt: str, settings: Settings) -> str:
-    return record_key(sha256=page.doc.sha256, page=page.number, task=task, prompt=prompt, settings=settings.to_dict())
+def page_key(page: Page, *, task: str, prompt: str, settings: Settings, model: Mapping[str, Any]) -> str:
+    return record_key(
+        sha256=page.doc.sha256, page=page.number, task=task, prompt=prompt, settings=settings.to_dict(), model=model
+    )
 
 
 _FINISH_STATUS: dict[str, Status] = {"length": "truncated", "repetition": "repetition"}
@@ -283,7 +305,7 @@ class RecordContext:
 
     task: str
     settings: Settings
-    model: dict[str, str | None] = field(default_factory=lambda: {"id": None, "revision": None})
+    model: dict[str, str | None] = field(default_factory=lambda: {"id": None, "revision": None, "fingerprint": None})
 
 
 def _identity(ctx: RecordContext, page: Page, prompt: str) -> dict:

@@ -9,11 +9,16 @@ as one series. The first column holds the categories, each further column one se
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from dsvl2.pipelines.base import Page, Parsed
+from dsvl2.pipelines.base import Page, PageRecord, Parsed
 from dsvl2.pipelines.table import Table, find_tables
+from dsvl2.pipelines.task import PROMPT_OPTION, Task, TaskOption, cell, markdown_table, one_prompt
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_PROMPT = (
     "Extract the data of this chart. First write 'Title: ...', 'X axis: ...' and 'Y axis: ...' lines, then "
@@ -117,12 +122,55 @@ def parse_chart(text: str) -> Parsed:
     return Parsed(result)
 
 
+_NULLABLE_TEXT = {"type": ["string", "null"]}
+
+
 @dataclass(frozen=True, slots=True)
-class ChartTask:
+class ChartTask(Task):
     """Chart image or page → the underlying data table with title and axes."""
 
     prompt: str = DEFAULT_PROMPT
-    name: str = "chart"
+
+    name: ClassVar[str] = "chart"
+    summary: ClassVar[str] = (
+        "Chart → its data (categories, series, values) with title and axes. CSV is tidy "
+        f"(series, category, value); -o DIR/ gets one wide CSV per chart.\n\nDefault prompt: *{DEFAULT_PROMPT}*"
+    )
+    examples: ClassVar[tuple[str, ...]] = (
+        "dsvl2 chart samples/bar-chart.png",
+        "find . -name '*.png' | dsvl2 chart - --format jsonl | jq .result.series",
+    )
+    options: ClassVar[tuple[TaskOption, ...]] = (PROMPT_OPTION,)
+    max_new_tokens: ClassVar[int] = 1024
+    default_format: ClassVar[str] = "csv"
+    repetition_guard: ClassVar[tuple[int, int]] = (32, 512)
+    result_schema: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "properties": {
+            "title": _NULLABLE_TEXT,
+            "x_axis": _NULLABLE_TEXT,
+            "y_axis": _NULLABLE_TEXT,
+            "categories": {"type": "array", "items": {"type": "string"}},
+            "series": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "values": {"type": "array", "items": {"type": ["number", "null"]}},
+                    },
+                    "required": ["name", "values"],
+                },
+            },
+            "notes": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["title", "x_axis", "y_axis", "categories", "series", "notes"],
+    }
+    csv_columns: ClassVar[tuple[str, ...]] = ("title", "series", "category", "value", "error")
+
+    @classmethod
+    def from_options(cls, *, prompt: str | None = None) -> ChartTask:
+        return cls(one_prompt(prompt, DEFAULT_PROMPT))
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -130,3 +178,45 @@ class ChartTask:
 
     def parse(self, text: str, *, page: Page, prompt: str) -> Parsed:
         return parse_chart(text)
+
+    @classmethod
+    def markdown(cls, record: PageRecord) -> str:
+        r = record.result or {}
+        lines = [f"**{cell(r['title'])}**"] if r.get("title") else []
+        axes = [f"{k} axis: {r[f'{k}_axis']}" for k in ("x", "y") if r.get(f"{k}_axis")]
+        if axes:
+            lines.append(" · ".join(axes))
+        header = [r.get("x_axis") or "category", *[s["name"] for s in r.get("series", [])]]
+        rows = [[c, *[s["values"][i] for s in r["series"]]] for i, c in enumerate(r.get("categories", []))]
+        lines.append(markdown_table(header, rows))
+        return "\n\n".join(lines)
+
+    @classmethod
+    def csv_rows(cls, record: PageRecord) -> list[list[Any]]:
+        """One row per value: series, category, value."""
+        r, err = record.result or {}, record.error or ""
+        title = r.get("title") or ""
+        rows = [
+            [title, s["name"], category, value, err]
+            for s in r.get("series", [])
+            for category, value in zip(r.get("categories", []), s["values"], strict=False)
+        ]
+        return rows or [[title, "", "", "", err]]
+
+    @classmethod
+    def frames(cls, record: PageRecord) -> list[tuple[str, pd.DataFrame, bool]]:
+        """The chart as one wide table: a category column, then one column per series."""
+        import pandas as pd  # imported here: only DataFrame output needs it
+
+        r = record.result or {}
+        if not r.get("series"):
+            return []
+        data = {r.get("x_axis") or "category": r["categories"]}
+        for i, s in enumerate(r["series"]):
+            data[s["name"] if s["name"] not in data else f"{s['name']} ({i + 1})"] = s["values"]
+        return [(f"p{record.page}", pd.DataFrame(data), True)]
+
+    @classmethod
+    def columns(cls, result: Mapping[str, Any]) -> dict[str, Any]:
+        keys = ("title", "x_axis", "y_axis", "categories", "series", "notes")
+        return {k: result.get(k) for k in keys}

@@ -12,10 +12,12 @@ given on the model's 0–999 grid (relative to the image), in page pixels, and i
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from dsvl2.pipelines.base import Page, PageSize, Parsed
+from dsvl2.pipelines.base import OptionError, Page, PageRecord, PageSize, Parsed
+from dsvl2.pipelines.task import Task, TaskOption, cell, texts, unique
 
 DEFAULT_TEMPLATE = "<|ref|>{query}<|/ref|>."
 GRID = 999  # DeepSeek-VL2 boxes live on a 0..999 grid over the image's width and height
@@ -141,14 +143,81 @@ def parse_grounding(text: str, *, size: PageSize | None = None, query: str | Non
     return Parsed(result)
 
 
+_BOX = {"type": ["array", "null"], "items": {"type": "number"}, "minItems": 4, "maxItems": 4}
+_NOTES = {"type": "array", "items": {"type": "string"}}
+BOX_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string"},
+        "status": {"enum": ["ok", "repaired", "invalid"]},
+        "box": {**_BOX, "description": "corners on the model's 0-999 grid"},
+        "box_px": {**_BOX, "description": "corners in page pixels (page_size.width_px/height_px)"},
+        "box_pt": {**_BOX, "description": "corners in PDF points, origin top-left; null for images"},
+        "raw": {"type": "string"},
+        "notes": _NOTES,
+    },
+    "required": ["label", "status", "box", "box_px", "box_pt", "raw", "notes"],
+}
+
+
 @dataclass(frozen=True, slots=True)
-class GroundTask:
-    """Boxes for each `--query` on each page. With a template lacking `{query}`, the template itself is the
+class GroundTask(Task):
+    """Boxes for each query on each page. With a template lacking `{query}`, the template itself is the
     one prompt (e.g. "<|grounding|>Describe the image.") and every labelled box is reported."""
 
     queries: tuple[str, ...] = ()
     template: str = DEFAULT_TEMPLATE
-    name: str = "ground"
+
+    name: ClassVar[str] = "ground"
+    summary: ClassVar[str] = (
+        "Referring-expression grounding: boxes for each --query, on the model's 0–999 grid, in page pixels "
+        "and (PDF pages) in points. Malformed boxes are repaired or flagged, never dropped.\n\n"
+        f"Default prompt template: *{DEFAULT_TEMPLATE}*"
+    )
+    examples: ClassVar[tuple[str, ...]] = (
+        "dsvl2 ground samples/report.pdf --query 'the bar chart' --annotate boxes/",
+        "dsvl2 ground photo.jpg --query 'the red car' --query 'the traffic light' -f csv",
+        "dsvl2 ground page.png --prompt '<|grounding|>Describe the image.'",
+    )
+    options: ClassVar[tuple[TaskOption, ...]] = (
+        TaskOption("query", "What to find; repeatable, one record per page and query.", many=True),
+        TaskOption(
+            "prompt",
+            "Prompt template; '{query}' is replaced by each query. Without '{query}' it is sent as is, no "
+            "--query needed.",
+        ),
+    )
+    max_new_tokens: ClassVar[int] = 512
+    default_format: ClassVar[str] = "jsonl"
+    repetition_guard: ClassVar[tuple[int, int]] = (24, 256)
+    result_schema: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "properties": {
+            "query": {"type": ["string", "null"]},
+            "caption": {"type": "string"},
+            "boxes": {"type": "array", "items": BOX_SCHEMA},
+            "notes": _NOTES,
+        },
+        "required": ["query", "caption", "boxes", "notes"],
+    }
+    csv_columns: ClassVar[tuple[str, ...]] = (
+        "query", "label", "box_status",
+        "x1", "y1", "x2", "y2", "px_x1", "px_y1", "px_x2", "px_y2", "pt_x1", "pt_y1", "pt_x2", "pt_y2",
+        "error",
+    )  # fmt: skip
+    has_boxes: ClassVar[bool] = True
+
+    @classmethod
+    def from_options(cls, *, query: str | list[str] | None = None, prompt: str | None = None) -> GroundTask:
+        template = DEFAULT_TEMPLATE if prompt is None else prompt
+        queries = unique(texts(query))
+        if not template.strip():
+            raise OptionError("prompt", "must not be empty")
+        if queries and "{query}" not in template:
+            raise OptionError("query", "needs a prompt template containing {query}")
+        if not queries and "{query}" in template:
+            raise OptionError("query", "is required: give at least one (or a prompt without {query})")
+        return cls(queries, template)
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -164,3 +233,28 @@ class GroundTask:
 
     def parse(self, text: str, *, page: Page, prompt: str) -> Parsed:
         return parse_grounding(text, size=page.size, query=self.query_of(prompt))
+
+    @classmethod
+    def markdown(cls, record: PageRecord) -> str:
+        r = record.result or {}
+        lines = [f"**{cell(r['query'])}**"] if r.get("query") else []
+        for b in r.get("boxes", []):
+            where = f"grid {b['box']} · px {b['box_px']}" + (f" · pt {b['box_pt']}" if b["box_pt"] else "")
+            status = "" if b["status"] == "ok" else f" ({b['status']}: {'; '.join(b['notes'])})"
+            lines.append(f"- {cell(b['label']) or '(no label)'}: {where if b['box'] else b['raw']}{status}")
+        return "\n".join(lines) or "_no boxes_"
+
+    @classmethod
+    def csv_rows(cls, record: PageRecord) -> list[list[Any]]:
+        """One row per box: its corners on the grid, in pixels and in points."""
+        r, err = record.result or {}, record.error or ""
+        rows = []
+        for b in r.get("boxes", []):
+            coords = [*(b["box"] or [""] * 4), *(b["box_px"] or [""] * 4), *(b["box_pt"] or [""] * 4)]
+            rows.append([r.get("query") or "", b["label"], b["status"], *coords, "; ".join(b["notes"]) or err])
+        return rows or [[r.get("query") or "", "", "", *[""] * 12, err]]
+
+    @classmethod
+    def columns(cls, result: Mapping[str, Any]) -> dict[str, Any]:
+        boxes = result.get("boxes", [])
+        return {"query": result.get("query"), "caption": result.get("caption"), "n_boxes": len(boxes), "boxes": boxes}

@@ -1,5 +1,6 @@
 """Run a task over a stream of pages: batch them through `runtime.generate`, turn answers into records,
-isolate failures to the page that caused them, and report progress through an event callback.
+isolate failures to the page that caused them, and report progress as a stream of events (`events`, a
+generator: the CLI writes and reports them, the Python API yields the records).
 
 Records are emitted in input order (a reorder buffer no longer than one batch), so output does not depend
 on batch size or on the order the engine finishes requests. Pages are pulled from the input a bounded
@@ -7,8 +8,7 @@ number ahead of the model (a render thread and a queue of `read_ahead` pages). L
 a page over `page_timeout` is cancelled and recorded as failed; a batch that runs out of memory is halved
 and retried when the batch size is automatic, else the run stops with `OutOfMemory`. With
 `settings.retry_repetition`, an answer the repetition guard stopped is generated once more with
-`settings.retry_sampling()`, both attempts kept in the record. Nothing here prints or writes files; the
-CLI listens to the events.
+`settings.retry_sampling()`, both attempts kept in the record. Nothing here prints or writes files.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dsvl2.model.requests import Completion, Request, Sampling, user_prompt
 from dsvl2.pipelines.base import (
@@ -30,13 +30,13 @@ from dsvl2.pipelines.base import (
     RecordContext,
     Runtime,
     Settings,
-    Task,
     answered_record,
     attempt,
     failed_record,
     page_key,
 )
 from dsvl2.pipelines.limits import Deadline, OutOfMemory, is_out_of_memory
+from dsvl2.pipelines.task import Task
 
 T = TypeVar("T")
 
@@ -168,28 +168,32 @@ class _Run:
         runtime: Runtime,
         task: Task,
         settings: Settings,
+        model: dict[str, str | None],
         fail_fast: bool,
-        on_event: Callable[[Event], None],
         batch_size: int,
         adaptive_batch: bool,
         page_timeout: float | None,
+        stats: RunStats,
     ) -> None:
         self.runtime = runtime
         self.task = task
         self.sampling = settings.sampling()
         self.retry_sampling = settings.retry_sampling() if settings.retry_repetition else None
-        self.ctx = RecordContext(task.name, settings, {"id": runtime.model_id, "revision": runtime.revision})
+        self.ctx = RecordContext(task.name, settings, model)
         self.fail_fast = fail_fast
-        self.on_event = on_event
+        self.pending_events: deque[Event] = deque()  # emitted, not yet handed to the consumer
         self.batch_size, self.adaptive_batch, self.page_timeout = batch_size, adaptive_batch, page_timeout
-        self.stats = RunStats(batch_size=batch_size)
+        self.stats = stats
+        self.stats.batch_size = batch_size
         self.slots: deque[_Slot] = deque()
         self.docs: deque[Document] = deque()
         self.outstanding: Counter[str] = Counter()
         self.enumerated: set[str] = set()
         self.next_id = 0
         self.answered: set[str] = set()  # request ids that got a completion
-        self.listener_error: Exception | None = None  # raised by on_event during generate; re-raised after it
+
+    def on_event(self, event: Event) -> None:
+        self.pending_events.append(event)
 
     def add_page(self, page: Page, is_done: Callable[[str], bool]) -> None:
         if not self.docs or self.docs[-1].key != page.doc.key:
@@ -199,7 +203,9 @@ class _Run:
         for prompt in self.task.prompts:
             if page.error is not None or page.number is None:
                 self._add(_Slot(page, prompt, failed_record(self.ctx, page, prompt, page.error or "no pages")))
-            elif is_done(page_key(page, task=self.task.name, prompt=prompt, settings=self.ctx.settings)):
+            elif is_done(
+                page_key(page, task=self.task.name, prompt=prompt, settings=self.ctx.settings, model=self.ctx.model)
+            ):
                 self.stats.skipped += 1
                 self.on_event(PageSkipped(page, prompt))
             elif page.image is None:
@@ -273,7 +279,7 @@ class _Run:
 
     def _generate(self, slots: list[_Slot]) -> None:
         by_id = {s.request.id: s for s in slots if s.request is not None}
-        deadline = Deadline(self.page_timeout, by_id, getattr(self.runtime, "cancel", None))
+        deadline = Deadline(self.page_timeout, by_id, self.runtime.cancel)
 
         def on_completion(completion: Completion) -> None:
             slot = by_id.get(completion.id)
@@ -281,11 +287,7 @@ class _Run:
                 return
             self.answered.add(completion.id)
             self._complete(slot, completion, late=deadline.late(completion))
-            if self.listener_error is None:
-                try:
-                    self._release()
-                except Exception as exc:  # the listener's (e.g. a closed pipe), not the model's: raised below
-                    self.listener_error = exc
+            self._release()
 
         try:
             completions = self.runtime.generate([s.request for s in slots], on_completion=on_completion)
@@ -306,8 +308,6 @@ class _Run:
             self._generate(chunk)
             return
         except Exception as exc:
-            if self.listener_error is not None:
-                raise self.listener_error from None
             rest = self._unanswered(chunk)
             if not is_out_of_memory(exc):
                 error = _describe(exc)
@@ -326,8 +326,6 @@ class _Run:
             return
         for slot in rest:
             self._batch([slot], queue)
-            if self.listener_error is not None:
-                raise self.listener_error
 
     def flush(self) -> None:
         """Answer every pending slot, in batches of at most `batch_size`; then the retries of answers the
@@ -337,8 +335,6 @@ class _Run:
             while queue:
                 chunk = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
                 self._batch(chunk, queue)
-                if self.listener_error is not None:
-                    raise self.listener_error
         for slot in self.slots:
             if slot.record is None:
                 slot.record = failed_record(self.ctx, slot.page, slot.prompt, "the runtime returned no answer")
@@ -350,37 +346,40 @@ class _Run:
         self.flush()
 
 
-def run(
+def events(
     *,
     runtime: Runtime,
     task: Task,
     pages: Iterable[Page],
     settings: Settings,
     batch_size: int,
-    on_event: Callable[[Event], None],
+    model: dict[str, str | None] | None = None,
     is_done: Callable[[str], bool] = lambda key: False,
     fail_fast: bool = False,
     read_ahead: int | None = None,
     adaptive_batch: bool = False,
     page_timeout: float | None = None,
-) -> RunStats:
-    """Answer `task.prompts` for every page. Pages whose record key `is_done` are skipped. With
-    `fail_fast`, stops after the batch in which the first failed or unparseable page was found.
-    `adaptive_batch`: the batch size was chosen automatically and may shrink on out-of-memory errors.
-    `page_timeout`: seconds a page's answer may take from when its batch starts."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if page_timeout is not None and page_timeout <= 0:
-        raise ValueError(f"page_timeout must be > 0, got {page_timeout}")
+    stats: RunStats | None = None,
+) -> Iterator[Event]:
+    """Answer `task.prompts` for every page, as a stream of events; every page and prompt ends as exactly one
+    `RecordDone` or `PageSkipped`, in input order. `model` is the record's model field (default: the
+    runtime's id and revision). Pages whose record key `is_done` are skipped. With `fail_fast`, stops after
+    the batch in which the first failed or unparseable page was found. `adaptive_batch`: the batch size was
+    chosen automatically and may shrink on out-of-memory errors. `page_timeout`: seconds a page's answer may
+    take from when its batch starts. `stats`, when given, is filled in as the run goes. The options were
+    checked by the caller (dsvl2.options)."""
+    assert batch_size >= 1 and (page_timeout is None or page_timeout > 0)
+    stats = stats if stats is not None else RunStats()
     state = _Run(
         runtime=runtime,
         task=task,
         settings=settings,
+        model=model or {"id": runtime.model_id, "revision": runtime.revision, "fingerprint": None},
         fail_fast=fail_fast,
-        on_event=on_event,
         batch_size=batch_size,
         adaptive_batch=adaptive_batch,
         page_timeout=page_timeout,
+        stats=stats,
     )
     start = time.perf_counter()
     stream = prefetch(pages, batch_size if read_ahead is None else read_ahead)
@@ -389,14 +388,25 @@ def run(
             state.add_page(page, is_done)
             if state.n_pending >= state.batch_size or state.n_pending == 0:
                 state.flush()
+            while state.pending_events:
+                yield state.pending_events.popleft()
             if state.stop:
-                state.stats.stopped_early = True
+                stats.stopped_early = True
                 break
         else:
             state.finish()
+            while state.pending_events:
+                yield state.pending_events.popleft()
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
             close()
-        state.stats.seconds = time.perf_counter() - start
-    return state.stats
+        stats.seconds = time.perf_counter() - start
+
+
+def run(*, on_event: Callable[[Event], None], **arguments: Any) -> RunStats:
+    """`events(**arguments)`, each handed to `on_event`; returns the run's counts."""
+    stats = RunStats()
+    for event in events(stats=stats, **arguments):
+        on_event(event)
+    return stats

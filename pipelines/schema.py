@@ -6,70 +6,20 @@ from __future__ import annotations
 from typing import Any
 
 from dsvl2.pipelines.base import SCHEMA_VERSION, STATUSES
+from dsvl2.pipelines.tasks import TASKS
 
 _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _STR_OR_NULL = {"type": ["string", "null"]}
-_NOTES = {"type": "array", "items": _STR}
-_BOX = {"type": ["array", "null"], "items": _NUM, "minItems": 4, "maxItems": 4}
 
 
 def _obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": required or list(props), **extra}
 
 
-_TABLE = _obj(
-    {
-        "index": {"type": "integer", "minimum": 0},
-        "format": {"enum": ["markdown", "html"]},
-        "header": {"type": ["array", "null"], "items": _STR},
-        "rows": {"type": "array", "items": {"type": "array", "items": _STR}},
-        "n_columns": {"type": "integer", "minimum": 0},
-        "status": {"enum": ["ok", "parse_error"]},
-        "raw": _STR,
-        "notes": _NOTES,
-    }
-)
-
-RESULTS: dict[str, dict[str, Any]] = {
-    "ocr": _obj({"markdown": _STR}),
-    "table": _obj({"tables": {"type": "array", "items": _TABLE}}),
-    "chart": _obj(
-        {
-            "title": _STR_OR_NULL,
-            "x_axis": _STR_OR_NULL,
-            "y_axis": _STR_OR_NULL,
-            "categories": {"type": "array", "items": _STR},
-            "series": {
-                "type": "array",
-                "items": _obj({"name": _STR, "values": {"type": "array", "items": {"type": ["number", "null"]}}}),
-            },
-            "notes": _NOTES,
-        }
-    ),
-    "ground": _obj(
-        {
-            "query": _STR_OR_NULL,
-            "caption": _STR,
-            "boxes": {
-                "type": "array",
-                "items": _obj(
-                    {
-                        "label": _STR,
-                        "status": {"enum": ["ok", "repaired", "invalid"]},
-                        "box": {**_BOX, "description": "corners on the model's 0-999 grid"},
-                        "box_px": {**_BOX, "description": "corners in page pixels (page_size.width_px/height_px)"},
-                        "box_pt": {**_BOX, "description": "corners in PDF points, origin top-left; null for images"},
-                        "raw": _STR,
-                        "notes": _NOTES,
-                    }
-                ),
-            },
-            "notes": _NOTES,
-        }
-    ),
-    "ask": _obj({"answer": _STR}),
-}
+def results() -> dict[str, dict[str, Any]]:
+    """The schema of `result` for each task, from the task's own module."""
+    return {name: task.result_schema for name, task in TASKS.items()}
 
 
 def record_schema() -> dict[str, Any]:
@@ -79,7 +29,7 @@ def record_schema() -> dict[str, Any]:
             "if": {"properties": {"task": {"const": task}}},
             "then": {"properties": {"result": {"anyOf": [{"type": "null"}, schema]}}},
         }
-        for task, schema in RESULTS.items()
+        for task, schema in results().items()
     ]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -114,9 +64,20 @@ def record_schema() -> dict[str, Any]:
                         ),
                     ]
                 },
-                "task": {"enum": list(RESULTS)},
+                "task": {"enum": list(TASKS)},
                 "prompt": _STR,
-                "model": _obj({"id": _STR_OR_NULL, "revision": _STR_OR_NULL}),
+                "model": _obj(
+                    {
+                        "id": {**_STR_OR_NULL, "description": "the model as given (repo id or directory)"},
+                        "revision": {**_STR_OR_NULL, "description": "the hub snapshot's commit, if any"},
+                        "fingerprint": {
+                            **_STR_OR_NULL,
+                            "description": "hash of the checkpoint's config, tokenizer and weights (sampled): "
+                            "the same model under any path or name has the same one",
+                        },
+                    },
+                    required=["id", "revision"],
+                ),
                 "settings": _obj(
                     {
                         "model": _STR,
@@ -134,6 +95,8 @@ def record_schema() -> dict[str, Any]:
                         },
                         "repeat_window": {"type": "integer", "minimum": 0},
                         "retry_repetition": {"type": "boolean"},
+                        "device": {**_STR, "description": "where the model ran: cpu or cuda"},
+                        "dtype": {**_STR, "description": "the dtype it ran in: float32, bfloat16 or float16"},
                     },
                     required=["model", "revision", "max_new_tokens", "temperature", "top_p", "seed", "dpi", "max_side"],
                 ),

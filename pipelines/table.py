@@ -10,11 +10,16 @@ Parsers never raise on any input string.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from dsvl2.pipelines.base import Page, Parsed
+from dsvl2.pipelines.base import Page, PageRecord, Parsed
+from dsvl2.pipelines.task import PROMPT_OPTION, Task, TaskOption, markdown_table, one_prompt
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_PROMPT = (
     "Extract every table on this page. Write each table as a Markdown table with a header row, "
@@ -337,12 +342,53 @@ def parse_tables(text: str) -> Parsed:
     return Parsed(result)
 
 
+_NOTES = {"type": "array", "items": {"type": "string"}}
+TABLE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "index": {"type": "integer", "minimum": 0},
+        "format": {"enum": ["markdown", "html"]},
+        "header": {"type": ["array", "null"], "items": {"type": "string"}},
+        "rows": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+        "n_columns": {"type": "integer", "minimum": 0},
+        "status": {"enum": ["ok", "parse_error"]},
+        "raw": {"type": "string"},
+        "notes": _NOTES,
+    },
+    "required": ["index", "format", "header", "rows", "n_columns", "status", "raw", "notes"],
+}
+
+
 @dataclass(frozen=True, slots=True)
-class TableTask:
+class TableTask(Task):
     """Every table on the page → rows and columns (result: {"tables": [Table.to_dict(), ...]})."""
 
     prompt: str = DEFAULT_PROMPT
-    name: str = "table"
+
+    name: ClassVar[str] = "table"
+    summary: ClassVar[str] = (
+        "Every table on the page → rows and columns. CSV to stdout or a file is tidy (one row per cell); "
+        f"-o DIR/ gets one CSV per table plus the records.\n\nDefault prompt: *{DEFAULT_PROMPT}*"
+    )
+    examples: ClassVar[tuple[str, ...]] = (
+        "dsvl2 table samples/invoice.pdf --format md",
+        "dsvl2 table reports/ -o out/ --resume",
+        "dsvl2 table samples/invoice.pdf -f jsonl | jq '.result.tables[].rows'",
+    )
+    options: ClassVar[tuple[TaskOption, ...]] = (PROMPT_OPTION,)
+    max_new_tokens: ClassVar[int] = 2048
+    default_format: ClassVar[str] = "csv"
+    repetition_guard: ClassVar[tuple[int, int]] = (64, 1024)
+    result_schema: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "properties": {"tables": {"type": "array", "items": TABLE_SCHEMA}},
+        "required": ["tables"],
+    }
+    csv_columns: ClassVar[tuple[str, ...]] = ("table", "row", "column", "header", "value", "error")
+
+    @classmethod
+    def from_options(cls, *, prompt: str | None = None) -> TableTask:
+        return cls(one_prompt(prompt, DEFAULT_PROMPT))
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -350,3 +396,45 @@ class TableTask:
 
     def parse(self, text: str, *, page: Page, prompt: str) -> Parsed:
         return parse_tables(text)
+
+    @classmethod
+    def markdown(cls, record: PageRecord) -> str:
+        parts = []
+        for t in (record.result or {}).get("tables", []):
+            title = f"**Table {t['index'] + 1}**"
+            if t["status"] == "ok":
+                parts.append(f"{title}\n\n{markdown_table(t['header'], t['rows'])}")
+            else:
+                parts.append(f"{title} (could not be parsed: {'; '.join(t['notes'])})\n\n```\n{t['raw']}\n```")
+        return "\n\n".join(parts) or "_no tables_"
+
+    @classmethod
+    def csv_rows(cls, record: PageRecord) -> list[list[Any]]:
+        """One row per cell (table, row and column 1-based); a table that could not be parsed is one row
+        holding its raw text."""
+        err = record.error or ""
+        rows: list[list[Any]] = []
+        for t in (record.result or {}).get("tables", []):
+            if t["status"] != "ok":
+                rows.append([t["index"] + 1, "", "", "", t["raw"], "; ".join(t["notes"])])
+            for i, row in enumerate(t["rows"], start=1):
+                for j, value in enumerate(row, start=1):
+                    name = t["header"][j - 1] if t["header"] else ""
+                    rows.append([t["index"] + 1, i, j, name, value, err])
+        return rows or [["", "", "", "", "", err]]
+
+    @classmethod
+    def frames(cls, record: PageRecord) -> list[tuple[str, pd.DataFrame, bool]]:
+        import pandas as pd  # imported here: only DataFrame output needs it
+
+        frames = []
+        for t in (record.result or {}).get("tables", []):
+            if t["status"] == "ok":
+                frame = pd.DataFrame(t["rows"], columns=t["header"] or range(1, t["n_columns"] + 1))
+                frames.append((f"p{record.page}.t{t['index'] + 1}", frame, t["header"] is not None))
+        return frames
+
+    @classmethod
+    def columns(cls, result: Mapping[str, Any]) -> dict[str, Any]:
+        tables = result.get("tables", [])
+        return {"n_tables": len(tables), "tables": tables}

@@ -15,8 +15,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
 @pytest.fixture(scope="module")
 def processor():
     """The processor of the first parity checkpoint (all parity checkpoints share one setup)."""
-    from dsvl2.model.processor import Processor
     from parity import checkpoint_dir, checkpoint_names, require
+
+    from dsvl2.model.processor import Processor
 
     return Processor.from_dir(checkpoint_dir(require(checkpoint_names(), "parity checkpoints")[0]))
 
@@ -24,8 +25,9 @@ def processor():
 @pytest.fixture(scope="module")
 def tokenizer():
     """The parity fixtures' test tokenizer (real special tokens, synthetic vocabulary)."""
-    from dsvl2.model.tokenizer import Tokenizer
     from parity import tokenizer_dir
+
+    from dsvl2.model.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(tokenizer_dir())
 
@@ -33,11 +35,11 @@ def tokenizer():
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     """A scripted FakeRuntime behind the CLI's runtime seam, in an isolated HOME and working directory."""
-    from dsvl2 import backend
-    from fakes import FakeRuntime, factory_for, isolate
+    from fakes import FakeRuntime, isolate, use_fake
+
 
     isolate(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     rt = FakeRuntime()
-    monkeypatch.setattr(backend, "runtime_factory", factory_for(rt))
+    use_fake(monkeypatch, rt)
     return rt

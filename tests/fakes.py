@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pymupdf
-from dsvl2.model.requests import Completion, Request, Timings
 from PIL import Image
+
+from dsvl2.backend import Identity
+from dsvl2.model.requests import Completion, Request, Timings
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +49,9 @@ class FakeRuntime:
     ) -> None:
         self.default = default
         self.model_id, self.revision = model_id, revision
+        self.identity = Identity(model_id, revision, None, "cpu", "float32")  # as dsvl2.Runtime has one
         self.reverse = reverse  # call on_completion in reverse order, as an engine may finish out of order
-        if max_batch_size is not None:
-            self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size or 0  # 0: let the caller choose
         self.queue: deque[Scripted] = deque()
         self.bound: dict[str, Scripted] = {}
         self.requests: list[Request] = []
@@ -126,6 +128,26 @@ class FakeRuntime:
             for c in reversed(completions):
                 on_completion(c)
         return completions
+
+
+def identify_for(fake: FakeRuntime) -> Callable[..., Identity]:
+    """A `dsvl2.backend.identify` for the fake: the model as given, the fake's revision, no fingerprint, and
+    "auto" resolved to cpu / float32."""
+
+    def identify(model: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Identity:
+        return Identity(model, fake.revision, None, "cpu" if device == "auto" else device.split(":")[0],
+                        "float32" if dtype == "auto" else dtype)  # fmt: skip
+
+    return identify
+
+
+def use_fake(monkeypatch, fake: FakeRuntime) -> FakeRuntime:
+    """Put `fake` behind the CLI's and the API's doors into the runtime (dsvl2.backend)."""
+    from dsvl2 import backend
+
+    monkeypatch.setattr(backend, "runtime_factory", factory_for(fake))
+    monkeypatch.setattr(backend, "identify", identify_for(fake))
+    return fake
 
 
 def factory_for(fake: FakeRuntime) -> Callable[..., FakeRuntime]:
@@ -221,13 +243,15 @@ def main() -> None:
 
     fake = FakeRuntime(answer, delay=float(os.environ.get("DSVL2_FAKE_DELAY", "0")))
     backend.runtime_factory = factory_for(fake)
+    backend.identify = identify_for(fake)
     dsvl2()
 
 
 def invoke(*args: str, input: bytes | str | None = None):
     """`dsvl2 ARGS` in-process through Typer's CliRunner (exceptions propagate)."""
-    from dsvl2.app import app
     from typer.testing import CliRunner
+
+    from dsvl2.app import app
 
     return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
 

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from dsvl2.model.requests import Message
 from PIL import Image
 from safetensors.torch import load_file
+
+from dsvl2.model.requests import Message
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = Path(os.environ.get("DSVL2_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))

@@ -10,9 +10,10 @@ prompts. Measured: 2% flips, median 0.07, worst 1.6, top-1 agreement 28/30.
 from __future__ import annotations
 
 import torch
-from dsvl2.model.vl2 import real_tiles
 from parity import checkpoint_names, load_cases, parity_model, require
 from test_parity import RoutingRecorder, right_padded
+
+from dsvl2.model.vl2 import real_tiles
 
 MAX_FLIP_RATE = 0.03  # share of (token, MoE layer) routing decisions allowed to differ
 MEDIAN_LOGIT_TOL = 0.15  # median over prompts of the max |logit difference| at the last position

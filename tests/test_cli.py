@@ -10,10 +10,14 @@ import json
 from pathlib import Path
 
 import pytest
+from fakes import invoke, jsonl, make_image, make_pdf
+
 from dsvl2 import backend
 from dsvl2.model.errors import InputError, ModelNotFoundError
 from dsvl2.pipelines import ocr, table
-from fakes import invoke, jsonl, make_image, make_pdf
+from dsvl2.pipelines.ask import AskTask
+from dsvl2.pipelines.ocr import OcrTask
+from dsvl2.pipelines.table import TableTask
 
 TABLE = "| Item | Qty |\n|---|---|\n| Widget | 4 |\n| Gear | 1 |"
 
@@ -75,11 +79,11 @@ def test_output_file_format_from_suffix_and_manifest(fake, tmp_path):
     assert result.stdout == ""
     records = jsonl(Path("run.jsonl").read_text())
     assert [(r["page"], r["status"], r["task"]) for r in records] == [(1, "ok", "ocr"), (2, "ok", "ocr")]
-    assert records[0]["model"] == {"id": "fake/dsvl2", "revision": "fake-rev"}
+    assert records[0]["model"] == {"id": "deepseek-ai/deepseek-vl2-tiny", "revision": "fake-rev", "fingerprint": None}
     manifest = json.loads(Path("run.jsonl.manifest.json").read_text())
     assert manifest["inputs"][0]["sha256"] == records[0]["sha256"]
     assert manifest["summary"]["pages_ok"] == 2 and manifest["outputs"] == ["run.jsonl"]
-    assert manifest["model"]["id"] == "fake/dsvl2" and not manifest["interrupted"]
+    assert manifest["model"]["id"] == "deepseek-ai/deepseek-vl2-tiny" and not manifest["interrupted"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -285,6 +289,8 @@ def test_model_options_reach_the_runtime_and_sampling(fake):
         "no_repeat_ngram": 24,
         "repeat_window": 512,
         "retry_repetition": False,
+        "device": "cpu",
+        "dtype": "float32",
     }
     assert (s.no_repeat_ngram, s.repeat_window) == (24, 512)  # ask's repetition guard reaches the sampling
 
@@ -434,10 +440,11 @@ def test_schema_command_matches_the_committed_file(fake):
 
 
 def test_progress_bar_on_a_terminal_and_summary(fake):
+    from rich.console import Console
+
     from dsvl2.pipelines.base import Document, Page, PageRecord
     from dsvl2.pipelines.runner import DocumentDone, RecordDone
     from dsvl2.progress import Reporter
-    from rich.console import Console
 
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120, color_system=None, highlight=False)
@@ -476,7 +483,7 @@ def test_output_destination_rules(fake, tmp_path):
         "run.weird": ("file", Format.md),
     }
     for output, (kind, fmt) in cases.items():
-        dest = destination(output, None, "ocr")
+        dest = destination(output, None, OcrTask)
         assert (dest.kind, dest.fmt) == (kind, fmt), output
-    assert destination("run.jsonl", Format.json, "ocr").fmt is Format.json  # --format wins over the suffix
-    assert destination(None, None, "ask").fmt is Format.text and destination(None, None, "table").fmt is Format.csv
+    assert destination("run.jsonl", Format.json, OcrTask).fmt is Format.json  # --format wins over the suffix
+    assert destination(None, None, AskTask).fmt is Format.text and destination(None, None, TableTask).fmt is Format.csv

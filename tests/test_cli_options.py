@@ -2,6 +2,7 @@
 shared option spelled the same everywhere."""
 
 import typer.main
+
 from dsvl2.app import SHARED_OPTIONS, app
 
 OWN_OPTIONS = {

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dsvl2 import backend
-from fakes import FakeRuntime, factory_for, invoke, isolate, make_image, make_pdf
+from fakes import FakeRuntime, invoke, isolate, make_image, make_pdf, use_fake
 
 
 @pytest.fixture
@@ -23,7 +22,7 @@ def runtime(monkeypatch, tmp_path):
 
     def install(**kwargs) -> FakeRuntime:
         fake = FakeRuntime(lambda r: f"text of {r.id}", **kwargs)
-        monkeypatch.setattr(backend, "runtime_factory", factory_for(fake))
+        use_fake(monkeypatch, fake)
         return fake
 
     return install

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from parity import REPO_ROOT, checkpoint_dir, checkpoint_names, require
+
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import ConfigError
 from dsvl2.model.language import MHAttention, MLAttention, MoE
 from dsvl2.model.weights import build_meta
-from parity import REPO_ROOT, checkpoint_dir, checkpoint_names, require
 
 REAL_CONFIGS = REPO_ROOT / "tests" / "data" / "configs"
 VISION = 412_987_248 + 15_238_352  # SigLIP so400m tower + its unused attn_pool head

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from dsvl2.app import app
 from fakes import isolate, make_image, make_pdf
 from parity import PARITY_DIR, checkpoint_dir, load_cases, require
 from typer.testing import CliRunner
+
+from dsvl2.app import app
 
 CKPT = checkpoint_dir("tiny-mha") if (PARITY_DIR / "checkpoints" / "tiny-mha").is_dir() else None
 FAST = ("--max-new-tokens", "3", "--dpi", "36", "--max-side", "400")

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import REPO_ROOT, checkpoint_dir, checkpoint_names, require
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from dsvl2.model.errors import ConfigError
 from dsvl2.model.factory import Init, random_tensor, split_shards, write_random_checkpoint
 from dsvl2.model.language import MLP, MoE
 from dsvl2.model.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_model, read_headers
-from parity import REPO_ROOT, checkpoint_dir, checkpoint_names, require
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 REAL_CONFIGS = REPO_ROOT / "tests" / "data" / "configs"
 IMAGE_TOKENS = 14 * 15 + 1 + 14 * 15  # one image, one 384x384 local tile (tw = th = 1)

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from dsvl2 import backend
-from dsvl2.pipelines.base import REPETITION_GUARD, RETRY_TEMPERATURE, RETRY_TOP_P
-from dsvl2.pipelines.schema import record_schema
-from fakes import FakeRuntime, factory_for, invoke, isolate, jsonl, make_image, make_pdf
+from fakes import FakeRuntime, factory_for, identify_for, invoke, isolate, jsonl, make_image, make_pdf
 from parity import checkpoint_dir
 from test_writers import violations
+
+from dsvl2 import backend
+from dsvl2.pipelines.base import RETRY_TEMPERATURE, RETRY_TOP_P
+from dsvl2.pipelines.schema import record_schema
+from dsvl2.pipelines.tasks import TASKS
 
 EXTRA = {"ground": ["--query", "the thing"], "ask": ["--prompt", "What is it?"]}
 FAULTS = {
@@ -62,12 +64,12 @@ def test_malformed_grounding_keeps_every_box_and_executes_nothing(fake):
     assert len(record["result"]["boxes"]) >= 3 and not Path("PWNED").exists()
 
 
-@pytest.mark.parametrize("task", list(REPETITION_GUARD))
+@pytest.mark.parametrize("task", list(TASKS))
 def test_the_repetition_guard_reaches_the_runtime_per_task(fake, task):
     make_image(Path("p.png"))
     invoke(task, "p.png", "-f", "jsonl", *EXTRA.get(task, []))
     sampling = fake.requests[0].sampling
-    assert (sampling.no_repeat_ngram, sampling.repeat_window) == REPETITION_GUARD[task]
+    assert (sampling.no_repeat_ngram, sampling.repeat_window) == TASKS[task].repetition_guard
 
 
 def test_repetition_guard_option_sets_and_disables_it(fake):
@@ -140,6 +142,7 @@ def test_page_timeout_without_a_cancel_marks_the_late_page_failed(fake):
     slow.enqueue("late", seconds=0.4).enqueue("fine")
     make_pdf(Path("d.pdf"), 2)
     backend.runtime_factory = factory_for(slow)
+    backend.identify = identify_for(slow)
     records = jsonl(invoke("ocr", "d.pdf", "-f", "jsonl", "-b", "1", "--page-timeout", "0.2").stdout)
     assert [(r["status"], r["text"]) for r in records] == [("failed", "late"), ("ok", "fine")]
 

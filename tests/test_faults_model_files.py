@@ -12,10 +12,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from dsvl2.app import app
 from fakes import isolate, make_image
 from parity import checkpoint_dir
 from typer.testing import CliRunner
+
+from dsvl2.app import app
 
 TINY = checkpoint_dir("tiny-mha")
 MARKER = "UNPICKLED"

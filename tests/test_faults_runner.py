@@ -7,13 +7,14 @@ from __future__ import annotations
 import time
 
 import pytest
+from fakes import FakeRuntime
+from test_pipelines import SETTINGS, pages, records, run
+
 from dsvl2.model.requests import Completion
 from dsvl2.pipelines import runner
 from dsvl2.pipelines.base import Settings
 from dsvl2.pipelines.limits import Deadline, OutOfMemory, is_out_of_memory
 from dsvl2.pipelines.ocr import OcrTask
-from fakes import FakeRuntime
-from test_pipelines import SETTINGS, pages, records, run
 
 
 def test_out_of_memory_is_recognised_by_type_and_by_the_allocators_words():

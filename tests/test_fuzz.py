@@ -10,6 +10,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from parity import checkpoint_dir
+from PIL import Image
+from test_writers import violations
+
 from dsvl2.inputs import display, parse_pages, parse_shard, safe_key
 from dsvl2.model.processor import Processor, num_image_tokens, plan_image
 from dsvl2.model.requests import user_prompt
@@ -17,13 +23,8 @@ from dsvl2.pipelines.base import PageSize
 from dsvl2.pipelines.chart import parse_chart
 from dsvl2.pipelines.ground import GRID, parse_grounding
 from dsvl2.pipelines.ocr import parse_markdown
-from dsvl2.pipelines.schema import RESULTS
+from dsvl2.pipelines.schema import results
 from dsvl2.pipelines.table import parse_tables
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
-from parity import checkpoint_dir
-from PIL import Image
-from test_writers import violations
 
 TINY = checkpoint_dir("tiny-mha")
 FEW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -130,7 +131,7 @@ def test_any_answer_parses_to_a_result_that_fits_the_schema(text):
     ):
         assert parsed.ok or parsed.error, task
         strict_json(parsed.result)
-        assert violations(parsed.result, RESULTS[task]) == [], (task, text)
+        assert violations(parsed.result, results()[task]) == [], (task, text)
     for t in parse_tables(text).result["tables"]:
         assert all(len(row) == t["n_columns"] for row in t["rows"])
     chart = parse_chart(text).result

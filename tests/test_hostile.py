@@ -17,11 +17,12 @@ from pathlib import Path
 
 import corpus
 import pytest
-from dsvl2 import inputs
-from dsvl2.pipelines.schema import record_schema
 from fakes import invoke, jsonl, make_image, make_pdf
 from PIL import Image
 from test_writers import violations
+
+from dsvl2 import inputs
+from dsvl2.pipelines.schema import record_schema
 
 FAKE_CLI = [sys.executable, str(Path(__file__).parent / "fakes.py")]
 

@@ -20,11 +20,12 @@ from pathlib import Path
 import httpx2
 import huggingface_hub
 import pytest
+from huggingface_hub import constants, errors
+from huggingface_hub.hf_api import HfApi
+
 from dsvl2.model import hub
 from dsvl2.model.errors import ModelNotFoundError
 from dsvl2.model.hub import CachedModel, download_model, list_cached_models, resolve_model
-from huggingface_hub import constants, errors
-from huggingface_hub.hf_api import HfApi
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO = "deepseek-ai/deepseek-vl2-tiny"

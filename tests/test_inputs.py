@@ -11,6 +11,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+from fakes import make_image, make_pdf
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
 from dsvl2.inputs import (
     MAX_PIXELS,
     expand_inputs,
@@ -21,10 +26,6 @@ from dsvl2.inputs import (
     safe_key,
 )
 from dsvl2.pages import iter_pages
-from fakes import make_image, make_pdf
-from hypothesis import given
-from hypothesis import strategies as st
-from PIL import Image
 
 
 def opened(path: Path, **kw):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parity import checkpoint_names, load_cases, parity_model, parity_processor, require
+
 from dsvl2.model.engine import Engine
 from dsvl2.model.language import MLAttention, MoE, MoEGate
 from dsvl2.model.requests import Request, Sampling, user_prompt
 from dsvl2.model.vl2 import DeepseekVL2
-from parity import checkpoint_names, load_cases, parity_model, parity_processor, require
 
 CHECKPOINTS = require(checkpoint_names(), "parity checkpoints")
 TOL = 1e-4

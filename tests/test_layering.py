@@ -22,7 +22,7 @@ FORBIDDEN = {
 # Names that exist only as folders of the repository, never as installed packages.
 FOLDER_NAMES = {"model", "pipelines", "dsvl2_cli"}
 # The CLI may import these parts of the runtime when its modules load; the rest only inside functions.
-CLI_EAGER_MODEL_IMPORTS = {"dsvl2.model.requests", "dsvl2.model.errors"}
+CLI_EAGER_MODEL_IMPORTS = {"dsvl2.model.requests", "dsvl2.model.errors", "dsvl2.model.hub", "dsvl2.model.devices"}
 
 
 def imports(path: Path, *, top_level_only: bool = False) -> list[tuple[int, str]]:

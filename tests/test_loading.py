@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from dsvl2.model import loading
 from parity import checkpoint_dir, checkpoint_names, parity_model, require
+
+from dsvl2.model import loading
 
 
 def test_auto_batch_size_follows_free_memory(monkeypatch):

@@ -28,6 +28,7 @@ _PROBE = textwrap.dedent(
     import sys
     import dsvl2, dsvl2.app, dsvl2.model.config, dsvl2.model.requests, dsvl2.pipelines.base, dsvl2.pipelines.ocr
     from dsvl2.pipelines.runner import run
+    assert callable(dsvl2.ocr) and callable(dsvl2.load) and callable(dsvl2.to_dataframe)
     shadowed = sorted(name for name in ("model", "pipelines", "dsvl2_cli") if name in sys.modules)
     assert not shadowed, shadowed
     print(dsvl2.__file__)

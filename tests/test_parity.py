@@ -15,11 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dsvl2.model.engine import Engine
-from dsvl2.model.processor import MAX_TILED_IMAGES, Processor, ProcessorConfig, pad_geometry, plan_image
-from dsvl2.model.requests import IMAGE_TOKEN, Request, Sampling
-from dsvl2.model.tokenizer import BOS, EOS, PAD, Tokenizer
-from dsvl2.model.vl2 import DeepseekVL2, real_tiles
 from parity import (
     PARITY_DIR,
     Case,
@@ -33,6 +28,12 @@ from parity import (
     require,
 )
 from safetensors.torch import load_file
+
+from dsvl2.model.engine import Engine
+from dsvl2.model.processor import MAX_TILED_IMAGES, Processor, ProcessorConfig, pad_geometry, plan_image
+from dsvl2.model.requests import IMAGE_TOKEN, Request, Sampling
+from dsvl2.model.tokenizer import BOS, EOS, PAD, Tokenizer
+from dsvl2.model.vl2 import DeepseekVL2, real_tiles
 
 # ---------------------------------------------------------------------------------------------------
 # Processor and tokenizer: exact

@@ -4,13 +4,14 @@ gives a result, never an exception."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dsvl2.pipelines.base import PageSize
 from dsvl2.pipelines.chart import parse_chart, parse_number
 from dsvl2.pipelines.ground import check_box, parse_grounding
 from dsvl2.pipelines.ocr import parse_markdown
 from dsvl2.pipelines.table import find_tables, parse_html_table, parse_markdown_table, parse_tables
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 # --- tables: Markdown ------------------------------------------------------------------------------------
 

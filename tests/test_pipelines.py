@@ -7,6 +7,9 @@ import itertools
 from collections.abc import Iterator
 
 import pytest
+from fakes import FakeRuntime
+from PIL import Image
+
 from dsvl2.model.requests import Completion
 from dsvl2.pipelines import runner
 from dsvl2.pipelines.base import (
@@ -21,10 +24,9 @@ from dsvl2.pipelines.base import (
     page_key,
 )
 from dsvl2.pipelines.ocr import OcrTask
-from fakes import FakeRuntime
-from PIL import Image
 
 SETTINGS = Settings(model="m")
+MODEL = {"id": "fake/dsvl2", "revision": "fake-rev", "fingerprint": None}  # what the runner names a FakeRuntime
 IMAGE = Image.new("RGB", (8, 8))
 
 
@@ -82,7 +84,7 @@ def test_events_in_input_order_and_documents_done_after_their_records():
 
 
 def test_done_pages_are_skipped_and_their_documents_still_finish():
-    done = {page_key(p, task="ocr", prompt=OcrTask().prompt, settings=SETTINGS) for p in pages(1, 3)}
+    done = {page_key(p, task="ocr", prompt=OcrTask().prompt, settings=SETTINGS, model=MODEL) for p in pages(1, 3)}
     fake = FakeRuntime()
     stats, events = run(fake, pages(2, 3), is_done=done.__contains__)
     assert stats.skipped == 3 and len(fake.requests) == 3
@@ -184,8 +186,9 @@ def test_record_round_trip_and_key():
     record = answered_record(ctx, page, "p", Completion("r0", (), "hi", "eos", 5, 1), OcrTask())
     again = PageRecord.from_dict(record.to_dict())
     assert again == record and again.key == record.key
-    assert record.key == page_key(page, task="ocr", prompt="p", settings=SETTINGS)
-    assert record.key != page_key(page, task="ocr", prompt="p", settings=Settings(model="m", seed=1))
+    assert record.key == page_key(page, task="ocr", prompt="p", settings=SETTINGS, model=record.model)
+    other = Settings(model="m", seed=1)
+    assert record.key != page_key(page, task="ocr", prompt="p", settings=other, model=record.model)
     with pytest.raises(ValueError):
         PageRecord.from_dict({**record.to_dict(), "status": "weird"})
 

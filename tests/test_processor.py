@@ -10,6 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from parity import PARITY_DIR, checkpoint_dir, checkpoint_names, require, tokenizer_dir
+from PIL import Image, ImageOps
+
 from dsvl2.model.errors import ConfigError, InputError, TokenizerError
 from dsvl2.model.processor import (
     Processor,
@@ -18,8 +21,6 @@ from dsvl2.model.processor import (
 )
 from dsvl2.model.requests import ASSISTANT, IMAGE_TOKEN, USER, Message
 from dsvl2.model.tokenizer import Tokenizer
-from parity import PARITY_DIR, checkpoint_dir, checkpoint_names, require, tokenizer_dir
-from PIL import Image, ImageOps
 
 # ---------------------------------------------------------------------------------------------------
 # Behaviour

@@ -15,11 +15,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from dsvl2 import backend, signals
+from fakes import FakeRuntime, isolate, make_image, make_pdf, use_fake
+from typer.testing import CliRunner
+
+from dsvl2 import signals
 from dsvl2.app import app
 from dsvl2.errors import Interrupted
-from fakes import FakeRuntime, factory_for, isolate, make_image, make_pdf
-from typer.testing import CliRunner
 
 FAKE_CLI = [sys.executable, str(Path(__file__).parent / "fakes.py")]
 TOTAL = 11  # pages in the corpus below
@@ -136,7 +137,7 @@ def test_an_unfinished_markdown_file_is_left_as_partial_and_the_earlier_file_unt
     isolate(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     fake = FakeRuntime()
-    monkeypatch.setattr(backend, "runtime_factory", factory_for(fake))
+    use_fake(monkeypatch, fake)
     make_pdf(Path("d.pdf"), 3)
     Path("out.md").write_text("earlier, complete\n")
     fake.enqueue("page one").enqueue(error=KeyboardInterrupt())
@@ -145,7 +146,7 @@ def test_an_unfinished_markdown_file_is_left_as_partial_and_the_earlier_file_unt
     assert Path("out.md").read_text() == "earlier, complete\n"
     partial = Path("out.md.partial").read_text()
     assert "<!-- page 1 · d.pdf -->" in partial and "page one" in partial and "page 2" not in partial
-    monkeypatch.setattr(backend, "runtime_factory", factory_for(FakeRuntime()))
+    use_fake(monkeypatch, FakeRuntime())
     result = CliRunner().invoke(app, ["ocr", "d.pdf", "-o", "out.md"], catch_exceptions=False)
     assert result.exit_code == 0 and Path("out.md").read_text().count("<!-- page") == 3
     assert not Path("out.md.partial").exists()

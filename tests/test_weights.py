@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from dsvl2.model.errors import ConfigError, WeightsError
-from dsvl2.model.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_model
 from parity import checkpoint_dir, checkpoint_names, require
 from safetensors.torch import load_file, save_file
+
+from dsvl2.model.errors import ConfigError, WeightsError
+from dsvl2.model.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_model
 
 
 def _with_file(name: str) -> str:

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import make_image, make_pdf
+from typer.testing import CliRunner
+
 from dsvl2 import render
 from dsvl2.app import app
 from dsvl2.pipelines.base import Document, PageRecord, PageSize, Settings
 from dsvl2.pipelines.schema import record_schema
 from dsvl2.writers import DirSink, Format, atomic_open, atomic_write, read_records
-from fakes import make_image, make_pdf
-from typer.testing import CliRunner
 
 SCHEMA_FILE = Path(__file__).parent.parent / "schema" / "page-record.schema.json"
 
