@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from dsvl2.model.kv_cache import KVCache
 from dsvl2.model.processor import Prepared, Processor
 from dsvl2.model.requests import Completion, Request, Timings

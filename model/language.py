@@ -14,10 +14,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from dsvl2.model import kernels
 from dsvl2.model.config import LanguageConfig, yarn_mscale
 from dsvl2.model.kv_cache import CacheRows, KVCache
-from torch import nn
 
 Cache = KVCache | CacheRows
 

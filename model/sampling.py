@@ -7,6 +7,7 @@ top-p-filtered distribution, so a request samples the same tokens whatever else 
 from __future__ import annotations
 
 import torch
+
 from dsvl2.model.requests import Sampling
 
 
