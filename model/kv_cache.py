@@ -18,12 +18,24 @@ Per layer the cache holds, slots next to the feature axis so that each head's ke
          compressed cache (section 2.1.2 of the paper); keys and values are re-derived from it.
 Tensors go in and out token-major as (B, T, *heads, feature) for writes and come back as
 (B, *heads, S_used, feature).
+The lengths live on the host (Python ints moved by `advance` and `reset`), so the slots a forward reads and the
+overflow check need no read from the device; positions go to the device once per forward.
 The cache stores and hands out tensors; it never computes attention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+
+def to_device(values: Sequence, device: torch.device | str) -> torch.Tensor:
+    """A long tensor of host ints (nested lists allowed) on `device`. To a GPU it goes through pinned memory without
+    blocking, so the host does not wait for the device's queue to drain (a plain copy from pageable memory would)."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 class KVCache:
@@ -32,7 +44,9 @@ class KVCache:
         """`shapes` are the per-token shapes (*heads, feature) of the tensors one layer stores, e.g.
         [(H, D), (H, D)] for MHA or [(C,), (R,)] for MLA; each is stored as (B, *heads, S, feature)."""
         self.capacity = capacity
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.device = torch.device(device)
+        self._lengths = [0] * batch
+        self._all = torch.arange(batch, device=self.device)
         self.layers = [
             tuple(torch.zeros(batch, *shape[:-1], capacity, shape[-1], dtype=dtype, device=device) for shape in shapes)
             for _ in range(n_layers)
@@ -40,46 +54,54 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.lengths.shape[0]
+        return len(self._lengths)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) tokens held by each row, a host tensor."""
+        return torch.tensor(self._lengths, dtype=torch.long)
 
     def rows(self, rows: torch.Tensor | list[int]) -> CacheRows:
         """A view of some rows only, for a forward over a sub-batch (e.g. prefilling newly admitted rows)."""
-        return CacheRows(self, torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device))
+        return CacheRows(self, rows.tolist() if isinstance(rows, torch.Tensor) else list(rows))
 
     def positions(self, t: int) -> torch.Tensor:
-        """Positions (B, T) of the next `t` tokens of every row."""
-        return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+        """Positions (B, T) of the next `t` tokens of every row, on the cache's device."""
+        return _positions(self._lengths, t, self.device)
 
     def write(self, layer: int, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store the new tokens' tensors (each (B, T, *heads, feature)) at their positions; return the
-        layer's tensors cut to the slots any query of this step can see: (B, *heads, S_used, feature) with
-        S_used = max position + 1."""
-        return self._write(None, layer, positions, new)
+        """Store the new tokens' tensors (each (B, T, *heads, feature)) at `positions` (those of `positions(T)`);
+        return the layer's tensors cut to the slots any query of this step can see: (B, *heads, S_used, feature)
+        with S_used = the longest row's length + T."""
+        return self._write(self._all, self._lengths, layer, positions, new, every_row=True)
 
-    def _write(self, rows: torch.Tensor | None, layer: int, positions: torch.Tensor,
-               new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        used = int(positions.max()) + 1
+    def _write(self, index: torch.Tensor, lengths: list[int], layer: int, positions: torch.Tensor,
+               new: tuple[torch.Tensor, ...], *, every_row: bool) -> tuple[torch.Tensor, ...]:
+        # The largest position is max(lengths) + T - 1: known on the host, where `positions.max()` would wait for
+        # the device once per layer.
+        used = max(lengths, default=0) + positions.shape[-1]
         if used > self.capacity:
             raise RuntimeError(f"KV cache overflow: position {used - 1} >= capacity {self.capacity}")
-        index = torch.arange(self.batch, device=positions.device) if rows is None else rows
         stored = self.layers[layer]
         for buf, x in zip(stored, new, strict=True):
             heads = (slice(None),) * (buf.dim() - 3)
             buf[(index[:, None], *heads, positions)] = x.to(buf.dtype)  # x: (B, T, *heads, feature)
-        if rows is None:
+        if every_row:
             return tuple(buf[..., :used, :] for buf in stored)  # views, no copy
-        return tuple(buf[..., :used, :][rows] for buf in stored)
+        return tuple(buf[..., :used, :][index] for buf in stored)
 
-    def advance(self, n: torch.Tensor | int) -> None:
-        """Count `n` more real tokens in each row (a (B,) tensor, or one number for every row)."""
-        self.lengths += n
+    def advance(self, n: torch.Tensor | Sequence[int] | int) -> None:
+        """Count `n` more real tokens in each row (one count per row, or one number for every row). Host ints keep
+        the device out of it; a tensor is read back to the host first."""
+        counts = _counts(n, self.batch)
+        self._lengths = [m + k for m, k in zip(self._lengths, counts, strict=True)]
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Empty the given rows (all rows when None) so new sequences can take them."""
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
+        if isinstance(rows, torch.Tensor):
+            rows = rows.tolist()
+        for row in range(self.batch) if rows is None else rows:
+            self._lengths[row] = 0
 
     def grown(self, capacity: int, batch: int | None = None) -> KVCache:
         """A cache of `capacity` slots per row and `batch` rows (at least this one's of each) holding this one's
@@ -88,9 +110,9 @@ class KVCache:
         if capacity == self.capacity and batch == self.batch:
             return self
         bigger = KVCache.__new__(KVCache)
-        bigger.capacity = capacity
-        bigger.lengths = torch.zeros(batch, dtype=self.lengths.dtype, device=self.lengths.device)
-        bigger.lengths[: self.batch] = self.lengths
+        bigger.capacity, bigger.device = capacity, self.device
+        bigger._lengths = self._lengths + [0] * (batch - self.batch)
+        bigger._all = torch.arange(batch, device=self.device)
         bigger.layers = []
         for layer in self.layers:
             new = []
@@ -109,18 +131,35 @@ class CacheRows:
     """Some rows of a `KVCache`, used like a cache of that many rows. Reads copy the selected rows, so
     it suits prefill of a few rows; a decode step over all rows uses the cache itself (views, no copy)."""
 
-    def __init__(self, cache: KVCache, rows: torch.Tensor):
-        self.cache, self.index = cache, rows
+    def __init__(self, cache: KVCache, rows: list[int]):
+        self.cache, self.members = cache, rows
+        self.index = to_device(rows, cache.device)
+
+    def _own_lengths(self) -> list[int]:
+        return [self.cache._lengths[r] for r in self.members]
 
     @property
     def lengths(self) -> torch.Tensor:
-        return self.cache.lengths[self.index]
+        return torch.tensor(self._own_lengths(), dtype=torch.long)
 
     def positions(self, t: int) -> torch.Tensor:
-        return self.lengths[:, None] + torch.arange(t, device=self.index.device)
+        return _positions(self._own_lengths(), t, self.cache.device)
 
     def write(self, layer: int, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.cache._write(self.index, layer, positions, new)
+        return self.cache._write(self.index, self._own_lengths(), layer, positions, new, every_row=False)
 
-    def advance(self, n: torch.Tensor | int) -> None:
-        self.cache.lengths[self.index] += n
+    def advance(self, n: torch.Tensor | Sequence[int] | int) -> None:
+        for row, k in zip(self.members, _counts(n, len(self.members)), strict=True):
+            self.cache._lengths[row] += k
+
+
+def _positions(lengths: list[int], t: int, device: torch.device) -> torch.Tensor:
+    """(B, T) positions lengths[b] + 0..t-1: one copy of the B lengths to the device."""
+    return to_device(lengths, device)[:, None] + torch.arange(t, device=device)
+
+
+def _counts(n: torch.Tensor | Sequence[int] | int, size: int) -> list[int]:
+    """`n` as `size` host ints: a number repeated, or one per row."""
+    if isinstance(n, torch.Tensor):
+        n = n.tolist()
+    return [n] * size if isinstance(n, int) else list(n)

@@ -21,6 +21,7 @@ from dsvl2.model.config import LanguageConfig, yarn_mscale
 from dsvl2.model.kv_cache import CacheRows, KVCache
 
 Cache = KVCache | CacheRows
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, 1, T, R) of one forward's positions, shared by its layers
 
 
 def proj(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -64,7 +65,9 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) positions -> cos, sin of shape (B, 1, T, R), for rotate-half application."""
-        inv_freq = self._inv_freq.to(positions.device)
+        inv_freq = self._inv_freq
+        if inv_freq.device != positions.device:  # moved once, not copied to the device on every call
+            inv_freq = self._inv_freq = inv_freq.to(positions.device)
         t = positions.to(torch.float32)
         if self.position_scale != 1.0:
             t = t * self.position_scale
@@ -160,12 +163,13 @@ class MHAttention(nn.Module):
     def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
         return [(cfg.kv_heads, cfg.head_dim), (cfg.kv_heads, cfg.head_dim)]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int,
+                rope: Rope | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = proj(x, self.q_proj).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = proj(x, self.k_proj).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = proj(x, self.v_proj).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(positions, q.dtype)
+        cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         k_pos = positions
@@ -222,13 +226,14 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int,
+                rope: Rope | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self._query(x).view(B, T, self.heads, self.dn + self.dr).transpose(1, 2)  # (B, H, T, Dn+R)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.dr], dim=-1)  # (B, T, C), (B, T, R)
         c = self.kv_a_layernorm(c)
-        cos, sin = self.rotary(positions, q.dtype)
+        cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         q_pe = apply_rope(deinterleave(q_pe), cos, sin)
         k_pe = apply_rope(deinterleave(k_pe)[:, None], cos, sin)[:, 0]  # (B, T, R)
         k_pos = positions
@@ -382,8 +387,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.index = index
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache, self.index)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
+                rope: Rope | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, self.index, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -397,8 +403,10 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        # Every layer's rotary is built from the same config: one set of tables serves the whole forward.
+        rope = self.layers[0].self_attn.rotary(positions, x.dtype) if len(self.layers) else None
         for layer in self.layers:
-            x = layer(x, positions, cache)
+            x = layer(x, positions, cache, rope)
         return self.norm(x)
 
 
