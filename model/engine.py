@@ -5,8 +5,9 @@ others finish (up to `max_batch_size` rows, and while the cache for every runnin
 budget fits `cache_budget`), encodes the images of each admission wave together (in fixed-size chunks of tiles),
 prefills prompts in chunks interleaved with decode steps of the running rows (so a long page neither
 stalls the others nor spikes memory), samples each row with its own settings and seed, and stops rows on
-EOS, `max_new_tokens`, stop strings or the repetition guard. Results come back in request order and, as
-each finishes, through `on_completion`.
+EOS, `max_new_tokens`, stop strings or the repetition guard. Requests arrive through `submit` at any time and
+each `step` (one scheduling iteration) returns those that finished in it; `generate` submits a list and steps
+until it is done, returning results in request order and, as each finishes, through `on_completion`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsvl2.model.kv_cache import KVCache
+from dsvl2.model.kv_cache import KVCache, to_device
 from dsvl2.model.processor import Prepared, Processor
 from dsvl2.model.requests import Completion, Request, Timings
-from dsvl2.model.sampling import find_stop, make_generator, repeats_ngram, sample_token
+from dsvl2.model.sampling import find_stop, make_generator, repeats_ngram, sample_tokens
 from dsvl2.model.vl2 import DeepseekVL2
 
 
@@ -30,7 +31,7 @@ from dsvl2.model.vl2 import DeepseekVL2
 class _Sequence:
     """One request's state while it is queued or running."""
 
-    index: int
+    index: int  # submission order: prefill goes by it
     request: Request
     submitted: float
     prepared: Prepared | None = None  # processor output (pixels included), dropped once embedded
@@ -51,8 +52,8 @@ class _Sequence:
 
 
 class Engine:
-    """Batched generation over a loaded model. Not thread-safe except `cancel`, which may be called from
-    another thread (or a callback) while `generate` runs."""
+    """Continuous batching over a loaded model. `submit`, `cancel` and `has_work` may be called from any thread
+    (or a callback); `step` and `generate` from one thread at a time."""
 
     def __init__(self, model: DeepseekVL2, processor: Processor, *, max_batch_size: int = 8,
                  prefill_chunk: int = 2048, vision_chunk: int = 8, cache_budget: int | None = None,
@@ -70,13 +71,44 @@ class Engine:
         self._token_bytes = model.language.cache_bytes_per_token()
         self.model_id, self.revision = model_id, revision
         self.eos_id = processor.tokenizer.eos_id
+        self._lock = threading.Lock()  # guards what other threads touch: cancels, queue, ids in flight, outbox
         self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
+        self._queue: deque[_Sequence] = deque()
+        self._in_flight: set[str] = set()  # ids submitted and not finished
+        self._outbox: list[Completion] = []  # finished inside generate() for requests it did not submit
+        self._submitted = 0
+        # Running state, kept from step to step while there is work and dropped when there is none:
+        self._rows: list[_Sequence | None] = []  # cache row -> the sequence in it
+        self._cache: KVCache | None = None
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue `request`; a later `step` admits it as soon as a row and the cache budget allow. Raises
+        ValueError when a request with the same id is still in flight."""
+        self._enqueue([request])
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request: dropped if still queued, stopped at the next step if running."""
+        """Stop a request: dropped if still queued, stopped at the next step if running. An id not in flight
+        yet cancels the request that arrives with it."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        """True while a submitted request has not been returned by `step` (queued, running, or finished and held)."""
+        with self._lock:
+            return bool(self._in_flight or self._outbox)
+
+    def _enqueue(self, requests: Sequence[Request]) -> None:
+        with self._lock:
+            clash = next((r.id for r in requests if r.id in self._in_flight), None)
+            if clash is not None:
+                raise ValueError(f"request id {clash!r} is already in flight; ids must be unique among them")
+            now = time.perf_counter()
+            for request in requests:
+                self._queue.append(_Sequence(self._submitted, request, now))
+                self._submitted += 1
+            self._in_flight.update(r.id for r in requests)
 
     def _is_cancelled(self, request_id: str) -> bool:
         with self._lock:
@@ -85,59 +117,114 @@ class Engine:
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], *,
                  on_completion: Callable[[Completion], None] | None = None) -> list[Completion]:
+        """Submit `requests`, step until every one has finished, and return their completions in request order;
+        `on_completion` gets each as it finishes. Completions of requests submitted otherwise that finish
+        meanwhile are held for the next `step`. If anything raises, every request in flight is dropped."""
         ids = [r.id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within one generate() call")
-        now = time.perf_counter()
-        queue = deque(_Sequence(i, r, now) for i, r in enumerate(requests))
-        results: list[Completion | None] = [None] * len(requests)
-        rows: list[_Sequence | None] = [None] * min(self.max_batch_size, max(len(requests), 1))
-        cache: KVCache | None = None
+        self._enqueue(requests)
+        mine, results = set(ids), {}
+        try:
+            while len(results) < len(ids):
+                for completion in self._step():
+                    if completion.id in mine and completion.id not in results:
+                        results[completion.id] = completion
+                        if on_completion is not None:
+                            on_completion(completion)
+                    else:
+                        with self._lock:
+                            self._outbox.append(completion)
+        except BaseException:
+            self._drop_all()
+            raise
+        finally:
+            with self._lock:  # cancels that arrived after their request finished must not outlive the call
+                self._cancelled.difference_update(ids)
+        return [results[i] for i in ids]
+
+    def step(self) -> list[Completion]:
+        """One scheduling iteration: admit queued requests into free rows (within `max_batch_size` and
+        `cache_budget`), run one prefill chunk and one decode step, and return the completions that finished,
+        in the order they finished. If the step raises (out of memory, say), every request in flight is
+        dropped with that step's completions, the engine is idle and usable again, and the exception propagates."""
+        with self._lock:
+            held, self._outbox = self._outbox, []
+        return held + self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> list[Completion]:
+        finished: list[Completion] = []
 
         def finish(seq: _Sequence, reason: str) -> None:
-            done = time.perf_counter()
-            completion = Completion(
-                id=seq.request.id, token_ids=tuple(seq.tokens), text=seq.text or self._decode(seq.tokens),
-                finish_reason=reason, n_prompt=seq.n_prompt, n_generated=len(seq.tokens),
-                timings=Timings(queued=(seq.admitted or done) - seq.submitted, prefill=seq.prefill_seconds,
-                                decode=done - seq.decode_started if seq.decode_started else 0.0),
-            )
-            results[seq.index] = completion
-            if seq.row >= 0:
-                rows[seq.row] = None
-            if on_completion is not None:
-                on_completion(completion)
+            finished.append(self._complete(seq, reason))
 
-        while queue or any(rows):
-            admitted = self._admit(queue, rows, finish, cache)
+        try:
+            admitted = self._admit(finish)
             if admitted:
-                cache = self._ensure_cache(cache, rows)
-                cache.reset([s.row for s in admitted])
-            for seq in [s for s in rows if s is not None and self._is_cancelled(s.request.id)]:
+                self._cache = self._ensure_cache(self._cache, self._rows)
+                self._cache.reset([s.row for s in admitted])
+            for seq in [s for s in self._rows if s is not None and self._is_cancelled(s.request.id)]:
                 finish(seq, "cancelled")
-            if cache is None or not any(rows):
-                continue
-            self._prefill_step(cache, rows, finish)
-            self._decode_step(cache, rows, finish)
+            if self._cache is not None and any(self._rows):
+                self._prefill_step(self._cache, self._rows, finish)
+                self._decode_step(self._cache, self._rows, finish)
+        except BaseException:
+            self._drop_all()
+            raise
         with self._lock:
-            self._cancelled.difference_update(ids)
-        return [c for c in results if c is not None]
+            idle = not self._queue
+        if idle and not any(self._rows):  # no work: the cache's memory goes back until some arrives
+            self._rows, self._cache = [], None
+        return finished
+
+    def _complete(self, seq: _Sequence, reason: str) -> Completion:
+        done = time.perf_counter()
+        completion = Completion(
+            id=seq.request.id, token_ids=tuple(seq.tokens), text=seq.text or self._decode(seq.tokens),
+            finish_reason=reason, n_prompt=seq.n_prompt, n_generated=len(seq.tokens),
+            timings=Timings(queued=(seq.admitted or done) - seq.submitted, prefill=seq.prefill_seconds,
+                            decode=done - seq.decode_started if seq.decode_started else 0.0),
+        )
+        if seq.row >= 0:
+            self._rows[seq.row] = None
+        with self._lock:
+            self._in_flight.discard(seq.request.id)
+            self._cancelled.discard(seq.request.id)
+        return completion
+
+    def _drop_all(self) -> None:
+        """Forget every queued and running request (after a failed step) and free the cache."""
+        with self._lock:
+            self._queue.clear()
+            self._in_flight.clear()
+        self._rows, self._cache = [], None
 
     # -- admission --------------------------------------------------------------------------------------
-    def _admit(self, queue: deque[_Sequence], rows: list[_Sequence | None], finish,
-               cache: KVCache | None) -> list[_Sequence]:
+    def _admit(self, finish) -> list[_Sequence]:
+        """Move queued requests into free rows, in order, while the cache budget allows. Rows are added up to
+        `max_batch_size` as the requests in flight need them, and never removed while there is work."""
+        rows = self._rows
+        with self._lock:
+            waiting = len(self._queue)
+        wanted = min(self.max_batch_size, max(waiting + sum(s is not None for s in rows), 1))
+        rows.extend([None] * (wanted - len(rows)))
         wave = []
         free = [i for i, s in enumerate(rows) if s is None]
-        while queue and free:
-            seq = queue.popleft()
+        while free:
+            with self._lock:
+                if not self._queue:
+                    break
+                seq = self._queue.popleft()
             if self._is_cancelled(seq.request.id):
                 finish(seq, "cancelled")
                 continue
             if seq.prepared is None:
                 seq.prepared = self.processor.prepare(seq.request.conversation)
                 seq.n_prompt = int(seq.prepared.input_ids.shape[0])
-            if not self._fits_budget(seq, free[0], rows, cache):
-                queue.appendleft(seq)  # waits, prepared, for running rows to finish
+            if not self._fits_budget(seq, free[0], rows, self._cache):
+                with self._lock:
+                    self._queue.appendleft(seq)  # waits, prepared, for running rows to finish
                 break
             seq.row, seq.admitted = free.pop(0), time.perf_counter()
             seq.generator = make_generator(seq.request.sampling)
@@ -232,17 +319,20 @@ class Engine:
             x[b, : c.shape[0]] = c
         view = cache.rows([s.row for s in pending])
         hidden = self.model.language(x, view)
-        counts = torch.tensor([c.shape[0] for c in chunks], device=cache.lengths.device)
-        view.advance(counts)
+        view.advance(sizes)
         elapsed = (time.perf_counter() - start) / len(pending)
+        ready, logits = [], []
         for b, seq in enumerate(pending):
-            seq.prefilled += chunks[b].shape[0]
+            seq.prefilled += sizes[b]
             seq.prefill_seconds += elapsed
             if seq.decoding:  # prompt complete: its last hidden state gives the first token
                 seq.embeds = None
                 seq.decode_started = time.perf_counter()
-                logits = self.model.language.logits(hidden[b, chunks[b].shape[0] - 1])
-                self._accept(seq, logits, finish)
+                ready.append(seq)
+                logits.append(self.model.language.logits(hidden[b, sizes[b] - 1]))  # (V,), row by row as ever
+        if ready:
+            for seq, token in zip(ready, self._sample(ready, torch.stack(logits)), strict=True):
+                self._accept(seq, token, finish)
 
     def _chunk_size(self, seq: _Sequence) -> int:
         """This step's chunk of `seq`'s prompt: ceil(n / budget) equal parts of its n tokens, or what is left."""
@@ -251,28 +341,34 @@ class Engine:
 
     def _decode_step(self, cache: KVCache, rows: list[_Sequence | None], finish) -> None:
         """One token for every decoding row. The step runs over all cache rows (views, no copies); rows
-        that are idle or still prefilling get a zero embedding whose cache write is never counted."""
+        that are idle or still prefilling get a zero embedding whose cache write is never counted. The
+        inputs go to the device in one copy and the sampled ids come back in one."""
         active = [s for s in rows if s is not None and s.decoding and s.tokens]
         if not active:
             return
-        last = torch.zeros(cache.batch, dtype=torch.long, device=cache.lengths.device)
-        live = torch.zeros(cache.batch, dtype=torch.long, device=cache.lengths.device)
+        last, live = [0] * cache.batch, [0] * cache.batch
         for seq in active:
             last[seq.row], live[seq.row] = seq.tokens[-1], 1
-        x = self.model.language.embed(last[:, None]) * live[:, None, None].to(self.model.dtype)
+        inputs = to_device([last, live], cache.device)  # (2, B): last token, 1 where the row decodes
+        x = self.model.language.embed(inputs[0, :, None]) * inputs[1, :, None, None].to(self.model.dtype)
         hidden = self.model.language(x, cache)
         cache.advance(live)
-        logits = self.model.language.logits(hidden[:, 0])
-        for seq in active:
-            self._accept(seq, logits[seq.row], finish)
+        logits = self.model.language.logits(hidden[:, 0])  # (B, V)
+        if len(active) < cache.batch:
+            logits = logits[to_device([s.row for s in active], cache.device)]
+        for seq, token in zip(active, self._sample(active, logits), strict=True):
+            self._accept(seq, token, finish)
 
-    def _accept(self, seq: _Sequence, logits: torch.Tensor, finish) -> None:
-        """Sample the next token of `seq` and apply the stop rules."""
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """The next token of each of `seqs` from its row of `logits` (N, V) float32, which this may change."""
+        suppress = [n for n, s in enumerate(seqs) if s.request.sampling.suppress_eos]
+        if suppress:
+            logits[to_device(suppress, logits.device), self.eos_id] = float("-inf")
+        return sample_tokens(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+
+    def _accept(self, seq: _Sequence, token: int, finish) -> None:
+        """Append `token` to `seq` and apply the stop rules."""
         sampling = seq.request.sampling
-        if sampling.suppress_eos:
-            logits = logits.clone()
-            logits[self.eos_id] = float("-inf")
-        token = sample_token(logits, sampling, seq.generator)
         if token == self.eos_id:
             finish(seq, "eos")
             return

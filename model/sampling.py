@@ -1,13 +1,17 @@
-"""Token selection and stop rules: small pure functions over one row's logits and tokens.
+"""Token selection and stop rules: small pure functions over rows of logits and tokens.
 
 Temperature 0 is argmax. Otherwise the row's own seeded `torch.Generator` draws from the temperature-scaled,
-top-p-filtered distribution, so a request samples the same tokens whatever else shares its batch.
+top-p-filtered distribution, so a request samples the same tokens whatever else shares its batch. A batch is
+sampled with one op per group of rows that share settings, and its ids reach the host in one transfer per group.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from dsvl2.model.kv_cache import to_device
 from dsvl2.model.requests import Sampling
 
 
@@ -22,13 +26,38 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """(V,) float32 logits of one row -> the next token id."""
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    filtered = top_p_filter(logits / sampling.temperature, sampling.top_p)
-    probs = filtered.softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
+                  generators: Sequence[torch.Generator | None]) -> list[int]:
+    """(N, V) float32 logits, row n sampled by `samplings[n]` with `generators[n]` -> the N next token ids.
+
+    Greedy rows take one argmax together. Rows that sample with the same temperature and top-p are scaled,
+    filtered and normalised together; each then draws from its own generator on the host (the generators are
+    CPU ones), so a row draws the same numbers whatever shares its batch and whatever device computed the logits.
+    The host waits for the device once: every group's probabilities are queued before the first transfer, which
+    waits for them all; the transfers after it find their data ready."""
+    greedy = [n for n, s in enumerate(samplings) if s.temperature == 0]
+    groups: dict[tuple[float, float], list[int]] = {}
+    for n, s in enumerate(samplings):
+        if s.temperature != 0:
+            groups.setdefault((s.temperature, s.top_p), []).append(n)
+    probs = {key: top_p_filter(_rows(logits, members) / key[0], key[1]).softmax(dim=-1)
+             for key, members in groups.items()}  # queued on the device, all groups before any transfer
+    tokens = [0] * len(samplings)
+    if greedy:
+        for n, token in zip(greedy, _rows(logits, greedy).argmax(dim=-1).tolist(), strict=True):
+            tokens[n] = token
+    for key, members in groups.items():
+        host = probs[key].cpu()
+        for j, n in enumerate(members):
+            tokens[n] = int(torch.multinomial(host[j], 1, generator=generators[n]))
+    return tokens
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The given rows of `x` (all of them without a copy)."""
+    if rows == list(range(x.shape[0])):
+        return x
+    return x[to_device(rows, x.device)]
 
 
 def make_generator(sampling: Sampling) -> torch.Generator | None:
