@@ -6,6 +6,9 @@ are read from disk, never assumed. Layout and meaning of every file: `PARITY_DIR
 
 Tests that iterate fixtures must fail, not skip, when none are found (`require`), and may report what
 they checked with `record(kind)`; tests/conftest.py prints the totals at the end of the run.
+
+DSVL2_TEST_DEVICE (default cpu, e.g. cuda) is the device tests/test_parity.py runs the model on (`TEST_DEVICE`);
+the other test modules stay on the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dsvl2.model.requests import Message
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = Path(os.environ.get("DSVL2_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
+TEST_DEVICE = torch.device(os.environ.get("DSVL2_TEST_DEVICE", "cpu"))
 
 CHECKED: Counter[str] = Counter()  # kind -> how many fixture items were verified in this run
 
@@ -134,11 +138,11 @@ def load_cases() -> list[Case]:
 
 
 @functools.cache
-def parity_model(name: str, dtype: torch.dtype = torch.float32):
+def parity_model(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """The checkpoint `name` loaded once per test session (read-only use: tests must not modify it)."""
     from dsvl2.model.weights import load_model
 
-    return load_model(checkpoint_dir(name), dtype=dtype)
+    return load_model(checkpoint_dir(name), dtype=dtype, device=device)
 
 
 @functools.cache

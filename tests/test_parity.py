@@ -5,7 +5,8 @@ runtime must reproduce the reference's vision, projector and embedding outputs (
 and per-step generation logits (<= 2e-4), MoE routing decisions, and greedy token ids exactly; then the
 engine, fed with the conversations themselves, must produce the same ids and text. Tolerances and the
 routing rule are those of the fixture README. The processor is checked first, exactly: token ids, masks,
-crops, positions and pixels of every case, the tiling table and the tokenizer cases.
+crops, positions and pixels of every case, the tiling table and the tokenizer cases. The model runs on
+DSVL2_TEST_DEVICE (default cpu; e.g. cuda, in float32 without TF32) and is compared on the host.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 from parity import (
     PARITY_DIR,
+    TEST_DEVICE,
     Case,
     checkpoint_dir,
     checkpoint_names,
@@ -180,7 +182,10 @@ PAIRS = [(c, k) for c in CASES for k in c.checkpoints()] or [(None, None)]
 
 
 def model_for(name: str) -> DeepseekVL2:
-    return parity_model(name, torch.float32)
+    if TEST_DEVICE.type == "cuda":  # float32 means float32: no TF32 in the products or the patch convolution
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return parity_model(name, torch.float32, TEST_DEVICE)
 
 
 def processor_for(name: str) -> Processor:
@@ -189,6 +194,7 @@ def processor_for(name: str) -> Processor:
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} vs reference {tuple(ref.shape)}"
+    got = got.cpu()
     diff = (got.float() - ref.float()).abs()
     worst = float(diff.max()) if diff.numel() else 0.0
     if not worst <= tol:  # also catches NaN
@@ -215,7 +221,10 @@ class RoutingRecorder:
     def __init__(self, model: DeepseekVL2):
         self.gates = [layer.mlp.gate for layer in model.language.model.layers if hasattr(layer.mlp, "gate")]
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.handles = [g.register_forward_hook(lambda _m, _i, out: self.calls.append(out)) for g in self.gates]
+        self.handles = [g.register_forward_hook(self._keep) for g in self.gates]
+
+    def _keep(self, _module, _inputs, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.calls.append((out[0].cpu(), out[1].cpu()))  # compared with the reference on the host
 
     def close(self) -> None:
         for h in self.handles:
@@ -253,11 +262,11 @@ def greedy_with_cache(model: DeepseekVL2, embeds: torch.Tensor, lens: list[int],
     kv = lm.new_cache(B, embeds.shape[1] + steps)
     hidden = lm(embeds, kv)
     kv.advance(torch.tensor(lens))
-    logits = lm.logits(hidden[torch.arange(B), torch.tensor(lens) - 1])
+    logits = lm.logits(hidden[torch.arange(B, device=hidden.device), torch.tensor(lens, device=hidden.device) - 1])
     all_ids, all_logits = [], []
-    done = torch.zeros(B, dtype=torch.bool)
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     for _ in range(steps):
-        nxt = torch.where(done, torch.full((B,), eos), logits.argmax(-1))
+        nxt = torch.where(done, torch.full((B,), eos, device=logits.device), logits.argmax(-1))
         all_ids.append(nxt)
         all_logits.append(logits)
         done |= nxt == eos
@@ -364,7 +373,7 @@ def test_language_model_alone(file) -> None:
     require(LM_ONLY, "lm_only outputs")
     ref = load_file(file)
     lm = model_for(file.stem).language
-    ids = ref["input_ids"]
+    ids = ref["input_ids"].to(TEST_DEVICE)
     assert_close(lm.logits(lm(lm.embed(ids))), ref["logits_nocache"], LOGIT_TOL, f"lm_only/{file.stem} nocache")
 
     positions = ref["logits_cached_positions"][0].tolist()
