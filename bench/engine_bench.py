@@ -1,6 +1,7 @@
 """Engine benchmark: every figure beside this machine's limit, both measured in the same run.
 
-    python bench/engine_bench.py [--model DIR] [--sections limits,vision,prefill,decode,e2e] [--json OUT]
+    python bench/engine_bench.py [--model DIR] [--device cpu|cuda] [--sections limits,vision,prefill,decode,e2e]
+                                 [--json OUT]
 
 The model defaults to a random checkpoint at the real deepseek-vl2-tiny dimensions, written by the
 checkpoint factory on first use (bench/out/, git-ignored). Limits: bf16 and fp32 matrix rate (a GEMM of
@@ -10,6 +11,10 @@ distinct experts the batch routes to, shared weights, lm_head, and the cache row
 per hour over the bound from the same three limits. The limits are measured again right before each section
 and each section's ratio uses its own (a shared machine's speed drifts over a ten-minute run; the first
 measurement is reported as `limits`). Results print as lines and, with --json, a file.
+
+With --device cuda the model and every measurement run on the GPU: timings wait for the device, the limits are
+the GPU's (a model-shaped GEMM of 8192 rows, since a GPU needs more rows than a CPU to reach its rate, beside an
+8192-cubed one reported as the peak; a 2 GiB read), and the peak GPU memory of the end-to-end job is reported.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import statistics
 import time
@@ -37,27 +43,53 @@ from dsvl2.model.weights import load_model  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench" / "out" / "deepseek-vl2-tiny-random"
 TINY_CONFIG = ROOT / "tests" / "data" / "configs" / "deepseek-vl2-tiny"
-PARITY_TOKENIZER = ROOT.parent / "shared" / "parity" / "tokenizer"
+PARITY_TOKENIZER = Path(os.environ.get("DSVL2_PARITY_DIR", ROOT.parent / "shared" / "parity")) / "tokenizer"
 
 
-def best_time(fn, repeat: int = 5) -> float:
+CPU = torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU returns to the host before its kernels have run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, repeat: int = 5, *, device: torch.device = CPU, inner: int = 1) -> float:
+    """Seconds per call of `fn`: the fastest of `repeat` timings of `inner` back-to-back calls, each timing waiting
+    for the device."""
     fn()
+    synchronize(device)
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+        for _ in range(inner):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t) / inner)
     return min(times)
 
 
+def back_to_back(device: torch.device) -> int:
+    """Calls per timing of a short operation: on a GPU one call is too short beside the wait for the device."""
+    return 20 if device.type == "cuda" else 1
+
+
 # -- limits --------------------------------------------------------------------------------------------
-def measure_limits(hidden: int) -> dict:
+def measure_limits(hidden: int, device: torch.device) -> dict:
     out = {}
+    cuda, inner = device.type == "cuda", back_to_back(device)
+    rows = 8192 if cuda else 2048
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = torch.randn(2048, hidden, dtype=dt), torch.randn(4 * hidden, hidden, dtype=dt)
-        out[f"{name}_gflops"] = 2 * a.shape[0] * hidden * b.shape[0] / best_time(lambda a=a, b=b: F.linear(a, b)) / 1e9
-    big = torch.ones(512 * 2**20 // 2, dtype=torch.bfloat16)
-    out["read_gbs"] = big.numel() * 2 / best_time(lambda: big.sum()) / 1e9
+        a = torch.randn(rows, hidden, dtype=dt, device=device)
+        b = torch.randn(4 * hidden, hidden, dtype=dt, device=device)
+        seconds = best_time(lambda a=a, b=b: F.linear(a, b), device=device, inner=inner)
+        out[f"{name}_gflops"] = 2 * rows * hidden * b.shape[0] / seconds / 1e9
+    if cuda:
+        a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+        out["bf16_peak_gflops"] = 2 * 8192**3 / best_time(lambda: a @ a, device=device, inner=inner) / 1e9
+    big = torch.ones((2048 if cuda else 512) * 2**20 // 2, dtype=torch.bfloat16, device=device)
+    out["read_gbs"] = big.numel() * 2 / best_time(lambda: big.sum(), device=device, inner=inner) / 1e9
     return out
 
 
@@ -118,19 +150,20 @@ class DecodeBytes:
             else:
                 self.fixed += nbytes(layer.mlp.parameters())
         self.expert_bytes = nbytes(self.moes[0].experts[0].parameters()) if self.moes else 0
-        self.distinct: list[int] = []
+        self.routed: list[torch.Tensor] = []  # expert ids (N, K) of every MoE call
         self.hooks = [m.gate.register_forward_hook(self._count) for m in self.moes]
 
     def _count(self, _module, _inputs, out) -> None:
-        self.distinct.append(int(out[0].unique().numel()))
+        self.routed.append(out[0])  # counted after the timing: reading it back here would wait for a GPU
 
     def step_bytes(self, cache_bytes: int) -> float:
         """Average bytes per step over the steps recorded since the last reset."""
-        steps = max(len(self.distinct) // max(len(self.moes), 1), 1)
-        return self.fixed + self.expert_bytes * sum(self.distinct) / steps + cache_bytes
+        distinct = sum(int(ids.unique().numel()) for ids in self.routed)
+        steps = max(len(self.routed) // max(len(self.moes), 1), 1)
+        return self.fixed + self.expert_bytes * distinct / steps + cache_bytes
 
     def reset(self) -> None:
-        self.distinct.clear()
+        self.routed.clear()
 
     def close(self) -> None:
         for h in self.hooks:
@@ -140,8 +173,8 @@ class DecodeBytes:
 # -- sections ------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def bench_vision(model, limits, tiles: int = 8) -> dict:
-    pixels = torch.randn(tiles, 3, 384, 384)
-    seconds = best_time(lambda: model.encode_tiles(pixels), repeat=3) / tiles
+    pixels = torch.randn(tiles, 3, 384, 384, device=model.device)
+    seconds = best_time(lambda: model.encode_tiles(pixels), repeat=3, device=model.device) / tiles
     gflops = vision_flops_per_tile(model) / seconds / 1e9
     return {"seconds_per_tile": seconds, "gflops": gflops, "of_bf16_rate": gflops / limits["bf16_gflops"]}
 
@@ -149,13 +182,13 @@ def bench_vision(model, limits, tiles: int = 8) -> dict:
 @torch.inference_mode()
 def bench_prefill(model, limits, tokens: int = 1000) -> dict:
     lm = model.language
-    x = lm.embed(torch.randint(3, model.cfg.language.vocab_size, (1, tokens)))
+    x = lm.embed(torch.randint(3, model.cfg.language.vocab_size, (1, tokens), device=model.device))
 
     def run():
         cache = lm.new_cache(1, tokens)
         lm.logits(lm(x, cache)[:, -1])
 
-    seconds = best_time(run, repeat=2)
+    seconds = best_time(run, repeat=2, device=model.device)
     params, pair = lm_token_params(model)
     flops = 2 * params * tokens + pair * tokens * (tokens + 1) / 2 + 2 * nbytes([lm.lm_head.weight]) // 2
     gflops = flops / seconds / 1e9
@@ -164,28 +197,31 @@ def bench_prefill(model, limits, tokens: int = 1000) -> dict:
 
 @torch.inference_mode()
 def bench_decode(model, batch: int, context: int = 1000, steps: int = 8) -> dict:
-    lm = model.language
+    lm, device = model.language, model.device
     cache = lm.new_cache(batch, context + steps + 4)
     for b in range(batch):  # prefill row by row (a 1000-token page prompt each)
         rows = cache.rows([b])
-        lm(lm.embed(torch.randint(3, model.cfg.language.vocab_size, (1, context))), rows)
+        lm(lm.embed(torch.randint(3, model.cfg.language.vocab_size, (1, context), device=device)), rows)
         rows.advance(context)
     counter = DecodeBytes(model)
-    tokens = torch.randint(3, model.cfg.language.vocab_size, (batch, 1))
+    tokens = torch.randint(3, model.cfg.language.vocab_size, (batch, 1), device=device)
     lm.logits(lm(lm.embed(tokens), cache)[:, 0])  # warm
     cache.advance(1)
     counter.reset()
     # This shared host's read bandwidth moves by 2x within minutes, so each step is paired with a bandwidth sample
     # taken right after it (a 256 MiB read, as in measure_limits) and the ratio is the median of the step ratios.
-    probe = torch.ones(256 * 2**20 // 2, dtype=torch.bfloat16)
+    probe = torch.ones(256 * 2**20 // 2, dtype=torch.bfloat16, device=device)
     times, bandwidth = [], []
+    synchronize(device)
     for _ in range(steps):
         t = time.perf_counter()
         logits = lm.logits(lm(lm.embed(tokens), cache)[:, 0])
         tokens = logits.argmax(-1, keepdim=True)
         cache.advance(1)
+        synchronize(device)
         times.append(time.perf_counter() - t)
-        bandwidth.append(probe.numel() * 2 / best_time(lambda: probe.sum(), repeat=2) / 1e9)
+        seconds = best_time(lambda: probe.sum(), repeat=2, device=device, inner=back_to_back(device))
+        bandwidth.append(probe.numel() * 2 / seconds / 1e9)
     per_token_cache = cache.nbytes() // cache.capacity // batch
     step = statistics.median(times)
     touched = counter.step_bytes(int(cache.lengths.sum()) * per_token_cache)
@@ -303,6 +339,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the model and the limits run")
     ap.add_argument("--sections", default="limits,vision,prefill,decode,e2e")
     ap.add_argument("--decode-batches", default="1,8,32")
     ap.add_argument("--e2e-pages", type=int, default=8)
@@ -311,15 +348,20 @@ def main() -> None:
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
 
     path = ensure_model(args.model)
     rss_before = peak_rss_gib()
     t = time.perf_counter()
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, device=device)
     processor = Processor.from_dir(path)
     weights_gib = nbytes(model.parameters()) / 2**30
-    results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
-                     "model": str(path), "dtype": args.dtype, "weights_gib": weights_gib,
+    machine = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    results: dict = {"machine": machine, "model": str(path), "dtype": args.dtype, "weights_gib": weights_gib,
                      "load_seconds": time.perf_counter() - t, "rss_before_load_gib": rss_before}
 
     results["cache_bytes_per_token"] = cache_bytes_by_model(dtype)
@@ -328,11 +370,12 @@ def main() -> None:
               f"(every head's keys and values would take {c['expanded_bytes_per_token']:,})", flush=True)
 
     def limits_before(section: str) -> dict:
-        found = measure_limits(model.cfg.language.hidden_size)
+        found = measure_limits(model.cfg.language.hidden_size, device)
         results.setdefault("limits_by_section", {})[section] = found
         results.setdefault("limits", found)
-        print(f"limits before {section}: bf16 {found['bf16_gflops']:.0f} GFLOP/s, fp32 {found['fp32_gflops']:.0f} "
-              f"GFLOP/s, read {found['read_gbs']:.1f} GB/s", flush=True)
+        peak = f" (8192-cubed {found['bf16_peak_gflops']:.0f})" if "bf16_peak_gflops" in found else ""
+        print(f"limits before {section}: bf16 {found['bf16_gflops']:.0f} GFLOP/s{peak}, fp32 "
+              f"{found['fp32_gflops']:.0f} GFLOP/s, read {found['read_gbs']:.1f} GB/s", flush=True)
         return found
 
     if sections == {"limits"}:
@@ -365,8 +408,14 @@ def main() -> None:
         release_free_memory()  # what earlier sections left in the allocator's free lists is not the job's memory
         e2e_start_rss = current_rss_gib()
         section_peak = reset_peak_rss()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         batched = bench_e2e(model, processor, limits, pages=args.e2e_pages, new_tokens=args.e2e_tokens, batch=8)
         batch8_peak = peak_rss_gib() if section_peak else None  # the batch-8 job's own peak
+        if device.type == "cuda":
+            results["batch8_gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            print(f"peak GPU memory of the batch-8 job: {results['batch8_gpu_peak_gib']:.2f} GiB "
+                  f"(weights {weights_gib:.2f} GiB)", flush=True)
         single = bench_e2e(model, processor, limits, pages=2, new_tokens=args.e2e_tokens, batch=1)
         step_bytes = decode_bytes.get(8) or bench_decode(model, 8)["bytes_per_step"]
         bound = e2e_bound(model, limits, prompt_tokens=batched["prompt_tokens"], tiles=5,
