@@ -8,6 +8,7 @@ The runtime is imported when a model is first needed, never at import time, so `
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from dsvl2.model.hub import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from dsvl2.model.engine import Engine
+    from dsvl2.model.kernel_build import KernelStatus
     from dsvl2.model.loading import Resolved
     from dsvl2.model.requests import Completion, Request
 
@@ -58,8 +60,13 @@ class Runtime:
     """A loaded model, reusable across calls and threads' worth of pages: `dsvl2.load()` returns one, and
     every task function takes it as `runtime=`. Implements `dsvl2.pipelines.base.Runtime`."""
 
-    def __init__(self, engine: Engine, identity: Identity) -> None:
+    def __init__(
+        self, engine: Engine, identity: Identity, *, load_seconds: float = 0.0, kernels: KernelStatus | None = None
+    ) -> None:
+        """`load_seconds`: what loading took (kernel build included); `kernels`: how the CPU kernels came to be
+        (None where none are used: float32, or a GPU)."""
         self.engine, self.identity = engine, identity
+        self.load_seconds, self.kernels = load_seconds, kernels
 
     @property
     def model_id(self) -> str:
@@ -73,13 +80,24 @@ class Runtime:
     def max_batch_size(self) -> int:
         return self.engine.max_batch_size
 
-    def generate(
-        self, requests: Sequence[Request], *, on_completion: Callable[[Completion], None] | None = None
-    ) -> list[Completion]:
-        return self.engine.generate(requests, on_completion=on_completion)
+    def submit(self, request: Request) -> None:
+        self.engine.submit(request)
+
+    def step(self) -> list[Completion]:
+        return self.engine.step()
+
+    @property
+    def has_work(self) -> bool:
+        return self.engine.has_work
 
     def cancel(self, request_id: str) -> None:
         self.engine.cancel(request_id)
+
+    def generate(
+        self, requests: Sequence[Request], *, on_completion: Callable[[Completion], None] | None = None
+    ) -> list[Completion]:
+        """Answer `requests` all at once (results in request order), as `Engine.generate`."""
+        return self.engine.generate(requests, on_completion=on_completion)
 
     def __repr__(self) -> str:
         i = self.identity
@@ -93,14 +111,23 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     batch_size: int | None = None,
+    on_kernel_build: Callable[[], None] | None = None,
 ) -> Runtime:
     """The embedded runtime for `model` (a local directory or a Hugging Face repo id). `batch_size` caps how
-    many pages it answers at once; None sizes it from free memory."""
+    many pages it answers at once; None sizes it from free memory. `on_kernel_build` is called if the CPU
+    kernels start compiling (first run on a machine)."""
+    import torch
+
+    from dsvl2.model import kernels
     from dsvl2.model.loading import load_runtime, resolve
 
+    start = time.perf_counter()
     resolved = resolve(model, revision=revision, device=device, dtype=dtype)
-    engine = load_runtime(resolved, **({} if batch_size is None else {"max_batch_size": batch_size}))
-    return Runtime(engine, _identity(resolved))
+    sizing = {} if batch_size is None else {"max_batch_size": batch_size}
+    engine = load_runtime(resolved, on_kernel_build=on_kernel_build, **sizing)
+    uses_kernels = resolved.device.type == "cpu" and resolved.dtype is torch.bfloat16
+    return Runtime(engine, _identity(resolved), load_seconds=time.perf_counter() - start,
+                   kernels=kernels.status() if uses_kernels else None)  # fmt: skip
 
 
 def _download_model(repo_id: str, *, revision: str | None = None) -> Path:

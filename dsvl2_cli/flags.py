@@ -138,7 +138,8 @@ BatchSize = Annotated[
     typer.Option(
         "--batch-size",
         "-b",
-        help="Pages sent to the model together. Default: chosen by the runtime from available memory.",
+        help="Pages the model answers at once; a page that finishes frees its row for the next at once "
+        "(continuous batching). Default: chosen by the runtime from available memory.",
         rich_help_panel=RUN,
         show_default=False,
     ),
@@ -148,8 +149,8 @@ PageTimeout = Annotated[
     typer.Option(
         "--page-timeout",
         metavar="SECONDS",
-        help="Longest a page's answer may take, counted from when its batch starts. A page over it is stopped "
-        "and recorded as failed (its partial answer kept), and the run goes on. Default: no limit.",
+        help="Longest a page's answer may take, counted from when the page is handed to the model. A page over "
+        "it is stopped and recorded as failed (its partial answer kept), and the run goes on. Default: no limit.",
         rich_help_panel=RUN,
         show_default=False,
     ),

@@ -25,12 +25,18 @@ class Unloaded:
     """Stands in for the runtime when no page needs the model (all done, or only unreadable documents)."""
 
     max_batch_size = 1
+    has_work = False
+    load_seconds = 0.0
+    kernels = None
 
     def __init__(self, model: str, revision: str | None) -> None:
         self.model_id, self.revision = model, revision
 
-    def generate(self, requests: Sequence[Any], *, on_completion: Any = None) -> list[Any]:
+    def submit(self, request: Any) -> None:
         raise RuntimeError("the model was not loaded")  # unreachable: no page needing it is sent
+
+    def step(self) -> list[Any]:
+        return []
 
     def cancel(self, request_id: str) -> None:
         pass

@@ -137,7 +137,11 @@ class Reporter:
                 rate=f"{rate:.1f} tok/s",
             )
 
-    def print_summary(self, *, command: str, interrupted: bool, incomplete: int, where: str | None) -> None:
+    def print_summary(
+        self, *, command: str, interrupted: bool, incomplete: int, where: str | None, load_seconds: float = 0.0
+    ) -> None:
+        """The run's last line: counts, then rates over the pages' own time; loading the model (and building
+        its kernels) is shown apart, never counted in pages/min."""
         if self.quiet:
             return
         t = self.tally
@@ -147,6 +151,8 @@ class Reporter:
             parts.append(f"{t.skipped} already done")
         s = t.summary()
         parts.append(f"{s['pages_per_minute']} pages/min, {s['tokens_per_second']} tokens/s, {t.seconds:.1f}s")
+        if load_seconds:
+            parts.append(f"model loaded in {load_seconds:.1f}s")
         line = f"dsvl2 {command}: " + "; ".join(parts)
         if interrupted:
             line += " — interrupted; rerun with --resume to continue"

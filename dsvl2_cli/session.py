@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dsvl2 import backend
 from dsvl2.annotate import annotate, annotation_path
@@ -21,7 +22,6 @@ from dsvl2.job import Job, Unloaded
 from dsvl2.manifest import Ending, manifest_path, now, write_manifest
 from dsvl2.options import Options
 from dsvl2.pipelines import runner
-from dsvl2.pipelines.base import Runtime
 from dsvl2.pipelines.limits import OutOfMemory
 from dsvl2.pipelines.task import Task
 from dsvl2.progress import Reporter
@@ -126,12 +126,44 @@ class _Session:
             return FileSink(dest.path, dest.fmt, task.name, prompts=task.prompts)
         return StreamSink(sys.stdout, dest.fmt, task.name, headers=self.job.total > 1)
 
-    def _runtime(self, needs_model: bool) -> Runtime:
-        o = self.options
+    def _runtime(self, needs_model: bool) -> backend.Runtime | Unloaded:
+        """The model, loaded only when some page needs it; one stderr line says it is loading (and another if
+        the CPU kernels are compiled, first run only), and -v says how the kernels came to be."""
+        o, identity = self.options, self.job.identity
         if not needs_model:
             return Unloaded(o.model, o.revision)
-        return backend.runtime_factory(o.model, revision=o.revision, device=o.device, dtype=o.dtype,
-                                       batch_size=o.batch_size)  # fmt: skip
+        where = f" on {identity.device} in {identity.dtype}" if identity is not None else ""
+        self.reporter.info(f"loading {o.model}{where} …", level=0)
+        runtime = backend.runtime_factory(
+            o.model,
+            revision=o.revision,
+            device=o.device,
+            dtype=o.dtype,
+            batch_size=o.batch_size,
+            on_kernel_build=lambda: self.reporter.info("building the CPU kernels (first run only) …", level=0),
+        )
+        kernels = runtime.kernels
+        if kernels is not None and kernels.state == "failed":
+            self.reporter.warn(kernels.describe())
+        elif kernels is not None:
+            self.reporter.info(kernels.describe(), level=1)
+        return runtime
+
+    @staticmethod
+    def _load_record(runtime: backend.Runtime | Unloaded) -> dict[str, Any]:
+        """What the manifest says about loading: seconds, and the CPU kernels' state and times."""
+        kernels = runtime.kernels
+        return {
+            "load_seconds": round(runtime.load_seconds, 3),
+            "kernels": None
+            if kernels is None
+            else {
+                "state": kernels.state,
+                "reason": kernels.reason,
+                "build_seconds": round(kernels.build_seconds, 3),
+                "load_seconds": round(kernels.load_seconds, 3),
+            },
+        }
 
     def run(self, *, manifest: Path | None) -> int:
         job, options, n_prompts = self.job, self.options, len(self.task.prompts)
@@ -208,6 +240,7 @@ class _Session:
                         "dtype": options.dtype,
                         "batch_size": size,
                         "page_timeout": options.page_timeout,
+                        **self._load_record(model),
                     },
                     shard=options.shard,
                     output={
@@ -225,7 +258,11 @@ class _Session:
                 )
         where = str(self.dest.path) if self.dest.path is not None else None
         reporter.print_summary(
-            command=self.task.name, interrupted=interrupted, incomplete=len(sink.incomplete), where=where
+            command=self.task.name,
+            interrupted=interrupted,
+            incomplete=len(sink.incomplete),
+            where=where,
+            load_seconds=model.load_seconds,
         )
         if stopped_by is not None and not interrupted:
             raise stopped_by  # reported by run_task as one line with its exit code

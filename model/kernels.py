@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dsvl2.model import kernel_build
+from dsvl2.model.devices import cpu_flags
 from dsvl2.model.kernel_build import KernelStatus
 
 # Rows (tokens) up to which `linear` uses the kernel (decode batches). Past ~16 rows a product is bound by the
@@ -51,14 +52,9 @@ _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 
 
-@functools.cache
 def cpu_supported() -> bool:
     """True on an x86 CPU with the AVX512 F/BW/BF16 instructions the kernel is compiled for."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
-    except OSError:
-        return False
-    return all(flag in flags for flag in _CPU_FLAGS)
+    return all(flag in cpu_flags() for flag in _CPU_FLAGS)
 
 
 def switched_off() -> bool:

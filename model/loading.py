@@ -10,6 +10,7 @@ reproduce float32 reference outputs unless bf16 is asked for.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,11 +125,13 @@ def resolve(model: str = DEFAULT_MODEL, *, revision: str | None = None, device: 
 
 def load_runtime(model: str | Resolved = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int | None = None, prefill_chunk: int = 2048,
-                 cache_budget: int | None = None) -> Engine:
+                 cache_budget: int | None = None, on_kernel_build: Callable[[], None] | None = None) -> Engine:
     """A generation engine for `model` (a local checkpoint directory, a Hugging Face repo id, or what
     `resolve` made of one). Without `max_batch_size` the batch is sized from the memory left after loading
     (`auto_batch_size`); without `cache_budget` the KV cache may take half of that memory, so a large batch
-    size given by hand admits only as many pages at once as their cache fits."""
+    size given by hand admits only as many pages at once as their cache fits. `on_kernel_build` is called when
+    the CPU kernels start compiling (a bf16 model on a CPU, first run only); `kernels.status()` says how that
+    went."""
     where = model if isinstance(model, Resolved) else resolve(model, revision=revision, device=device, dtype=dtype)
     processor = Processor.from_dir(where.path)
     weights = load_model(where.path, dtype=where.dtype, device=where.device)
@@ -137,6 +140,6 @@ def load_runtime(model: str | Resolved = DEFAULT_MODEL, *, revision: str | None 
     if cache_budget is None and (free := free_memory(where.device)) is not None:
         cache_budget = max(1, int(free * MEMORY_SHARE))
     if where.device.type == "cpu" and weights.dtype is torch.bfloat16:
-        kernels.available()  # build (first run only) or load the CPU kernels now, not inside the first page
+        kernels.status(on_kernel_build)  # build (first run only) or load the kernels now, not inside the first page
     return Engine(weights, processor, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
                   cache_budget=cache_budget, model_id=where.model, revision=where.revision)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -47,20 +47,26 @@ class OptionError(ValueError):
 
 
 class Runtime(Protocol):
-    """What pipelines need from the model runtime (`dsvl2.load` returns one; so does
-    `dsvl2.model.loading.load_runtime`). `max_batch_size` is how many pages it answers at once."""
+    """What pipelines need from the model runtime, in the style of nano-vllm's `add_request` / `step`
+    (`dsvl2.load` returns one; `dsvl2.model.engine.Engine` is one). `max_batch_size`: how many requests it
+    answers at once (0 when it does not say)."""
 
     model_id: str
     revision: str | None
     max_batch_size: int
 
-    def generate(
-        self,
-        requests: Sequence[Request],
-        *,
-        on_completion: Callable[[Completion], None] | None = None,
-    ) -> list[Completion]:
-        """Completions in request order; `on_completion` is called as each one finishes."""
+    def submit(self, request: Request) -> None:
+        """Queue a request; a later `step` admits it when a row is free. Ids are unique among those in flight."""
+        ...
+
+    def step(self) -> list[Completion]:
+        """Run one scheduling iteration; the completions that finished in it. If it raises, every request in
+        flight was dropped and the runtime is usable again."""
+        ...
+
+    @property
+    def has_work(self) -> bool:
+        """True while a submitted request has not been returned by `step`."""
         ...
 
     def cancel(self, request_id: str) -> None:

@@ -1,6 +1,6 @@
-"""Resource limits the runner enforces around `Runtime.generate`: the per-page time limit (a watchdog
-thread that cancels the requests still running when the limit passes, through the runtime's optional
-`cancel(request_id)`), and recognising an out-of-memory failure, so that the runner can halve the batch or
+"""Resource limits the runner enforces around the runtime: the per-page time limit (a watchdog thread that
+cancels each request still running when its limit passes, through the runtime's `cancel(request_id)`), and
+recognising an out-of-memory failure, so that the runner can halve the batch or
 stop with a clear error instead of being killed. Knows nothing about pages; the runner decides what a
 timeout or an out-of-memory error does to one.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from dsvl2.model.requests import Completion
 
@@ -39,48 +39,56 @@ class OutOfMemory(Exception):
         self.batch_size = batch_size
 
 
-class Deadline:
-    """The page-time limit of one `generate` call, counted from when the call begins.
+class Deadlines:
+    """The page-time limit, per request, counted from when the request is handed to the runtime (`start`).
 
-    With a runtime that can `cancel`, a watchdog thread cancels every request still unfinished when the
-    limit passes, and such a request's "cancelled" completion is late. A runtime without `cancel` cannot
-    be stopped: its completions that arrive after the limit are late. `close()` stops the watchdog.
+    A watchdog thread cancels, through the runtime's `cancel`, every request still unfinished when its
+    limit passes; such a request's "cancelled" completion is late. `close()` stops the watchdog.
     """
 
-    def __init__(self, limit: float | None, ids: Iterable[str], cancel: Callable[[str], None] | None) -> None:
+    def __init__(self, limit: float | None, cancel: Callable[[str], None]) -> None:
         self.limit, self.cancel = limit, cancel
-        self.started = time.monotonic()
-        self._pending = set(ids)
+        self._started: dict[str, float] = {}
         self._fired: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if limit is not None and cancel is not None:
+        if limit is not None:
             self._thread = threading.Thread(target=self._watch, name="dsvl2-page-timeout", daemon=True)
             self._thread.start()
 
-    def _watch(self) -> None:
-        assert self.limit is not None and self.cancel is not None
-        if self._stop.wait(self.limit):
-            return
+    def start(self, request_id: str) -> None:
+        if self.limit is not None:
+            with self._lock:
+                self._started[request_id] = time.monotonic()
+
+    def forget(self, request_id: str) -> None:
+        """The request is no longer running (its step failed); it starts again when resubmitted."""
         with self._lock:
-            late = sorted(self._pending)
-            self._fired.update(late)
-        for request_id in late:
-            # A cancel that fails only leaves that page running to its end; nothing to report from here.
-            with contextlib.suppress(Exception):
-                self.cancel(request_id)
+            self._started.pop(request_id, None)
+            self._fired.discard(request_id)
+
+    def _watch(self) -> None:
+        assert self.limit is not None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                late = [i for i, t in self._started.items() if now - t >= self.limit and i not in self._fired]
+                self._fired.update(late)
+                waits = [t + self.limit - now for i, t in self._started.items() if i not in self._fired]
+            for request_id in late:
+                # A cancel that fails only leaves that page running to its end; nothing to report from here.
+                with contextlib.suppress(Exception):
+                    self.cancel(request_id)
+            self._stop.wait(min([*waits, 0.05]) if waits else 0.05)
 
     def late(self, completion: Completion) -> bool:
-        """Note that `completion` arrived; True when it missed the limit."""
+        """Note that `completion` arrived; True when it was cancelled for missing the limit."""
         with self._lock:
-            self._pending.discard(completion.id)
+            self._started.pop(completion.id, None)
             fired = completion.id in self._fired
-        if self.limit is None:
-            return False
-        if self.cancel is not None:
-            return fired and completion.finish_reason == "cancelled"
-        return time.monotonic() - self.started > self.limit
+            self._fired.discard(completion.id)
+        return fired and completion.finish_reason == "cancelled"
 
     def close(self) -> None:
         self._stop.set()

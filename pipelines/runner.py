@@ -1,14 +1,20 @@
-"""Run a task over a stream of pages: batch them through `runtime.generate`, turn answers into records,
-isolate failures to the page that caused them, and report progress as a stream of events (`events`, a
-generator: the CLI writes and reports them, the Python API yields the records).
+"""Run a task over a stream of pages with continuous batching: each page's requests go to the runtime as
+the page is rendered (`Runtime.submit`), the runtime admits them as rows free up, and the runner steps it
+(`Runtime.step`) and turns each completion into a record as soon as it arrives, so one long answer never
+holds back the pages behind it. Failures stay with the page that caused them; progress is a stream of
+events (`events`, a generator: the CLI writes and reports them, the Python API yields the records).
 
-Records are emitted in input order (a reorder buffer no longer than one batch), so output does not depend
-on batch size or on the order the engine finishes requests. Pages are pulled from the input a bounded
-number ahead of the model (a render thread and a queue of `read_ahead` pages). Limits (pipelines.limits):
-a page over `page_timeout` is cancelled and recorded as failed; a batch that runs out of memory is halved
-and retried when the batch size is automatic, else the run stops with `OutOfMemory`. With
-`settings.retry_repetition`, an answer the repetition guard stopped is generated once more with
-`settings.retry_sampling()`, both attempts kept in the record. Nothing here prints or writes files.
+Records are emitted in input order through a bounded reorder buffer, so output does not depend on batch
+size or on the order the runtime finishes requests. Pages are pulled from the input a bounded number ahead
+of the model (a render thread and a queue of `read_ahead` pages), and only while the requests waiting and
+running are fewer than twice the batch size and the reorder buffer holds fewer than `BUFFER_PER_ROW` pages
+per row, so memory does not grow with document length. Limits (pipelines.limits): a page over
+`page_timeout` (counted from when its request is handed to the runtime) is cancelled and recorded as failed;
+a step that runs out of memory halves the requests in flight when the batch size is automatic, else the
+run stops with `OutOfMemory`; a step that fails otherwise is retried one request at a time, so the page
+that broke it fails alone. With `settings.retry_repetition`, an answer the repetition guard stopped is
+generated once more with `settings.retry_sampling()`, both attempts kept in the record. Nothing here prints
+or writes files.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from dsvl2.pipelines.base import (
     failed_record,
     page_key,
 )
-from dsvl2.pipelines.limits import Deadline, OutOfMemory, is_out_of_memory
+from dsvl2.pipelines.limits import Deadlines, OutOfMemory, is_out_of_memory
 from dsvl2.pipelines.task import Task
 
 T = TypeVar("T")
@@ -66,6 +72,8 @@ class DocumentDone:
 
 @dataclass(frozen=True, slots=True)
 class BatchStarted:
+    """New requests went to the runtime; `size` requests are now in flight."""
+
     size: int
 
 
@@ -159,8 +167,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+BUFFER_PER_ROW = 8  # pages the reorder buffer may hold per row in flight before the runner stops pulling
+
+
 class _Run:
-    """State of one run: the reorder buffer, per-document bookkeeping, limits, counters."""
+    """State of one run: the reorder buffer, the requests waiting and in flight, per-document bookkeeping,
+    limits, counters."""
 
     def __init__(
         self,
@@ -182,18 +194,32 @@ class _Run:
         self.ctx = RecordContext(task.name, settings, model)
         self.fail_fast = fail_fast
         self.pending_events: deque[Event] = deque()  # emitted, not yet handed to the consumer
-        self.batch_size, self.adaptive_batch, self.page_timeout = batch_size, adaptive_batch, page_timeout
+        self.cap, self.adaptive_batch = batch_size, adaptive_batch  # requests in flight at most
+        self.deadlines = Deadlines(page_timeout, runtime.cancel)
+        self.page_timeout = page_timeout
         self.stats = stats
         self.stats.batch_size = batch_size
-        self.slots: deque[_Slot] = deque()
+        self.slots: deque[_Slot] = deque()  # the reorder buffer, in input order
+        self.ready: deque[_Slot] = deque()  # requests made, not yet submitted
+        self.alone: deque[_Slot] = deque()  # requests of a failed step, to be answered one at a time
+        self.in_flight: dict[str, _Slot] = {}
         self.docs: deque[Document] = deque()
         self.outstanding: Counter[str] = Counter()
         self.enumerated: set[str] = set()
         self.next_id = 0
-        self.answered: set[str] = set()  # request ids that got a completion
 
     def on_event(self, event: Event) -> None:
         self.pending_events.append(event)
+
+    def drain(self) -> Iterator[Event]:
+        while self.pending_events:
+            yield self.pending_events.popleft()
+
+    # -- pages in ------------------------------------------------------------------------------------------
+    @property
+    def wants_pages(self) -> bool:
+        waiting = len(self.ready) + len(self.alone) + len(self.in_flight)
+        return not self.stop and waiting < 2 * self.cap and len(self.slots) < BUFFER_PER_ROW * self.cap
 
     def add_page(self, page: Page, is_done: Callable[[str], bool]) -> None:
         if not self.docs or self.docs[-1].key != page.doc.key:
@@ -212,6 +238,12 @@ class _Run:
                 self._add(_Slot(page, prompt, failed_record(self.ctx, page, prompt, "page was not rendered")))
             else:
                 self._add(self._pending(page, prompt))
+        self._release()
+
+    def end_of_input(self) -> None:
+        if self.docs:
+            self.enumerated.add(self.docs[-1].key)
+        self._release()
 
     def _add(self, slot: _Slot) -> None:
         self.outstanding[slot.page.doc.key] += 1
@@ -221,6 +253,7 @@ class _Run:
         slot = _Slot(page, prompt)
         try:
             slot.request = self._request(user_prompt(prompt, (page.image,)), self.sampling)
+            self.ready.append(slot)
         except Exception as exc:
             slot.record = failed_record(self.ctx, page, prompt, _describe(exc))
         return slot
@@ -229,21 +262,90 @@ class _Run:
         self.next_id += 1
         return Request(f"r{self.next_id - 1}", conversation, sampling)
 
+    # -- the model -----------------------------------------------------------------------------------------
     @property
-    def n_pending(self) -> int:
-        return sum(1 for s in self.slots if s.record is None)
+    def busy(self) -> bool:
+        return bool(self.ready or self.alone or self.in_flight)
 
     @property
     def stop(self) -> bool:
         return self.fail_fast and self.stats.failed > 0
+
+    def submit(self) -> None:
+        """Hand waiting requests to the runtime up to the cap (one at a time while isolating a failure).
+        After a fail-fast stop, pages not yet handed over are dropped, as if never read: no record, and
+        their documents stay unfinished."""
+        if self.stop and self.ready:
+            unsent = {id(slot) for slot in self.ready}
+            for slot in self.ready:
+                self.outstanding[slot.page.doc.key] -= 1
+                self.enumerated.discard(slot.page.doc.key)
+            self.slots = deque(slot for slot in self.slots if id(slot) not in unsent)
+            self.ready.clear()
+        source, limit = (self.alone, 1) if self.alone else (self.ready, self.cap)
+        added = 0
+        while source and len(self.in_flight) < limit:
+            slot = source.popleft()
+            assert slot.request is not None
+            self.in_flight[slot.request.id] = slot
+            self.deadlines.start(slot.request.id)
+            self.runtime.submit(slot.request)
+            added += 1
+        if added:
+            self.on_event(BatchStarted(len(self.in_flight)))
+
+    def step(self) -> None:
+        """One step of the runtime; each completion becomes its page's record (or its retry)."""
+        try:
+            completions = self.runtime.step()
+        except Exception as exc:
+            self._step_failed(exc)
+            return
+        for completion in completions:
+            slot = self.in_flight.pop(completion.id, None)
+            if slot is not None:
+                self._complete(slot, completion, late=self.deadlines.late(completion))
+        if not completions and self.in_flight and not self.runtime.has_work:
+            for slot in self.in_flight.values():  # the runtime dropped them without a word
+                slot.record = failed_record(self.ctx, slot.page, slot.prompt, "the runtime returned no answer")
+            self.in_flight.clear()
+        self._release()
+
+    def _step_failed(self, exc: Exception) -> None:
+        """The runtime dropped every request in flight. Out of memory: fewer at once (automatic batch size),
+        or stop (`OutOfMemory`); a request alone that does not fit fails. Other errors: answer them again one
+        at a time, so the page that broke the step fails alone."""
+        failed = list(self.in_flight.values())
+        self.in_flight.clear()
+        for slot in failed:
+            assert slot.request is not None
+            self.deadlines.forget(slot.request.id)
+        if not is_out_of_memory(exc):
+            error = _describe(exc)
+        elif not self.adaptive_batch:
+            raise OutOfMemory(len(failed), exc) from None
+        elif len(failed) > 1:
+            old, self.cap = self.cap, max(1, min(self.cap, len(failed)) // 2)
+            self.stats.batch_size = self.cap
+            self.on_event(BatchResized(old, self.cap, _describe(exc)))
+            self.ready.extendleft(reversed(failed))
+            return
+        else:
+            error = f"out of memory even alone ({_describe(exc)})"
+        if len(failed) == 1:
+            failed[0].record = failed_record(self.ctx, failed[0].page, failed[0].prompt, error)
+        else:
+            self.alone.extend(failed)
+        self._release()
 
     def _complete(self, slot: _Slot, completion: Completion, *, late: bool = False) -> None:
         if slot.record is not None:
             return
         if completion.finish_reason == "repetition" and self.retry_sampling is not None and slot.first is None:
             assert slot.request is not None
-            slot.first = completion  # the record waits for the retry, which the next flush pass generates
+            slot.first = completion  # the record waits for the retry, which goes ahead of the waiting pages
             slot.request = self._request(slot.request.conversation, self.retry_sampling)
+            self.ready.appendleft(slot)
             return
         attempts = None
         if slot.first is not None:
@@ -258,6 +360,7 @@ class _Run:
             record = replace(record, status="failed", error=error)
         slot.record = record
 
+    # -- records out ---------------------------------------------------------------------------------------
     def _release(self) -> None:
         """Emit the resolved prefix of the buffer in input order, each document's end right after its last record."""
         self._finish_documents()
@@ -277,73 +380,12 @@ class _Run:
         while self.docs and self.docs[0].key in self.enumerated and self.outstanding[self.docs[0].key] == 0:
             self.on_event(DocumentDone(self.docs.popleft()))
 
-    def _generate(self, slots: list[_Slot]) -> None:
-        by_id = {s.request.id: s for s in slots if s.request is not None}
-        deadline = Deadline(self.page_timeout, by_id, self.runtime.cancel)
-
-        def on_completion(completion: Completion) -> None:
-            slot = by_id.get(completion.id)
-            if slot is None or completion.id in self.answered:
-                return
-            self.answered.add(completion.id)
-            self._complete(slot, completion, late=deadline.late(completion))
-            self._release()
-
-        try:
-            completions = self.runtime.generate([s.request for s in slots], on_completion=on_completion)
-        finally:
-            deadline.close()
-        for completion in completions:
-            on_completion(completion)
-
-    def _unanswered(self, slots: list[_Slot]) -> list[_Slot]:
-        return [s for s in slots if s.record is None and s.request is not None and s.request.id not in self.answered]
-
-    def _batch(self, chunk: list[_Slot], queue: deque[_Slot]) -> None:
-        """Generate one batch. Out of memory: halve the batch and requeue (automatic size) or stop
-        (`OutOfMemory`); a page alone that does not fit fails. Other errors: retry the unanswered pages one
-        at a time, so the page that broke the batch fails alone."""
-        self.on_event(BatchStarted(len(chunk)))
-        try:
-            self._generate(chunk)
-            return
-        except Exception as exc:
-            rest = self._unanswered(chunk)
-            if not is_out_of_memory(exc):
-                error = _describe(exc)
-            elif not self.adaptive_batch:
-                raise OutOfMemory(len(chunk), exc) from None
-            elif len(chunk) > 1:
-                old, self.batch_size = self.batch_size, max(1, min(self.batch_size, len(chunk)) // 2)
-                self.stats.batch_size = self.batch_size
-                self.on_event(BatchResized(old, self.batch_size, _describe(exc)))
-                queue.extendleft(reversed(rest))
-                return  # retried outside this handler, so the failed batch's tensors can be freed first
-            else:
-                error = f"out of memory even alone ({_describe(exc)})"
-        if len(rest) == 1:
-            rest[0].record = failed_record(self.ctx, rest[0].page, rest[0].prompt, error)
-            return
-        for slot in rest:
-            self._batch([slot], queue)
-
-    def flush(self) -> None:
-        """Answer every pending slot, in batches of at most `batch_size`; then the retries of answers the
-        repetition guard stopped; then release what is resolved."""
-        for _ in range(2 if self.retry_sampling is not None else 1):
-            queue = deque(s for s in self.slots if s.record is None and s.request is not None)
-            while queue:
-                chunk = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
-                self._batch(chunk, queue)
+    def abandon(self) -> None:
+        """After a fail-fast stop or the end of input: whatever never got an answer is failed (never silent)."""
         for slot in self.slots:
             if slot.record is None:
                 slot.record = failed_record(self.ctx, slot.page, slot.prompt, "the runtime returned no answer")
         self._release()
-
-    def finish(self) -> None:
-        if self.docs:
-            self.enumerated.add(self.docs[-1].key)
-        self.flush()
 
 
 def events(
@@ -383,21 +425,32 @@ def events(
     )
     start = time.perf_counter()
     stream = prefetch(pages, batch_size if read_ahead is None else read_ahead)
+    exhausted = False
     try:
-        for page in stream:
-            state.add_page(page, is_done)
-            if state.n_pending >= state.batch_size or state.n_pending == 0:
-                state.flush()
-            while state.pending_events:
-                yield state.pending_events.popleft()
-            if state.stop:
+        while True:
+            while not exhausted and state.wants_pages:
+                page = next(stream, None)
+                if page is None:
+                    exhausted = True
+                    state.end_of_input()
+                else:
+                    state.add_page(page, is_done)
+                yield from state.drain()
+            if state.stop and not exhausted:
                 stats.stopped_early = True
-                break
-        else:
-            state.finish()
-            while state.pending_events:
-                yield state.pending_events.popleft()
+            if not state.busy:
+                # Nothing waits for the model, so every page pulled has its record: more pages, or the end.
+                assert exhausted or state.stop or state.wants_pages
+                if exhausted or state.stop:
+                    break
+                continue
+            state.submit()
+            state.step()
+            yield from state.drain()
+        state.abandon()
+        yield from state.drain()
     finally:
+        state.deadlines.close()
         close = getattr(stream, "close", None)
         if close is not None:
             close()

@@ -1,12 +1,15 @@
 """Test doubles for the CLI and pipeline tests: a scripted runtime (in the spirit of llm's
 `MockModel.enqueue`), helpers that make small PDFs and images, and environment isolation.
 
-`FakeRuntime` answers requests from a queue of scripted answers (text, finish reason, or an exception
-that fails the whole batch it lands in), falling back to `default`. An answer is bound to a request id the
-first time the id is seen, so the runner's one-at-a-time retry of a failed batch meets the same script.
-A scripted answer may take `seconds` (answered one after another, like an engine with one row); `cancel`
-stops it early with finish reason "cancelled", as `model.engine.Engine.cancel` does. `fits` makes every
-batch larger than that many requests fail the way torch reports an out-of-memory error.
+`FakeRuntime` implements the runtime's submit / step protocol. It answers requests from a queue of
+scripted answers (text, finish reason, or an exception that fails the whole step it lands in), falling
+back to `default`. An answer is bound to a request id the first time the id is seen, so the runner's
+one-at-a-time retry of a failed step meets the same script. Each `step` runs every request in flight
+(recorded in `batches`); a request finishes in its first step unless scripted to take `steps` steps. A
+scripted answer may take `seconds` (answered one after another, like an engine with one row); `cancel`
+stops it early with finish reason "cancelled", as `dsvl2.model.engine.Engine.cancel` does. `fits` makes
+every step with more than that many requests in flight fail the way torch reports an out-of-memory error;
+a failed step drops every request in flight, as the engine does.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ class Scripted:
     finish_reason: str = "eos"
     error: BaseException | None = None
     seconds: float = 0.0
+    steps: int = 1
 
 
 class FakeRuntime:
@@ -50,21 +54,30 @@ class FakeRuntime:
         self.default = default
         self.model_id, self.revision = model_id, revision
         self.identity = Identity(model_id, revision, None, "cpu", "float32")  # as dsvl2.Runtime has one
-        self.reverse = reverse  # call on_completion in reverse order, as an engine may finish out of order
+        self.load_seconds, self.kernels = 0.0, None
+        self.reverse = reverse  # return each step's completions in reverse order, as an engine may finish them
         self.max_batch_size = max_batch_size or 0  # 0: let the caller choose
         self.queue: deque[Scripted] = deque()
         self.bound: dict[str, Scripted] = {}
         self.requests: list[Request] = []
-        self.batches: list[list[str]] = []
+        self.batches: list[list[str]] = []  # the ids in flight at each step
+        self.in_flight: list[Request] = []
+        self.progress: dict[str, int] = {}
         self.load_args: dict | None = None
         self.fits, self.delay = fits, delay
         self.cancelled: set[str] = set()
         self._lock = threading.Lock()
 
     def enqueue(
-        self, text: str = "", *, finish_reason: str = "eos", error: BaseException | None = None, seconds: float = 0.0
+        self,
+        text: str = "",
+        *,
+        finish_reason: str = "eos",
+        error: BaseException | None = None,
+        seconds: float = 0.0,
+        steps: int = 1,
     ) -> FakeRuntime:
-        self.queue.append(Scripted(text, finish_reason, error, seconds))
+        self.queue.append(Scripted(text, finish_reason, error, seconds, steps))
         return self
 
     def cancel(self, request_id: str) -> None:
@@ -95,22 +108,37 @@ class FakeRuntime:
                 self.bound[request.id] = Scripted(text, seconds=self.delay)
         return self.bound[request.id]
 
-    def generate(
-        self, requests: Sequence[Request], *, on_completion: Callable[[Completion], None] | None = None
-    ) -> list[Completion]:
-        self.batches.append([r.id for r in requests])
-        self.requests.extend(requests)
-        scripts = [self._script(r) for r in requests]
-        if self.fits is not None and len(requests) > self.fits:
-            raise RuntimeError(f"CUDA out of memory. Tried to allocate {len(requests)} GiB (fake)")
-        for s in scripts:
-            if s.error is not None:
-                raise s.error
+    def submit(self, request: Request) -> None:
+        if any(r.id == request.id for r in self.in_flight):
+            raise ValueError(f"request id {request.id!r} is already in flight")
+        self.in_flight.append(request)
+        self.requests.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.in_flight)
+
+    def step(self) -> list[Completion]:
+        running = list(self.in_flight)
+        self.batches.append([r.id for r in running])
+        scripts = [self._script(r) for r in running]
+        failure = next((s.error for s in scripts if s.error is not None), None)
+        if self.fits is not None and len(running) > self.fits:
+            failure = RuntimeError(f"CUDA out of memory. Tried to allocate {len(running)} GiB (fake)")
+        if failure is not None:
+            self.in_flight.clear()
+            raise failure
         completions = []
-        for r, s in zip(requests, scripts, strict=True):
+        for r, s in zip(running, scripts, strict=True):
+            self.progress[r.id] = self.progress.get(r.id, 0) + 1
+            unfinished = self.progress[r.id] < s.steps
+            if unfinished and r.id not in self.cancelled:
+                continue
             text, reason = s.text, s.finish_reason
-            if s.seconds and self._wait(r.id, s.seconds):
+            if unfinished or (s.seconds and self._wait(r.id, s.seconds)):
                 text, reason = text[: len(text) // 2], "cancelled"
+            self.in_flight.remove(r)
+            self.progress.pop(r.id)
             completions.append(
                 Completion(
                     r.id,
@@ -122,12 +150,7 @@ class FakeRuntime:
                     timings=Timings(0.0, 0.01, 0.02),
                 )
             )
-            if on_completion is not None and not self.reverse:
-                on_completion(completions[-1])
-        if on_completion is not None and self.reverse:
-            for c in reversed(completions):
-                on_completion(c)
-        return completions
+        return completions[::-1] if self.reverse else completions
 
 
 def identify_for(fake: FakeRuntime) -> Callable[..., Identity]:
@@ -160,6 +183,7 @@ def factory_for(fake: FakeRuntime) -> Callable[..., FakeRuntime]:
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int | None = None,
+        on_kernel_build: Callable[[], None] | None = None,
     ) -> FakeRuntime:
         fake.load_args = {
             "model": model,

@@ -134,9 +134,17 @@ def test_page_timeout_cancels_a_slow_page_and_the_batch_goes_on(fake):
     assert invoke("ocr", "d.pdf", "--page-timeout", "0").exit_code == 2
 
 
-def test_page_timeout_without_a_cancel_marks_the_late_page_failed(fake):
+def test_page_timeout_asks_the_runtime_to_cancel_and_a_full_answer_that_still_arrives_counts(fake):
+    """The limit is enforced through `Runtime.cancel`; a runtime that cannot stop a request in time answers
+    in full, and a complete answer is kept rather than thrown away."""
+
     class NoCancel(FakeRuntime):
-        cancel = None  # a runtime that cannot stop a request: the limit is applied when the answer arrives
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[str] = []
+
+        def cancel(self, request_id: str) -> None:
+            self.asked.append(request_id)  # noted, not honoured
 
     slow = NoCancel()
     slow.enqueue("late", seconds=0.4).enqueue("fine")
@@ -144,7 +152,8 @@ def test_page_timeout_without_a_cancel_marks_the_late_page_failed(fake):
     backend.runtime_factory = factory_for(slow)
     backend.identify = identify_for(slow)
     records = jsonl(invoke("ocr", "d.pdf", "-f", "jsonl", "-b", "1", "--page-timeout", "0.2").stdout)
-    assert [(r["status"], r["text"]) for r in records] == [("failed", "late"), ("ok", "fine")]
+    assert [(r["status"], r["text"]) for r in records] == [("ok", "late"), ("ok", "fine")]
+    assert slow.asked == [slow.requests[0].id]
 
 
 def test_out_of_memory_with_an_automatic_batch_size_backs_off_and_continues(fake):
@@ -172,13 +181,13 @@ def test_out_of_memory_with_a_fixed_batch_size_stops_with_a_clear_error_and_keep
     make_pdf(Path("d.pdf"), 6)
     fake.default = lambda r: "ok"
     fake.fits = 4
-    original = fake.generate
+    original = fake.step
 
-    def grow(requests, **kw):  # the first batch fits; later, larger pages do not
+    def grow():  # the first step fits; later, larger pages do not
         fake.fits = 4 if len(fake.batches) == 0 else 1
-        return original(requests, **kw)
+        return original()
 
-    fake.generate = grow
+    fake.step = grow
     result = invoke("ocr", "d.pdf", "-b", "3", "-o", "run.jsonl")
     assert result.exit_code == 2
     assert (

@@ -13,7 +13,7 @@ from test_pipelines import SETTINGS, pages, records, run
 from dsvl2.model.requests import Completion
 from dsvl2.pipelines import runner
 from dsvl2.pipelines.base import Settings
-from dsvl2.pipelines.limits import Deadline, OutOfMemory, is_out_of_memory
+from dsvl2.pipelines.limits import Deadlines, OutOfMemory, is_out_of_memory
 from dsvl2.pipelines.ocr import OcrTask
 
 
@@ -25,15 +25,23 @@ def test_out_of_memory_is_recognised_by_type_and_by_the_allocators_words():
     assert not is_out_of_memory(ValueError("out of memory"))  # not an allocation failure
 
 
-def test_deadline_cancels_only_what_is_still_running():
+def test_deadline_cancels_only_what_is_still_running_each_from_its_own_start():
     cancelled: list[str] = []
-    deadline = Deadline(0.05, ["a", "b"], cancelled.append)
-    assert not deadline.late(Completion("a", (), "x", "eos", 1, 1))
-    time.sleep(0.3)
-    deadline.close()
+    deadlines = Deadlines(0.2, cancelled.append)
+    deadlines.start("a")
+    deadlines.start("b")
+    assert not deadlines.late(Completion("a", (), "x", "eos", 1, 1))
+    time.sleep(0.1)
+    deadlines.start("c")  # handed to the runtime later: its limit runs from then
+    time.sleep(0.15)
     assert cancelled == ["b"]
-    assert deadline.late(Completion("b", (), "", "cancelled", 1, 0))
-    assert not Deadline(None, ["c"], cancelled.append).late(Completion("c", (), "", "cancelled", 1, 0))
+    time.sleep(0.15)
+    deadlines.close()
+    assert cancelled == ["b", "c"]
+    assert deadlines.late(Completion("b", (), "", "cancelled", 1, 0))
+    unlimited = Deadlines(None, cancelled.append)
+    unlimited.start("d")
+    assert not unlimited.late(Completion("d", (), "", "cancelled", 1, 0))
 
 
 def test_page_timeout_fails_the_slow_page_only():

@@ -40,7 +40,7 @@ def test_a_bf16_cpu_runtime_prepares_the_kernels_at_load(monkeypatch):
     from dsvl2.model import kernels
 
     calls = []
-    monkeypatch.setattr(kernels, "available", lambda: calls.append(1) or False)
+    monkeypatch.setattr(kernels, "status", lambda on_build_start=None: calls.append(1))
     name = require(checkpoint_names(), "parity checkpoints")[0]
     engine = loading.load_runtime(str(checkpoint_dir(name)), dtype="float32", max_batch_size=1)
     assert engine.model.dtype is torch.float32 and not calls

@@ -1,0 +1,216 @@
+"""End-to-end benchmark of the job users run: `dsvl2 ocr DIR/` through the CLI's own path (run_task: rendering
+thread, runner, continuous batching, writers), beside the same pages through a fixed-chunk scheduler (the
+runner before continuous batching: a chunk of pages waits for its longest answer) and through the engine
+alone, with the page bound from this machine's limits, all in one run.
+
+    python bench/cli_e2e.py [--model DIR] [--pages 12] [--batch 4] [--median 350] [--seed 0] [--json OUT]
+
+Pages: a seeded mix of A4-like pages (3x3 tiles) and smaller ones (2x2 tiles). Answer lengths: lognormal with
+the given median (sigma 0.6), clipped to 20-1,500 tokens, imposed per request in this benchmark only (EOS
+suppressed, repetition guard off), so every scheduler generates the same tokens. The model defaults to a
+random checkpoint at the real deepseek-vl2-tiny dimensions (bench/engine_bench.py makes it). The bound: vision
+and prefill at the bf16 (or fp32, for a float32 model) rate of a model-shaped GEMM, decode at the read bandwidth
+for the bytes a decode step of this batch touches; each measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from engine_bench import (
+    DEFAULT_MODEL,
+    bench_decode,
+    ensure_model,
+    lm_token_params,
+    measure_limits,
+    peak_rss_gib,
+    release_free_memory,
+    reset_peak_rss,
+    vision_flops_per_tile,
+)
+from PIL import Image
+
+from dsvl2 import backend
+from dsvl2.model.loading import load_runtime, resolve
+from dsvl2.model.requests import Completion, Request, Sampling, user_prompt
+from dsvl2.options import Options
+from dsvl2.pipelines.ocr import OcrTask
+from dsvl2.session import run_task
+
+SIDES = {"a4": (1152, 1152), "small": (768, 768)}  # 3x3 and 2x2 tiles of 384
+
+
+def cpu_line() -> str:
+    """lscpu's model name and the flags that decide bf16 speed (every benchmark prints them)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor()
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return f"{model}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
+
+
+def job(pages: int, median: int, seed: int) -> list[tuple[str, int]]:
+    """(kind, answer tokens) per page, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    kinds = ["a4" if torch.rand((), generator=g) < 0.6 else "small" for _ in range(pages)]
+    lengths = torch.exp(math.log(median) + 0.6 * torch.randn(pages, generator=g)).clamp(20, 1500).round().int()
+    return list(zip(kinds, lengths.tolist(), strict=True))
+
+
+def write_pages(directory: Path, plan: list[tuple[str, int]], seed: int) -> list[Path]:
+    paths = []
+    for i, (kind, _) in enumerate(plan):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        w, h = SIDES[kind]
+        pixels = torch.randint(0, 256, (h // 8, w // 8, 3), generator=g, dtype=torch.uint8)
+        image = Image.fromarray(pixels.numpy()).resize((w, h), Image.Resampling.NEAREST)
+        paths.append(directory / f"page{i:03d}.png")
+        image.save(paths[-1])
+    return paths
+
+
+class Imposed:
+    """A runtime whose i-th request answers exactly lengths[i] tokens. `chunked`: submissions wait until the
+    engine is idle and go in chunks of the batch size (the fixed-chunk runner's schedule)."""
+
+    def __init__(self, engine, lengths: list[int], *, chunked: bool) -> None:
+        self.engine, self.lengths, self.chunked = engine, lengths, chunked
+        self.model_id, self.revision, self.max_batch_size = "bench", None, engine.max_batch_size
+        self.identity = backend.Identity("bench", None, None, "cpu", str(engine.model.dtype).removeprefix("torch."))
+        self.load_seconds, self.kernels = 0.0, None
+        self.held: list[Request] = []
+        self.count = 0
+
+    def submit(self, request: Request) -> None:
+        sampling = replace(request.sampling, max_new_tokens=self.lengths[self.count], suppress_eos=True,
+                           no_repeat_ngram=0)  # fmt: skip
+        self.count += 1
+        self.held.append(replace(request, sampling=sampling))
+        if not self.chunked:
+            self.engine.submit(self.held.pop())
+
+    def step(self) -> list[Completion]:
+        if self.chunked and self.held and not self.engine.has_work:
+            chunk, self.held = self.held[: self.max_batch_size], self.held[self.max_batch_size :]
+            for request in chunk:
+                self.engine.submit(request)
+        return self.engine.step()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.held) or self.engine.has_work
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
+
+
+def through_cli(engine, directory: Path, lengths: list[int], *, chunked: bool, batch: int) -> float:
+    """Seconds for `dsvl2 ocr DIR -o OUT/` on the loaded engine."""
+    runtime = Imposed(engine, lengths, chunked=chunked)
+    backend.runtime_factory = lambda *a, **k: runtime
+    backend.identify = lambda *a, **k: runtime.identity
+    out = directory.parent / ("out-chunked" if chunked else "out")
+    options = Options.create(output=str(out) + "/", batch_size=batch, quiet=True, repetition_guard=0,
+                             max_new_tokens=max(lengths))  # fmt: skip
+    start = time.perf_counter()
+    code = run_task(task=OcrTask(), paths=[str(directory)], options=options)
+    seconds = time.perf_counter() - start
+    assert code == 0, f"run_task exited {code}"
+    assert runtime.count == len(lengths)
+    return seconds
+
+
+def engine_alone(engine, paths: list[Path], lengths: list[int]) -> float:
+    requests = [
+        Request(f"e{i}", user_prompt(OcrTask().prompt, (Image.open(p).convert("RGB"),)),
+                Sampling(max_new_tokens=n, suppress_eos=True))
+        for i, (p, n) in enumerate(zip(paths, lengths, strict=True))
+    ]  # fmt: skip
+    start = time.perf_counter()
+    done = engine.generate(requests)
+    seconds = time.perf_counter() - start
+    assert [c.n_generated for c in done] == lengths
+    return seconds
+
+
+def page_bound(model, limits: dict, plan: list[tuple[str, int]], prompt_tokens: dict, step_bytes: float,
+               batch: int) -> float:
+    """Pages per hour at this machine's limits for this mix (see the module docstring)."""
+    params, pair = lm_token_params(model)
+    rate = limits["bf16_gflops" if model.dtype is torch.bfloat16 else "fp32_gflops"] * 1e9
+    tiles = {"a4": 10, "small": 5}  # the local grid plus the global view
+    compute = sum(tiles[k] * vision_flops_per_tile(model) + 2 * params * prompt_tokens[k]
+                  + pair * prompt_tokens[k] ** 2 / 2 for k, _ in plan)  # fmt: skip
+    decode = sum(n for _, n in plan) * step_bytes / (limits["read_gbs"] * 1e9) / batch
+    return len(plan) / (compute / rate + decode) * 3600
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--pages", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--median", type=int, default=350)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    print(f"cpu: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    resolved = resolve(str(ensure_model(args.model)))
+    engine = load_runtime(resolved, max_batch_size=args.batch)
+    model = engine.model
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    plan = job(args.pages, args.median, args.seed)
+    lengths = [n for _, n in plan]
+    print(f"model: {resolved.path.name} in {model.dtype}, weights {weights_gib:.2f} GiB; batch {args.batch}; pages "
+          f"{sum(k == 'a4' for k, _ in plan)} A4 (3x3) + {sum(k == 'small' for k, _ in plan)} small (2x2); answer "
+          f"tokens {sorted(lengths)}", flush=True)  # fmt: skip
+    results: dict = {"cpu": cpu_line(), "plan": plan, "batch": args.batch}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "pages"
+        directory.mkdir()
+        paths = write_pages(directory, plan, args.seed)
+        prompt_tokens = {}
+        for kind in SIDES:
+            index = next((i for i, (k, _) in enumerate(plan) if k == kind), None)
+            if index is not None:
+                image = Image.open(paths[index]).convert("RGB")
+                prepared = engine.processor.prepare(user_prompt(OcrTask().prompt, (image,)))
+                prompt_tokens[kind] = int(prepared.input_ids.numel())
+        release_free_memory()
+        reset_peak_rss()
+        for name, run in (
+            ("cli", lambda: through_cli(engine, directory, lengths, chunked=False, batch=args.batch)),
+            ("fixed_chunks", lambda: through_cli(engine, directory, lengths, chunked=True, batch=args.batch)),
+            ("engine_alone", lambda: engine_alone(engine, paths, lengths)),
+        ):
+            seconds = run()
+            results[name] = {"seconds": seconds, "pages_per_hour": len(plan) / seconds * 3600}
+            print(f"{name}: {seconds:.1f} s, {results[name]['pages_per_hour']:.1f} pages/h", flush=True)
+        results["peak_rss_gib"] = peak_rss_gib()
+    limits = measure_limits(model.cfg.language.hidden_size, model.device)
+    decode = bench_decode(model, args.batch)
+    bound = page_bound(model, limits, plan, prompt_tokens, decode["bytes_per_step"], args.batch)
+    results |= {"limits": limits, "decode": decode, "bound_pages_per_hour": bound}
+    cli, chunks, alone = (results[k]["pages_per_hour"] for k in ("cli", "fixed_chunks", "engine_alone"))
+    print(f"limits: {json.dumps({k: round(v, 1) for k, v in limits.items()})}")
+    print(f"bound {bound:.1f} pages/h; CLI {cli / bound:.0%} of bound; CLI / fixed chunks {cli / chunks:.2f}x; "
+          f"CLI / engine alone {cli / alone:.0%}; peak RSS {results['peak_rss_gib']:.2f} GiB = weights "
+          f"{results['peak_rss_gib'] - weights_gib:+.2f} GiB")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
