@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -29,6 +27,7 @@ import torch
 from engine_bench import (
     DEFAULT_MODEL,
     bench_decode,
+    cpu_line,
     ensure_model,
     lm_token_params,
     measure_limits,
@@ -47,18 +46,6 @@ from dsvl2.pipelines.ocr import OcrTask
 from dsvl2.session import run_task
 
 SIDES = {"a4": (1152, 1152), "small": (768, 768)}  # 3x3 and 2x2 tiles of 384
-
-
-def cpu_line() -> str:
-    """lscpu's model name and the flags that decide bf16 speed (every benchmark prints them)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), []))
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return f"{model}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
 
 
 def job(pages: int, median: int, seed: int) -> list[tuple[str, int]]:
@@ -204,7 +191,7 @@ def main() -> None:
     bound = page_bound(model, limits, plan, prompt_tokens, decode["bytes_per_step"], args.batch)
     results |= {"limits": limits, "decode": decode, "bound_pages_per_hour": bound}
     cli, chunks, alone = (results[k]["pages_per_hour"] for k in ("cli", "fixed_chunks", "engine_alone"))
-    print(f"limits: {json.dumps({k: round(v, 1) for k, v in limits.items()})}")
+    print(f"limits: {json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in limits.items()})}")
     print(f"bound {bound:.1f} pages/h; CLI {cli / bound:.0%} of bound; CLI / fixed chunks {cli / chunks:.2f}x; "
           f"CLI / engine alone {cli / alone:.0%}; peak RSS {results['peak_rss_gib']:.2f} GiB = weights "
           f"{results['peak_rss_gib'] - weights_gib:+.2f} GiB")  # fmt: skip

@@ -106,6 +106,11 @@ class Reporter:
         if not self.quiet and self.verbose >= level:
             self.console.print(escape(message))
 
+    def notice(self, message: str) -> None:
+        """A line on what the run is doing while no page moves (loading a model): shown on a terminal, as the
+        progress bar is; elsewhere only with -v, so a log or a failing setup keeps its one error line."""
+        self.info(message, level=0 if self.console.is_terminal else 1)
+
     def error(self, message: str) -> None:
         self.console.print(f"[red]error:[/] {escape(one_line(message))}")
 

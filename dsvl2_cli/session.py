@@ -127,13 +127,14 @@ class _Session:
         return StreamSink(sys.stdout, dest.fmt, task.name, headers=self.job.total > 1)
 
     def _runtime(self, needs_model: bool) -> backend.Runtime | Unloaded:
-        """The model, loaded only when some page needs it; one stderr line says it is loading (and another if
-        the CPU kernels are compiled, first run only), and -v says how the kernels came to be."""
+        """The model, loaded only when some page needs it. A line says it is loading (on a terminal; -v
+        elsewhere), one more says when the CPU kernels are compiled (first run only, always shown: it takes a
+        while), a failed build is one warning, and -v says how the kernels came to be."""
         o, identity = self.options, self.job.identity
         if not needs_model:
             return Unloaded(o.model, o.revision)
         where = f" on {identity.device} in {identity.dtype}" if identity is not None else ""
-        self.reporter.info(f"loading {o.model}{where} …", level=0)
+        self.reporter.notice(f"loading {o.model}{where} …")
         runtime = backend.runtime_factory(
             o.model,
             revision=o.revision,

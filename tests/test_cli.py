@@ -229,6 +229,7 @@ def test_setup_and_usage_errors_exit_2_with_one_line(fake, monkeypatch):
     def missing(*args, **kwargs):
         raise ModelNotFoundError("no such model: nobody/nothing")
 
+    monkeypatch.setattr(backend, "identify", missing)  # a model is resolved (and found missing) before loading
     monkeypatch.setattr(backend, "runtime_factory", missing)
     result = invoke("ocr", "p.png", "--model", "nobody/nothing", "-f", "json")
     assert result.exit_code == 2 and result.stdout == ""
@@ -487,3 +488,24 @@ def test_output_destination_rules(fake, tmp_path):
         assert (dest.kind, dest.fmt) == (kind, fmt), output
     assert destination("run.jsonl", Format.json, OcrTask).fmt is Format.json  # --format wins over the suffix
     assert destination(None, None, AskTask).fmt is Format.text and destination(None, None, TableTask).fmt is Format.csv
+
+
+def test_loading_and_the_kernels_are_reported_apart_from_the_pages(fake):
+    """-v says the model is loading; a failed kernel build is one warning line; the manifest keeps the load
+    time and the kernels' state; the summary shows the load time apart from pages/min."""
+    from dsvl2.model.kernel_build import KernelStatus
+
+    make_image(Path("p.png"))
+    fake.load_seconds = 12.5
+    fake.kernels = KernelStatus("failed", reason="g++: error: unrecognized option", build_seconds=3.0)
+    result = invoke("ocr", "p.png", "-o", "out/", "-v")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("loading deepseek-ai/deepseek-vl2-tiny on cpu in float32") for line in lines)
+    assert "warning: CPU kernels unavailable, using torch ops: g++: error: unrecognized option" in lines
+    assert any("model loaded in 12.5s" in line and "pages/min" in line for line in lines)
+    manifest = json.loads(Path("out/ocr.manifest.json").read_text())
+    assert manifest["runtime"]["load_seconds"] == 12.5
+    assert manifest["runtime"]["kernels"] == {
+        "state": "failed", "reason": "g++: error: unrecognized option", "build_seconds": 3.0, "load_seconds": 0.0
+    }  # fmt: skip
