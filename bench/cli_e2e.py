@@ -3,12 +3,15 @@ thread, runner, continuous batching, writers), beside the same pages through a f
 runner before continuous batching: a chunk of pages waits for its longest answer) and through the engine
 alone, with the page bound from this machine's limits, all in one run.
 
-    python bench/cli_e2e.py [--model DIR] [--pages 12] [--batch 4] [--median 350] [--seed 0] [--json OUT]
+    python bench/cli_e2e.py [--model DIR | --layers L V] [--pages 12] [--batch 4] [--median 350] [--seed 0]
+                            [--json OUT]
 
 Pages: a seeded mix of A4-like pages (3x3 tiles) and smaller ones (2x2 tiles). Answer lengths: lognormal with
 the given median (sigma 0.6), clipped to 20-1,500 tokens, imposed per request in this benchmark only (EOS
 suppressed, repetition guard off), so every scheduler generates the same tokens. The model defaults to a
-random checkpoint at the real deepseek-vl2-tiny dimensions (bench/engine_bench.py makes it). The bound: vision
+random checkpoint at the real deepseek-vl2-tiny dimensions (bench/engine_bench.py makes it); `--layers L V` makes
+and uses one truncated to L language and V vision layers (every width real), for hosts where the whole model
+runs too slowly for a benchmark (a float32-only CPU); every ratio stays one of the same model. The bound: vision
 and prefill at the bf16 (or fp32, for a float32 model) rate of a model-shaped GEMM, decode at the read bandwidth
 for the bytes a decode step of this batch touches; each measured in this run.
 """
@@ -46,6 +49,23 @@ from dsvl2.pipelines.ocr import OcrTask
 from dsvl2.session import run_task
 
 SIDES = {"a4": (1152, 1152), "small": (768, 768)}  # 3x3 and 2x2 tiles of 384
+
+
+def truncated_model(layers: int, vision_layers: int) -> Path:
+    """A random checkpoint of the real Tiny widths with fewer layers (bench/out, made once)."""
+    from engine_bench import PARITY_TOKENIZER, TINY_CONFIG
+
+    from dsvl2.model.factory import write_random_checkpoint
+
+    path = DEFAULT_MODEL.with_name(f"{DEFAULT_MODEL.name}-L{layers}-V{vision_layers}")
+    if (path / "config.json").is_file():
+        return path
+    config = json.loads((TINY_CONFIG / "config.json").read_text())
+    config["language_config"]["num_hidden_layers"] = layers
+    config["vision_config"]["layers"] = vision_layers
+    out = write_random_checkpoint(config, path, seed=0, dtype=torch.bfloat16, tokenizer_dir=PARITY_TOKENIZER)
+    (out / "processor_config.json").write_bytes((TINY_CONFIG / "processor_config.json").read_bytes())
+    return out
 
 
 def job(pages: int, median: int, seed: int) -> list[tuple[str, int]]:
@@ -147,6 +167,7 @@ def page_bound(model, limits: dict, plan: list[tuple[str, int]], prompt_tokens: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--layers", type=int, nargs=2, metavar=("L", "V"), help="truncate to L language, V vision layers")
     ap.add_argument("--pages", type=int, default=12)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--median", type=int, default=350)
@@ -154,7 +175,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     print(f"cpu: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    resolved = resolve(str(ensure_model(args.model)))
+    path = truncated_model(*args.layers) if args.layers else ensure_model(args.model)
+    resolved = resolve(str(path))
     engine = load_runtime(resolved, max_batch_size=args.batch)
     model = engine.model
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
