@@ -17,8 +17,8 @@ from dsvl2.pipelines.base import OptionError, Settings
 from dsvl2.pipelines.task import Task
 from dsvl2.writers import Format
 
-# Options of the command line only: the API returns records instead of writing or reporting them.
-OUTPUT_OPTIONS = ("output", "format", "resume", "manifest", "quiet", "verbose", "stdin_data")
+# Options of the command line only: the API returns records instead of writing, drawing or reporting them.
+OUTPUT_OPTIONS = ("output", "format", "resume", "manifest", "annotate", "quiet", "verbose", "stdin_data")
 
 
 @dataclass(frozen=True, slots=True)
