@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from parity import checkpoint_dir, checkpoint_names, parity_model, require
 
@@ -56,3 +57,21 @@ def test_the_cache_budget_follows_free_memory_unless_given(monkeypatch):
     assert loading.load_runtime(str(checkpoint_dir(name)), cache_budget=12345).cache_budget == 12345
     monkeypatch.setattr(loading, "available_memory", lambda: None)
     assert loading.load_runtime(str(checkpoint_dir(name))).cache_budget is None
+
+
+def test_devices_named_with_an_index_are_accepted_and_a_missing_gpu_is_a_device_error(monkeypatch):
+    """`--device cuda:N` is a device the option check accepts; without CUDA (or without device N) loading
+    stops with a DeviceError (reported as 'device: ...', not as a model-config problem)."""
+    from dsvl2.errors import describe
+    from dsvl2.model.devices import check_device
+    from dsvl2.model.errors import DeviceError
+
+    assert check_device("cuda:3") is None and check_device("cuda") is None and check_device("gpu:0") is not None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="cuda:1 was asked for, but torch sees no CUDA device") as caught:
+        loading.pick_device("cuda:1")
+    assert describe(caught.value)[0].startswith("device: cuda:1 was asked for")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match="this machine has 1 CUDA device"):
+        loading.pick_device("cuda:1")
