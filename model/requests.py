@@ -45,6 +45,8 @@ def user_prompt(text: str, images: tuple[Image.Image, ...] = ()) -> tuple[Messag
 class Sampling:
     """How to pick tokens. temperature 0 is greedy (argmax); otherwise seeded temperature / top-p sampling.
 
+    `repetition_penalty` != 1 divides (multiplies, when negative) the logit of every token already in the
+    sequence by it before any other filter, as transformers' `RepetitionPenaltyLogitsProcessor` (1 is off).
     `no_repeat_ngram` > 0 enables the repetition guard: generation stops with finish reason "repetition"
     when the last n-gram already occurred within the last `repeat_window` generated tokens.
     """
@@ -57,6 +59,7 @@ class Sampling:
     no_repeat_ngram: int = 0
     repeat_window: int = 256
     suppress_eos: bool = False
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -65,6 +68,8 @@ class Sampling:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
 

@@ -20,7 +20,13 @@ if TYPE_CHECKING:
 
     from dsvl2.pipelines.task import Task
 
-SCHEMA_VERSION = "1.1"  # 1.1: settings.device and settings.dtype, model.fingerprint
+# 1.1: settings.device and settings.dtype, model.fingerprint; 1.2: settings.repetition_penalty, the record's parser
+SCHEMA_VERSION = "1.2"
+# Records of these versions are read back (resume, reparse); their missing fields take the defaults.
+READABLE_VERSIONS: frozenset[str] = frozenset({"1.0", "1.1", SCHEMA_VERSION})
+# The version of the task parsers (pipelines/<task>.py) that made a record's `result`: bumped whenever a
+# parser would read some answer differently, so `dsvl2 reparse` output says which parsers read it.
+PARSER_VERSION = "2"
 
 Status = Literal["ok", "truncated", "repetition", "parse_error", "failed"]
 STATUSES: tuple[Status, ...] = ("ok", "truncated", "repetition", "parse_error", "failed")
@@ -141,6 +147,7 @@ class Settings:
     no_repeat_ngram: int = 0
     repeat_window: int = 256
     retry_repetition: bool = False
+    repetition_penalty: float = 1.0  # 1.0 is off; transformers' RepetitionPenaltyLogitsProcessor otherwise
     device: str = "auto"  # as resolved for the run: "cpu" or "cuda" (the kind; which GPU does not matter)
     dtype: str = "auto"  # as resolved for the run: "float32", "bfloat16" or "float16"
 
@@ -153,6 +160,7 @@ class Settings:
             seed=self.seed,
             no_repeat_ngram=self.no_repeat_ngram,
             repeat_window=self.repeat_window,
+            repetition_penalty=self.repetition_penalty,
         )
 
     def retry_sampling(self) -> Sampling:
@@ -178,6 +186,7 @@ class Settings:
             "no_repeat_ngram": self.no_repeat_ngram,
             "repeat_window": self.repeat_window,
             "retry_repetition": self.retry_repetition,
+            "repetition_penalty": self.repetition_penalty,
             "device": self.device,
             "dtype": self.dtype,
         }
@@ -214,6 +223,7 @@ class PageRecord:
     tokens: dict[str, int] | None = None
     timings: dict[str, float] | None = None
     attempts: list[dict[str, Any]] | None = None
+    parser: str | None = PARSER_VERSION  # which parsers made `result`; None when no answer was parsed
     schema_version: str = SCHEMA_VERSION
 
     @property
@@ -245,11 +255,15 @@ class PageRecord:
             "tokens": self.tokens,
             "timings": self.timings,
             "attempts": self.attempts,
+            "parser": self.parser,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PageRecord:
         """Rebuild a record read back from an output file; raises KeyError/TypeError/ValueError if it is not one."""
+        if d["schema_version"] not in READABLE_VERSIONS:
+            raise ValueError(f"schema version {d['schema_version']!r} is not one this dsvl2 reads "
+                             f"({', '.join(sorted(READABLE_VERSIONS))})")
         if d["status"] not in STATUSES:
             raise ValueError(f"unknown status {d['status']!r}")
         size = d.get("page_size")
@@ -269,6 +283,7 @@ class PageRecord:
             tokens=d.get("tokens"),
             timings=d.get("timings"),
             attempts=d.get("attempts"),
+            parser=d.get("parser"),
             schema_version=d["schema_version"],
         )
 
@@ -329,6 +344,7 @@ def failed_record(ctx: RecordContext, page: Page, prompt: str, error: str) -> Pa
         status="failed",
         error=error,
         timings={"render": round(page.render_seconds, 4)} if page.image is not None else None,
+        parser=None,
     )
 
 

@@ -95,6 +95,11 @@ def record_schema() -> dict[str, Any]:
                         },
                         "repeat_window": {"type": "integer", "minimum": 0},
                         "retry_repetition": {"type": "boolean"},
+                        "repetition_penalty": {
+                            "type": "number",
+                            "exclusiveMinimum": 0,
+                            "description": "the reference's repetition penalty (transformers' semantics); 1 is off",
+                        },
                         "device": {**_STR, "description": "where the model ran: cpu or cuda"},
                         "dtype": {**_STR, "description": "the dtype it ran in: float32, bfloat16 or float16"},
                     },
@@ -142,6 +147,11 @@ def record_schema() -> dict[str, Any]:
                     ),
                     "description": "null when answered once; after a --retry-repetition retry, every attempt in "
                     "order, the last being the one text, result and status describe",
+                },
+                "parser": {
+                    **_STR_OR_NULL,
+                    "description": "the version of dsvl2's parsers that made result (dsvl2 reparse updates it); "
+                    "null when no answer was parsed",
                 },
             },
             required=[
