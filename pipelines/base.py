@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from dsvl2.pipelines.task import Task
 
-# 1.1: settings.device and settings.dtype, model.fingerprint; 1.2: settings.repetition_penalty, the record's parser
+# 1.1: settings.device and settings.dtype, model.fingerprint; 1.2: settings.repetition_penalty, parser, pages
 SCHEMA_VERSION = "1.2"
 # Records of these versions are read back (resume, reparse); their missing fields take the defaults.
 READABLE_VERSIONS: frozenset[str] = frozenset({"1.0", "1.1", SCHEMA_VERSION})
@@ -224,6 +224,7 @@ class PageRecord:
     timings: dict[str, float] | None = None
     attempts: list[dict[str, Any]] | None = None
     parser: str | None = PARSER_VERSION  # which parsers made `result`; None when no answer was parsed
+    pages: list[int] | None = None  # every page one answer saw (`ask --per document`); None for one page
     schema_version: str = SCHEMA_VERSION
 
     @property
@@ -256,6 +257,7 @@ class PageRecord:
             "timings": self.timings,
             "attempts": self.attempts,
             "parser": self.parser,
+            "pages": self.pages,
         }
 
     @classmethod
@@ -284,6 +286,7 @@ class PageRecord:
             timings=d.get("timings"),
             attempts=d.get("attempts"),
             parser=d.get("parser"),
+            pages=d.get("pages"),
             schema_version=d["schema_version"],
         )
 

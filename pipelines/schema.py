@@ -153,6 +153,12 @@ def record_schema() -> dict[str, Any]:
                     "description": "the version of dsvl2's parsers that made result (dsvl2 reparse updates it); "
                     "null when no answer was parsed",
                 },
+                "pages": {
+                    "type": ["array", "null"],
+                    "items": {"type": "integer", "minimum": 1},
+                    "description": "every page one answer saw, in order (ask --per document; page is the first); "
+                    "null when the record is for one page",
+                },
             },
             required=[
                 "schema_version",
