@@ -294,14 +294,35 @@ class Processor:
 
     def prepare(self, conversation: Sequence[Message]) -> Prepared:
         """Process one conversation whose last turn is the empty assistant turn to generate."""
+        ids, mask, images = self._layout(conversation)
+        tiles = [self._image_tiles(image, plan) for image, plan in images]
+        s = self.config.image_size
+        u8 = torch.cat(tiles) if tiles else torch.empty((0, 3, s, s), dtype=torch.uint8)
+        return Prepared(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            images_seq_mask=torch.tensor(mask, dtype=torch.bool),
+            tiles=self._normalize(u8),
+            images_spatial_crop=torch.tensor(
+                [(plan.num_width_tiles, plan.num_height_tiles) for _, plan in images], dtype=torch.long
+            ).view(-1, 2),
+            num_image_tokens=tuple(plan.num_tokens for _, plan in images),
+        )
+
+    def count_tokens(self, conversation: Sequence[Message]) -> int:
+        """The prompt length `prepare` gives `conversation`, without cutting a tile: what a server checks
+        against the context before it queues a request."""
+        return len(self._layout(conversation)[0])
+
+    def _layout(
+        self, conversation: Sequence[Message]
+    ) -> tuple[list[int], list[bool], list[tuple[Image.Image, ImagePlan]]]:
+        """(token ids, image-position mask, each image with its plan) of a checked conversation."""
         _check_conversation(conversation)
         tok, cfg = self.tokenizer, self.config
         num_images = sum(len(turn.images) for turn in conversation)
         ids: list[int] = [tok.bos_id]
         mask: list[bool] = [False]
-        tiles: list[torch.Tensor] = []
-        crops: list[tuple[int, int]] = []
-        counts: list[int] = []
+        images: list[tuple[Image.Image, ImagePlan]] = []
         # The final empty assistant turn would add only eos, which the reference drops in inference mode.
         for turn in conversation[:-1]:
             if turn.role == ASSISTANT:
@@ -315,23 +336,13 @@ class Processor:
                 if k > 0:
                     image = turn.images[k - 1]
                     plan = plan_image(image.size, num_images=num_images, cfg=cfg)
-                    tiles.append(self._image_tiles(image, plan))
-                    crops.append((plan.num_width_tiles, plan.num_height_tiles))
-                    counts.append(plan.num_tokens)
+                    images.append((image, plan))
                     ids += [tok.image_id] * plan.num_tokens
                     mask += [True] * plan.num_tokens
                 piece_ids = tok.encode(piece)
                 ids += piece_ids
                 mask += [False] * len(piece_ids)
-        s = cfg.image_size
-        u8 = torch.cat(tiles) if tiles else torch.empty((0, 3, s, s), dtype=torch.uint8)
-        return Prepared(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            images_seq_mask=torch.tensor(mask, dtype=torch.bool),
-            tiles=self._normalize(u8),
-            images_spatial_crop=torch.tensor(crops, dtype=torch.long).view(-1, 2),
-            num_image_tokens=tuple(counts),
-        )
+        return ids, mask, images
 
     def _image_tiles(self, image: Image.Image, plan: ImagePlan) -> torch.Tensor:
         """Global view then local tiles of one image: (plan.num_tiles, 3, S, S) uint8."""

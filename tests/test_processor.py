@@ -175,3 +175,14 @@ def test_config_errors(tmp_path: Path) -> None:
 def test_parity_dir_is_configured() -> None:
     """The fixture directory exists, so an empty parameter list above can only mean missing cases."""
     assert PARITY_DIR.is_dir(), f"parity fixtures not found at {PARITY_DIR}"
+
+
+@pytest.mark.parametrize("sizes", [(), ((640, 480),), ((300, 900), (1200, 800)), ((64, 64),) * 3])
+def test_count_tokens_is_the_prepared_length(processor: Processor, sizes) -> None:
+    """A server refuses a request past the context from `count_tokens` alone: it must equal what `prepare`
+    builds (tiled for up to two images, one view each from three on)."""
+    images = tuple(Image.new("RGB", size, (200, 10, 10)) for size in sizes)
+    content = "".join(f"{IMAGE_TOKEN}\n" for _ in images) + "Describe."
+    conversation = (Message(USER, content, images), Message(ASSISTANT, "ok"), Message(USER, "More?"),
+                    Message(ASSISTANT, ""))
+    assert processor.count_tokens(conversation) == len(processor.prepare(conversation).input_ids)
