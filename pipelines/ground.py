@@ -1,12 +1,20 @@
-"""The `ground` task: referring-expression grounding. Its prompt template, and a strict parser for
-`<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>` answers.
+"""The `ground` task: referring-expression grounding. Its prompt templates, and what an answer's boxes mean for the
+record (the markup itself is read by pipelines/boxes.py, shared with ocr).
 
-Model output is never evaluated: the box list is read with regular expressions over digits, commas and
-brackets only. Every box found is reported, none dropped silently: values outside 0–999 are clamped and
-swapped corners reordered (status "repaired", with a note); boxes that cannot be repaired (wrong count of
-numbers, not numbers, zero width or height) are kept with status "invalid" and their raw text. Boxes are
-given on the model's 0–999 grid (relative to the image), in page pixels, and in PDF points for PDF pages
-(origin at the top-left of the page as displayed).
+Templates (`--template`): `paper`, "Locate <|ref|>{query}<|/ref|> in the given image." (the DeepSeek-VL2 paper's
+grounding prompt, arXiv 2412.10302 §3); `readme`, "<|ref|>{query}<|/ref|>." (the repository README's example);
+`find-all`, "Find all the <|ref|>{query}<|/ref|>" (the Gradio demo's example, web_demo.py), or any text holding
+`{query}`. The default is `paper`: it is the form the paper states for its grounding data, while every public
+report of digit loops and low RefCOCO scores (deepseek-ai/DeepSeek-VL2 issues #33, #49, #123) used the README form.
+`find-all` suits several instances ("all the chairs"). `--prompt` sends a whole prompt as is, e.g.
+"<|grounding|>Describe the image." for a caption with boxes inline (labels come from its refs).
+
+Statuses: boxes found and all valid → ok (`found: true`). No det block and nothing box-like → ok with `found: false`:
+the model was trained with negative samples (the paper), so "not there" is an honest answer; its words stay in
+`caption` (no public answer shows how DeepSeek-VL2 words a negative, so none is pattern-matched). Everything else is
+a parse_error: an invalid box (a digit loop above 1000, a short group, stray numbers; never clamped into an ok box),
+box numbers without det markup, an empty answer, or one that runs on into the chat template (`<|User|>`).
+Every box is given on the 0–999 grid, in page pixels, and in PDF points for PDF pages (origin top-left).
 """
 
 from __future__ import annotations
@@ -17,147 +25,43 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from dsvl2.pipelines.base import OptionError, Page, PageRecord, PageSize, Parsed
+from dsvl2.pipelines.boxes import BOX_SCHEMA, GRID, NOTES_SCHEMA, check_box, read_markup, strip_markup
 from dsvl2.pipelines.task import Task, TaskOption, cell, texts, unique
 
-DEFAULT_TEMPLATE = "<|ref|>{query}<|/ref|>."
-GRID = 999  # DeepSeek-VL2 boxes live on a 0..999 grid over the image's width and height
+__all__ = ["DEFAULT_TEMPLATE", "GRID", "TEMPLATES", "GroundTask", "check_box", "parse_grounding", "prompt_for"]
 
-_DET = re.compile(r"<\|det\|>(.*?)(<\|/det\|>|$)", re.DOTALL)
-_REF_END = re.compile(r"(.*?)<\|/ref\|>\s*$", re.DOTALL)
-_TOKENS = re.compile(r"<\|/?(?:ref|det|grounding)\|>")
-_GROUP = re.compile(r"\[([^\[\]]*)\]")
-_NUM = re.compile(r"^[-+]?\d+(?:\.\d+)?$")
-_ALLOWED = re.compile(r"^[\d\s.,\[\]+-]*$")
+TEMPLATES: dict[str, str] = {
+    "paper": "Locate <|ref|>{query}<|/ref|> in the given image.",
+    "readme": "<|ref|>{query}<|/ref|>.",
+    "find-all": "Find all the <|ref|>{query}<|/ref|>",
+}
+DEFAULT_TEMPLATE = TEMPLATES["paper"]
+
+# Tokens of the chat template: an answer holding one ran on past its own turn (DeepSeek-VL2 issues #10, #83).
+_CHAT = re.compile(r"<\|User\|>|<\|Assistant\|>|<｜begin▁of▁sentence｜>|<image>|<｜▁pad▁｜>")
+_BARE_BOX = re.compile(r"\[\s*\[?\s*[-+]?\d+\s*,")  # "[533, 132, 457]": box numbers given without <|det|>
 
 
 def prompt_for(query: str, template: str = DEFAULT_TEMPLATE) -> str:
     return template.replace("{query}", query)
 
 
-def _number(s: str) -> int | float:
-    v = float(s)
-    return int(v) if v.is_integer() else v
-
-
-def _scale(box: list[float], width: float | None, height: float | None, digits: int) -> list[float] | None:
-    if not width or not height:
-        return None
-    x1, y1, x2, y2 = box
-    return [
-        round(x1 / GRID * width, digits),
-        round(y1 / GRID * height, digits),
-        round(x2 / GRID * width, digits),
-        round(y2 / GRID * height, digits),
-    ]
-
-
-def check_box(values: list[int | float]) -> tuple[str, list[int | float] | None, list[str]]:
-    """(status, repaired box or None, notes) for four numbers on the 0–999 grid."""
-    notes: list[str] = []
-    clamped = [min(max(v, 0), GRID) for v in values]
-    if clamped != values:
-        notes.append(f"clamped values outside 0–{GRID}")
-    x1, y1, x2, y2 = clamped
-    if x1 > x2:
-        x1, x2 = x2, x1
-        notes.append("swapped x1 and x2")
-    if y1 > y2:
-        y1, y2 = y2, y1
-        notes.append("swapped y1 and y2")
-    if x1 == x2 or y1 == y2:
-        return "invalid", None, [*notes, "zero width or height"]
-    return ("repaired" if notes else "ok"), [x1, y1, x2, y2], notes
-
-
-def _boxes_in(det: str) -> tuple[list[tuple[str, list[str] | None, list[str]]], list[str]]:
-    """Split a det payload into (raw group, numbers or None, notes) candidates, plus payload-level notes."""
-    notes: list[str] = []
-    if not _ALLOWED.match(det):
-        notes.append("ignored characters other than numbers, commas and brackets")
-    out: list[tuple[str, list[str] | None, list[str]]] = []
-    groups = _GROUP.findall(det)
-    if not groups and det.strip():
-        groups = [det.strip("[] \n")]  # unbracketed numbers, e.g. a list whose brackets were cut
-        notes.append("box list without brackets")
-    for g in groups:
-        items = [x.strip() for x in g.split(",") if x.strip()]
-        if not items:
-            notes.append("empty box list []")
-            continue
-        bad = [x for x in items if not _NUM.match(x)]
-        if bad:
-            out.append((f"[{g}]", None, [f"not a number: {bad[0][:40]!r}"]))
-        elif len(items) == 4:
-            out.append((f"[{g}]", items, []))
-        elif len(items) % 4 == 0:
-            for i in range(0, len(items), 4):
-                note = f"split a flat list of {len(items)} numbers into boxes of four"
-                out.append((f"[{', '.join(items[i : i + 4])}]", items[i : i + 4], [note]))
-        else:
-            out.append((f"[{g}]", None, [f"expected 4 numbers, got {len(items)}"]))
-    return out, notes
-
-
-def _label_before(segment: str) -> str | None:
-    """The `<|ref|>label<|/ref|>` that immediately precedes a det block, if any."""
-    start = segment.rfind("<|ref|>")
-    m = _REF_END.match(segment[start + len("<|ref|>") :]) if start >= 0 else None
-    return " ".join(m.group(1).split()) if m else None
-
-
 def parse_grounding(text: str, *, size: PageSize | None = None, query: str | None = None) -> Parsed:
-    """Answer → {"query", "caption", "boxes": [{"label", "status", "box", "box_px", "box_pt", "raw", "notes"}],
-    "notes"}; ok when at least one box was found and none is invalid."""
-    boxes: list[dict[str, Any]] = []
-    notes: list[str] = []
-    prev_end = 0
-    for m in _DET.finditer(text):
-        label = _label_before(text[prev_end : m.start()]) or query or ""
-        prev_end = m.end()
-        if not m.group(2):
-            notes.append("unclosed <|det|>: read up to the end of the answer")
-        candidates, payload_notes = _boxes_in(m.group(1))
-        notes.extend(payload_notes)
-        for raw, items, cand_notes in candidates:
-            status, box, box_notes = ("invalid", None, []) if items is None else check_box([_number(x) for x in items])
-            w, h = (size.width_px, size.height_px) if size else (None, None)
-            wpt, hpt = (size.width_pt, size.height_pt) if size else (None, None)
-            boxes.append(
-                {
-                    "label": label,
-                    "status": status,
-                    "box": box,
-                    "box_px": _scale(box, w, h, 1) if box else None,
-                    "box_pt": _scale(box, wpt, hpt, 2) if box else None,
-                    "raw": raw,
-                    "notes": cand_notes + box_notes,
-                }
-            )
-    caption = " ".join(_TOKENS.sub(" ", _DET.sub(" ", text)).split())
-    result = {"query": query, "caption": caption, "boxes": boxes, "notes": notes}
-    invalid = sum(1 for b in boxes if b["status"] == "invalid")
-    if not boxes:
-        return Parsed(result, ok=False, error="no boxes in the answer")
-    if invalid:
-        return Parsed(result, ok=False, error=f"{invalid} of {len(boxes)} box(es) invalid")
+    """Answer → {"query", "found", "caption", "boxes": [{"label", "status", "box", "box_px", "box_pt", "raw",
+    "notes"}], "notes"}. See the module docstring for when it is ok, not found, or a parse error."""
+    markup = read_markup(text, size=size, default_label=query)
+    caption = " ".join(strip_markup(text).split())
+    result = {"query": query, "found": markup.found, "caption": caption, "boxes": markup.boxes, "notes": markup.notes}
+    if not text.strip():
+        return Parsed(result, ok=False, error="empty answer")
+    if chat := _CHAT.search(text):
+        return Parsed(result, ok=False, error=f"the answer runs on into the chat template ({chat.group(0)})")
+    if markup.invalid:
+        return Parsed(result, ok=False, error=f"{markup.invalid} of {len(markup.boxes)} box(es) invalid")
+    if not markup.det_blocks and (bare := _BARE_BOX.search(text)):
+        result["notes"] = [*markup.notes, f"box numbers without <|det|> markup: {text[bare.start() :][:40]!r}"]
+        return Parsed(result, ok=False, error="box numbers without <|det|> markup")
     return Parsed(result)
-
-
-_BOX = {"type": ["array", "null"], "items": {"type": "number"}, "minItems": 4, "maxItems": 4}
-_NOTES = {"type": "array", "items": {"type": "string"}}
-BOX_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "label": {"type": "string"},
-        "status": {"enum": ["ok", "repaired", "invalid"]},
-        "box": {**_BOX, "description": "corners on the model's 0-999 grid"},
-        "box_px": {**_BOX, "description": "corners in page pixels (page_size.width_px/height_px)"},
-        "box_pt": {**_BOX, "description": "corners in PDF points, origin top-left; null for images"},
-        "raw": {"type": "string"},
-        "notes": _NOTES,
-    },
-    "required": ["label", "status", "box", "box_px", "box_pt", "raw", "notes"],
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,19 +76,27 @@ class GroundTask(Task):
     summary: ClassVar[str] = (
         "Referring-expression grounding: boxes for each --query, on the model's 0–999 grid, in page pixels "
         "and (PDF pages) in points. Malformed boxes are repaired or flagged, never dropped.\n\n"
-        f"Default prompt template: *{DEFAULT_TEMPLATE}*"
+        "An answer without boxes is a result (found: false), not an error.\n\n"
+        f"Default template (--template paper): *{DEFAULT_TEMPLATE}*"
     )
     examples: ClassVar[tuple[str, ...]] = (
         "dsvl2 ground samples/report.pdf --query 'the bar chart' --annotate boxes/",
         "dsvl2 ground photo.jpg --query 'the red car' --query 'the traffic light' -f csv",
+        "dsvl2 ground scans/ --query 'chairs' --template find-all",
         "dsvl2 ground page.png --prompt '<|grounding|>Describe the image.'",
     )
     options: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("query", "What to find; repeatable, one record per page and query.", many=True),
         TaskOption(
+            "template",
+            f"How each --query is asked: {', '.join(TEMPLATES)} (default: paper, shown above), or your own text "
+            "containing '{query}'.",
+            metavar="NAME|TEXT",
+        ),
+        TaskOption(
             "prompt",
-            "Prompt template; '{query}' is replaced by each query. Without '{query}' it is sent as is, no "
-            "--query needed.",
+            "A whole prompt sent as is, no --query (e.g. '<|grounding|>Describe the image.' for a caption with "
+            "boxes inline). A prompt containing '{query}' is taken as a template.",
         ),
     )
     max_new_tokens: ClassVar[int] = 512
@@ -194,9 +106,14 @@ class GroundTask(Task):
         "type": "object",
         "properties": {
             "query": {"type": ["string", "null"]},
-            "caption": {"type": "string"},
+            "found": {
+                "type": "boolean",
+                "description": "at least one valid box; false with status ok is the model's 'not there' "
+                "(absent in older records)",
+            },
+            "caption": {"type": "string", "description": "the answer's words without grounding markup"},
             "boxes": {"type": "array", "items": BOX_SCHEMA},
-            "notes": _NOTES,
+            "notes": NOTES_SCHEMA,
         },
         "required": ["query", "caption", "boxes", "notes"],
     }
@@ -208,16 +125,28 @@ class GroundTask(Task):
     has_boxes: ClassVar[bool] = True
 
     @classmethod
-    def from_options(cls, *, query: str | list[str] | None = None, prompt: str | None = None) -> GroundTask:
-        template = DEFAULT_TEMPLATE if prompt is None else prompt
+    def from_options(
+        cls, *, query: str | list[str] | None = None, template: str | None = None, prompt: str | None = None
+    ) -> GroundTask:
         queries = unique(texts(query))
-        if not template.strip():
-            raise OptionError("prompt", "must not be empty")
-        if queries and "{query}" not in template:
-            raise OptionError("query", "needs a prompt template containing {query}")
-        if not queries and "{query}" in template:
-            raise OptionError("query", "is required: give at least one (or a prompt without {query})")
-        return cls(queries, template)
+        if template is not None and prompt is not None:
+            raise OptionError("template", "and --prompt exclude each other: a template asks each --query, a prompt "
+                              "is sent as is")  # fmt: skip
+        if prompt is not None:
+            if not prompt.strip():
+                raise OptionError("prompt", "must not be empty")
+            chosen = prompt
+        elif template is not None:
+            chosen = TEMPLATES.get(template.strip(), template)
+            if "{query}" not in chosen:
+                raise OptionError("template", f"must be one of {', '.join(TEMPLATES)} or a text containing {{query}}")
+        else:
+            chosen = DEFAULT_TEMPLATE
+        if queries and "{query}" not in chosen:
+            raise OptionError("query", "needs a template containing {query}, not a whole --prompt")
+        if not queries and "{query}" in chosen:
+            raise OptionError("query", "is required: give at least one (or a --prompt without {query})")
+        return cls(queries, chosen)
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -238,11 +167,15 @@ class GroundTask(Task):
     def markdown(cls, record: PageRecord) -> str:
         r = record.result or {}
         lines = [f"**{cell(r['query'])}**"] if r.get("query") else []
+        if r.get("caption") and not r.get("query"):
+            lines.append(r["caption"])  # a whole prompt (a <|grounding|> caption): its words, then its boxes
         for b in r.get("boxes", []):
             where = f"grid {b['box']} · px {b['box_px']}" + (f" · pt {b['box_pt']}" if b["box_pt"] else "")
             status = "" if b["status"] == "ok" else f" ({b['status']}: {'; '.join(b['notes'])})"
             lines.append(f"- {cell(b['label']) or '(no label)'}: {where if b['box'] else b['raw']}{status}")
-        return "\n".join(lines) or "_no boxes_"
+        if not r.get("boxes"):
+            lines.append("_not found_" + (f" ({cell(r['caption'])})" if r.get("query") and r.get("caption") else ""))
+        return "\n".join(lines)
 
     @classmethod
     def csv_rows(cls, record: PageRecord) -> list[list[Any]]:
@@ -257,4 +190,5 @@ class GroundTask(Task):
     @classmethod
     def columns(cls, result: Mapping[str, Any]) -> dict[str, Any]:
         boxes = result.get("boxes", [])
-        return {"query": result.get("query"), "caption": result.get("caption"), "n_boxes": len(boxes), "boxes": boxes}
+        return {"query": result.get("query"), "found": result.get("found"), "caption": result.get("caption"),
+                "n_boxes": len(boxes), "boxes": boxes}  # fmt: skip
