@@ -1,8 +1,20 @@
-"""Table parsers on golden raw strings: Markdown, HTML, several tables in prose."""
+"""Table parsers on golden raw strings: Markdown, HTML, LaTeX tabular, several tables in prose, prose kept in
+notes, "no table" said in words; and a property: no text makes them raise or lose a line silently."""
 
 from __future__ import annotations
 
-from dsvl2.pipelines.table import find_tables, parse_html_table, parse_markdown_table, parse_tables
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsvl2.pipelines.table import (
+    find_tables,
+    parse_html_table,
+    parse_latex_table,
+    parse_markdown_table,
+    parse_tables,
+    says_no_table,
+)
 
 
 def test_markdown_table_with_separator_and_alignment():
@@ -99,9 +111,112 @@ def test_html_empty_table_is_a_parse_error_with_raw_text():
 
 def test_parse_tables_statuses():
     assert parse_tables("NONE").ok and parse_tables("").ok
-    assert parse_tables("NONE").result == {"tables": []}
+    assert parse_tables("NONE").result == {"tables": [], "notes": []}
     no_table = parse_tables("The page shows a photo of a cat.")
-    assert not no_table.ok and "no Markdown or HTML table" in no_table.error
+    assert not no_table.ok and "does not say there is none" in no_table.error
+    assert no_table.result["notes"] == ["line 1 not used: The page shows a photo of a cat."]
     broken = parse_tables("| a | b |\n|---|---|\n| 1 | 2 |\n\n<table></table>")
     assert not broken.ok and "table(s) 2" in broken.error
     assert [t["status"] for t in broken.result["tables"]] == ["ok", "parse_error"]
+
+
+# --- the shapes DeepSeek-VL2 answers in (synthetic strings in the shapes the issue lists) -------------------
+
+
+def test_prose_around_a_markdown_table_goes_to_notes_and_a_caption_line_is_not_a_row():
+    text = (
+        "Here is the information from the image in markdown format:\n\nTable 2 | Datasets\n| Name | Size |\n"
+        "|---|---|\n| COCO | 118k |\n\nThe table lists two datasets."
+    )
+    parsed = parse_tables(text)
+    [t] = parsed.result["tables"]
+    assert parsed.ok and t["header"] == ["Name", "Size"] and t["rows"] == [["COCO", "118k"]]
+    assert parsed.result["notes"] == [
+        "line 1 not used: Here is the information from the image in markdown format:",
+        "line 3 not used: Table 2 | Datasets",
+        "line 8 not used: The table lists two datasets.",
+    ]
+
+
+def test_grounding_tokens_are_not_table_columns():
+    text = "<|ref|>table<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n<|ref|>x<|/ref|>\n| a | b |\n|---|---|\n| 1 | 2 |"
+    parsed = parse_tables(text)
+    assert parsed.ok and [t["header"] for t in parsed.result["tables"]] == [["a", "b"]]
+    assert len(parsed.result["notes"]) == 2
+
+
+def test_html_without_thead_takes_the_header_its_rowspans_cover():
+    html = (
+        "<table><tr><td rowspan=2>Model</td><td colspan=2>Score</td></tr><tr><td>Acc</td><td>F1</td></tr>"
+        "<tr><td>A</td><td>0.9</td><td>0.8</td></tr></table>"
+    )
+    t = parse_html_table(html)
+    assert t.header == ("Model", "Score / Acc", "Score / F1") and t.rows == (("A", "0.9", "0.8"),)
+
+
+def test_latex_tabular_rules_multicolumn_multirow_and_escapes():
+    text = (
+        "Sure:\n\\begin{tabular}{|l|c|r|}\n\\hline\n\\multirow{2}{*}{Model} & \\multicolumn{2}{c|}{Score} \\\\ "
+        "\\cline{2-3}\n & Acc & F1 \\\\\n\\hline\n\\textbf{Ours} & 91.2\\% & 0.88 \\\\\n"
+        "R\\&D & $\\approx$85 & 0.80 \\\\\n"
+        "\\hline\n\\end{tabular}"
+    )
+    parsed = parse_tables(text)
+    [t] = parsed.result["tables"]
+    assert parsed.ok and t["format"] == "latex"
+    assert t["header"] == ["Model", "Score / Acc", "Score / F1"]
+    assert t["rows"] == [["Ours", "91.2%", "0.88"], ["R&D", "85", "0.80"]]
+    assert parsed.result["notes"] == ["line 1 not used: Sure:"]
+
+
+def test_latex_booktabs_without_header_rule_and_unclosed_tabular():
+    t = parse_latex_table("\\begin{tabular}{ll}\nFruit & Crates \\\\\nApples & 42 \\\\")
+    assert t.status == "ok" and t.header == ("Fruit", "Crates") and t.rows == (("Apples", "42"),)
+    t = parse_latex_table("\\begin{tabular}{cc}\\toprule a & b \\\\ \\midrule 1 & 2 \\\\ \\bottomrule\\end{tabular}")
+    assert t.header == ("a", "b") and t.rows == (("1", "2"),)
+    assert parse_latex_table("\\begin{tabular}{c}\\hline\\end{tabular}").status == "parse_error"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "There is no table in this image.",
+        "There are no tables on the page.",
+        "The image does not contain any tables. It shows a cat on a sofa.",
+        "This document doesn't have a table.",
+        "I don't see any table in the image.",
+        "No table found.",
+        "**None**",
+    ],
+)
+def test_no_table_said_in_words_is_ok_with_no_tables(text):
+    parsed = parse_tables(text)
+    assert says_no_table(text) and parsed.ok and parsed.result["tables"] == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The table on the left is wooden.",
+        "There is no doubt the table shows growth.",
+        "The page shows a photo of a cat.",
+        "table",
+        "There is no table. " + "More words. " * 60,
+    ],
+)
+def test_other_prose_without_a_table_stays_a_parse_error(text):
+    assert not says_no_table(text) and not parse_tables(text).ok
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["|", "---", "a", "1", " ", "\n", "&", "\\\\", "\\hline", "\\begin{tabular}{c}",
+                                 "\\multicolumn{3}{c}{", "}", "<table>", "<td rowspan=3>", "There is no table.",
+                                 "<|ref|>", "```"]), max_size=60).map("".join) | st.text(max_size=120))
+def test_no_text_makes_the_table_parser_raise_or_drop_a_line(text):
+    parsed = parse_tables(text)
+    assert parsed.ok or parsed.error
+    for t in parsed.result["tables"]:
+        assert all(len(row) == t["n_columns"] for row in t["rows"])
+    prose = [s for s in text.splitlines() if s.strip() and not s.strip().startswith("```")]
+    if not parsed.result["tables"] and prose and not parsed.ok:
+        assert parsed.result["notes"], "an answer without tables lost its lines"
