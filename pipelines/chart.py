@@ -1,9 +1,12 @@
-"""The `chart` task: its default prompt, and the parser that turns an answer into the chart's data.
+"""The `chart` task: its default prompt, the parse of an answer into the chart's data, the result schema and
+its renderers.
 
-An answer holds optional "Title:", "X axis:", "Y axis:" lines and a data table (Markdown, HTML, or the
-DePlot-style linearised form with `<0x0A>` line breaks); failing a table, "category: value" lines are read
-as one series. The first column holds the categories, each further column one series. Values are numbers
-(thousands separators, currency signs, % and (negative) accounting forms accepted) or null when unreadable.
+An answer holds optional "Title:", "X axis:", "Y axis:" lines and the data: a table (Markdown, HTML, LaTeX, or
+DePlot's linearised form with `<0x0A>` line breaks), matplotlib code with literal lists (pipelines/chart_code.py),
+or "category: value" lines. The first table column holds the categories, each further column one series.
+Values keep what the model wrote about them (pipelines/chart_values.py): `$1.2M` is 1200000 with unit "$",
+`~30` is 30 "approximately", `2020: 12 (estimated)` is 12 "estimated"; unreadable values are null. Answer
+lines that are not used are kept in `notes`.
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dsvl2.pipelines.base import Page, PageRecord, Parsed
-from dsvl2.pipelines.table import Table, find_tables
+from dsvl2.pipelines.chart_code import read_code_chart
+from dsvl2.pipelines.chart_values import Quantity, parse_number, parse_quantity
+from dsvl2.pipelines.table import Table, locate_tables, unused_lines
 from dsvl2.pipelines.task import PROMPT_OPTION, Task, TaskOption, cell, markdown_table, one_prompt
 
 if TYPE_CHECKING:
     import pandas as pd
+
+__all__ = ["ChartTask", "parse_chart", "parse_number", "parse_quantity"]
 
 DEFAULT_PROMPT = (
     "Extract the data of this chart. First write 'Title: ...', 'X axis: ...' and 'Y axis: ...' lines, then "
@@ -31,39 +38,31 @@ _META = re.compile(
     r"(?:\s+(?:title|label))?\s*[*_]*\s*[:：|]\s*(.*?)\s*[*_]*\s*$",
     re.IGNORECASE,
 )
-_PAIR = re.compile(r"^\s*[-*•]?\s*(.+?)\s*[:=]\s*([-+−(]?[$€£¥]?\s*\d[\d,. ]*%?\)?)\s*$")
-_CURRENCY = str.maketrans("", "", "$€£¥ ,")
+_PAIR = re.compile(r"^\s*(?:[-*•]|\d+[.)])?\s*([^:=]{1,80}?)\s*[:=]\s*(.+?)\s*$")
 
 
-def parse_number(cell: str) -> float | None:
-    """'1,234.5' → 1234.5, '12%' → 12.0, '(3)' → -3.0, '−2' → -2.0; None when it is not a number."""
-    s = cell.strip().replace("−", "-")
-    negative = s.startswith("(") and s.endswith(")")
-    s = s.strip("()").rstrip("%").translate(_CURRENCY)
-    if s.count(".") > 1 or not s or s in ("-", "+", "."):
-        return None
-    try:
-        value = float(s)
-    except ValueError:
-        return None
-    if value != value or value in (float("inf"), float("-inf")):
-        return None
-    return -value if negative else value
-
-
-def _meta(text: str) -> tuple[dict[str, str], str]:
-    """Pull title / axis lines out of the answer; return them and the remaining text."""
+def _meta(lines: list[str]) -> tuple[dict[str, str], set[int]]:
+    """Title / axis lines: their values and the line numbers they were on."""
     meta: dict[str, str] = {}
-    rest: list[str] = []
-    for line in text.splitlines():
+    used: set[int] = set()
+    for i, line in enumerate(lines):
         m = _META.match(line)
         if m and m.group(2):
             word = m.group(1).lower().replace("_", " ").replace("-", " ")
             field = "title" if "title" in word else ("x_axis" if word.startswith("x") else "y_axis")
             meta.setdefault(field, m.group(2).strip(" |*_"))
-        else:
-            rest.append(line)
-    return meta, "\n".join(rest)
+            used.add(i)
+    return meta, used
+
+
+def _series(name: str, quantities: list[Quantity]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "values": [q.value for q in quantities],
+        "units": [q.unit for q in quantities],
+        "qualifiers": [q.qualifier for q in quantities],
+        "texts": [q.text for q in quantities],
+    }
 
 
 def _from_table(table: Table, notes: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -73,42 +72,60 @@ def _from_table(table: Table, notes: list[str]) -> tuple[list[str], list[dict[st
     if width < 2:
         return [], []
     names = [h or f"series {i}" for i, h in enumerate((header or [""] * width)[1:], start=1)]
-    categories = [r[0] for r in rows]
     series = []
     unreadable = 0
     for col, name in enumerate(names, start=1):
-        values = [parse_number(r[col]) for r in rows]
-        unreadable += sum(1 for r, v in zip(rows, values, strict=True) if v is None and r[col].strip())
-        series.append({"name": name, "values": values})
+        quantities = [parse_quantity(r[col]) for r in rows]
+        unreadable += sum(1 for q in quantities if q.value is None and q.text)
+        series.append(_series(name, quantities))
     if unreadable:
         notes.append(f"{unreadable} value(s) are not numbers and became null")
-    return categories, series
+    return [r[0] for r in rows], series
 
 
-def _from_pairs(text: str) -> tuple[list[str], list[dict[str, Any]]]:
-    categories, values = [], []
-    for line in text.splitlines():
-        m = _PAIR.match(line)
-        if m:
+def _from_pairs(lines: list[str], skip: set[int]) -> tuple[list[str], list[Quantity], set[int]]:
+    categories, values, used = [], [], set()
+    for i, line in enumerate(lines):
+        m = _PAIR.match(line) if i not in skip else None
+        if m and (q := parse_quantity(m.group(2).strip("*_ "))).value is not None:
             categories.append(m.group(1).strip("*_ "))
-            values.append(parse_number(m.group(2)))
-    return categories, ([{"name": "series 1", "values": values}] if categories else [])
+            values.append(q)
+            used.add(i)
+    return categories, values, used
 
 
 def parse_chart(text: str) -> Parsed:
-    """Answer → {"title", "x_axis", "y_axis", "categories", "series": [{"name", "values"}], "notes"}."""
+    """Answer → {"title", "x_axis", "y_axis", "categories", "series": [{"name", "values", "units", "qualifiers",
+    "texts"}], "notes"}; ok when at least one value is a number."""
     normalised = text.replace("<0x0A>", "\n")
-    meta, rest = _meta(normalised)
+    lines = normalised.splitlines()
+    meta, used = _meta(lines)
     notes: list[str] = []
-    tables = [t for t in find_tables(rest) if t.status == "ok" and t.n_columns >= 2]
-    if len(tables) > 1:
-        notes.append(f"the answer has {len(tables)} tables; the first one was read")
-    if tables:
-        categories, series = _from_table(tables[0], notes)
+    categories: list[str] = []
+    series: list[dict[str, Any]] = []
+    code = read_code_chart(normalised)
+    rest = "\n".join("" if i in used else line for i, line in enumerate(lines))
+    tables = [(t, r) for t, r in locate_tables(rest) if t.status == "ok" and t.n_columns >= 2] if not code else []
+    if code is not None:
+        for key, value in code.meta.items():
+            meta.setdefault(key, value)
+        categories = code.categories
+        series = [_series(name, [Quantity(v, None, None, "" if v is None else repr(v)) for v in values])
+                  for name, values in code.series]
+        used |= code.code_lines
+        notes += ["read the data from the literal lists of the answer's plotting code", *code.notes]
+    elif tables:
+        if len(tables) > 1:
+            notes.append(f"the answer has {len(tables)} tables; the first one was read")
+        categories, series = _from_table(tables[0][0], notes)
+        used |= set(tables[0][1])
     else:
-        categories, series = _from_pairs(rest)
+        categories, values, pairs = _from_pairs(lines, used)
         if categories:
+            series = [_series("series 1", values)]
+            used |= pairs
             notes.append("no table in the answer; read 'category: value' lines")
+    notes += unused_lines(normalised, used)
     result = {
         "title": meta.get("title"),
         "x_axis": meta.get("x_axis"),
@@ -118,11 +135,13 @@ def parse_chart(text: str) -> Parsed:
         "notes": notes,
     }
     if not any(v is not None for s in series for v in s["values"]):
-        return Parsed(result, ok=False, error="no numeric data table in the answer")
+        return Parsed(result, ok=False, error="no numeric data (table, plotting code or 'category: value' lines) "
+                      "in the answer")
     return Parsed(result)
 
 
 _NULLABLE_TEXT = {"type": ["string", "null"]}
+_STR = {"type": "string"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +177,18 @@ class ChartTask(Task):
                     "properties": {
                         "name": {"type": "string"},
                         "values": {"type": "array", "items": {"type": ["number", "null"]}},
+                        "units": {
+                            "type": "array",
+                            "items": _NULLABLE_TEXT,
+                            "description": "per value: currency, % or unit as written ($, %, kg, USD), or null",
+                        },
+                        "qualifiers": {
+                            "type": "array",
+                            "items": _NULLABLE_TEXT,
+                            "description": "per value: approximately, nearly, estimated, projected, preliminary, "
+                            "more than, less than, at least, at most, or null",
+                        },
+                        "texts": {"type": "array", "items": _STR, "description": "per value: the text as written"},
                     },
                     "required": ["name", "values"],
                 },
@@ -166,7 +197,7 @@ class ChartTask(Task):
         },
         "required": ["title", "x_axis", "y_axis", "categories", "series", "notes"],
     }
-    csv_columns: ClassVar[tuple[str, ...]] = ("title", "series", "category", "value", "error")
+    csv_columns: ClassVar[tuple[str, ...]] = ("title", "series", "category", "value", "unit", "qualifier", "error")
 
     @classmethod
     def from_options(cls, *, prompt: str | None = None) -> ChartTask:
@@ -186,26 +217,28 @@ class ChartTask(Task):
         axes = [f"{k} axis: {r[f'{k}_axis']}" for k in ("x", "y") if r.get(f"{k}_axis")]
         if axes:
             lines.append(" · ".join(axes))
-        header = [r.get("x_axis") or "category", *[s["name"] for s in r.get("series", [])]]
-        rows = [[c, *[s["values"][i] for s in r["series"]]] for i, c in enumerate(r.get("categories", []))]
+        series = r.get("series", [])
+        header = [r.get("x_axis") or "category", *[s["name"] for s in series]]
+        rows = [[c, *[_shown(s, i) for s in series]] for i, c in enumerate(r.get("categories", []))]
         lines.append(markdown_table(header, rows))
         return "\n\n".join(lines)
 
     @classmethod
     def csv_rows(cls, record: PageRecord) -> list[list[Any]]:
-        """One row per value: series, category, value."""
+        """One row per value: series, category, value, unit, qualifier."""
         r, err = record.result or {}, record.error or ""
         title = r.get("title") or ""
         rows = [
-            [title, s["name"], category, value, err]
+            [title, s["name"], category, value, _at(s, "units", i) or "", _at(s, "qualifiers", i) or "", err]
             for s in r.get("series", [])
-            for category, value in zip(r.get("categories", []), s["values"], strict=False)
+            for i, (category, value) in enumerate(zip(r.get("categories", []), s["values"], strict=False))
         ]
-        return rows or [[title, "", "", "", err]]
+        return rows or [[title, "", "", "", "", "", err]]
 
     @classmethod
     def frames(cls, record: PageRecord) -> list[tuple[str, pd.DataFrame, bool]]:
-        """The chart as one wide table: a category column, then one column per series."""
+        """The chart as one wide table: a category column, then one column per series (its unit in brackets
+        when all its values share one), and a "<series> qualifier" column where any value has a qualifier."""
         import pandas as pd  # imported here: only DataFrame output needs it
 
         r = record.result or {}
@@ -213,10 +246,32 @@ class ChartTask(Task):
             return []
         data = {r.get("x_axis") or "category": r["categories"]}
         for i, s in enumerate(r["series"]):
-            data[s["name"] if s["name"] not in data else f"{s['name']} ({i + 1})"] = s["values"]
+            units = {u for u in s.get("units") or [] if u}
+            name = f"{s['name']} [{units.pop()}]" if len(units) == 1 else s["name"]
+            name = name if name not in data else f"{name} ({i + 1})"
+            data[name] = s["values"]
+            if any(s.get("qualifiers") or []):
+                data[f"{name} qualifier"] = [q or "" for q in s["qualifiers"]]
         return [(f"p{record.page}", pd.DataFrame(data), True)]
 
     @classmethod
     def columns(cls, result: Mapping[str, Any]) -> dict[str, Any]:
         keys = ("title", "x_axis", "y_axis", "categories", "series", "notes")
         return {k: result.get(k) for k in keys}
+
+
+def _at(series: Mapping[str, Any], key: str, i: int) -> Any:
+    """The i-th entry of a per-value list of a series; None where an older record lacks the list."""
+    values = series.get(key) or []
+    return values[i] if i < len(values) else None
+
+
+def _shown(series: Mapping[str, Any], i: int) -> str:
+    """A value as Markdown shows it: the number, its unit and qualifier, e.g. "1200000 $ (approximately)"."""
+    value = series["values"][i] if i < len(series["values"]) else None
+    if value is None:
+        return ""
+    number = str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else str(value)
+    unit, qualifier = _at(series, "units", i), _at(series, "qualifiers", i)
+    shown = f"{number}%" if unit == "%" else f"{number} {unit}" if unit else number
+    return f"{shown} ({qualifier})" if qualifier else shown
