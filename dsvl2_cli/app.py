@@ -22,6 +22,7 @@ from dsvl2.pipelines.schema import record_schema
 from dsvl2.pipelines.task import Task, TaskOption
 from dsvl2.pipelines.tasks import TASKS
 from dsvl2.progress import Reporter
+from dsvl2.reparse import run_reparse
 from dsvl2.session import run_task
 
 app = typer.Typer(
@@ -116,6 +117,34 @@ for _task_type in TASKS.values():
 @app.command(help="Print the JSON Schema of a page record (the same as schema/page-record.schema.json).")
 def schema() -> None:
     typer.echo(json.dumps(record_schema(), indent=2))
+
+
+@app.command(
+    epilog=_examples(
+        "dsvl2 reparse out.jsonl -o out.jsonl",
+        "dsvl2 reparse tables.jsonl --format csv -o tables.csv",
+        "cat out.jsonl | dsvl2 reparse - | jq -r .status",
+    )
+)
+def reparse(
+    records: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Record files as the commands write them (JSONL, or a JSON array from --format json); "
+            "'-' reads records from stdin.",
+            show_default=False,
+            metavar="RECORDS",
+        ),
+    ] = None,
+    output: o.Output = None,
+    format: o.FormatOpt = None,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = 0,
+) -> None:
+    """Re-read saved answers with the current parsers, without the model: each record's `text` is parsed
+    again for its task and prompt; `result`, `status` and `parser` are updated, everything else is kept.
+    `failed` records pass through; `truncated` and `repetition` keep their status. Default format: jsonl."""
+    raise typer.Exit(run_reparse(paths=records or [], output=output, fmt=format, quiet=quiet, verbose=verbose))
 
 
 @models_app.command(
