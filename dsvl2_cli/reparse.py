@@ -177,8 +177,11 @@ def _render(records: Sequence[PageRecord], fmt: Format, stream: IO[str]) -> None
     tasks = list(dict.fromkeys(r.task for r in records))
     if fmt is Format.csv and len(tasks) > 1:
         raise UsageError(f"records of several tasks ({', '.join(tasks)}) cannot share one CSV; use -o DIR/")
+    if not tasks:  # no records: an empty JSON array, or nothing (a CSV header would name some task's columns)
+        stream.write("[]\n" if fmt is Format.json else "")
+        return
     docs = documents(records)
-    sink = StreamSink(stream, fmt, tasks[0] if tasks else "ocr", headers=len(records) > 1)
+    sink = StreamSink(stream, fmt, tasks[0], headers=len(records) > 1)
     for r in records:
         sink.write(r, docs[r.source])
     sink.close()

@@ -187,6 +187,8 @@ def test_json_array_input_and_several_files_of_several_tasks(fake):
     mixed = invoke("reparse", "t.json", "a.jsonl", "-f", "csv")
     assert mixed.exit_code == 2 and "several tasks (table, ask)" in mixed.stderr and mixed.stdout == ""
     assert invoke("reparse", "-", input="[]").stdout == ""
+    empty = invoke("reparse", "-", "-f", "json", input="\n")
+    assert (empty.exit_code, json.loads(empty.stdout)) == (0, [])
 
 
 def test_in_place_and_stdin(fake):
