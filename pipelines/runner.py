@@ -13,38 +13,27 @@ per row, so memory does not grow with document length. Limits (pipelines.limits)
 a step that runs out of memory halves the requests in flight when the batch size is automatic, else the
 run stops with `OutOfMemory`; a step that fails otherwise is retried one request at a time, so the page
 that broke it fails alone. With `settings.retry_repetition`, an answer the repetition guard stopped is
-generated once more with `settings.retry_sampling()`, both attempts kept in the record. Nothing here prints
-or writes files.
+generated once more with `settings.retry_sampling()`, both attempts kept in the record. The unit of all
+this is a window (pipelines.windows): one page, or with `window` several pages of a document in one request
+(`ask --per document`), which batching, limits and retries treat like any other. Nothing here prints or
+writes files.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
-from dsvl2.model.requests import Completion, Request, Sampling, user_prompt
-from dsvl2.pipelines.base import (
-    FAILURES,
-    Document,
-    Page,
-    PageRecord,
-    RecordContext,
-    Runtime,
-    Settings,
-    answered_record,
-    attempt,
-    failed_record,
-    page_key,
-)
+from dsvl2.model.requests import Completion, Request, Sampling
+from dsvl2.pipelines import windows
+from dsvl2.pipelines.base import FAILURES, Document, Page, PageRecord, RecordContext, Runtime, Settings, attempt
 from dsvl2.pipelines.limits import Deadlines, OutOfMemory, is_out_of_memory
+from dsvl2.pipelines.prefetch import prefetch
 from dsvl2.pipelines.task import Task
-
-T = TypeVar("T")
+from dsvl2.pipelines.windows import Window
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,59 +97,15 @@ class RunStats:
 
 @dataclass(slots=True)
 class _Slot:
-    page: Page
+    window: Window
     prompt: str
     record: PageRecord | None = None
     request: Request | None = None
     first: Completion | None = None  # the answer the repetition guard stopped, while its retry runs
 
-
-def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate `items` in a background thread, at most `depth` items ahead of the consumer. Exceptions
-    raised by `items` are re-raised in the consumer; closing this generator stops the producer."""
-    if depth <= 0:
-        yield from items
-        return
-    q: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: tuple[str, object]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        source = iter(items)
-        try:
-            for item in source:
-                if not put(("item", item)):
-                    break
-            else:
-                put(("done", None))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(("error", exc))
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name="dsvl2-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "item":
-                yield value  # type: ignore[misc]
-            elif kind == "error":
-                raise value  # type: ignore[misc]
-            else:
-                return
-    finally:
-        stop.set()
+    @property
+    def doc(self) -> Document:
+        return self.window.first.doc
 
 
 def _describe(exc: BaseException) -> str:
@@ -221,23 +166,23 @@ class _Run:
         waiting = len(self.ready) + len(self.alone) + len(self.in_flight)
         return not self.stop and waiting < 2 * self.cap and len(self.slots) < BUFFER_PER_ROW * self.cap
 
-    def add_page(self, page: Page, is_done: Callable[[str], bool]) -> None:
+    def add_window(self, window: Window, is_done: Callable[[str], bool]) -> None:
+        page, ctx = window.first, self.ctx
         if not self.docs or self.docs[-1].key != page.doc.key:
             if self.docs:
                 self.enumerated.add(self.docs[-1].key)
             self.docs.append(page.doc)
         for prompt in self.task.prompts:
-            if page.error is not None or page.number is None:
-                self._add(_Slot(page, prompt, failed_record(self.ctx, page, prompt, page.error or "no pages")))
-            elif is_done(
-                page_key(page, task=self.task.name, prompt=prompt, settings=self.ctx.settings, model=self.ctx.model)
-            ):
+            if page.number is None or (page.error is not None and not window.several):
+                self._add(_Slot(window, prompt, windows.failed(ctx, window, prompt, page.error or "no pages")))
+            elif is_done(windows.window_key(window, task=self.task.name, prompt=prompt, settings=ctx.settings,
+                                            model=ctx.model)):  # fmt: skip
                 self.stats.skipped += 1
                 self.on_event(PageSkipped(page, prompt))
-            elif page.image is None:
-                self._add(_Slot(page, prompt, failed_record(self.ctx, page, prompt, "page was not rendered")))
+            elif not window.rendered:
+                self._add(_Slot(window, prompt, windows.unrendered(ctx, window, prompt)))
             else:
-                self._add(self._pending(page, prompt))
+                self._add(self._pending(window, prompt))
         self._release()
 
     def end_of_input(self) -> None:
@@ -246,16 +191,16 @@ class _Run:
         self._release()
 
     def _add(self, slot: _Slot) -> None:
-        self.outstanding[slot.page.doc.key] += 1
+        self.outstanding[slot.doc.key] += 1
         self.slots.append(slot)
 
-    def _pending(self, page: Page, prompt: str) -> _Slot:
-        slot = _Slot(page, prompt)
+    def _pending(self, window: Window, prompt: str) -> _Slot:
+        slot = _Slot(window, prompt)
         try:
-            slot.request = self._request(user_prompt(prompt, (page.image,)), self.sampling)
+            slot.request = self._request(windows.conversation(window, prompt), self.sampling)
             self.ready.append(slot)
         except Exception as exc:
-            slot.record = failed_record(self.ctx, page, prompt, _describe(exc))
+            slot.record = windows.failed(self.ctx, window, prompt, _describe(exc))
         return slot
 
     def _request(self, conversation: tuple, sampling: Sampling) -> Request:
@@ -278,8 +223,8 @@ class _Run:
         if self.stop and self.ready:
             unsent = {id(slot) for slot in self.ready}
             for slot in self.ready:
-                self.outstanding[slot.page.doc.key] -= 1
-                self.enumerated.discard(slot.page.doc.key)
+                self.outstanding[slot.doc.key] -= 1
+                self.enumerated.discard(slot.doc.key)
             self.slots = deque(slot for slot in self.slots if id(slot) not in unsent)
             self.ready.clear()
         source, limit = (self.alone, 1) if self.alone else (self.ready, self.cap)
@@ -307,7 +252,7 @@ class _Run:
                 self._complete(slot, completion, late=self.deadlines.late(completion))
         if not completions and self.in_flight and not self.runtime.has_work:
             for slot in self.in_flight.values():  # the runtime dropped them without a word
-                slot.record = failed_record(self.ctx, slot.page, slot.prompt, "the runtime returned no answer")
+                slot.record = windows.failed(self.ctx, slot.window, slot.prompt, "the runtime returned no answer")
             self.in_flight.clear()
         self._release()
 
@@ -333,7 +278,7 @@ class _Run:
         else:
             error = f"out of memory even alone ({_describe(exc)})"
         if len(failed) == 1:
-            failed[0].record = failed_record(self.ctx, failed[0].page, failed[0].prompt, error)
+            failed[0].record = windows.failed(self.ctx, failed[0].window, failed[0].prompt, error)
         else:
             self.alone.extend(failed)
         self._release()
@@ -351,7 +296,7 @@ class _Run:
         if slot.first is not None:
             assert self.retry_sampling is not None
             attempts = [attempt(slot.first, self.sampling), attempt(completion, self.retry_sampling)]
-        record = answered_record(self.ctx, slot.page, slot.prompt, completion, self.task, attempts=attempts)
+        record = windows.answered(self.ctx, slot.window, slot.prompt, completion, self.task, attempts=attempts)
         if late:
             error = (
                 f"page timeout: no complete answer within {self.page_timeout:g} s (--page-timeout); "
@@ -372,8 +317,8 @@ class _Run:
             if record.tokens:
                 self.stats.prompt_tokens += record.tokens["prompt"]
                 self.stats.generated_tokens += record.tokens["generated"]
-            self.outstanding[slot.page.doc.key] -= 1
-            self.on_event(RecordDone(record, slot.page))
+            self.outstanding[slot.doc.key] -= 1
+            self.on_event(RecordDone(record, (slot.window.rendered or slot.window.pages)[0]))
             self._finish_documents()
 
     def _finish_documents(self) -> None:
@@ -384,7 +329,7 @@ class _Run:
         """After a fail-fast stop or the end of input: whatever never got an answer is failed (never silent)."""
         for slot in self.slots:
             if slot.record is None:
-                slot.record = failed_record(self.ctx, slot.page, slot.prompt, "the runtime returned no answer")
+                slot.record = windows.failed(self.ctx, slot.window, slot.prompt, "the runtime returned no answer")
         self._release()
 
 
@@ -401,16 +346,19 @@ def events(
     read_ahead: int | None = None,
     adaptive_batch: bool = False,
     page_timeout: float | None = None,
+    window: int | None = None,
     stats: RunStats | None = None,
 ) -> Iterator[Event]:
     """Answer `task.prompts` for every page, as a stream of events; every page and prompt ends as exactly one
-    `RecordDone` or `PageSkipped`, in input order. `model` is the record's model field (default: the
+    `RecordDone` or `PageSkipped`, in input order. With `window` (`ask --per document`), up to that many
+    consecutive pages of a document are asked in one request instead, one record per window and prompt
+    (pipelines.windows); read-ahead and the buffer then count windows. `model` is the record's model field (default: the
     runtime's id and revision). Pages whose record key `is_done` are skipped. With `fail_fast`, stops after
     the batch in which the first failed or unparseable page was found. `adaptive_batch`: the batch size was
     chosen automatically and may shrink on out-of-memory errors. `page_timeout`: seconds a page's answer may
     take from when its batch starts. `stats`, when given, is filled in as the run goes. The options were
     checked by the caller (dsvl2.options)."""
-    assert batch_size >= 1 and (page_timeout is None or page_timeout > 0)
+    assert batch_size >= 1 and (page_timeout is None or page_timeout > 0) and (window is None or window >= 1)
     stats = stats if stats is not None else RunStats()
     state = _Run(
         runtime=runtime,
@@ -424,17 +372,17 @@ def events(
         stats=stats,
     )
     start = time.perf_counter()
-    stream = prefetch(pages, batch_size if read_ahead is None else read_ahead)
+    stream = prefetch(windows.windows(pages, window), batch_size if read_ahead is None else read_ahead)
     exhausted = False
     try:
         while True:
             while not exhausted and state.wants_pages:
-                page = next(stream, None)
-                if page is None:
+                item = next(stream, None)
+                if item is None:
                     exhausted = True
                     state.end_of_input()
                 else:
-                    state.add_page(page, is_done)
+                    state.add_window(item, is_done)
                 yield from state.drain()
             if state.stop and not exhausted:
                 stats.stopped_early = True
