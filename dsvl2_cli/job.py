@@ -1,7 +1,8 @@
 """One task over a set of inputs with checked options: the path the CLI (dsvl2.session) and the Python API
 (dsvl2.api) both take. It opens the inputs (hash, sniff, count pages; this shard's documents only), knows
-the settings and model identity that every record and resume key carries, and streams the runner's events
-for a runtime. It neither writes outputs nor prints; bad inputs become error records, never exceptions.
+the settings and model identity that every record and resume key carries, which pages still need rendering
+(per page, or per window of pages for `ask --per document`), and streams the runner's events for a runtime.
+It neither writes outputs nor prints; bad inputs become error records, never exceptions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dsvl2.pages import iter_pages
 from dsvl2.pipelines import runner
 from dsvl2.pipelines.base import Document, OptionError, Runtime, Settings, record_key
 from dsvl2.pipelines.task import Task
+from dsvl2.pipelines.windows import document_key, plan
 
 DEFAULT_BATCH_SIZE = 4  # pages at once when the runtime does not say
 
@@ -86,10 +88,17 @@ class Job:
         return [o.doc for o in self.opened]
 
     @property
+    def window(self) -> int | None:
+        """Pages one request covers: a task that asks over several pages at once says how many in its
+        `window` (ask --per document); None is one page per request."""
+        return getattr(self.task, "window", None)
+
+    @property
     def total(self) -> int:
-        """Records the job will end with: one per selected page (one for a document that failed to open)
-        and prompt."""
-        return sum(max(len(o.pages), 1 if o.doc.error else 0) for o in self.opened) * len(self.task.prompts)
+        """Records the job will end with: one per selected page, or window of pages, (one for a document that
+        failed to open) and prompt."""
+        per_doc = (max(len(plan(o.pages, self.window)), 1 if o.doc.error else 0) for o in self.opened)
+        return sum(per_doc) * len(self.task.prompts)
 
     @property
     def has_pages(self) -> bool:
@@ -121,9 +130,32 @@ class Job:
             model=self.resolved_identity().record_model(),
         )
 
+    def window_key(self, doc: Document, numbers: tuple[int, ...], prompt: str) -> str:
+        return document_key(
+            sha256=doc.sha256,
+            pages=numbers,
+            task=self.task.name,
+            prompt=prompt,
+            settings=self.settings.to_dict(),
+            model=self.resolved_identity().record_model(),
+        )
+
     def needs(self, is_done: Callable[[str], bool]) -> Callable[[Document, int], bool]:
-        """`want(doc, page)` for rendering: some prompt of the page is not done yet."""
-        return lambda doc, number: any(not is_done(self.key(doc, number, p)) for p in self.task.prompts)
+        """`want(doc, page)` for rendering: some prompt of the page is not done yet; per window, some prompt
+        of the page's window (every page of a window is rendered, or none)."""
+        if self.window is None:
+            return lambda doc, number: any(not is_done(self.key(doc, number, p)) for p in self.task.prompts)
+        window_of = {(o.doc.key, n): w for o in self.opened for w in plan(o.pages, self.window) for n in w}
+        wanted: dict[tuple[str, tuple[int, ...]], bool] = {}
+
+        def want(doc: Document, number: int) -> bool:
+            numbers = window_of[doc.key, number]
+            if (doc.key, numbers) not in wanted:
+                keys = (self.window_key(doc, numbers, p) for p in self.task.prompts)
+                wanted[doc.key, numbers] = any(not is_done(key) for key in keys)
+            return wanted[doc.key, numbers]
+
+        return want
 
     def batch_size(self, runtime: Runtime) -> int:
         """Pages at once: --batch-size, else what the runtime says, else DEFAULT_BATCH_SIZE."""
@@ -148,6 +180,7 @@ class Job:
             is_done=is_done,
             fail_fast=o.fail_fast,
             page_timeout=o.page_timeout,
+            window=self.window,
             stats=stats,
             pages=iter_pages(
                 self.opened, dpi=o.dpi, max_side=o.max_side, password=o.password, want=self.needs(is_done)
