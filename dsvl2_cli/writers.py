@@ -6,6 +6,9 @@ JSONL is flushed per record; a directory output keeps each in-progress document'
 killed run never leaves a half-written file that looks complete, and `--resume` reads both. A single Markdown,
 CSV or text file from a run that did not finish is left as `<file>.partial`, the earlier `<file>` untouched.
 No output path leaves the output directory (`planned` names every path before anything is written).
+Records are known by their resume identity (pipelines.windows.identity: a record over several pages of a
+document, `ask --per document`, by its pages too); each appears once in every output, the newest of its
+identity.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import IO, Any, Protocol
 from dsvl2 import render
 from dsvl2.errors import OutputError
 from dsvl2.pipelines.base import Document, PageRecord
+from dsvl2.pipelines.windows import identity, latest
 
 
 class Format(str, Enum):
@@ -92,11 +96,9 @@ def read_records(path: Path) -> tuple[list[PageRecord], int]:
 
 
 def _merge(old: Sequence[PageRecord], new: Sequence[PageRecord], prompts: Sequence[str]) -> list[PageRecord]:
-    """Old records superseded by new ones with the same key, in page then prompt order."""
-    by_key = {r.key: r for r in old}
-    by_key.update({r.key: r for r in new})
+    """Old records superseded by new ones (`latest`), in page then prompt order."""
     order = {p: i for i, p in enumerate(prompts)}
-    return sorted(by_key.values(), key=lambda r: (r.page or 0, order.get(r.prompt, len(order)), r.prompt))
+    return sorted(latest([*old, *new]), key=lambda r: (r.page or 0, order.get(r.prompt, len(order)), r.prompt))
 
 
 class Sink(Protocol):
@@ -197,8 +199,8 @@ class FileSink:
         self.resume = resume
         if resume:
             self.old, self.bad = read_records(self.path)
-            self.done = {r.key for r in self.old if r.status != "failed"}
-            self.redo = {r.key for r in self.old if r.status == "failed"}
+            self.done = {identity(r) for r in self.old if r.status != "failed"}
+            self.redo = {identity(r) for r in self.old if r.status == "failed"}
         return [f"{self.path}: dropped {self.bad} unreadable record(s) before resuming"] if self.bad else []
 
     def _open(self) -> None:
@@ -217,7 +219,9 @@ class FileSink:
     def write(self, record: PageRecord, doc: Document) -> None:
         if self.file is None and self.inner is None:
             self._open()
-        self.superseded = self.superseded or record.key in self.redo
+        # A record over several pages may also supersede a failed one over fewer pages (see `latest`).
+        replaces = identity(record) in self.redo or (record.pages is not None and bool(self.redo))
+        self.superseded = self.superseded or replaces
         if self.file is not None:
             self.file.write(to_json(record) + "\n")
             self.file.flush()
@@ -236,8 +240,7 @@ class FileSink:
             self.file.close()
             if self.superseded:  # keep only the newest record per key
                 records, _ = read_records(self.path)
-                latest = {r.key: r for r in records}
-                atomic_write(self.path, "".join(to_json(r) + "\n" for r in latest.values()))
+                atomic_write(self.path, "".join(to_json(r) + "\n" for r in latest(records)))
         elif self.inner is not None and self.tmp_cm is not None:
             self.inner.close()
             self.tmp_cm.__exit__(None, None, None)
@@ -286,7 +289,7 @@ class DirSink:
                     warnings.append(f"{doc.source}: ignored {bad + bad_j} unreadable record(s) in earlier output")
                 merged = _merge(records, journal, self.prompts)
                 self.existing[doc.key] = merged
-                self.done.update(r.key for r in merged if r.status != "failed")
+                self.done.update(identity(r) for r in merged if r.status != "failed")
         return warnings
 
     def is_done(self, key: str) -> bool:
