@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dsvl2.errors import one_line
 from dsvl2.pipelines.base import FAILURES, PageRecord
 from dsvl2.pipelines.runner import BatchResized, BatchStarted, DocumentDone, Event, PageSkipped, RecordDone
+from dsvl2.render import pages_label
 
 
 @dataclass(slots=True)
@@ -62,7 +63,8 @@ class Tally:
 
 
 def _where(record: PageRecord) -> str:
-    return f"{record.source} p.{record.page}" if record.page is not None else record.source
+    label = pages_label(record, short=True)
+    return f"{record.source} {label}" if label else record.source
 
 
 class Reporter:

@@ -29,8 +29,21 @@ def csv_columns(task: str) -> list[str]:
     return [*_COMMON, *TASKS[task].csv_columns]
 
 
+def pages_label(record: PageRecord, *, short: bool = False) -> str | None:
+    """"page 3", "pages 1-3" (several pages in one answer: `ask --per document`), or None for a document that
+    could not be opened; `short` gives "p.3" / "pp.1-3"."""
+    pages = record.pages if record.pages and len(record.pages) > 1 else None
+    if pages is None and record.page is None:
+        return None
+    if pages is None:
+        return f"p.{record.page}" if short else f"page {record.page}"
+    span = f"{pages[0]}-{pages[-1]}" if list(pages) == list(range(pages[0], pages[-1] + 1)) else ",".join(
+        str(p) for p in pages)
+    return f"pp.{span}" if short else f"pages {span}"
+
+
 def _marker(record: PageRecord) -> str:
-    where = f"page {record.page}" if record.page is not None else "document"
+    where = pages_label(record) or "document"
     source = record.source.replace("--", "- -")
     return f"<!-- {where} · {source} -->"
 
@@ -59,7 +72,8 @@ def text(record: PageRecord, *, header: bool) -> str:
     body = body if body is not None else (record.text or "")
     if not header:
         return body + "\n" if record.text is not None else ""
-    where = f" (page {record.page})" if record.page is not None else ""
+    label = pages_label(record)
+    where = f" ({label})" if label else ""
     return f"==> {record.source}{where}: {record.prompt} <==\n{body}\n\n"
 
 

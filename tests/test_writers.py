@@ -232,3 +232,18 @@ def test_every_task_writes_records_that_match_the_schema(fake, task):
     schema = record_schema()
     for r in records:
         assert violations(r, schema) == [], r
+
+
+def test_a_several_page_record_is_named_by_its_pages():
+    """`ask --per document` answers cover pages 1-3: every frame must say so, not "page 1"."""
+    from dataclasses import replace
+
+    from dsvl2.render import markdown, pages_label, text
+
+    several = replace(record(), pages=[1, 2, 3])
+    assert pages_label(several) == "pages 1-3" and pages_label(several, short=True) == "pp.1-3"
+    assert pages_label(replace(record(), pages=[1, 3])) == "pages 1,3"
+    assert pages_label(replace(record(), pages=[1])) == "page 1"  # a one-page window
+    assert pages_label(record(page=None)) is None
+    assert markdown(several).startswith("<!-- pages 1-3 · a/x.pdf -->")
+    assert text(several, header=True).startswith("==> a/x.pdf (pages 1-3): p <==")
