@@ -359,7 +359,7 @@ def test_ground_boxes_in_grid_pixels_points_and_annotations(fake):
     result = invoke("ground", "d.pdf", "p.png", "--query", "thing", "--annotate", "ann", "--dpi", "72")
     assert result.exit_code == 0, result.stderr
     pdf, png = jsonl(result.stdout)
-    assert fake.prompts == ["<|ref|>thing<|/ref|>."] * 2
+    assert fake.prompts == ["Locate <|ref|>thing<|/ref|> in the given image."] * 2  # the paper template
     assert pdf["result"]["boxes"][0]["box"] == [0, 0, 999, 499]
     assert pdf["result"]["boxes"][0]["box_pt"] == [0.0, 0.0, 300.0, 199.8]
     assert pdf["result"]["boxes"][0]["box_px"] == [0.0, 0.0, 300.0, 199.8]

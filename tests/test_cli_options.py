@@ -9,8 +9,8 @@ OWN_OPTIONS = {
     "ocr": ["prompt"],
     "table": ["prompt"],
     "chart": ["prompt"],
-    "ground": ["query", "prompt", "annotate"],
-    "ask": ["prompt", "prompts"],
+    "ground": ["query", "template", "prompt", "annotate"],
+    "ask": ["prompt", "prompts", "per", "window"],
 }
 
 
