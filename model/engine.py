@@ -5,9 +5,11 @@ others finish (up to `max_batch_size` rows, and while the cache for every runnin
 budget fits `cache_budget`), encodes the images of each admission wave together (in fixed-size chunks of tiles),
 prefills prompts in chunks interleaved with decode steps of the running rows (so a long page neither
 stalls the others nor spikes memory), samples each row with its own settings and seed, and stops rows on
-EOS, `max_new_tokens`, stop strings or the repetition guard. Requests arrive through `submit` at any time and
-each `step` (one scheduling iteration) returns those that finished in it; `generate` submits a list and steps
-until it is done, returning results in request order and, as each finishes, through `on_completion`.
+EOS, `max_new_tokens`, stop strings or the repetition guard. Prompt plus answer never pass the model's context
+(`max_position_embeddings`): a request's budget is cut to what its prompt leaves, and a prompt that leaves
+nothing fails its step with `PromptTooLong`. Requests arrive through `submit` at any time and each `step` (one
+scheduling iteration) returns those that finished in it; `generate` submits a list and steps until it is done,
+returning results in request order and, as each finishes, through `on_completion`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsvl2.model.errors import InputError
 from dsvl2.model.kv_cache import KVCache, to_device
 from dsvl2.model.processor import Prepared, Processor
 from dsvl2.model.requests import Completion, Request, Timings
 from dsvl2.model.sampling import find_stop, make_generator, repeats_ngram, sample_tokens
 from dsvl2.model.vl2 import DeepseekVL2
+
+
+class PromptTooLong(InputError):
+    """A prompt that leaves no room in the model's context for even one answer token. Raised by the step that
+    admits it, which drops the requests in flight as any failed step does; alone, the request fails by itself."""
+
+    def __init__(self, n_prompt: int, context: int) -> None:
+        super().__init__(
+            f"the prompt has {n_prompt:,} tokens and the model's context holds {context:,} positions, prompt and "
+            "answer together; use fewer or smaller images"
+        )
+        self.n_prompt, self.context = n_prompt, context
 
 
 @dataclass
@@ -36,6 +51,7 @@ class _Sequence:
     submitted: float
     prepared: Prepared | None = None  # processor output (pixels included), dropped once embedded
     n_prompt: int = 0  # prompt tokens, known from admission
+    budget: int = 0  # new tokens it may generate: its max_new_tokens, or what the context leaves after the prompt
     embeds: torch.Tensor | None = None  # (T, E) prompt embeddings, dropped once prefilled
     row: int = -1
     prefilled: int = 0
@@ -71,6 +87,7 @@ class Engine:
         self._token_bytes = model.language.cache_bytes_per_token()
         self.model_id, self.revision = model_id, revision
         self.eos_id = processor.tokenizer.eos_id
+        self.context = model.cfg.language.max_position_embeddings  # positions for prompt plus answer
         self._lock = threading.Lock()  # guards what other threads touch: cancels, queue, ids in flight, outbox
         self._cancelled: set[str] = set()
         self._queue: deque[_Sequence] = deque()
@@ -185,6 +202,7 @@ class Engine:
             finish_reason=reason, n_prompt=seq.n_prompt, n_generated=len(seq.tokens),
             timings=Timings(queued=(seq.admitted or done) - seq.submitted, prefill=seq.prefill_seconds,
                             decode=done - seq.decode_started if seq.decode_started else 0.0),
+            max_new_tokens=seq.budget or None, context=self.context,
         )
         if seq.row >= 0:
             self._rows[seq.row] = None
@@ -222,6 +240,9 @@ class Engine:
             if seq.prepared is None:
                 seq.prepared = self.processor.prepare(seq.request.conversation)
                 seq.n_prompt = int(seq.prepared.input_ids.shape[0])
+                if seq.n_prompt >= self.context:
+                    raise PromptTooLong(seq.n_prompt, self.context)
+                seq.budget = min(seq.request.sampling.max_new_tokens, self.context - seq.n_prompt)
             if not self._fits_budget(seq, free[0], rows, self._cache):
                 with self._lock:
                     self._queue.appendleft(seq)  # waits, prepared, for running rows to finish
@@ -257,8 +278,8 @@ class Engine:
 
     @staticmethod
     def _need(seq: _Sequence) -> int:
-        """Cache slots `seq` may fill: its prompt plus its token budget."""
-        return seq.n_prompt + seq.request.sampling.max_new_tokens
+        """Cache slots `seq` may fill: its prompt plus its token budget (never past the context)."""
+        return seq.n_prompt + seq.budget
 
     def _shape_for(self, placed: list[tuple[int, _Sequence]], cache: KVCache | None) -> tuple[int, int]:
         """(rows, slots) a cache needs to hold each (row, sequence) of `placed`, and never fewer than `cache` has."""
@@ -382,7 +403,7 @@ class Engine:
                 return
         if sampling.no_repeat_ngram and repeats_ngram(seq.tokens, sampling.no_repeat_ngram, sampling.repeat_window):
             finish(seq, "repetition")
-        elif len(seq.tokens) >= sampling.max_new_tokens:
+        elif len(seq.tokens) >= seq.budget:
             finish(seq, "length")
         elif self._is_cancelled(seq.request.id):
             finish(seq, "cancelled")

@@ -45,8 +45,10 @@ def user_prompt(text: str, images: tuple[Image.Image, ...] = ()) -> tuple[Messag
 class Sampling:
     """How to pick tokens. temperature 0 is greedy (argmax); otherwise seeded temperature / top-p sampling.
 
-    `repetition_penalty` != 1 divides (multiplies, when negative) the logit of every token already in the
-    sequence by it before any other filter, as transformers' `RepetitionPenaltyLogitsProcessor` (1 is off).
+    `repetition_penalty` != 1 divides (multiplies, when negative) the logit of every token id already in the
+    sequence by it before any other filter, as transformers' `RepetitionPenaltyLogitsProcessor` (1 is off); the
+    sequence is the prompt's ids, image placeholders included, then the answer so far (see `SeenTokens`).
+    `max_new_tokens` is cut to what the model's context leaves after the prompt (`Completion.max_new_tokens`).
     `no_repeat_ngram` > 0 enables the repetition guard: generation stops with finish reason "repetition"
     when the last n-gram already occurred within the last `repeat_window` generated tokens.
     """
@@ -98,7 +100,9 @@ class Timings:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """The engine's answer to one `Request`."""
+    """The engine's answer to one `Request`. Finish reason "length" means the answer used its whole budget,
+    `max_new_tokens`: the request's own, or less when the prompt left less of the model's `context` (positions;
+    prompt plus answer never pass it). Both are None where the runtime does not say (or never admitted it)."""
 
     id: str
     token_ids: tuple[int, ...]
@@ -107,3 +111,11 @@ class Completion:
     n_prompt: int
     n_generated: int
     timings: Timings = field(default_factory=Timings)
+    max_new_tokens: int | None = None
+    context: int | None = None
+
+    @property
+    def cut_by_context(self) -> bool:
+        """The answer stopped where prompt and answer fill the model's context."""
+        return (self.finish_reason == "length" and self.context is not None
+                and self.n_prompt + self.n_generated >= self.context)

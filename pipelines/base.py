@@ -351,6 +351,15 @@ def failed_record(ctx: RecordContext, page: Page, prompt: str, error: str) -> Pa
     )
 
 
+def _truncation(completion: Completion, max_new_tokens: int) -> str:
+    """Why an answer that used its whole budget was cut: the model's context, or the user's max_new_tokens."""
+    if completion.cut_by_context and completion.n_generated < max_new_tokens:
+        return (f"the answer reached the model's {completion.context:,}-position context after "
+                f"{completion.n_prompt:,} prompt tokens and {completion.n_generated:,} answer tokens "
+                f"(max_new_tokens {max_new_tokens:,}) and was cut")
+    return f"the answer hit max_new_tokens ({max_new_tokens}) and was cut"
+
+
 def attempt(completion: Completion, sampling: Sampling) -> dict[str, Any]:
     """One generation of a page as `PageRecord.attempts` lists it."""
     return {
@@ -383,7 +392,7 @@ def answered_record(
     elif completion.finish_reason in _FINISH_STATUS:
         status = _FINISH_STATUS[completion.finish_reason]
         if status == "truncated":
-            error = f"the answer hit max_new_tokens ({ctx.settings.max_new_tokens}) and was cut"
+            error = _truncation(completion, ctx.settings.max_new_tokens)
         else:
             error = "generation stopped by the repetition guard"
     elif parsed.ok:
