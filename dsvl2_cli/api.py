@@ -52,6 +52,7 @@ class RunOptions(TypedDict, total=False):
     temperature: float
     top_p: float
     seed: int
+    repetition_penalty: float
     repetition_guard: int
     retry_repetition: bool
 

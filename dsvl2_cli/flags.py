@@ -219,6 +219,16 @@ TopP = Annotated[
     ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed for sampling.", rich_help_panel=MODEL)]
+RepetitionPenalty = Annotated[
+    float,
+    typer.Option(
+        "--repetition-penalty",
+        metavar="P",
+        help="Divide the score of every token already in the prompt or the answer by P (multiply, when negative), "
+        "as transformers does; 1 is off. DeepSeek's demos sample with 1.1.",
+        rich_help_panel=MODEL,
+    ),
+]
 RepetitionGuard = Annotated[
     int | None,
     typer.Option(

@@ -54,6 +54,7 @@ class Options:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
     repetition_guard: int | None = None
     retry_repetition: bool = False
 
@@ -67,6 +68,7 @@ class Options:
             ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1, "must be at least 1"),
             ("temperature", self.temperature >= 0, "must be 0 (greedy) or more"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("repetition_guard", self.repetition_guard is None or self.repetition_guard >= 0,
              "must be 0 (off) or a number of tokens"),
             ("verbose", self.verbose >= 0, "must be 0 or more"),
@@ -119,6 +121,7 @@ class Options:
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
+            repetition_penalty=self.repetition_penalty,
             dpi=self.dpi,
             max_side=self.max_side,
             no_repeat_ngram=ngram,

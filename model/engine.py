@@ -4,12 +4,12 @@ The engine knows nothing about documents, files or terminals. It admits requests
 others finish (up to `max_batch_size` rows, and while the cache for every running row's prompt plus token
 budget fits `cache_budget`), encodes the images of each admission wave together (in fixed-size chunks of tiles),
 prefills prompts in chunks interleaved with decode steps of the running rows (so a long page neither
-stalls the others nor spikes memory), samples each row with its own settings and seed, and stops rows on
-EOS, `max_new_tokens`, stop strings or the repetition guard. Prompt plus answer never pass the model's context
-(`max_position_embeddings`): a request's budget is cut to what its prompt leaves, and a prompt that leaves
-nothing fails its step with `PromptTooLong`. Requests arrive through `submit` at any time and each `step` (one
-scheduling iteration) returns those that finished in it; `generate` submits a list and steps until it is done,
-returning results in request order and, as each finishes, through `on_completion`.
+stalls the others nor spikes memory), samples each row with its own settings and seed (repetition penalty
+included), and stops rows on EOS, `max_new_tokens`, stop strings or the repetition guard. Prompt plus answer
+never pass the model's context (`max_position_embeddings`): a request's budget is cut to what its prompt
+leaves, and a prompt that leaves nothing fails its step with `PromptTooLong`. Requests arrive through `submit`
+at any time and each `step` (one scheduling iteration) returns those that finished in it; `generate` submits a
+list and steps until it is done, returning results in request order and, as each finishes, through `on_completion`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dsvl2.model.errors import InputError
 from dsvl2.model.kv_cache import KVCache, to_device
 from dsvl2.model.processor import Prepared, Processor
 from dsvl2.model.requests import Completion, Request, Timings
-from dsvl2.model.sampling import find_stop, make_generator, repeats_ngram, sample_tokens
+from dsvl2.model.sampling import SeenTokens, find_stop, make_generator, repeats_ngram, sample_tokens
 from dsvl2.model.vl2 import DeepseekVL2
 
 
@@ -97,6 +97,7 @@ class Engine:
         # Running state, kept from step to step while there is work and dropped when there is none:
         self._rows: list[_Sequence | None] = []  # cache row -> the sequence in it
         self._cache: KVCache | None = None
+        self._seen: SeenTokens | None = None  # the rows' token ids, made when a request asks for a repetition penalty
 
     # -- requests ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -192,7 +193,7 @@ class Engine:
         with self._lock:
             idle = not self._queue
         if idle and not any(self._rows):  # no work: the cache's memory goes back until some arrives
-            self._rows, self._cache = [], None
+            self._rows, self._cache, self._seen = [], None, None
         return finished
 
     def _complete(self, seq: _Sequence, reason: str) -> Completion:
@@ -216,7 +217,7 @@ class Engine:
         with self._lock:
             self._queue.clear()
             self._in_flight.clear()
-        self._rows, self._cache = [], None
+        self._rows, self._cache, self._seen = [], None, None
 
     # -- admission --------------------------------------------------------------------------------------
     def _admit(self, finish) -> list[_Sequence]:
@@ -249,11 +250,19 @@ class Engine:
                 break
             seq.row, seq.admitted = free.pop(0), time.perf_counter()
             seq.generator = make_generator(seq.request.sampling)
+            if seq.request.sampling.repetition_penalty != 1.0:
+                self._seen_tokens().start(seq.row, seq.prepared.input_ids.tolist())
             rows[seq.row] = seq
             wave.append(seq)
         if wave:
             self._embed(wave)
         return wave
+
+    def _seen_tokens(self) -> SeenTokens:
+        """The rows' token ids for the repetition penalty: one row per possible cache row, made on first need."""
+        if self._seen is None:
+            self._seen = SeenTokens(self.max_batch_size, self.model.cfg.language.vocab_size, self.model.device)
+        return self._seen
 
     def _embed(self, wave: list[_Sequence]) -> None:
         """Prompt embeddings of a whole admission wave: all their tiles through the vision tower together."""
@@ -381,11 +390,20 @@ class Engine:
             self._accept(seq, token, finish)
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """The next token of each of `seqs` from its row of `logits` (N, V) float32, which this may change."""
-        suppress = [n for n, s in enumerate(seqs) if s.request.sampling.suppress_eos]
+        """The next token of each of `seqs` from its row of `logits` (N, V) float32, which this may change. The
+        repetition penalty goes first, as transformers applies its logits processors before its warpers."""
+        samplings = [s.request.sampling for s in seqs]
+        penalized = [n for n, s in enumerate(samplings) if s.repetition_penalty != 1.0]
+        if penalized:
+            seen = self._seen_tokens()
+            logits = seen.penalize(logits, [s.row for s in seqs], [s.repetition_penalty for s in samplings])
+        suppress = [n for n, s in enumerate(samplings) if s.suppress_eos]
         if suppress:
             logits[to_device(suppress, logits.device), self.eos_id] = float("-inf")
-        return sample_tokens(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        tokens = sample_tokens(logits, samplings, [s.generator for s in seqs])
+        if penalized:
+            seen.add([seqs[n].row for n in penalized], [tokens[n] for n in penalized])
+        return tokens
 
     def _accept(self, seq: _Sequence, token: int, finish) -> None:
         """Append `token` to `seq` and apply the stop rules."""

@@ -1,6 +1,8 @@
-"""Token selection and stop rules: small pure functions over rows of logits and tokens.
+"""Token selection and stop rules: small pure functions over rows of logits and tokens, and `SeenTokens`, the
+per-row record of token ids the repetition penalty needs.
 
-Temperature 0 is argmax. Otherwise the row's own seeded `torch.Generator` draws from the temperature-scaled,
+The repetition penalty comes first, as transformers orders its logits processors before its warpers; temperature
+0 is then argmax. Otherwise the row's own seeded `torch.Generator` draws from the temperature-scaled,
 top-p-filtered distribution, so a request samples the same tokens whatever else shares its batch. A batch is
 sampled with one op per group of rows that share settings, and its ids reach the host in one transfer per group.
 """
@@ -8,11 +10,55 @@ sampled with one op per group of rows that share settings, and its ids reach the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import groupby
 
 import torch
 
 from dsvl2.model.kv_cache import to_device
 from dsvl2.model.requests import Sampling
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' `RepetitionPenaltyLogitsProcessor` over a mask: where `seen` (N, V) is True, a logit is divided by
+    `penalty` when positive and multiplied by it when negative. The processor gathers the logit of every id in the
+    sequence, penalises it and scatters it back, so an id seen many times is penalised once, as here."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+class SeenTokens:
+    """The token ids each cache row's sequence holds, as a (rows, V) bool mask on the device: what the repetition
+    penalty looks up. Which ids count is the reference's choice: DeepSeek-VL2's `inference.py` and
+    `deepseek_vl2/serve/inference.py` call `generate(inputs_embeds=..., input_ids=prompt ids, ...)`, and with both
+    given transformers (4.38.2, `GenerationMixin._prepare_model_inputs`) keeps the prompt ids as the sequence the
+    logits processors see, so the prompt counts whole (BOS, role tags and every `<image>` placeholder id) and then
+    every generated token. One difference, for batch invariance: the reference's left padding of a batch puts the
+    pad id in a padded row's sequence; here a row holds its own ids only, so it is penalised as it would be alone.
+
+    Every update is a device op on indices sent without blocking (`to_device`): nothing is read back."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device | str) -> None:
+        self.mask = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+
+    def start(self, row: int, prompt_ids: Sequence[int]) -> None:
+        """`row` now holds a new sequence whose prompt has these ids."""
+        self.mask[row] = False
+        self.mask[row, to_device(sorted(set(prompt_ids)), self.mask.device)] = True
+
+    def add(self, rows: Sequence[int], tokens: Sequence[int]) -> None:
+        """Each of `rows` generated the token at the same place in `tokens`."""
+        if rows:
+            index = to_device([list(rows), list(tokens)], self.mask.device)
+            self.mask[index[0], index[1]] = True
+
+    def penalize(self, logits: torch.Tensor, rows: Sequence[int], penalties: Sequence[float]) -> torch.Tensor:
+        """`logits` (N, V) with row n penalised by `penalties[n]` over the ids of cache row `rows[n]`; rows whose
+        penalty is 1 are left as they are. One op per distinct penalty, like sampling's settings groups."""
+        order = sorted((p, n) for n, p in enumerate(penalties) if p != 1.0)
+        for penalty, group in groupby(order, key=lambda pn: pn[0]):
+            members = [n for _, n in group]
+            index = to_device([members, [rows[n] for n in members]], logits.device)
+            logits[index[0]] = penalize_repeats(logits[index[0]], self.mask[index[1]], penalty)
+        return logits
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
