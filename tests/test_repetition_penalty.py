@@ -219,4 +219,4 @@ def test_cli_penalty_reaches_the_records_and_is_checked(fake) -> None:
     [record] = jsonl(result.stdout)
     assert record["settings"]["repetition_penalty"] == 1.1 and fake.requests[0].sampling.repetition_penalty == 1.1
     result = invoke("ocr", "p.png", "--repetition-penalty", "0")
-    assert result.exit_code == 2 and result.stderr.strip() == "usage: --repetition-penalty must be > 0"
+    assert result.exit_code == 2 and result.stderr.strip() == "error: usage: --repetition-penalty must be > 0"
