@@ -101,9 +101,21 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        """Queue `request`; a later `step` admits it as soon as a row and the cache budget allow. Raises
-        ValueError when a request with the same id is still in flight."""
+        """Queue `request`; a later `step` admits it as soon as a row and the cache budget allow. Raises, with
+        nothing queued, `InputError` for a conversation the processor refuses, `PromptTooLong` (one) for a
+        prompt that leaves no room in the context, and ValueError when a request with the same id is in flight."""
         self._enqueue([request])
+
+    @property
+    def running(self) -> int:
+        """Requests in cache rows now (prefilling or decoding): the batch the last step ran. Read it between steps."""
+        return sum(seq is not None for seq in self._rows)
+
+    def progress(self, request_id: str) -> tuple[int, ...] | None:
+        """The tokens a running request has generated so far (None if it is not in a row). Between steps only:
+        from the thread that calls `step`, as a server does to stream answers."""
+        seq = next((s for s in self._rows if s is not None and s.request.id == request_id), None)
+        return None if seq is None else tuple(seq.tokens)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request: dropped if still queued, stopped at the next step if running. An id not in flight
@@ -118,6 +130,10 @@ class Engine:
             return bool(self._in_flight or self._outbox)
 
     def _enqueue(self, requests: Sequence[Request]) -> None:
+        for request in requests:  # refused before anything is queued, so no other request pays for it
+            n_prompt = self.processor.count_tokens(request.conversation)
+            if n_prompt >= self.context:
+                raise PromptTooLong(n_prompt, self.context)
         with self._lock:
             clash = next((r.id for r in requests if r.id in self._in_flight), None)
             if clash is not None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dsvl2.model.errors import InputError
 from dsvl2.model.requests import Completion, Request, Sampling
 from dsvl2.pipelines import windows
 from dsvl2.pipelines.base import FAILURES, Document, Page, PageRecord, RecordContext, Runtime, Settings, attempt
@@ -232,12 +233,17 @@ class _Run:
         while source and len(self.in_flight) < limit:
             slot = source.popleft()
             assert slot.request is not None
+            try:
+                self.runtime.submit(slot.request)
+            except InputError as exc:  # this request alone is refused (say, a prompt past the context)
+                slot.record = windows.failed(self.ctx, slot.window, slot.prompt, _describe(exc))
+                continue
             self.in_flight[slot.request.id] = slot
             self.deadlines.start(slot.request.id)
-            self.runtime.submit(slot.request)
             added += 1
         if added:
             self.on_event(BatchStarted(len(self.in_flight)))
+        self._release()
 
     def step(self) -> None:
         """One step of the runtime; each completion becomes its page's record (or its retry)."""

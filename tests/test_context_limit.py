@@ -110,21 +110,23 @@ def test_cut_requests_stop_at_the_context_and_keep_their_tokens(tmp_path: Path) 
     assert Engine(parity_model(CKPT), parity_processor(CKPT)).generate([asked])[0].token_ids == long.token_ids
 
 
-def test_a_prompt_that_alone_does_not_fit_fails_its_step_and_leaves_the_engine_usable(tmp_path: Path,
-                                                                                     a4_tokens: int) -> None:
+def test_a_prompt_that_alone_does_not_fit_is_refused_at_submit_and_the_others_run(tmp_path: Path,
+                                                                                  a4_tokens: int) -> None:
     """Catches a prompt past the context reaching the model (positions past what it learnt, a cache too small) or
-    wedging the engine: the step that admits it raises PromptTooLong naming both counts, nothing stays in flight,
-    and the other requests run afterwards. A prompt one position short of the context still gets its one token;
+    costing the requests beside it: `submit` raises PromptTooLong naming both counts with nothing queued, and the
+    request already in flight runs on. A prompt one position short of the context still gets its one token;
     one that fills the context has no room for it."""
     engine = small_engine(tmp_path, 48, max_batch_size=2)
     ok = text_request("ok", 10, 4)  # 47 prompt tokens
     engine.submit(ok)
-    engine.submit(a4_request("a4", 5))
     with pytest.raises(PromptTooLong, match=rf"has {a4_tokens:,} tokens .* holds 48 positions") as caught:
-        while engine.has_work:
-            engine.step()
+        engine.submit(a4_request("a4", 5))
     assert (caught.value.n_prompt, caught.value.context) == (a4_tokens, 48)
-    assert "\n" not in str(caught.value) and not engine.has_work
+    assert "\n" not in str(caught.value)
+    done = []
+    while engine.has_work:
+        done += engine.step()
+    assert [c.id for c in done] == ["ok"]
     again = engine.generate([ok])[0]
     assert (again.n_prompt, again.n_generated, again.max_new_tokens) == (47, 1, 1) and again.cut_by_context
     with pytest.raises(PromptTooLong, match=r"has 47 tokens .* holds 47 positions"):
