@@ -15,6 +15,8 @@ the Python tag and the platform), so two installed versions never overwrite each
         FAILED        why the build failed: a one-line summary, then the compiler's last lines; later processes
                       read it and fall back at once instead of spending the build time again (not written when
                       the compiler itself was killed, e.g. out of memory: that may succeed next time)
+        choice-<k>.json  which of the library's kernels beat torch on this CPU (model/kernel_choice.py): timings
+                      keyed by the CPU model, flags and thread count, written atomically, re-measured if corrupt
         build-*/      a build in progress: torch's ninja files, the objects and torch's own `lock` file (a plain
                       file that a killed builder leaves behind); every build starts in a fresh one and deletes those
                       a killed builder left, so a stale torch `lock` is never waited on
@@ -224,7 +226,7 @@ def _build(name: str, sources: Sequence[Path], cflags: Sequence[str], ldflags: S
         build_seconds = time.perf_counter() - compile_start
         summary, record = _failure(exc, output)
         if not _KILLED.search(record):  # a compiler killed (e.g. out of memory) may succeed next time
-            _write_atomic(directory / FAILED_NAME, record)
+            write_atomic(directory / FAILED_NAME, record)
         shutil.rmtree(work, ignore_errors=True)
         return KernelStatus("failed", reason=summary, compiled=True, build_seconds=build_seconds,
                             load_seconds=compile_start - start, directory=str(directory))
@@ -310,9 +312,9 @@ def _one_line(text: str) -> str:
     return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 3] + "..."
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the whole file or none (errors are ignored: the record is an
-    optimisation, the caller's status already says what failed)."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the whole file or none (errors are ignored: a record here is an
+    optimisation, a FAILED record's status or a kernel choice's timings are known to the caller already)."""
     with contextlib.suppress(OSError):
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}-",
                                          delete=False) as tmp:

@@ -19,7 +19,11 @@ switched off (`enabled=False`, or DSVL2_KERNELS=0 in the environment), `linear` 
 False (the model then runs its experts one by one).
 Nothing is raised or printed: `status()` returns a `KernelStatus` (built, loaded from the cache, failed with a
 reason, unsupported CPU or switched off, and the seconds spent) for the caller to report, and
-`available(on_build_start=...)` calls back when a build really starts. Where to use the kernels is the model's choice.
+`available(on_build_start=...)` calls back when a build really starts.
+
+Where to use them is decided once per operation family and machine: `paths(trials)` gives the model a
+`kernel_choice.Paths` (CPU features, then a calibration cached next to the build); `paths()` reports the routes
+decided in this process. This module is the one that reads the environment (DSVL2_KERNELS) and the CPU.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsvl2.model import kernel_build
+from dsvl2.model import kernel_build, kernel_choice
 from dsvl2.model.devices import cpu_flags
 from dsvl2.model.kernel_build import KernelStatus
+from dsvl2.model.kernel_choice import Family, Machine, Paths, Route, Trial
 
 # Rows (tokens) up to which `linear` uses the kernel (decode batches). Past ~16 rows a product is bound by the
 # bf16 dot-product rate rather than by reading the weight; the kernel still matched F.linear at 48 and 64 rows
@@ -116,6 +121,50 @@ def build_seconds() -> float:
     """Seconds the first `available()` spent building or loading the extension in this process."""
     s = status()
     return s.build_seconds + s.load_seconds
+
+
+@functools.cache
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine() -> Machine:
+    """This CPU and torch's current thread count: what a calibration's timings are keyed by."""
+    return Machine(_cpu_model(), cpu_flags() & frozenset(kernel_choice.RELEVANT_FLAGS), torch.get_num_threads())
+
+
+_decided: dict[tuple, Paths] = {}  # (status, machine, trials) -> routes, once per process
+_reported: dict[Family, Route] = {}  # the latest route of each family decided in this process
+_deciding = threading.Lock()
+
+
+def paths(trials: dict[Family, Trial | str] | None = None) -> Paths:
+    """With `trials` (kernel_calibration.language_trials / vision_trials of a model): the routes for that model,
+    decided by `kernel_choice.decide` at most once per process for the same status, machine and shapes (the build
+    happens first, as in `status`; timings are cached in the build's directory). Without: what this process has
+    decided so far, the features' or the prior's route for the families no model has asked about yet."""
+    current, here = status(), machine()
+    if trials is None:
+        return Paths(tuple(_reported.get(f) or kernel_choice.by_features(f, here, current)
+                           or kernel_choice.prior(f, here) for f in kernel_choice.FAMILIES))
+    shapes = tuple(sorted((f, t if isinstance(t, str) else t.shape) for f, t in trials.items()))
+    key = (current, here, shapes)
+    if (found := _decided.get(key)) is not None:
+        return found
+    with _deciding:
+        if (found := _decided.get(key)) is None:
+            cache = Path(current.directory) if current.directory else None
+            with torch.inference_mode():
+                found = _decided[key] = kernel_choice.decide(trials, machine=here, status=current, cache=cache)
+            _reported.update((f, found.route(f)) for f in trials)
+        return found
 
 
 def fits(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

@@ -1,7 +1,10 @@
-"""DeepSeek-V2 MoE decoder: RMSNorm, RoPE (plain, linear, YaRN), MHA or MLA attention, dense MLP, MoE.
+"""DeepSeek-V2 MoE decoder: RMSNorm, RoPE (plain, linear, YaRN), MHA or MLA attention; the dense MLP and the MoE
+are in feedforward.py, the torch attention in attention.py.
 
 Attribute paths equal the checkpoint's `language.*` keys. Forwards take plain tensors and an optional
-`KVCache` and never decide policy: the engine chooses batch layout, chunking and sampling.
+`KVCache` and never decide policy: the engine chooses batch layout, chunking and sampling. Which operation
+families run our CPU kernels is the `Paths` that `LanguageModel` gets from kernels.paths (per machine, calibrated
+on this model's shapes) and hands to its modules.
 
 Shape legend: B batch, T new tokens, S visible cache slots, E hidden size, H heads, H_kv key/value heads,
 D head dim, Dn / Dv MLA non-rotary key / value head dims, R rope dim, C latent (kv_lora) rank,
@@ -13,21 +16,20 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsvl2.model import kernels
+from dsvl2.model import kernel_calibration, kernels
+from dsvl2.model.attention import SDPA_MIN_QUERIES, attend, causal_mask
 from dsvl2.model.config import LanguageConfig, yarn_mscale
+from dsvl2.model.feedforward import MLP, MoE, MoEGate, proj
+from dsvl2.model.kernel_choice import UNCHOSEN, Paths
 from dsvl2.model.kv_cache import CacheRows, KVCache
+
+__all__ = ["MLP", "SDPA_MIN_QUERIES", "DecoderLayer", "LanguageModel", "MHAttention", "MLAttention", "MoE", "MoEGate",
+           "RMSNorm", "Rotary", "attend", "cache_shapes", "cache_token_bytes", "causal_mask", "proj"]
 
 Cache = KVCache | CacheRows
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, 1, T, R) of one forward's positions, shared by its layers
-
-
-def proj(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """A bias-free projection. Few-row bf16 products on CPU (decode) go to the compiled kernel that reads the
-    weight once at memory speed for all rows (model/kernels.py); everything else is F.linear."""
-    return kernels.linear(x, layer.weight)
 
 
 class RMSNorm(nn.Module):
@@ -117,33 +119,6 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
     return x.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
 
 
-def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """(B, T) query and (B, S) key positions -> (B, 1, T, S) bool, True where the key is visible."""
-    return (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]
-
-
-SDPA_MIN_QUERIES = 16
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale, masked) v with q (B, H, T, D), k (B, Hk, S, D), v (B, Hk, S, Dv), Hk | H.
-
-    Long query blocks (prefill) use torch's fused kernel. Short ones (decode) use two matmuls with the
-    softmax in float32, as the reference does: for a single query the fused CPU kernel is several times
-    slower than reading the cached keys once."""
-    B, H, T, _ = q.shape
-    Hk = k.shape[1]
-    if T >= SDPA_MIN_QUERIES:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hk != H)
-    G = H // Hk
-    qg = q.reshape(B, Hk, G * T, q.shape[-1])  # query heads grouped under their key head
-    # k on the left: its (S, D) blocks are read in place, where q @ k^T would copy the transposed keys.
-    scores = (k @ qg.transpose(-1, -2)).transpose(-1, -2).float() * scale  # (B, Hk, G*T, S)
-    scores = scores.view(B, Hk, G, T, -1).masked_fill(~mask[:, :, None], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype).view(B, Hk, G * T, -1)
-    return (probs @ v).view(B, H, T, v.shape[-1])
-
-
 class MHAttention(nn.Module):
     """Multi-head attention as transformers' LlamaAttention (use_mla false): rotate-half RoPE over the
     whole head, optional grouped key/value heads."""
@@ -158,6 +133,7 @@ class MHAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, E, bias=False)
         self.rotary = Rotary(cfg)
         self.scale = cfg.softmax_scale
+        self.paths = UNCHOSEN
 
     @staticmethod
     def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
@@ -166,9 +142,10 @@ class MHAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int,
                 rope: Rope | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = proj(x, self.q_proj).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = proj(x, self.k_proj).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = proj(x, self.v_proj).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        p = self.paths
+        q = proj(x, self.q_proj, p).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = proj(x, self.k_proj, p).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = proj(x, self.v_proj, p).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
@@ -176,14 +153,20 @@ class MHAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, S, D)
             k_pos = torch.arange(k.shape[2], device=x.device).expand(B, -1)
-            if T < SDPA_MIN_QUERIES and kernels.attend_fits(q, k, v):  # decode: the cache read once, in place
+            decode = T < SDPA_MIN_QUERIES and p.kernel("decode_attention")
+            if decode and kernels.attend_fits(q, k, v):  # the cache read once, in place
                 out = kernels.attend(q, k, v, positions, self.scale)
-                return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj)
-        if T >= SDPA_MIN_QUERIES and kernels.attention_fits(q, k, v):  # prefill: keys by slot = position
+                return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj, p)
+        if _prefill_kernel(q, k, v, p):  # keys by slot = position
             out = kernels.attention(q, k, v, self.scale, positions)
         else:
             out = attend(q, k, v, causal_mask(positions, k_pos), self.scale)  # (B, H, T, D)
-        return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj)
+        return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj, p)
+
+
+def _prefill_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paths: Paths) -> bool:
+    """Whether a query block (B, H, T, D) is prefill-sized, its family takes the kernel and the kernel covers it."""
+    return q.shape[2] >= SDPA_MIN_QUERIES and paths.kernel("prefill_attention") and kernels.attention_fits(q, k, v)
 
 
 class MLAttention(nn.Module):
@@ -216,6 +199,7 @@ class MLAttention(nn.Module):
         self.rotary = Rotary(cfg)
         self.scale = cfg.softmax_scale
         self.absorb: bool | None = None  # None: absorbed for short query blocks with a cache
+        self.paths = UNCHOSEN
 
     @staticmethod
     def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
@@ -223,15 +207,16 @@ class MLAttention(nn.Module):
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return proj(x, self.q_proj, self.paths)
+        return proj(self.q_a_layernorm(proj(x, self.q_a_proj, self.paths)), self.q_b_proj, self.paths)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int,
                 rope: Rope | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self._query(x).view(B, T, self.heads, self.dn + self.dr).transpose(1, 2)  # (B, H, T, Dn+R)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.dr], dim=-1)  # (B, T, C), (B, T, R)
+        latent = proj(x, self.kv_a_proj_with_mqa, self.paths)
+        c, k_pe = latent.split([self.rank, self.dr], dim=-1)  # (B, T, C), (B, T, R)
         c = self.kv_a_layernorm(c)
         cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         q_pe = apply_rope(deinterleave(q_pe), cos, sin)
@@ -246,15 +231,16 @@ class MLAttention(nn.Module):
             out = self._absorbed(q_nope, q_pe, c, k_pe, mask)
         else:
             out = self._expanded(q_nope, q_pe, c, k_pe, mask, positions)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.dv))
+        return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.dv), self.o_proj, self.paths)
 
     def _expanded(self, q_nope, q_pe, c, k_pe, mask, positions) -> torch.Tensor:
         B, S, _ = c.shape
-        kv = self.kv_b_proj(c).view(B, S, self.heads, self.dn + self.dv).transpose(1, 2)  # (B, H, S, Dn+Dv)
+        kv = proj(c, self.kv_b_proj, self.paths).view(B, S, self.heads, self.dn + self.dv)
+        kv = kv.transpose(1, 2)  # (B, H, S, Dn+Dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.heads, S, self.dr)), dim=-1)  # (B, H, S, Dn+R)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        if q.shape[2] >= SDPA_MIN_QUERIES and kernels.attention_fits(q, k, v):  # key slot = position
+        if _prefill_kernel(q, k, v, self.paths):  # key slot = position
             return kernels.attention(q, k, v, self.scale, positions)
         return attend(q, k, v, mask, self.scale)  # (B, H, T, Dv)
 
@@ -267,115 +253,6 @@ class MLAttention(nn.Module):
         scores = (scores * self.scale).masked_fill(~mask, float("-inf"))  # (B, H, T, S)
         out_lat = scores.softmax(dim=-1).to(c.dtype) @ c[:, None]  # (B, H, T, C)
         return torch.einsum("bhtc,hvc->bhtv", out_lat, w_uv)  # (B, H, T, Dv)
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return proj(F.silu(proj(x, self.gate_proj)) * proj(x, self.up_proj), self.down_proj)
-
-
-class MoEGate(nn.Module):
-    """Routing: scores in float32 (softmax or sigmoid), then greedy / group_limited_greedy / noaux_tc
-    selection. Returns expert ids (N, K) and float32 weights (N, K) after normalisation and scaling."""
-
-    def __init__(self, cfg: LanguageConfig):
-        super().__init__()
-        self.top_k, self.method, self.scoring = cfg.num_experts_per_tok, cfg.topk_method, cfg.scoring_func
-        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
-        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        if self.method == "noaux_tc":
-            self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())  # (N, X)
-        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
-        if self.method == "greedy":
-            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
-        elif self.method == "group_limited_greedy":
-            group_scores = scores.view(scores.shape[0], self.n_group, -1).amax(dim=-1)  # (N, groups)
-            masked = scores.masked_fill(~self._expert_mask(group_scores, scores), 0.0)
-            weights, ids = masked.topk(self.top_k, dim=-1, sorted=False)
-        else:  # noaux_tc: select on bias-corrected scores, weigh with the uncorrected ones
-            choice = scores + self.e_score_correction_bias.float()
-            group_scores = choice.view(choice.shape[0], self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
-            masked = choice.masked_fill(~self._expert_mask(group_scores, scores), 0.0)  # 0.0, as the reference
-            ids = masked.topk(self.top_k, dim=-1, sorted=False).indices
-            weights = scores.gather(1, ids)
-        if self.top_k > 1 and self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return ids, weights * self.scaling
-
-    def _expert_mask(self, group_scores: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Keep the experts of the topk_group best groups: (N, X) bool."""
-        keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        per_group = scores.shape[1] // self.n_group
-        return group_mask[:, :, None].expand(-1, -1, per_group).reshape(scores.shape)
-
-
-class MoE(nn.Module):
-    """Routed experts plus always-on shared experts. Tokens are sorted by expert so that each active
-    expert runs one matrix product over all of its tokens (no per-token loop)."""
-
-    def __init__(self, cfg: LanguageConfig):
-        super().__init__()
-        self.experts = nn.ModuleList(
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
-        )
-        self.gate = MoEGate(cfg)
-        if cfg.n_shared_experts:
-            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
-        self._weight_lists: tuple[tuple, tuple[list[torch.Tensor], ...]] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # (N, E)
-        ids, weights = self.gate(flat)  # (N, K)
-        if kernels.moe_fits(flat, self.experts[0].down_proj.weight):  # bf16 CPU: the whole layer in one call
-            y = kernels.moe_routed(flat, ids, weights, *self._expert_weights())
-        else:
-            y = self.dispatch(flat, ids, weights)
-        if hasattr(self, "shared_experts"):
-            y = y + self.shared_experts(flat)
-        return y.view(shape)
-
-    def _expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """The experts' gate, up and down weights as lists, built once: collecting 3 x 64 parameters through
-        nn.Module attribute lookups took ~0.25 ms per layer, a twentieth of a batch-1 decode step. Rebuilt when
-        the parameters are replaced or moved (loading, `.to()`), which the first and last weights show."""
-        first, last = self.experts[0].gate_proj.weight, self.experts[-1].down_proj.weight
-        key = (len(self.experts), id(first), first.data_ptr(), id(last), last.data_ptr())
-        if self._weight_lists is None or self._weight_lists[0] != key:
-            experts = self.experts
-            lists = ([e.gate_proj.weight for e in experts], [e.up_proj.weight for e in experts],
-                     [e.down_proj.weight for e in experts])
-            self._weight_lists = (key, lists)
-        return self._weight_lists[1]
-
-    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Experts one by one, each over all of its tokens (any dtype, device and token count)."""
-        N, K = ids.shape
-        order = ids.flatten().argsort(stable=True)  # token-slot indices grouped by expert
-        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-        tokens = x[order // K]
-        out = torch.empty_like(tokens)
-        start = 0
-        for expert, n in zip(self.experts, counts, strict=True):
-            if n:
-                out[start : start + n] = expert(tokens[start : start + n])
-                start += n
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out
-        # Weighted sum in float32 (the weights' dtype), as the reference does; as one batched product, which gives
-        # the same sums as multiplying and reducing over K, ~8x faster than that reduction on CPU.
-        return torch.bmm(weights[:, None, :], unsorted.view(N, K, -1).float())[:, 0].to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -429,6 +306,15 @@ class LanguageModel(nn.Module):
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.paths = UNCHOSEN  # for the output head; `use_paths` hands it to every module that asks
+        self._trials: dict | None = None  # the calibration trials on this model's shapes, made once
+
+    def use_paths(self, paths: Paths) -> None:
+        """Make every module of this model ask `paths` which families run our kernels."""
+        if paths is not self.paths:
+            for module in self.modules():
+                if isinstance(module, LanguageModel | MHAttention | MLAttention | MLP | MoE):
+                    module.paths = paths
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         p = self.lm_head.weight
@@ -451,7 +337,11 @@ class LanguageModel(nn.Module):
             positions = cache.positions(T)
         else:
             positions = torch.arange(T, device=embeds.device).expand(B, T)
+        if embeds.dtype is torch.bfloat16 and embeds.device.type == "cpu":  # where our kernels can run
+            if self._trials is None:
+                self._trials = kernel_calibration.language_trials(self)
+            self.use_paths(kernels.paths(self._trials))  # decided once per process, then a lookup
         return self.model(embeds, positions, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return proj(hidden, self.lm_head).float()
+        return proj(hidden, self.lm_head, self.paths).float()

@@ -4,6 +4,9 @@ The tower is a pre-norm ViT in timm's layout (the checkpoint's `vision.*` keys):
 tile -> 27x27 = 729 tokens, learned position embedding, no class token, final LayerNorm. The map-pooling head
 (`attn_pool`) is part of the checkpoint but not of the forward: DeepSeek-VL2 uses the patch tokens.
 
+Which of its products and attentions run our CPU kernels is the `Paths` that `VisionTower` gets from kernels.paths
+(per machine, calibrated on the tower's own shapes) and hands to its blocks.
+
 Shapes: N tiles, P patches per tile (729), C width, G grid side (27), E language hidden size.
 """
 
@@ -13,15 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsvl2.model import kernels
+from dsvl2.model import kernel_calibration, kernels
 from dsvl2.model.config import ProjectorConfig, VisionConfig
+from dsvl2.model.kernel_choice import UNCHOSEN, Paths
 
 LAYER_NORM_EPS = 1e-6
 
 
-def dense(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False) -> torch.Tensor:
-    """`layer(x)` (then tanh-GELU when `gelu`), with bias and GELU fused into the product where possible."""
-    return kernels.linear_fused(x, layer.weight, layer.bias, gelu=gelu)
+def dense(x: torch.Tensor, layer: nn.Linear, paths: Paths, *, gelu: bool = False) -> torch.Tensor:
+    """`layer(x)` (then tanh-GELU when `gelu`), with bias and GELU fused into the product by oneDNN when the
+    vision-GEMM family takes the kernel."""
+    if paths.kernel("vision_gemm"):
+        return kernels.linear_fused(x, layer.weight, layer.bias, gelu=gelu)
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y, approximate="tanh") if gelu else y
 
 
 class Mlp(nn.Module):
@@ -29,9 +37,10 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.paths = UNCHOSEN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense(dense(x, self.fc1, gelu=True), self.fc2)
+        return dense(dense(x, self.fc1, self.paths, gelu=True), self.fc2, self.paths)
 
 
 class Attention(nn.Module):
@@ -40,16 +49,18 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.paths = UNCHOSEN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, P, C = x.shape
-        qkv = dense(x, self.qkv).view(N, P, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, N, H, P, D)
+        p = self.paths
+        qkv = dense(x, self.qkv, p).view(N, P, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, N, H, P, D)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        if kernels.attention_fits(q, k, v):
+        if p.kernel("vision_attention") and kernels.attention_fits(q, k, v):
             out = kernels.attention(q, k, v, q.shape[-1] ** -0.5)  # (N, H, P, D), stored as (N, P, H, D)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return dense(out.transpose(1, 2).reshape(N, P, C), self.proj)
+        return dense(out.transpose(1, 2).reshape(N, P, C), self.proj, p)
 
 
 class Block(nn.Module):
@@ -98,9 +109,23 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
         self.attn_pool = AttentionPoolHead(cfg)
+        self.paths = UNCHOSEN
+        self._trials: dict | None = None  # the calibration trials on this tower's shapes, made once
+
+    def use_paths(self, paths: Paths) -> None:
+        """Make every block of the tower ask `paths` which families run our kernels."""
+        if paths is not self.paths:
+            self.paths = paths
+            for module in self.blocks.modules():
+                if isinstance(module, Attention | Mlp):
+                    module.paths = paths
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, 384, 384) normalised pixels -> (N, P, C) patch features after the final LayerNorm."""
+        if self.pos_embed.dtype is torch.bfloat16 and self.pos_embed.device.type == "cpu":  # where kernels can run
+            if self._trials is None:
+                self._trials = kernel_calibration.vision_trials(self)
+            self.use_paths(kernels.paths(self._trials))  # decided once per process, then a lookup
         x = self.patch_embed(pixels.to(self.pos_embed.dtype)) + self.pos_embed
         for block in self.blocks:
             x = block(x)
