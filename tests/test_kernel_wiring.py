@@ -1,0 +1,120 @@
+"""The compiled kernels wired into the model (model/kernels.py through language.py and vision.py): with every family
+routed to the kernels, decode, prefill (MHA and MLA) and the vision tower give the torch path's outputs within bf16
+noise, and the kernels really ran. Only where the kernels build (AVX512-BF16, a compiler, ninja); the routing itself
+is tested on any CPU with fake kernels in tests/test_kernel_choice.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsvl2.model import kernels
+from dsvl2.model.kernel_choice import Paths
+
+EVERY_KERNEL = Paths.uniform("kernel", "forced by the test")  # whatever this CPU's calibration says
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    if not kernels.available():
+        pytest.skip(f"no compiled kernel on this machine ({kernels.build_error()}); routing tested with fakes")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Records the (M, N, K) of every product `linear` hands to the kernel."""
+    calls: list[tuple[int, ...]] = []
+    real = kernels.linear_bf16
+
+    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], *w.shape))
+        return real(x, w)
+
+    monkeypatch.setattr(kernels, "linear_bf16", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["base-noaux", "small-mla", "tiny-mha"])
+def test_model_decode_through_the_kernels_equals_decode_through_f_linear(kernel, kernel_calls, monkeypatch, name):
+    """Catches a wrong wiring of the kernels into the model: a bf16 decode step on each parity checkpoint gives the
+    same logits (within bf16 noise) with the kernels as with F.linear and torch's attention, and the kernels (the
+    fused experts, and on the MHA checkpoint the cache attention) really ran."""
+    from parity import checkpoint_names, parity_model
+
+    assert name in checkpoint_names()
+    lm = parity_model(name, torch.bfloat16).language
+    ids = torch.randint(3, lm.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    ran = []
+    monkeypatch.setattr(kernels, "paths", lambda trials: EVERY_KERNEL)  # whatever this CPU's calibration says
+    for op in ("moe_routed", "attend"):
+        real = getattr(kernels, op)
+        monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real: ran.append(op) or real(*a))
+
+    def decode_logits() -> torch.Tensor:
+        with torch.inference_mode():
+            cache = lm.new_cache(2, 16)
+            lm(lm.embed(ids[:, :11]), cache)
+            cache.advance(11)
+            return lm.logits(lm(lm.embed(ids[:, 11:]), cache)[:, 0])
+
+    with_kernel = decode_logits()
+    assert kernel_calls, "the decode step never reached the kernel"
+    assert "moe_routed" in ran
+    assert ("attend" in ran) == (not lm.cfg.use_mla)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    ran.clear()
+    without = decode_logits()
+    assert not ran
+    assert (with_kernel - without).abs().max() <= 0.05 * without.abs().max()
+
+
+@pytest.mark.parametrize("name", ["small-mla", "tiny-mha"])
+def test_model_prefill_through_the_kernels_equals_prefill_through_torch(kernel, monkeypatch, name):
+    """Catches a wrong wiring of the prefill kernels (MLA's expanded attention over the latent cache, MHA's causal
+    attention, the packed experts): a 20-token bf16 prefill continuing a 5-token one gives the torch path's
+    logits within bf16 noise, and the kernels ran."""
+    from parity import parity_model
+
+    lm = parity_model(name, torch.bfloat16).language
+    ids = torch.randint(3, lm.cfg.vocab_size, (2, 25), generator=torch.Generator().manual_seed(7))
+    ran = []
+    for op in ("moe_routed", "attention"):
+        real = getattr(kernels, op)
+        monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real: ran.append(op) or real(*a))
+
+    def prefill_logits(paths: Paths) -> torch.Tensor:
+        monkeypatch.setattr(kernels, "paths", lambda trials: paths)
+        with torch.inference_mode():
+            cache = lm.new_cache(2, 25)
+            lm(lm.embed(ids[:, :5]), cache)
+            cache.advance(5)
+            return lm.logits(lm(lm.embed(ids[:, 5:]), cache))
+
+    fast = prefill_logits(EVERY_KERNEL)
+    assert {"moe_routed", "attention"} <= set(ran)
+    ran.clear()
+    naive = prefill_logits(Paths.uniform("torch", "forced by the test"))
+    assert not ran
+    assert (fast - naive).abs().max() <= 0.05 * naive.abs().max()
+
+
+def test_vision_tower_runs_its_attention_and_fused_gelu_through_the_kernels(kernel, monkeypatch):
+    """Catches a wrong wiring into the tower: a bf16 tile gives the same features (within bf16 noise) with the
+    kernels as with torch's fused attention and separate GELU, and the kernels really ran."""
+    from parity import checkpoint_names, parity_model
+
+    model = parity_model(checkpoint_names()[0], torch.bfloat16)
+    pixels = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(5))
+    ran = []
+    monkeypatch.setattr(kernels, "paths", lambda trials: EVERY_KERNEL)
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a: ran.append("attention") or real(*a))
+    with torch.inference_mode():
+        with_kernels = model.vision(pixels)
+        assert ran
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+        ran.clear()
+        without = model.vision(pixels)
+    assert not ran
+    diff = (with_kernels.float() - without.float()).abs()
+    assert diff.max() <= 0.05 * without.float().abs().max()
