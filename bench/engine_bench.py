@@ -1,17 +1,22 @@
 """Engine benchmark: every figure beside this machine's limit, both measured in the same run.
 
-    python bench/engine_bench.py [--model DIR] [--device cpu|cuda] [--sections limits,vision,prefill,decode,e2e]
-                                 [--json OUT]
+    python bench/engine_bench.py [--model DIR | --config tiny|small|base [--layers L]] [--device cpu|cuda]
+                                 [--sections limits,vision,prefill,decode,e2e] [--json OUT]
 
 The model defaults to a random checkpoint at the real deepseek-vl2-tiny dimensions, written by the
-checkpoint factory on first use (bench/out/, git-ignored). Limits: bf16 and fp32 matrix rate (a GEMM of
-the model's own shapes) and memory read bandwidth. Ratios: vision and prefill FLOP/s over the bf16 rate;
-decode time per step over its bandwidth bound (the read bandwidth is the fastest of several read patterns,
-one of them a decode step's own one-row product, so no step can beat its bound), counting the bytes touched
-(weights of the distinct experts the batch routes to, shared weights, lm_head, and the cache rows read); end to
-end pages per hour over the bound from the same three limits. The limits are measured again right before each section
-and each section's ratio uses its own (a shared machine's speed drifts over a ten-minute run; the first
-measurement is reported as `limits`). Results print as lines and, with --json, a file.
+checkpoint factory on first use (bench/out/, git-ignored); --config small (MLA) or base picks another model's real
+dimensions and --layers L keeps its first L decoder layers, so the big models fit a short run. Every run prints
+the CPU and which path (our kernel or torch) each operation family took, with the reason.
+Limits: bf16 and fp32 matrix rate (a GEMM of the model's own shapes) and memory read bandwidth. Ratios: vision and
+prefill FLOP/s over the bf16 rate; decode time per step over its bandwidth bound (the read bandwidth is the fastest
+of several read patterns, one of them a decode step's own one-row product, so no step can beat its bound), counting
+the bytes touched (weights of the distinct experts the batch routes to, shared weights, lm_head, and the cache rows
+read); end to end pages per hour over the bound from the same three limits. The limits are measured again right
+before each section and each section's ratio uses its own (a shared machine's speed drifts over a ten-minute run;
+the first measurement is reported as `limits`). The prefill bound uses the bf16 rates measured on the model's own
+products: dense ones (projections, shared experts) and the routed experts' grouped GEMMs (tokens x K rows over X
+experts, with the gate's real routing), each at the faster of torch and our kernel (bench/prefill_rates.py).
+Results print as lines and, with --json, a file.
 
 With --device cuda the model and every measurement run on the GPU: timings wait for the device, the limits are
 the GPU's (a model-shaped GEMM of 8192 rows, since a GPU needs more rows than a CPU to reach its rate, beside an
@@ -24,19 +29,29 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import prefill_rates  # noqa: E402
+from machine_limits import (  # noqa: E402,F401
+    CPU,
+    back_to_back,
+    best_time,
+    cpu_line,
+    measure_limits,
+    read_bandwidth,
+    read_probes,
+    synchronize,
+)
+
+from dsvl2.model import kernel_calibration, kernels  # noqa: E402
 from dsvl2.model.config import ModelConfig  # noqa: E402
 from dsvl2.model.engine import Engine  # noqa: E402
 from dsvl2.model.language import MoE, cache_token_bytes  # noqa: E402
@@ -44,93 +59,10 @@ from dsvl2.model.processor import Processor  # noqa: E402
 from dsvl2.model.requests import Request, Sampling, user_prompt  # noqa: E402
 from dsvl2.model.weights import load_model  # noqa: E402
 
+CONFIGS = {"tiny": "deepseek-vl2-tiny", "small": "deepseek-vl2-small", "base": "deepseek-vl2"}  # tests/data/configs/
 DEFAULT_MODEL = ROOT / "bench" / "out" / "deepseek-vl2-tiny-random"
 TINY_CONFIG = ROOT / "tests" / "data" / "configs" / "deepseek-vl2-tiny"
 PARITY_TOKENIZER = Path(os.environ.get("DSVL2_PARITY_DIR", ROOT.parent / "shared" / "parity")) / "tokenizer"
-
-
-CPU = torch.device("cpu")
-
-
-def cpu_line() -> str:
-    """lscpu's model name and the flags that decide bf16 speed (every benchmark prints them)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), []))
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return f"{model}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on `device` (a GPU returns to the host before its kernels have run)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(fn, repeat: int = 5, *, device: torch.device = CPU, inner: int = 1) -> float:
-    """Seconds per call of `fn`: the fastest of `repeat` timings of `inner` back-to-back calls, each timing waiting
-    for the device."""
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        synchronize(device)
-        times.append((time.perf_counter() - t) / inner)
-    return min(times)
-
-
-def back_to_back(device: torch.device) -> int:
-    """Calls per timing of a short operation: on a GPU one call is too short beside the wait for the device."""
-    return 20 if device.type == "cuda" else 1
-
-
-# -- limits --------------------------------------------------------------------------------------------
-def measure_limits(hidden: int, device: torch.device) -> dict:
-    out = {}
-    cuda, inner = device.type == "cuda", back_to_back(device)
-    rows = 8192 if cuda else 2048
-    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a = torch.randn(rows, hidden, dtype=dt, device=device)
-        b = torch.randn(4 * hidden, hidden, dtype=dt, device=device)
-        seconds = best_time(lambda a=a, b=b: F.linear(a, b), device=device, inner=inner)
-        out[f"{name}_gflops"] = 2 * rows * hidden * b.shape[0] / seconds / 1e9
-    if cuda:
-        a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-        out["bf16_peak_gflops"] = 2 * 8192**3 / best_time(lambda: a @ a, device=device, inner=inner) / 1e9
-    out["read_gbs"], out["read_pattern"] = read_bandwidth((2048 if cuda else 512) * 2**20, device)
-    return out
-
-
-def read_probes(nbytes: int, device: torch.device) -> dict:
-    """Ways to read `nbytes` once, each with every thread torch uses: reductions in bf16 and fp32, and the read
-    a decode step makes itself (a one-row product over a bf16 weight), by torch and, where they are built, by
-    our kernels. The fastest is the machine's read bandwidth: no decode step can then beat its bound."""
-    from dsvl2.model import kernels
-
-    bf16 = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
-    fp32 = bf16.view(torch.float32)
-    weight = bf16.view(-1, 4096)
-    row = torch.ones(1, 4096, dtype=torch.bfloat16, device=device)
-    probes = {"bf16 sum": lambda: bf16.sum(), "fp32 sum": lambda: fp32.sum(),
-              "torch one-row product": lambda: F.linear(row, weight)}  # fmt: skip
-    if device.type == "cpu" and kernels.available():
-        probes["kernel one-row product"] = lambda: kernels.linear_bf16(row, weight)
-    return probes
-
-
-def read_bandwidth(nbytes: int, device: torch.device, repeat: int = 5, probes: dict | None = None) -> tuple[float, str]:
-    """(GB/s, pattern) of the fastest of `read_probes` reading `nbytes`."""
-    inner = back_to_back(device)
-    rates = {name: nbytes / best_time(fn, repeat, device=device, inner=inner) / 1e9
-             for name, fn in (probes or read_probes(nbytes, device)).items()}  # fmt: skip
-    best = max(rates, key=rates.get)
-    return rates[best], best
 
 
 # -- FLOP and byte accounting -----------------------------------------------------------------------------
@@ -221,6 +153,8 @@ def bench_vision(model, limits, tiles: int = 8) -> dict:
 
 @torch.inference_mode()
 def bench_prefill(model, limits, tokens: int = 1000) -> dict:
+    """Tokens per second of one `tokens`-token prefill, beside the bf16 rate and the bound from the rates measured
+    on the model's own dense and grouped (routed-expert) products."""
     lm = model.language
     x = lm.embed(torch.randint(3, model.cfg.language.vocab_size, (1, tokens), device=model.device))
 
@@ -232,7 +166,16 @@ def bench_prefill(model, limits, tokens: int = 1000) -> dict:
     params, pair = lm_token_params(model)
     flops = 2 * params * tokens + pair * tokens * (tokens + 1) / 2 + 2 * nbytes([lm.lm_head.weight]) // 2
     gflops = flops / seconds / 1e9
-    return {"tokens_per_s": tokens / seconds, "gflops": gflops, "of_bf16_rate": gflops / limits["bf16_gflops"]}
+    timer = lambda fn: best_time(fn, repeat=3, device=model.device)  # noqa: E731
+    dense = prefill_rates.dense_rate(model, tokens, timer)
+    grouped = prefill_rates.grouped_rates(model, tokens, timer)
+    grouped_best = max((grouped[k] for k in ("torch", "kernel") if k in grouped), default=None)
+    bound = prefill_rates.prefill_bound(model, tokens, total_flops=flops, dense_gflops=dense,
+                                        grouped_gflops=grouped_best)
+    return {"tokens_per_s": tokens / seconds, "gflops": gflops, "of_bf16_rate": gflops / limits["bf16_gflops"],
+            "dense_gflops": dense, "grouped_gflops": grouped, "bound_tokens_per_s": tokens / bound["seconds"],
+            "of_bound": bound["seconds"] / seconds, "routed_gflop": bound["routed_gflop"],
+            "other_gflop": bound["other_gflop"]}
 
 
 @torch.inference_mode()
@@ -361,26 +304,47 @@ def cache_bytes_by_model(dtype: torch.dtype) -> dict:
     return out
 
 
-def ensure_model(path: Path) -> Path:
+def ensure_model(path: Path | None, config: str = "tiny", layers: int | None = None) -> Path:
+    """`path` when given; else a random bf16 checkpoint of `config`'s real dimensions (its first `layers` decoder
+    layers when given), written by the checkpoint factory under bench/out/ on first use."""
+    source = ROOT / "tests" / "data" / "configs" / CONFIGS[config]
+    if path is None:
+        path = DEFAULT_MODEL.with_name(f"{CONFIGS[config]}{f'-{layers}layers' if layers else ''}-random")
     if (path / "config.json").is_file():
         return path
     from dsvl2.model.factory import write_random_checkpoint
 
-    config = json.loads((TINY_CONFIG / "config.json").read_text())
-    out = write_random_checkpoint(config, path, seed=0, dtype=torch.bfloat16, tokenizer_dir=PARITY_TOKENIZER)
+    raw = json.loads((source / "config.json").read_text())
+    if layers:
+        raw["language_config"]["num_hidden_layers"] = layers
+    out = write_random_checkpoint(raw, path, seed=0, dtype=torch.bfloat16, tokenizer_dir=PARITY_TOKENIZER)
     import shutil
 
-    shutil.copy(TINY_CONFIG / "processor_config.json", out / "processor_config.json")
+    shutil.copy(source / "processor_config.json", out / "processor_config.json")
     return out
+
+
+def report_paths(model) -> dict:
+    """Decide (or read the cached decision of) every family's path for this model, print one line each, return them."""
+    if model.device.type == "cpu" and model.dtype is torch.bfloat16:
+        kernels.paths(kernel_calibration.language_trials(model.language))
+        kernels.paths(kernel_calibration.vision_trials(model.vision))
+    paths = kernels.paths()
+    for route in paths.routes:
+        print(f"path {route.family}: {route.use} ({route.reason})", flush=True)
+    return paths.as_dict()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--model", type=Path, help="a checkpoint directory (default: a random one of --config)")
+    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="dimensions of the random checkpoint")
+    ap.add_argument("--layers", type=int, help="keep the first L decoder layers of --config's random checkpoint")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the model and the limits run")
     ap.add_argument("--sections", default="limits,vision,prefill,decode,e2e")
     ap.add_argument("--decode-batches", default="1,8,32")
+    ap.add_argument("--prompt-tokens", type=int, default=1000, help="prefill length, and each decode row's context")
     ap.add_argument("--e2e-pages", type=int, default=8)
     ap.add_argument("--e2e-tokens", type=int, default=600)
     ap.add_argument("--json", type=Path)
@@ -391,7 +355,9 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
 
-    path = ensure_model(args.model)
+    if args.layers is not None and (args.layers < 1 or args.model is not None):
+        ap.error("--layers takes a positive count and applies to --config's random checkpoint, not to --model")
+    path = ensure_model(args.model, args.config, args.layers)
     rss_before = peak_rss_gib()
     t = time.perf_counter()
     model = load_model(path, dtype=dtype, device=device)
@@ -400,6 +366,8 @@ def main() -> None:
     machine = {"cpu": cpu_line(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": str(device)}  # fmt: skip
     print(f"cpu: {machine['cpu']}; torch {torch.__version__}, {machine['threads']} threads", flush=True)
+    print(f"kernels: {kernels.status().describe()}", flush=True)
+    machine["kernel_paths"] = report_paths(model)
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     results: dict = {"machine": machine, "model": str(path), "dtype": args.dtype, "weights_gib": weights_gib,
@@ -429,15 +397,22 @@ def main() -> None:
               f"{r['of_bf16_rate']:.0%} of bf16 rate", flush=True)
     if "prefill" in sections:
         limits = limits_before("prefill")
-        r = results["prefill"] = bench_prefill(model, limits)
+        r = results["prefill"] = bench_prefill(model, limits, tokens=args.prompt_tokens)
         print(f"prefill: {r['tokens_per_s']:.0f} tok/s, {r['gflops']:.0f} GFLOP/s = "
               f"{r['of_bf16_rate']:.0%} of bf16 rate", flush=True)
+        g = r["grouped_gflops"]
+        grouped = (f"routed experts (grouped GEMMs, {g['rows_per_expert']:.0f} rows x {g['experts']} experts, "
+                   f"top-{g['top_k']}) {g['torch']:.0f} GFLOP/s by torch"
+                   + (f", {g['kernel']:.0f} by the kernel" if "kernel" in g else "")) if g else "no routed experts"
+        print(f"  bf16 rates on its own products: dense {r['dense_gflops']:.0f} GFLOP/s, {grouped}; bound "
+              f"{r['bound_tokens_per_s']:.0f} tok/s ({r['routed_gflop']:.0f} GFLOP routed, {r['other_gflop']:.0f} "
+              f"other): {r['of_bound']:.0%} of bound", flush=True)
     decode_bytes = {}
     if "decode" in sections:
         results["decode"] = []
         for batch in (int(b) for b in args.decode_batches.split(",")):
             limits = limits_before(f"decode batch {batch}")
-            r = bench_decode(model, batch)
+            r = bench_decode(model, batch, context=args.prompt_tokens)
             results["decode"].append(r)
             decode_bytes[batch] = r["bytes_per_step"]
             low, high = r["read_gbs_range"]
