@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -236,6 +236,7 @@ class PageRecord:
             prompt=self.prompt,
             settings=self.settings,
             model=self.model,
+            pages=self.pages,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,11 +300,17 @@ def record_key(
     prompt: str,
     settings: Mapping[str, Any],
     model: Mapping[str, Any],
+    pages: Sequence[int] | None = None,
 ) -> str:
     """The resume identity of a record: same file content, page, task, prompt, settings (resolved device and
     dtype included) and model → same key. A model with a `fingerprint` (its config, tokenizer and weights:
     `dsvl2.model.weights.fingerprint`) is known by it alone, so the same checkpoint under another path or
-    name is the same model and a re-exported one is not; without one, by the name and revision given."""
+    name is the same model and a re-exported one is not; without one, by the name and revision given. A record
+    over several pages (`pages`, ask --per document) is its document's key (no page) with the pages folded in,
+    so the same question over other pages, or over one page, is another record."""
+    if pages is not None:
+        family = record_key(sha256=sha256, page=None, task=task, prompt=prompt, settings=settings, model=model)
+        return hashlib.sha256(json.dumps([family, list(pages)]).encode()).hexdigest()
     fingerprint = model.get("fingerprint")
     chosen = {k: v for k, v in settings.items() if not (fingerprint and k in ("model", "revision"))}
     blob = json.dumps(

@@ -16,8 +16,6 @@ pages (`document_key`); one-page records keep `PageRecord.key`. Pure: no I/O.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -105,18 +103,13 @@ def document_key(
     *, sha256: str | None, pages: Sequence[int], task: str, prompt: str, settings: Mapping[str, Any],
     model: Mapping[str, Any],
 ) -> str:  # fmt: skip
-    """The resume identity of a record over several pages: its document's record key (no page) with the
-    pages folded in, so the same question over other pages, or over one page (`--per page`), is another."""
-    family = record_key(sha256=sha256, page=None, task=task, prompt=prompt, settings=settings, model=model)
-    return hashlib.sha256(json.dumps([family, list(pages)]).encode()).hexdigest()
+    """The resume identity of a record over several pages (see `record_key`)."""
+    return record_key(sha256=sha256, page=None, task=task, prompt=prompt, settings=settings, model=model, pages=pages)
 
 
 def identity(record: PageRecord) -> str:
-    """A record's resume identity: `record.key` for a one-page record, `document_key` when it names its pages."""
-    if record.pages is None:
-        return record.key
-    return document_key(sha256=record.sha256, pages=record.pages, task=record.task, prompt=record.prompt,
-                        settings=record.settings, model=record.model)  # fmt: skip
+    """A record's resume identity (`record.key`, which names the pages of a several-page record)."""
+    return record.key
 
 
 def window_key(window: Window, *, task: str, prompt: str, settings: Settings, model: Mapping[str, Any]) -> str:
