@@ -18,6 +18,7 @@ from dsvl2 import models_cmd, signals
 from dsvl2.errors import describe
 from dsvl2.model.hub import DEFAULT_MODEL
 from dsvl2.options import Options
+from dsvl2.pipelines.base import OptionError
 from dsvl2.pipelines.schema import record_schema
 from dsvl2.pipelines.task import Task, TaskOption
 from dsvl2.pipelines.tasks import TASKS
@@ -52,8 +53,10 @@ def _shared_options(
     batch_size: o.BatchSize = None, quiet: o.Quiet = False, verbose: o.Verbose = 0, model: o.Model = DEFAULT_MODEL,
     revision: o.Revision = None, device: o.DeviceOpt = "auto", dtype: o.DTypeOpt = "auto",
     max_new_tokens: o.MaxNewTokens = None, temperature: o.Temperature = 0.0, top_p: o.TopP = 1.0, seed: o.Seed = 0,
-    repetition_guard: o.RepetitionGuard = None, retry_repetition: o.RetryRepetition = False,
-    page_timeout: o.PageTimeout = None,
+    repetition_penalty: o.RepetitionPenalty = 1.0, repetition_guard: o.RepetitionGuard = None,
+    retry_repetition: o.RetryRepetition = False, page_timeout: o.PageTimeout = None, server: o.Server = None,
+    server_model: o.ServerModel = None, api_key_env: o.ApiKeyEnv = "DSVL2_API_KEY", max_concurrent: o.MaxConcurrent = 8,
+    request_timeout: o.RequestTimeout = 600.0, max_retries: o.MaxRetries = 3,
 ) -> None:
     """The options every document command has, in `--help` order (only its signature is used)."""
 # fmt: on
@@ -145,6 +148,68 @@ def reparse(
     again for its task and prompt; `result`, `status` and `parser` are updated, everything else is kept.
     `failed` records pass through; `truncated` and `repetition` keep their status. Default format: jsonl."""
     raise typer.Exit(run_reparse(paths=records or [], output=output, fmt=format, quiet=quiet, verbose=verbose))
+
+
+@app.command(
+    epilog=_examples(
+        "dsvl2 serve --model deepseek-ai/deepseek-vl2-tiny --port 8000",
+        "DSVL2_API_KEY=secret dsvl2 serve --host 0.0.0.0 --batch-size 16",
+        "dsvl2 ocr scans/ --server http://127.0.0.1:8000 -o out/",
+    )
+)
+def serve(
+    model: o.Model = DEFAULT_MODEL,
+    revision: o.Revision = None,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DTypeOpt = "auto",
+    batch_size: o.BatchSize = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback; 0.0.0.0 for all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="DSVL2_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests.",
+                     show_default=False),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The model's name in the API. Default: --model as given.", show_default=False)
+    ] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option(help="Fetch http(s) image URLs; by default only data: URLs are accepted.")
+    ] = False,
+    max_images: Annotated[int, typer.Option(help="Images one request may carry.")] = 8,
+    max_image_mb: Annotated[float, typer.Option(help="Largest image, in MiB (decoded).")] = 20.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 64.0,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="Seconds requests in flight get to finish after SIGTERM or Ctrl-C.")
+    ] = 30.0,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, streaming included;
+    GET /v1/models; GET /health, ready once the model is loaded). Concurrent requests share the engine's
+    continuous batching; `dsvl2 ocr ... --server URL` and any OpenAI client can use it."""
+    from dsvl2.openai_api import Limits
+    from dsvl2.server import ServerConfig
+    from dsvl2.server import serve as run_server
+
+    try:
+        Options.create(model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size)
+        checks = [("port", 0 <= port <= 65535), ("max_images", max_images >= 1), ("max_image_mb", max_image_mb > 0),
+                  ("max_body_mb", max_body_mb > 0), ("shutdown_timeout", shutdown_timeout >= 0)]
+        for option, ok in checks:
+            if not ok:
+                raise OptionError(option, "is out of range")
+    except ValueError as exc:
+        known = describe(exc)
+        if known is None:
+            raise
+        Reporter(total_pages=0, total_docs=0, quiet=False, verbose=0).error(known[0])
+        raise typer.Exit(int(known[1])) from None
+    limits = Limits(max_images=max_images, max_image_bytes=int(max_image_mb * 2**20),
+                    allow_remote_images=allow_remote_images)
+    config = ServerConfig(model_name=served_model_name or model, api_key=api_key or None, limits=limits,
+                          max_body_bytes=int(max_body_mb * 2**20))
+    raise typer.Exit(run_server(model=model, revision=revision, device=getattr(device, "value", device),
+                                dtype=getattr(dtype, "value", dtype), batch_size=batch_size, host=host, port=port,
+                                config=config, shutdown_timeout=shutdown_timeout))
 
 
 @models_app.command(

@@ -69,6 +69,8 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
         return f"output: {exc}", ExitCode.SETUP
     if isinstance(exc, OutOfMemory):
         return f"out of memory: {exc}", ExitCode.SETUP
+    if type(exc).__name__ == "ServerError" and type(exc).__module__ == "dsvl2.remote":  # not imported: no openai
+        return f"server: {exc}", ExitCode.SETUP
     for kind, label in _MODEL_LABELS:
         if isinstance(exc, kind):
             return f"{label}: {exc}", ExitCode.SETUP

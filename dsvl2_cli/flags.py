@@ -13,7 +13,7 @@ from dsvl2.model.devices import DTYPE_NAMES
 from dsvl2.pipelines.tasks import TASKS
 from dsvl2.writers import Format
 
-IN, OUT, RUN, MODEL = "Inputs", "Output", "Run", "Model"
+IN, OUT, RUN, MODEL, SERVER = "Inputs", "Output", "Run", "Model", "Server"
 
 Inputs = Annotated[
     list[str] | None,
@@ -250,4 +250,41 @@ RetryRepetition = Annotated[
         "higher than 0; top-p 0.9; the next seed). Both attempts are kept in the record's 'attempts'.",
         rich_help_panel=MODEL,
     ),
+]
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        metavar="URL[,URL...]",
+        help="Send each page to OpenAI-compatible servers (dsvl2 serve, vLLM, SGLang) instead of loading the model "
+        "here, round-robin over the URLs. Records, resume and exit codes are the same; the record's model names "
+        "the server that answered.",
+        rich_help_panel=SERVER,
+        show_default=False,
+    ),
+]
+ServerModel = Annotated[
+    str | None,
+    typer.Option("--server-model", metavar="NAME", help="The served model to ask. Default: the server's only model.",
+                 rich_help_panel=SERVER, show_default=False),
+]
+ApiKeyEnv = Annotated[
+    str,
+    typer.Option("--api-key-env", metavar="VAR", help="Environment variable holding the servers' API key.",
+                 rich_help_panel=SERVER),
+]
+MaxConcurrent = Annotated[
+    int,
+    typer.Option("--max-concurrent", metavar="N", help="Requests in flight at once, over all servers.",
+                 rich_help_panel=SERVER),
+]
+RequestTimeout = Annotated[
+    float,
+    typer.Option("--request-timeout", metavar="SECONDS", help="Longest one request may take before it is retried.",
+                 rich_help_panel=SERVER),
+]
+MaxRetries = Annotated[
+    int,
+    typer.Option("--max-retries", metavar="N", help="Retries of a request after a 429, a 5xx or a connection "
+                 "error, with exponential backoff; then the page is recorded as failed.", rich_help_panel=SERVER),
 ]

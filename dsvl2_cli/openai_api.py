@@ -75,7 +75,7 @@ def parse_chat(body: Any, *, model: str, limits: Limits, fetch: Callable[[str], 
     (only called when `limits.allow_remote_images`). Raises APIError naming the offending field."""
     if not isinstance(body, Mapping):
         raise APIError(400, "the request body must be a JSON object")
-    name = body.get("model", model)
+    name = body.get("model") or model  # OpenAI requires it; one model is served, so absent means that one
     if name != model:
         raise APIError(404, f"model {name!r} is not served here; this server serves {model!r}",
                        param="model", code="model_not_found")

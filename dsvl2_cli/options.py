@@ -57,6 +57,13 @@ class Options:
     repetition_penalty: float = 1.0
     repetition_guard: int | None = None
     retry_repetition: bool = False
+    # Server (`--server`: the pages go to OpenAI-compatible servers instead of a model in this process)
+    server: tuple[str, ...] = ()
+    server_model: str | None = None
+    api_key_env: str = "DSVL2_API_KEY"
+    max_concurrent: int = 8
+    request_timeout: float = 600.0
+    max_retries: int = 3
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -73,6 +80,11 @@ class Options:
              "must be 0 (off) or a number of tokens"),
             ("verbose", self.verbose >= 0, "must be 0 or more"),
             ("model", bool(self.model.strip()), "must not be empty"),
+            ("server", all(u.startswith(("http://", "https://")) for u in self.server),
+             "must be http:// or https:// URLs, separated by commas"),
+            ("max_concurrent", self.max_concurrent >= 1, "must be at least 1"),
+            ("request_timeout", self.request_timeout > 0, "must be a positive number of seconds"),
+            ("max_retries", self.max_retries >= 0, "must be 0 or more"),
         ]  # fmt: skip
         for option, ok, problem in checks:
             if not ok:
@@ -99,6 +111,8 @@ class Options:
             "annotate": lambda v: Path(v) if v is not None else None,
             "device": lambda v: getattr(v, "value", v),  # a Typer enum or text
             "dtype": lambda v: getattr(v, "value", v),
+            "server": lambda v: tuple(u.strip() for u in (v.split(",") if isinstance(v, str) else v or ())
+                                      if u.strip()),
         }
         for name, convert in converters.items():
             if name in values:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +126,16 @@ class _Session:
             return FileSink(dest.path, dest.fmt, task.name, prompts=task.prompts)
         return StreamSink(sys.stdout, dest.fmt, task.name, headers=self.job.total > 1)
 
-    def _runtime(self, needs_model: bool) -> backend.Runtime | Unloaded:
-        """The model, loaded only when some page needs it. A line says it is loading (on a terminal; -v
-        elsewhere), one more says when the CPU kernels are compiled (first run only, always shown: it takes a
-        while), a failed build is one warning, and -v says how the kernels came to be."""
+    def _runtime(self, needs_model: bool, remote: Any) -> backend.Runtime | Unloaded:
+        """The model, loaded only when some page needs it (or the servers of `--server`). A line says it is
+        loading (on a terminal; -v elsewhere), one more says when the CPU kernels are compiled (first run only,
+        always shown: it takes a while), a failed build is one warning, and -v says how the kernels came to be."""
         o, identity = self.options, self.job.identity
         if not needs_model:
             return Unloaded(o.model, o.revision)
+        if remote is not None:
+            self.reporter.info(f"answering through {', '.join(remote.urls)} ({remote.model_id})", level=1)
+            return remote
         where = f" on {identity.device} in {identity.dtype}" if identity is not None else ""
         self.reporter.notice(f"loading {o.model}{where} …")
         runtime = backend.runtime_factory(
@@ -167,21 +170,37 @@ class _Session:
         }
 
     def run(self, *, manifest: Path | None) -> int:
-        job, options, n_prompts = self.job, self.options, len(self.task.prompts)
+        job, options = self.job, self.options
+        remote = None
+        if options.server:  # the servers say which model answers: connect before anything is identified
+            from dsvl2.remote import connect
+
+            remote = connect(options)
+            job.options = self.options = replace(options, model=remote.served.name,
+                                                 revision=remote.served.revision)
+        try:
+            return self._run(manifest=manifest, identify=remote.identify if remote else backend.identify,
+                             remote=remote)
+        finally:
+            if remote is not None:
+                remote.close()
+
+    def _run(self, *, manifest: Path | None, identify: Any, remote: Any) -> int:
+        job, options, n_prompts = self.job, self.job.options, len(self.task.prompts)
         sink = self._sink()
         docs = job.docs
         self._check_outputs([*sink.planned(docs), *([manifest] if manifest else [])])
         warnings = [*job.warnings, *sink.prepare(docs, resume=options.resume)]
         for w in warnings:
             self.reporter.warn(w)
-        identity = job.identify(backend.identify) if job.has_pages else None
+        identity = job.identify(identify) if job.has_pages else None
         want = job.needs(sink.is_done) if identity is not None else None
         needs_model = want is not None and any(
             o.doc.error is None and any(want(o.doc, n) for n in o.pages) for o in job.opened
         )
         if identity is None:  # nothing to render: every record is an unreadable document's
             job.identity = backend.Identity(options.model, options.revision, None, options.device, options.dtype)
-        model = self._runtime(needs_model)
+        model = self._runtime(needs_model, remote)
         reporter = Reporter(
             total_pages=job.total,
             total_docs=len(docs),

@@ -16,7 +16,8 @@ USER = "<|User|>"
 ASSISTANT = "<|Assistant|>"
 IMAGE_TOKEN = "<image>"
 
-FinishReason = Literal["eos", "length", "stop", "repetition", "cancelled"]
+# "error": a runtime that answers over a network (`--server`) could not get this answer; `Completion.error` says why.
+FinishReason = Literal["eos", "length", "stop", "repetition", "cancelled", "error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,8 @@ class Completion:
     timings: Timings = field(default_factory=Timings)
     max_new_tokens: int | None = None
     context: int | None = None
+    error: str | None = None  # why there is no answer (finish reason "error")
+    origin: str | None = None  # who answered when not this process: a server's URL
 
     @property
     def cut_by_context(self) -> bool:

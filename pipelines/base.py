@@ -377,6 +377,11 @@ def attempt(completion: Completion, sampling: Sampling) -> dict[str, Any]:
     }
 
 
+def _answered_by(ctx: RecordContext, completion: Completion) -> dict[str, str | None]:
+    """The record's `model`: the run's, plus the server that answered (`--server`)."""
+    return dict(ctx.model) | ({"server": completion.origin} if completion.origin else {})
+
+
 def answered_record(
     ctx: RecordContext,
     page: Page,
@@ -387,7 +392,12 @@ def answered_record(
     attempts: list[dict[str, Any]] | None = None,
 ) -> PageRecord:
     """Parse an answer and pick its status: a truncated or looping generation outranks a parse failure
-    (the parse usually failed because the answer was cut), and its parse is still attempted."""
+    (the parse usually failed because the answer was cut), and its parse is still attempted. A completion
+    without an answer (finish reason "error": a server that could not answer) is the page's failure; one from a
+    server names it in the record's `model`."""
+    if completion.finish_reason == "error":
+        failed = failed_record(ctx, page, prompt, completion.error or "the runtime gave no answer")
+        return replace(failed, model=_answered_by(ctx, completion))
     try:
         parsed = task.parse(completion.text, page=page, prompt=prompt)
     except Exception as exc:  # a parser bug must cost one page, not the run
@@ -408,7 +418,7 @@ def answered_record(
         status, error = "parse_error", parsed.error
     t = completion.timings
     return PageRecord(
-        **_identity(ctx, page, prompt),
+        **(_identity(ctx, page, prompt) | {"model": _answered_by(ctx, completion)}),
         text=completion.text,
         result=parsed.result,
         status=status,

@@ -75,6 +75,7 @@ def record_schema() -> dict[str, Any]:
                             "description": "hash of the checkpoint's config, tokenizer and weights (sampled): "
                             "the same model under any path or name has the same one",
                         },
+                        "server": {**_STR, "description": "with --server: the URL of the server that answered"},
                     },
                     required=["id", "revision"],
                 ),
@@ -135,7 +136,7 @@ def record_schema() -> dict[str, Any]:
                     "items": _obj(
                         {
                             "text": _STR,
-                            "finish_reason": {"enum": ["eos", "length", "stop", "repetition", "cancelled"]},
+                            "finish_reason": {"enum": ["eos", "length", "stop", "repetition", "cancelled", "error"]},
                             "tokens": _obj(
                                 {
                                     "prompt": {"type": "integer", "minimum": 0},
