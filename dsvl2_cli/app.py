@@ -56,7 +56,9 @@ def _shared_options(
     repetition_penalty: o.RepetitionPenalty = 1.0, repetition_guard: o.RepetitionGuard = None,
     retry_repetition: o.RetryRepetition = False, page_timeout: o.PageTimeout = None, server: o.Server = None,
     server_model: o.ServerModel = None, api_key_env: o.ApiKeyEnv = "DSVL2_API_KEY", max_concurrent: o.MaxConcurrent = 8,
-    request_timeout: o.RequestTimeout = 600.0, max_retries: o.MaxRetries = 3,
+    request_timeout: o.RequestTimeout = 600.0, max_retries: o.MaxRetries = 3, quantize: o.Quantize = "none",
+    ray: o.Ray = None, workers: o.Workers = None, cpus_per_worker: o.CpusPerWorker = None,
+    gpus_per_worker: o.GpusPerWorker = 0.0,
 ) -> None:
     """The options every document command has, in `--help` order (only its signature is used)."""
 # fmt: on

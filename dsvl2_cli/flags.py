@@ -13,7 +13,7 @@ from dsvl2.model.devices import DTYPE_NAMES
 from dsvl2.pipelines.tasks import TASKS
 from dsvl2.writers import Format
 
-IN, OUT, RUN, MODEL, SERVER = "Inputs", "Output", "Run", "Model", "Server"
+IN, OUT, RUN, MODEL, SERVER, RAY = "Inputs", "Output", "Run", "Model", "Server", "Ray"
 
 Inputs = Annotated[
     list[str] | None,
@@ -287,4 +287,41 @@ MaxRetries = Annotated[
     int,
     typer.Option("--max-retries", metavar="N", help="Retries of a request after a 429, a 5xx or a connection "
                  "error, with exponential backoff; then the page is recorded as failed.", rich_help_panel=SERVER),
+]
+Quantize = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        metavar="none|int8|int4",
+        help="Weight-only quantisation of the language model at load time (int8 per output channel, int4 in "
+        "groups; activations stay bf16): less memory and faster decode on a CPU. A checkpoint written by "
+        "'dsvl2 quantize' is used as it is.",
+        rich_help_panel=MODEL,
+    ),
+]
+Ray = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="local|auto|ray://HOST:PORT",
+        help="Answer the pages on a Ray cluster: 'local' starts one on this machine, 'auto' or ray://host:port "
+        "joins a running cluster. Outputs, resume and exit codes are a local run's. Needs pip install 'dsvl2[ray]'.",
+        rich_help_panel=RAY,
+        show_default=False,
+    ),
+]
+Workers = Annotated[
+    str | None,
+    typer.Option("--workers", metavar="N|MIN,MAX", help="Model workers on Ray (MIN,MAX to autoscale). Default: 1.",
+                 rich_help_panel=RAY, show_default=False),
+]
+CpusPerWorker = Annotated[
+    float | None,
+    typer.Option("--cpus-per-worker", metavar="N", help="CPUs Ray reserves for each model worker.",
+                 rich_help_panel=RAY, show_default=False),
+]
+GpusPerWorker = Annotated[
+    float,
+    typer.Option("--gpus-per-worker", metavar="N", help="GPUs Ray reserves for each model worker.",
+                 rich_help_panel=RAY),
 ]

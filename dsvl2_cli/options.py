@@ -64,6 +64,13 @@ class Options:
     max_concurrent: int = 8
     request_timeout: float = 600.0
     max_retries: int = 3
+    # Weight-only quantisation of the language model
+    quantize: str = "none"
+    # Ray (`--ray`: the pages are answered by a pool of workers on a Ray cluster)
+    ray: str | None = None
+    workers: str | None = None
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -85,6 +92,9 @@ class Options:
             ("max_concurrent", self.max_concurrent >= 1, "must be at least 1"),
             ("request_timeout", self.request_timeout > 0, "must be a positive number of seconds"),
             ("max_retries", self.max_retries >= 0, "must be 0 or more"),
+            ("quantize", self.quantize in ("none", "int8", "int4"), "must be none, int8 or int4"),
+            ("cpus_per_worker", self.cpus_per_worker is None or self.cpus_per_worker > 0, "must be positive"),
+            ("gpus_per_worker", self.gpus_per_worker >= 0, "must be 0 or more"),
         ]  # fmt: skip
         for option, ok, problem in checks:
             if not ok:
@@ -141,6 +151,7 @@ class Options:
             no_repeat_ngram=ngram,
             repeat_window=window,
             retry_repetition=self.retry_repetition,
+            quantize=self.quantize,
             device=device,
             dtype=dtype,
         )

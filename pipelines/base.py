@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from dsvl2.pipelines.task import Task
 
-# 1.1: settings.device and settings.dtype, model.fingerprint; 1.2: settings.repetition_penalty, parser, pages
+# 1.1: settings.device and .dtype, model.fingerprint; 1.2: settings.repetition_penalty and .quantize, parser, pages
 SCHEMA_VERSION = "1.2"
 # Records of these versions are read back (resume, reparse); their missing fields take the defaults.
 READABLE_VERSIONS: frozenset[str] = frozenset({"1.0", "1.1", SCHEMA_VERSION})
@@ -148,6 +148,7 @@ class Settings:
     repeat_window: int = 256
     retry_repetition: bool = False
     repetition_penalty: float = 1.0  # 1.0 is off; transformers' RepetitionPenaltyLogitsProcessor otherwise
+    quantize: str = "none"  # weight-only quantisation of the language model: none, int8 or int4
     device: str = "auto"  # as resolved for the run: "cpu" or "cuda" (the kind; which GPU does not matter)
     dtype: str = "auto"  # as resolved for the run: "float32", "bfloat16" or "float16"
 
@@ -187,6 +188,7 @@ class Settings:
             "repeat_window": self.repeat_window,
             "retry_repetition": self.retry_repetition,
             "repetition_penalty": self.repetition_penalty,
+            "quantize": self.quantize,
             "device": self.device,
             "dtype": self.dtype,
         }

@@ -101,6 +101,8 @@ def record_schema() -> dict[str, Any]:
                             "exclusiveMinimum": 0,
                             "description": "the reference's repetition penalty (transformers' semantics); 1 is off",
                         },
+                        "quantize": {"enum": ["none", "int8", "int4"],
+                                     "description": "weight-only quantisation of the language model"},
                         "device": {**_STR, "description": "where the model ran: cpu or cuda"},
                         "dtype": {**_STR, "description": "the dtype it ran in: float32, bfloat16 or float16"},
                     },

@@ -290,6 +290,8 @@ def test_model_options_reach_the_runtime_and_sampling(fake):
         "no_repeat_ngram": 24,
         "repeat_window": 512,
         "retry_repetition": False,
+        "repetition_penalty": 1.0,
+        "quantize": "none",
         "device": "cpu",
         "dtype": "float32",
     }

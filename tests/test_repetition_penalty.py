@@ -16,7 +16,6 @@ from parity import checkpoint_names, load_cases, parity_model, parity_processor,
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 import dsvl2
-from dsvl2.app import SHARED_OPTIONS
 from dsvl2.model.engine import Engine
 from dsvl2.model.processor import Prepared, Processor
 from dsvl2.model.requests import Message, Request, Sampling
@@ -209,8 +208,6 @@ def test_api_penalty_reaches_the_records_and_every_attempt(fake) -> None:
         list(dsvl2.ocr("p.png", repetition_penalty=0))
 
 
-@pytest.mark.xfail("repetition_penalty" not in SHARED_OPTIONS, strict=True,
-                   reason="dsvl2_cli/app.py's _shared_options does not list repetition_penalty yet")
 def test_cli_penalty_reaches_the_records_and_is_checked(fake) -> None:
     """Catches `--repetition-penalty` missing from a command or not reaching the runtime and the record."""
     make_image(Path("p.png"))
