@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 Inputs = Any  # a path, bytes, a PIL image, or an iterable of them (see `_documents`)
-_MODEL_OPTIONS = ("model", "revision", "device", "dtype", "batch_size")
+_MODEL_OPTIONS = ("model", "revision", "device", "dtype", "batch_size", "quantize")
 
 
 class RunOptions(TypedDict, total=False):
@@ -102,7 +102,8 @@ def _records(job: Job, runtime: Runtime | None, identity: Identity | None) -> It
     if runtime is None and job.has_pages:
         o = job.options
         runtime = backend.runtime_factory(
-            o.model, revision=o.revision, device=o.device, dtype=o.dtype, batch_size=o.batch_size
+            o.model, revision=o.revision, device=o.device, dtype=o.dtype, batch_size=o.batch_size,
+            quantize=o.quantize,
         )
     for event in job.events(runtime or Unloaded(job.options.model, job.options.revision)):
         if isinstance(event, runner.RecordDone):

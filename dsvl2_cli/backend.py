@@ -111,6 +111,7 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     batch_size: int | None = None,
+    quantize: str = "none",
     on_kernel_build: Callable[[], None] | None = None,
 ) -> Runtime:
     """The embedded runtime for `model` (a local directory or a Hugging Face repo id). `batch_size` caps how
@@ -121,6 +122,10 @@ def load(
     from dsvl2.model import kernels
     from dsvl2.model.loading import load_runtime, resolve
 
+    if quantize != "none":
+        from dsvl2.pipelines.base import OptionError
+
+        raise OptionError("quantize", "is not available in this build")
     start = time.perf_counter()
     resolved = resolve(model, revision=revision, device=device, dtype=dtype)
     sizing = {} if batch_size is None else {"max_batch_size": batch_size}

@@ -144,6 +144,7 @@ class _Session:
             device=o.device,
             dtype=o.dtype,
             batch_size=o.batch_size,
+            quantize=o.quantize,
             on_kernel_build=lambda: self.reporter.info("building the CPU kernels (first run only) …", level=0),
         )
         kernels = runtime.kernels

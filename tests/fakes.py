@@ -183,6 +183,7 @@ def factory_for(fake: FakeRuntime) -> Callable[..., FakeRuntime]:
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int | None = None,
+        quantize: str = "none",
         on_kernel_build: Callable[[], None] | None = None,
     ) -> FakeRuntime:
         fake.load_args = {
@@ -191,7 +192,7 @@ def factory_for(fake: FakeRuntime) -> Callable[..., FakeRuntime]:
             "device": device,
             "dtype": dtype,
             "batch_size": batch_size,
-        }
+        } | ({"quantize": quantize} if quantize != "none" else {})
         return fake
 
     return load
