@@ -139,7 +139,7 @@ class RemoteRuntime:
 
         if not urls:
             raise ServerError("no server URL given")
-        self.urls = [u.strip().rstrip("/") for u in urls]
+        self.urls = [u.strip().rstrip("/").removesuffix("/v1") for u in urls]  # the server, as records name it
         self._clients = [openai.OpenAI(base_url=base_url(u), api_key=api_key or "none", timeout=timeout,
                                        max_retries=max_retries) for u in self.urls]
         models = [served_model(c, model, u) for c, u in zip(self._clients, self.urls, strict=True)]

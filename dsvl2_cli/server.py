@@ -11,6 +11,7 @@ shutdown), and a request the engine fails is a 500 for that request while the se
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import sys
@@ -54,6 +55,7 @@ class EngineStats:
     running: int = 0
     failures: int = 0
     cancelled: int = 0  # requests stopped because their client went away
+    completed: int = 0  # requests answered (cancelled ones included)
     batch_sizes: dict[int, int] = field(default_factory=dict)  # rows running after a step -> how many steps
 
 
@@ -119,6 +121,7 @@ class EngineLoop:
             self._stream_tokens()
             for completion in finished:
                 self.stats.cancelled += completion.finish_reason == "cancelled"
+                self.stats.completed += 1
                 self._resolve(completion.id, completion)
 
     def _failed(self, exc: Exception) -> None:
@@ -241,7 +244,7 @@ def create_app(config: ServerConfig, load: Callable[[], Runtime], *, fetch: Call
         return JSONResponse({"status": "ok", "model": config.model_name,
                              "engine": {"steps": stats.steps, "max_running": stats.max_running,
                                         "running": stats.running, "failures": stats.failures,
-                                        "cancelled": stats.cancelled,
+                                        "cancelled": stats.cancelled, "completed": stats.completed,
                                         "max_batch_size": state.runtime.max_batch_size}})
 
     @app.get("/v1/models")
@@ -414,8 +417,10 @@ def serve(
     limit = config.limits.max_image_bytes
     fetch = (lambda url: fetch_image(url, limit=limit)) if config.limits.allow_remote_images else None
     app = create_app(config, load, fetch=fetch, on_load_failed=load_failed)
+    logging = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    logging["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout stays free of messages
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout,
-                                           log_level="info"))
+                                           log_level="info", log_config=logging))
     server.run()
     if failed:
         known = describe(failed[0])
