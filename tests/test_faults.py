@@ -29,7 +29,8 @@ FAULTS = {
     "special-tokens": (
         "<｜begin▁of▁sentence｜><|User|>: <image>\nhi<|Assistant|><｜end▁of▁sentence｜><｜▁pad▁｜>",
         "eos",
-        {"*": "ok", "table": "ok", "chart": "parse_error", "ground": "parse_error"},
+        # chat-template junk is neither a table nor words saying there is none
+        {"*": "ok", "table": "parse_error", "chart": "parse_error", "ground": "parse_error"},
     ),
     "malformed-grounding": (
         "<|ref|>x<|/ref|><|det|>[[1, 2, three, 4], [5, 6], [[[7]]], __import__('os')<|/det|><|det|>[[",
