@@ -15,7 +15,6 @@ import typer
 
 from dsvl2 import flags as o
 from dsvl2 import models_cmd, signals
-from dsvl2.errors import describe
 from dsvl2.model.hub import DEFAULT_MODEL
 from dsvl2.options import Options
 from dsvl2.pipelines.base import OptionError
@@ -85,11 +84,7 @@ def _run(task_type: type[Task], values: dict[str, Any]) -> int:
         task = task_type.from_options(**own)
         options = Options.create(**values)
     except ValueError as exc:
-        known = describe(exc)
-        if known is None:
-            raise
-        Reporter(total_pages=0, total_docs=0, quiet=False, verbose=0).error(known[0])
-        return int(known[1])
+        return Reporter(total_pages=0, total_docs=0, quiet=False, verbose=0).fail(exc)
     return run_task(task=task, paths=inputs, options=options)
 
 
@@ -200,11 +195,7 @@ def serve(
             if not ok:
                 raise OptionError(option, "is out of range")
     except ValueError as exc:
-        known = describe(exc)
-        if known is None:
-            raise
-        Reporter(total_pages=0, total_docs=0, quiet=False, verbose=0).error(known[0])
-        raise typer.Exit(int(known[1])) from None
+        raise typer.Exit(Reporter(total_pages=0, total_docs=0, quiet=False, verbose=0).fail(exc)) from None
     limits = Limits(max_images=max_images, max_image_bytes=int(max_image_mb * 2**20),
                     allow_remote_images=allow_remote_images)
     config = ServerConfig(model_name=served_model_name or model, api_key=api_key or None, limits=limits,

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from dsvl2 import backend
-from dsvl2.errors import ExitCode, describe
+from dsvl2.errors import ExitCode
 from dsvl2.progress import Reporter
 
 
@@ -21,11 +21,7 @@ def _size(n: int) -> str:
 
 
 def _fail(exc: BaseException) -> int:
-    known = describe(exc)
-    if known is None:
-        raise exc
-    Reporter(total_pages=0, total_docs=0, quiet=False, verbose=0).error(known[0])
-    return int(known[1])
+    return Reporter(total_pages=0, total_docs=0, quiet=False, verbose=0).fail(exc)
 
 
 def download(*, repo_id: str, revision: str | None) -> int:

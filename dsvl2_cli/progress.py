@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dsvl2.errors import one_line
+from dsvl2.errors import describe, one_line
 from dsvl2.pipelines.base import FAILURES, PageRecord
 from dsvl2.pipelines.runner import BatchResized, BatchStarted, DocumentDone, Event, PageSkipped, RecordDone
 from dsvl2.render import pages_label
@@ -115,6 +115,15 @@ class Reporter:
 
     def error(self, message: str) -> None:
         self.console.print(f"[red]error:[/] {escape(one_line(message))}")
+
+    def fail(self, exc: BaseException) -> int:
+        """Report an error the CLI knows (dsvl2.errors.describe) as its one line and return its exit code;
+        anything else is a bug and raises on."""
+        known = describe(exc)
+        if known is None:
+            raise exc
+        self.error(known[0])
+        return int(known[1])
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RecordDone):

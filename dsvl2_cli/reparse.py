@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, ClassVar
 
-from dsvl2.errors import ExitCode, OutputError, UsageError, describe
+from dsvl2.errors import ExitCode, OutputError, UsageError
 from dsvl2.inputs import safe_key
 from dsvl2.pipelines.base import FAILURES, Document, PageRecord
 from dsvl2.pipelines.reparse import RecordError, reparse
@@ -253,11 +253,7 @@ def run_reparse(*, paths: Sequence[str], output: str | None, fmt: Format | None,
         reporter.error(str(exc))
         return int(ExitCode.SETUP)
     except BaseException as exc:
-        known = describe(exc)
-        if known is None:
-            raise
-        reporter.error(known[0])
-        return int(known[1])
+        return reporter.fail(exc)
     _report(reporter, before, after)
     for path in written:
         reporter.info(f"output: {path}", level=1)
