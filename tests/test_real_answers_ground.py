@@ -4,24 +4,14 @@ notes — so a parser change that misreads an answer someone really got fails he
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
+from real_answers import SOURCES, cases
 
 from dsvl2.pipelines.base import PageSize
 from dsvl2.pipelines.ground import parse_grounding
 from dsvl2.pipelines.ocr import parse_markdown
-
-DATA = Path(__file__).parent / "data" / "real_answers"
-SOURCES = ("https://github.com/", "https://replicate.com/", "https://huggingface.co/", "https://arxiv.org/")
-
-
-def cases(name: str) -> list[dict]:
-    items = json.loads((DATA / name).read_text(encoding="utf-8"))
-    assert items, f"no cases in {name}"
-    return items
 
 
 def _query(prompt: str | None) -> str | None:

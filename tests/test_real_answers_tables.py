@@ -5,22 +5,11 @@ really got fails here. No case is skipped."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from real_answers import SOURCES, cases
 
 from dsvl2.pipelines.chart import parse_chart
 from dsvl2.pipelines.table import parse_tables
-
-DATA = Path(__file__).parent / "data" / "real_answers"
-SOURCES = ("https://github.com/", "https://replicate.com/", "https://huggingface.co/", "https://arxiv.org/")
-
-
-def cases(name: str) -> list[dict]:
-    items = json.loads((DATA / name).read_text(encoding="utf-8"))
-    assert items, f"no cases in {name}"
-    return items
 
 
 def _contains_all(notes: list[str], wanted: list[str], where: str) -> None:
