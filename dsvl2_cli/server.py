@@ -421,7 +421,10 @@ def serve(
     logging["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout stays free of messages
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout,
                                            log_level="info", log_config=logging))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn hands SIGINT / SIGTERM back once it has shut down in order
+        pass
     if failed:
         known = describe(failed[0])
         message = known[0] if known else f"{type(failed[0]).__name__}: {failed[0]}"

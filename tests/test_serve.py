@@ -167,3 +167,23 @@ def test_api_key_is_required_when_set(tmp_path: Path):
         assert s.post(body, Authorization="Bearer s3cret")[0] == 200
     finally:
         s.stop()
+
+
+def test_sigterm_finishes_what_is_in_flight_then_exits():
+    s = Server(CHECKPOINT, "--shutdown-timeout", "60")
+    try:
+        name = s.request("GET", "/v1/models")[1]["data"][0]["id"]
+        body = {**good(max_tokens=120), "model": name, "temperature": 0.7, "seed": 3}
+        answers: list[tuple[int, dict]] = []
+        asking = threading.Thread(target=lambda: answers.append(s.post(body)))
+        asking.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and s.get("/health")[1]["engine"]["running"] == 0:
+            time.sleep(0.05)
+        s.proc.terminate()  # SIGTERM while the answer is being generated
+        asking.join(120)
+        assert s.proc.wait(60) == 0
+        [(code, answer)] = answers
+        assert code == 200 and answer["usage"]["completion_tokens"] > 0, answer
+    finally:
+        s.stop()
