@@ -17,12 +17,15 @@ from dsvl2.model import kernels
 from dsvl2.model.attention import SDPA_MIN_QUERIES
 from dsvl2.model.config import LanguageConfig
 from dsvl2.model.kernel_choice import UNCHOSEN, Paths
+from dsvl2.model.quant import QuantLinear
 
 
-def proj(x: torch.Tensor, layer: nn.Linear, paths: Paths) -> torch.Tensor:
-    """A bias-free projection. Few-row bf16 products on CPU (decode) go to the compiled kernel that reads the
-    weight once at memory speed for all rows (model/kernels.py) when the decode-projection family takes the
-    kernel; everything else is F.linear."""
+def proj(x: torch.Tensor, layer: nn.Linear | QuantLinear, paths: Paths) -> torch.Tensor:
+    """A bias-free projection. A quantised layer runs its own choice (quant.py); few-row bf16 products on CPU
+    (decode) go to the compiled kernel that reads the weight once at memory speed for all rows (model/kernels.py)
+    when the decode-projection family takes the kernel; everything else is F.linear."""
+    if isinstance(layer, QuantLinear):
+        return layer(x)
     return kernels.linear(x, layer.weight, enabled=paths.kernel("decode_projections"))
 
 
@@ -100,7 +103,8 @@ class MoE(nn.Module):
         ids, weights = self.gate(flat)  # (N, K)
         T = shape[-2] if x.ndim >= 3 else flat.shape[0]  # new tokens per row: decode or prefill
         family = "decode_experts" if T < SDPA_MIN_QUERIES else "prefill_experts"
-        if self.paths.kernel(family) and kernels.moe_fits(flat, self.experts[0].down_proj.weight):
+        down = self.experts[0].down_proj
+        if self.paths.kernel(family) and not isinstance(down, QuantLinear) and kernels.moe_fits(flat, down.weight):
             # bf16 CPU: the whole layer in one call
             y = kernels.moe_routed(flat, ids, weights, *self._expert_weights())
         else:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from dsvl2.model import kernels
 from dsvl2.model.attention import attend, causal_mask
 from dsvl2.model.kernel_choice import Family, Trial
+from dsvl2.model.quant import QuantLinear
 
 DECODE_ROWS = 8  # a decode batch: tokens per step in the decode trials
 PREFILL_TOKENS = 256  # a prefill chunk's tokens in the prefill trials (long enough to be bound by the multiplies)
@@ -60,7 +61,9 @@ def language_trials(lm) -> dict[Family, Trial | str]:
         trials["decode_projections"] = Trial(f"M{DECODE_ROWS} {len(weights)} of {names}",
                                              lambda: _projections(weights))
     moe = next((layer.mlp for layer in layers if hasattr(layer.mlp, "experts")), None)
-    if moe is not None:
+    if moe is not None and isinstance(moe.experts[0].gate_proj, QuantLinear):
+        trials["decode_experts"] = trials["prefill_experts"] = "quantised experts: quant_choice.py picks their path"
+    elif moe is not None:
         w = moe.experts[0].gate_proj.weight
         name = f"X{len(moe.experts)} K{moe.gate.top_k} {w.shape[0]}x{w.shape[1]}"
         trials["decode_experts"] = Trial(f"N{DECODE_ROWS} {name}", lambda: _experts(moe, DECODE_ROWS))

@@ -317,13 +317,13 @@ class LanguageModel(nn.Module):
                     module.paths = paths
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight  # the head may be quantised; the embedding is the model's dtype
         return KVCache(cache_shapes(self.cfg), batch=batch, capacity=capacity, n_layers=self.cfg.num_hidden_layers,
                        dtype=p.dtype, device=p.device)
 
     def cache_bytes_per_token(self) -> int:
         """Bytes one token takes in this model's KV cache (`cache_token_bytes`)."""
-        return cache_token_bytes(self.cfg, self.lm_head.weight.dtype)
+        return cache_token_bytes(self.cfg, self.model.embed_tokens.weight.dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)

@@ -22,6 +22,7 @@ from dsvl2.model.engine import Engine
 from dsvl2.model.errors import DeviceError
 from dsvl2.model.hub import DEFAULT_MODEL, resolve_model
 from dsvl2.model.processor import Processor
+from dsvl2.model.quant_checkpoint import scheme_name
 from dsvl2.model.weights import fingerprint, load_model
 
 
@@ -104,7 +105,8 @@ def auto_batch_size(engine_model, device: torch.device, *, limit: int = 16, shar
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """A model argument resolved to what will run, without loading any weights: the checkpoint directory,
-    its hub revision (None for a local directory), its fingerprint, and the device and dtype it runs in."""
+    its hub revision (None for a local directory), its fingerprint, the device and dtype it runs in, and its
+    weight quantisation ("none", "int8", "int4": the checkpoint's own scheme, or the one asked for)."""
 
     model: str
     path: Path
@@ -112,29 +114,35 @@ class Resolved:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
+    quantize: str = "none"
 
 
 def resolve(model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
-            dtype: str = "auto") -> Resolved:
-    """Where `model` is and how it will run (the hub is asked only when the model is not cached)."""
+            dtype: str = "auto", quantize: str = "none") -> Resolved:
+    """Where `model` is and how it will run (the hub is asked only when the model is not cached). A `quantize`
+    other than a quantised checkpoint's own scheme is a ConfigError naming both, raised here, before loading."""
     dev = pick_device(device)
     path = resolve_model(model, revision=revision)
     return Resolved(model=model, path=path, revision=snapshot_revision(path) or revision,
-                    fingerprint=fingerprint(path), device=dev, dtype=pick_dtype(dtype, dev, checkpoint_dtype(path)))
+                    fingerprint=fingerprint(path), device=dev, dtype=pick_dtype(dtype, dev, checkpoint_dtype(path)),
+                    quantize=scheme_name(path, quantize))
 
 
 def load_runtime(model: str | Resolved = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int | None = None, prefill_chunk: int = 2048,
-                 cache_budget: int | None = None, on_kernel_build: Callable[[], None] | None = None) -> Engine:
+                 cache_budget: int | None = None, on_kernel_build: Callable[[], None] | None = None,
+                 quantize: str = "none") -> Engine:
     """A generation engine for `model` (a local checkpoint directory, a Hugging Face repo id, or what
     `resolve` made of one). Without `max_batch_size` the batch is sized from the memory left after loading
     (`auto_batch_size`); without `cache_budget` the KV cache may take half of that memory, so a large batch
     size given by hand admits only as many pages at once as their cache fits. `on_kernel_build` is called when
     the CPU kernels start compiling (a bf16 model on a CPU, first run only); `kernels.status()` says how that
-    went."""
-    where = model if isinstance(model, Resolved) else resolve(model, revision=revision, device=device, dtype=dtype)
+    went. `quantize` (or a `Resolved`'s) "int8" / "int4" quantises the language model's weights while loading
+    (weights.load_model); a quantised checkpoint loads as stored."""
+    where = model if isinstance(model, Resolved) else resolve(model, revision=revision, device=device, dtype=dtype,
+                                                               quantize=quantize)
     processor = Processor.from_dir(where.path)
-    weights = load_model(where.path, dtype=where.dtype, device=where.device)
+    weights = load_model(where.path, dtype=where.dtype, device=where.device, quantize=where.quantize)
     if max_batch_size is None:
         max_batch_size = auto_batch_size(weights, where.device)
     if cache_budget is None and (free := free_memory(where.device)) is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import torch
 
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import WeightsError
+from dsvl2.model.quant import pack_nibbles, replace_linears, use_impls
+from dsvl2.model.quant import quantize as quantize_weight
+from dsvl2.model.quant_checkpoint import expected_dtypes, run_scheme, stored_scheme
 from dsvl2.model.vl2 import DeepseekVL2
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,7 +57,7 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
 
 
 FLOAT_DTYPES = {"F32", "BF16", "F16"}
-DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
+DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +92,15 @@ def read_headers(files: list[Path]) -> tuple[dict[str, StoredTensor], list[str]]
 
 
 def _check(expected: dict[str, tuple[int, ...]], found: dict[str, StoredTensor], duplicated: list[str],
-           directory: Path) -> None:
+           directory: Path, dtypes: dict[str, tuple[str, ...]] | None = None) -> None:
+    """One WeightsError listing every missing, unexpected, misshaped, wrongly typed (a float dtype unless `dtypes`
+    names the key's) and duplicated key."""
+    dtypes = dtypes or {}
     missing = sorted(k for k in expected if k not in found)
     unexpected = sorted(k for k in found if k not in expected)
     misshaped = sorted(f"{k} (checkpoint {list(found[k].shape)}, model {list(expected[k])})"
                        for k in expected if k in found and found[k].shape != expected[k])
-    wrong_dtype = sorted(f"{k} ({t.dtype})" for k, t in found.items() if t.dtype not in FLOAT_DTYPES)
+    wrong_dtype = sorted(f"{k} ({t.dtype})" for k, t in found.items() if t.dtype not in dtypes.get(k, FLOAT_DTYPES))
     problems = (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped),
                 ("wrong dtype", wrong_dtype), ("duplicated", sorted(duplicated)))
     parts = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in problems if keys]
@@ -111,22 +118,54 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {INVERSE_RENAMES.get(k, k): tuple(t.shape) for k, t in model.state_dict().items()}
 
 
-def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> DeepseekVL2:
-    """Build the model of `directory`/config.json and load its weights, cast to `dtype`, onto `device`."""
+def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               quantize: str = "none") -> DeepseekVL2:
+    """Build the model of `directory`/config.json and load its weights, cast to `dtype`, onto `device`.
+
+    A quantised checkpoint (quant_checkpoint.py) loads as it is stored, its language linears `QuantLinear`s;
+    `quantize` "int8" / "int4" quantises a floating-point checkpoint's language linears while reading, tensor by
+    tensor (each read in float32, quantised, dropped), so no floating-point copy of those weights is ever held
+    whole. Asking for another scheme than a checkpoint's own is a ConfigError naming both."""
     directory = Path(directory)
     cfg = ModelConfig.from_dir(directory)
+    scheme, stored = run_scheme(directory, quantize), stored_scheme(directory)
     model = build_meta(cfg)
     found, duplicated = read_headers(checkpoint_files(directory))
-    _check(expected_shapes(model), found, duplicated, directory)
-    state = {RENAMES.get(k, k): t for k, t in _read_tensors(found, dtype=dtype, device=device)}
+    if stored is None:
+        _check(expected_shapes(model), found, duplicated, directory)
+    layers = replace_linears(model, scheme) if scheme is not None else {}
+    if stored is not None:
+        _check(expected_shapes(model), found, duplicated, directory, expected_dtypes(layers))
+    targets = {f"{path}.weight": layer for path, layer in layers.items()} if stored is None else {}
+    stored_layers = {f"{path}.qweight": layer for path, layer in layers.items()} if stored is not None else {}
+
+    def read_as(key: str) -> torch.dtype | None:  # quantised tensors keep their stored integer dtype
+        return torch.float32 if key in targets else None if key in stored_layers else dtype
+
+    state = {}
+    for key, t in _read_tensors(found, dtype=read_as, device=device):
+        if key in targets:
+            q, s = quantize_weight(t, scheme)
+            base = key.removesuffix(".weight")
+            layer = targets[key]
+            state[f"{base}.qweight"] = layer.use_stored(q if scheme.bits == 8 else pack_nibbles(q))
+            state[f"{base}.scales"] = s.to(dtype)
+        elif key in stored_layers:
+            state[key] = stored_layers[key].use_stored(t)
+        else:
+            state[RENAMES.get(key, key)] = t
     model.load_state_dict(state, strict=True, assign=True)
+    if layers:
+        from dsvl2.model import quant_choice  # imported here: it times products, which a float model never needs
+
+        use_impls(model, quant_choice.choose(model.language, dtype))
     return model.eval().requires_grad_(False)
 
 
-def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype, device: str | torch.device,
-                  batch_bytes: int = 256 * 2**20):
-    """Yield (key, tensor in `dtype` on `device`, owning its memory) for every stored tensor. Each file is
+def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype | Callable[[str], torch.dtype | None],
+                  device: str | torch.device, batch_bytes: int = 256 * 2**20):
+    """Yield (key, tensor in `dtype` on `device`, owning its memory) for every stored tensor (`dtype` may be a
+    function of the key, None there meaning the stored dtype). Each file is
     reopened every `batch_bytes` of stored data, so the mapped pages already copied out are released: peak
     memory stays near the loaded weights' size plus one batch, instead of adding a whole shard."""
     from safetensors import safe_open
@@ -146,7 +185,9 @@ def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype, device:
                     for key in keys[start:end]:
                         # A copy even when the dtype matches: weights in process memory, not file pages the
                         # kernel may evict under memory pressure and re-read from disk mid-run.
-                        yield key, f.get_tensor(key).to(dtype, copy=True)
+                        want = dtype(key) if callable(dtype) else dtype
+                        t = f.get_tensor(key)
+                        yield key, t.to(want if want is not None else t.dtype, copy=True)
             except Exception as e:
                 raise WeightsError(f"{file}: cannot read tensor data ({e})") from None
             start = end

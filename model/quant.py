@@ -1,0 +1,238 @@
+"""Weight-only quantisation of the language model: the schemes, the quantise / dequantise arithmetic, the
+`QuantLinear` module that replaces `nn.Linear`, and which linears are quantised.
+
+  int8  per output channel, symmetric: q = round(w / s) in [-127, 127], s = max|w_row| / 127, s (N,) bf16.
+  int4  groups of G along K, symmetric: q = round(w / s) in [-8, 7], s = max|w_group| / 7, s (N, K/G) bf16;
+        G is the scheme's group size (128) or, where it does not divide K, the largest of 64, 32, 16 that does
+        (Tiny's dense down_proj has K = 6848 = 64 x 107); a K none of them divides is one group per row.
+Scales are rounded to bf16 before q is computed, so q * s is exactly the weight the kernels multiply by.
+Activations are never quantised: products run in the activation dtype (bf16 or float32) with the implementation
+quant_choice.py picks per machine ("packed": torch's int8/int4 CPU ops in that dtype; "packed_bf16": the same
+ops in bf16, the input cast down and the output back up; "dequant": F.linear on the dequantised weight, the
+always-correct fallback on every device). Not responsible for reading or writing checkpoints (quant_checkpoint.py).
+
+Quantised: every `nn.Linear` of `language` (attention projections, dense MLP, routed and shared experts, lm_head)
+except MLA's `kv_b_proj`, whose weight the absorbed decode attention reads per head as a dense tensor. The MoE
+gate (routing), embeddings, norms, the vision tower and the projector stay in floating point.
+Shape legend: N output features, K input features, G group size, M rows (tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsvl2.model.errors import ConfigError
+
+Impl = Literal["packed", "packed_bf16", "dequant"]
+SCHEMES = ("int8", "int4")
+INT4_GROUP_SIZE = 128
+PACKED_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU op takes
+CPU_BLOCK_N = 32  # torch's int4 CPU layout interleaves blocks of 32 output rows (see `cpu_int4_unpack`)
+UNQUANTISED = ("kv_b_proj",)  # linear names kept in floating point (see the module docstring)
+
+
+@dataclass(frozen=True, slots=True)
+class Scheme:
+    """A quantisation scheme: 8 bits per output channel, or 4 bits in groups of `group_size` along K."""
+
+    bits: int
+    group_size: int | None = None
+
+    @classmethod
+    def named(cls, name: str) -> Scheme:
+        if name == "int8":
+            return cls(8)
+        if name == "int4":
+            return cls(4, INT4_GROUP_SIZE)
+        raise ConfigError(f"unsupported quantisation {name!r}: use int8 or int4")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def group_for(self, k: int) -> int | None:
+        """The group size used for a weight with K = `k` input features (None: per channel)."""
+        if self.group_size is None:
+            return None
+        return next((g for g in (self.group_size, 64, 32, 16) if g <= self.group_size and k % g == 0), k)
+
+    def shapes(self, n: int, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(qweight, scales) shapes of an (N, K) weight as stored: int8 (N, K) and (N,); int4 (N, ceil(K/2))
+        bytes and (N, K/G)."""
+        if self.bits == 8:
+            return (n, k), (n,)
+        return (n, (k + 1) // 2), (n, k // self.group_for(k))
+
+
+def quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> q int8 (N, K) (int4 values in [-8, 7]) and bf16 scales ((N,) or (N, K/G))."""
+    w = w.float()
+    n, k = w.shape
+    if scheme.bits == 8:
+        s = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).to(torch.bfloat16)
+        q = (w / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return q, s
+    g = scheme.group_for(k)
+    groups = w.view(n, k // g, g)
+    s = (groups.abs().amax(dim=2) / 7).clamp_min(1e-12).to(torch.bfloat16)  # (N, K/G)
+    q = (groups / s.float()[..., None]).round().clamp(-8, 7).to(torch.int8).view(n, k)
+    return q, s
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (N, K) int8 and scales (N,) or (N, K/G) -> the (N, K) weight in `dtype` (the reference of every product)."""
+    n, k = q.shape
+    if s.ndim == 1:
+        return (q.to(dtype) * s.to(dtype)[:, None]).view(n, k)
+    return (q.to(dtype).view(n, s.shape[1], -1) * s.to(dtype)[..., None]).view(n, k)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int4 values (N, K) in [-8, 7] -> (N, ceil(K/2)) uint8, the stored layout: byte j holds k = 2j in its low
+    nibble and k = 2j + 1 in its high nibble, each as q + 8."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = F.pad(u, (0, 1), value=8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_nibbles(b: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: (N, ceil(K/2)) uint8 -> int8 (N, K) in [-8, 7]."""
+    u = torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], -1)[:, :k]
+    return u.to(torch.int8) - 8
+
+
+def cpu_int4_fits(n: int, k: int, group: int | None) -> bool:
+    return n % CPU_BLOCK_N == 0 and k % 2 == 0 and group in PACKED_GROUPS
+
+
+def cpu_int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """int4 values (N, K) -> torch's CPU layout for `_weight_int4pack_mm_for_cpu` ((N, K/2) uint8, unsigned q + 8)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8), 1)
+
+
+def cpu_int4_unpack(p: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of `cpu_int4_pack` (N a multiple of 32): the op stores, per block of 32 rows and per 4 columns
+    k, 64 bytes ordered (k % 4, row % 16), rows 0-15 of the block in the low nibbles and 16-31 in the high ones."""
+    n = p.shape[0]
+    b = p.reshape(n // CPU_BLOCK_N, k // 4, 4, 16)  # (block, k // 4, k % 4, row % 16)
+    u = torch.stack((b & 15, b >> 4), dim=1)  # (block, half, k // 4, k % 4, row % 16)
+    return (u.permute(0, 1, 4, 2, 3).reshape(n, k).to(torch.int8) - 8)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear with a quantised weight. `qweight` and `scales` are the checkpoint's tensors (scales in
+    the model's dtype); on the CPU an int4 weight whose shape the op covers is kept in torch's packed layout
+    (`layout` "cpu") instead of nibbles (`layout` "nibbles"). `impls` = (decode, prefill): what products with up
+    to DECODE_ROWS rows and longer ones run (quant_choice.py sets them; "dequant" until then)."""
+
+    DECODE_ROWS = 32
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.group = scheme.group_for(in_features)
+        q_shape, s_shape = scheme.shapes(out_features, in_features)
+        self.register_buffer("qweight", torch.empty(q_shape, dtype=torch.int8 if scheme.bits == 8 else torch.uint8))
+        self.register_buffer("scales", torch.empty(s_shape))
+        self.layout = "plain" if scheme.bits == 8 else "nibbles"
+        self.impls: tuple[Impl, Impl] = ("dequant", "dequant")
+        self._scales_as: dict[torch.dtype, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.scheme.name}, group={self.group}, {self.layout}"
+
+    def use_stored(self, qweight: torch.Tensor) -> torch.Tensor:
+        """The runtime form of a stored qweight: int4 on the CPU repacked for torch's op where it fits."""
+        if self.scheme.bits == 4 and qweight.is_cpu and cpu_int4_fits(self.out_features, self.in_features,
+                                                                      self.group):
+            self.layout = "cpu"
+            return cpu_int4_pack(unpack_nibbles(qweight, self.in_features))
+        self.layout = "plain" if self.scheme.bits == 8 else "nibbles"
+        return qweight
+
+    def int_weight(self) -> torch.Tensor:
+        """q (N, K) int8, whatever the layout."""
+        if self.layout == "cpu":
+            return cpu_int4_unpack(self.qweight, self.in_features)
+        if self.layout == "nibbles":
+            return unpack_nibbles(self.qweight, self.in_features)
+        return self.qweight
+
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantised (N, K) weight in `dtype`."""
+        return dequantize(self.int_weight(), self.scales, dtype)
+
+    def packable(self, x: torch.Tensor) -> bool:
+        """Whether torch's packed CPU ops cover x with this weight."""
+        return (x.is_cpu and self.qweight.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
+                and x.numel() > 0 and self.layout in ("plain", "cpu"))
+
+    def _op_scales(self, dtype: torch.dtype) -> torch.Tensor:
+        """Scales as the packed op takes them: int8 (N,) in `dtype`; int4 (K/G, N, 2) scales and zero points."""
+        found = self._scales_as.get(dtype)
+        if found is None or found.device != self.scales.device:
+            s = self.scales.to(dtype)
+            if self.scheme.bits == 4:
+                s = torch.stack((s.t(), torch.zeros_like(s.t())), dim=-1).contiguous()  # (K/G, N, 2)
+            found = self._scales_as[dtype] = s
+        return found
+
+    def packed(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) by torch's op in x2's dtype."""
+        if self.scheme.bits == 8:
+            return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._op_scales(x2.dtype))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self._op_scales(x2.dtype))
+
+    def run(self, x: torch.Tensor, impl: Impl) -> torch.Tensor:
+        """x (..., K) -> (..., N) by `impl` (falling back to "dequant" where the packed ops do not apply)."""
+        if impl != "dequant" and self.packable(x):
+            x2 = x.reshape(-1, self.in_features)
+            if impl == "packed_bf16" and x.dtype is not torch.bfloat16:
+                y = self.packed(x2.to(torch.bfloat16)).to(x.dtype)
+            else:
+                y = self.packed(x2.contiguous())
+            return y.view(*x.shape[:-1], self.out_features)
+        if self.scheme.bits == 8:  # per-channel scales commute with the product: scale the (M, N) output
+            return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        return F.linear(x, self.weight_as(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        return self.run(x, self.impls[0] if rows <= self.DECODE_ROWS else self.impls[1])
+
+
+def quantizable(name: str, module: nn.Module) -> bool:
+    """Whether the module called `name` (relative to `language`) is quantised."""
+    return type(module) is nn.Linear and name.rpartition(".")[2] not in UNQUANTISED
+
+
+def replace_linears(model: nn.Module, scheme: Scheme, prefix: str = "language") -> dict[str, QuantLinear]:
+    """Replace every quantisable linear under `model.<prefix>` by a `QuantLinear` of the same features (on the
+    meta device: nothing is allocated); returns full module path -> new module."""
+    root = model.get_submodule(prefix)
+    replaced = {}
+    for name, module in list(root.named_modules()):
+        if quantizable(name, module):
+            parent_name, _, attr = name.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            with torch.device("meta"):
+                new = QuantLinear(module.in_features, module.out_features, scheme)
+            setattr(parent, attr, new)
+            replaced[f"{prefix}.{name}"] = new
+    return replaced
+
+
+def quant_layers(model: nn.Module) -> list[QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+def use_impls(model: nn.Module, impls: tuple[Impl, Impl]) -> None:
+    """Make every QuantLinear of `model` run `impls` (decode, prefill)."""
+    for m in quant_layers(model):
+        m.impls = impls
