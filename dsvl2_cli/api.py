@@ -64,16 +64,20 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     batch_size: int | None = None,
+    quantize: str = "none",
 ) -> Runtime:
     """Load a model once, to pass as `runtime=` to any number of task calls.
 
     `model` is a local checkpoint directory (Hugging Face layout) or a repo id such as
     "deepseek-ai/deepseek-vl2-tiny"; `device` is "auto", "cpu", "cuda" or "cuda:N"; `dtype` "auto",
     "float32", "bfloat16" or "float16"; `batch_size` caps how many pages are answered at once (None: sized
-    from free memory). Raises OptionError for a bad value, dsvl2.model.errors.ModelError when the model
-    cannot be found or loaded."""
-    Options(model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size)  # checks them
-    return backend.load(model, revision=revision, device=device, dtype=dtype, batch_size=batch_size)
+    from free memory); `quantize` "int8" / "int4" quantises the language model's weights while loading (a
+    checkpoint written by `dsvl2 quantize` loads as stored, and its records say so without it). Raises
+    OptionError for a bad value, dsvl2.model.errors.ModelError when the model cannot be found or loaded."""
+    Options(model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size,
+            quantize=quantize)  # checks them
+    return backend.load(model, revision=revision, device=device, dtype=dtype, batch_size=batch_size,
+                        quantize=quantize)
 
 
 def _documents(inputs: Inputs) -> list[str | Blob]:
@@ -120,7 +124,8 @@ def run(task: str, inputs: Inputs, *, runtime: Runtime | None = None, **options:
         raise OptionError(given[0], "comes from runtime= when a runtime is given; load() takes it")
     if runtime is not None:  # the records name the model as it was loaded
         i = runtime.identity
-        options |= {"model": i.model, "revision": i.revision, "device": i.device, "dtype": i.dtype}
+        options |= {"model": i.model, "revision": i.revision, "device": i.device, "dtype": i.dtype,
+                    "quantize": i.quantize}
     job = Job.open(kind.from_options(**own), Options.create(**options), _documents(inputs))
     return _records(job, runtime, runtime.identity if runtime is not None else None)
 

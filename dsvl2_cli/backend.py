@@ -28,13 +28,15 @@ __all__ = ["DEFAULT_MODEL", "Identity", "Runtime", "identify", "load"]
 @dataclass(frozen=True, slots=True)
 class Identity:
     """What answers a run's pages: the model as given, its hub revision, its fingerprint (None when unknown),
-    and the device kind and dtype it runs in. Part of every record and of its resume key."""
+    the device kind and dtype it runs in, and how its weights are quantised ("none", "int8", "int4": a quantised
+    checkpoint's own scheme even without --quantize). Part of every record and of its resume key."""
 
     model: str
     revision: str | None
     fingerprint: str | None
     device: str
     dtype: str
+    quantize: str = "none"
 
     def record_model(self) -> dict[str, str | None]:
         return {"id": self.model, "revision": self.revision, "fingerprint": self.fingerprint}
@@ -47,13 +49,15 @@ def _identity(resolved: Resolved) -> Identity:
         fingerprint=resolved.fingerprint,
         device=resolved.device.type,
         dtype=str(resolved.dtype).removeprefix("torch."),
+        quantize=resolved.quantize,
     )
 
 
-def _identify(model: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Identity:
+def _identify(model: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+              quantize: str = "none") -> Identity:
     from dsvl2.model.loading import resolve
 
-    return _identity(resolve(model, revision=revision, device=device, dtype=dtype))
+    return _identity(resolve(model, revision=revision, device=device, dtype=dtype, quantize=quantize))
 
 
 class Runtime:
@@ -101,7 +105,8 @@ class Runtime:
 
     def __repr__(self) -> str:
         i = self.identity
-        return f"<dsvl2.Runtime {i.model} on {i.device} in {i.dtype}, {self.max_batch_size} pages at once>"
+        weights = "" if i.quantize == "none" else f", {i.quantize} weights"
+        return f"<dsvl2.Runtime {i.model} on {i.device} in {i.dtype}{weights}, {self.max_batch_size} pages at once>"
 
 
 def load(
@@ -115,19 +120,21 @@ def load(
     on_kernel_build: Callable[[], None] | None = None,
 ) -> Runtime:
     """The embedded runtime for `model` (a local directory or a Hugging Face repo id). `batch_size` caps how
-    many pages it answers at once; None sizes it from free memory. `on_kernel_build` is called if the CPU
-    kernels start compiling (first run on a machine)."""
+    many pages it answers at once; None sizes it from free memory. `quantize` "int8" / "int4" quantises the
+    language model's weights while loading (a quantised checkpoint loads as stored; another scheme than its own
+    is a ConfigError naming both). `on_kernel_build` is called if the CPU kernels start compiling (first run on
+    a machine)."""
     import torch
 
     from dsvl2.model import kernels
     from dsvl2.model.loading import load_runtime, resolve
 
-    if quantize != "none":
+    if quantize not in ("none", "int8", "int4"):
         from dsvl2.pipelines.base import OptionError
 
-        raise OptionError("quantize", "is not available in this build")
+        raise OptionError("quantize", "must be none, int8 or int4")
     start = time.perf_counter()
-    resolved = resolve(model, revision=revision, device=device, dtype=dtype)
+    resolved = resolve(model, revision=revision, device=device, dtype=dtype, quantize=quantize)
     sizing = {} if batch_size is None else {"max_batch_size": batch_size}
     engine = load_runtime(resolved, on_kernel_build=on_kernel_build, **sizing)
     uses_kernels = resolved.device.type == "cpu" and resolved.dtype is torch.bfloat16
