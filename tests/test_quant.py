@@ -1,0 +1,130 @@
+"""Weight-only quantisation invariants on small random weights: the arithmetic (error bound, layouts that round
+trip) and every product implementation equal to dequantise-then-F.linear; the per-machine choice with a fake
+timer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsvl2.model import quant_choice
+from dsvl2.model.quant import (
+    QuantLinear,
+    Scheme,
+    cpu_int4_pack,
+    cpu_int4_unpack,
+    dequantize,
+    pack_nibbles,
+    quantize,
+    unpack_nibbles,
+    use_impls,
+)
+
+# Relative max error of a product against F.linear on the dequantised weight in the same dtype: float32 products
+# differ by summation order only; bf16 ones (and "packed_bf16", whose input is rounded to bf16) by bf16 rounding.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL_BF16_INPUT = 2e-2
+
+
+def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def _layer(w: torch.Tensor, scheme: Scheme, dtype: torch.dtype) -> tuple[QuantLinear, torch.Tensor, torch.Tensor]:
+    q, s = quantize(w, scheme)
+    layer = QuantLinear(w.shape[1], w.shape[0], scheme)
+    layer.qweight = layer.use_stored(q if scheme.bits == 8 else pack_nibbles(q))
+    layer.scales = s.to(dtype)
+    return layer, q, s
+
+
+def assert_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    err = (got.float() - ref.float()).abs()
+    rel = float(err.max()) / max(float(ref.float().abs().max()), 1e-12)
+    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol} at {worst}"
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_quantisation_error_is_at_most_half_a_step(name):
+    """Catches a wrong rounding, clamp or scale (e.g. scales not rounded to bf16 before q is computed)."""
+    scheme = Scheme.named(name)
+    w = _weight(64, 6848 if name == "int4" else 256)  # K = 6848: Tiny's dense down_proj, groups of 64
+    q, s = quantize(w, scheme)
+    assert s.dtype is torch.bfloat16 and q.dtype is torch.int8
+    assert s.shape == ((64,) if name == "int8" else (64, 6848 // 64))
+    step = s.float() if s.ndim == 1 else s.float().repeat_interleave(w.shape[1] // s.shape[1], dim=1)
+    err = (dequantize(q, s) - w).abs() / (step if step.ndim == 2 else step[:, None])
+    assert float(err.max()) <= 0.5 + 1e-3, f"worst error {float(err.max()):.3f} steps at {int(err.argmax())}"
+    lo, hi = (-127, 127) if name == "int8" else (-8, 7)
+    assert int(q.min()) >= lo and int(q.max()) <= hi
+
+
+def test_int4_layouts_round_trip():
+    """Catches a wrong nibble order (stored layout) or a wrong reading of torch's CPU layout."""
+    q = torch.randint(-8, 8, (96, 256), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q), 256), q)
+    assert pack_nibbles(q)[0, 0] == (int(q[0, 0]) + 8) | ((int(q[0, 1]) + 8) << 4)  # low nibble = even k
+    assert torch.equal(cpu_int4_unpack(cpu_int4_pack(q), 256), q)
+    odd = q[:, :255]
+    assert torch.equal(unpack_nibbles(pack_nibbles(odd), 255), odd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("impl", ["packed", "packed_bf16", "dequant"])
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_every_implementation_equals_dequantise_then_linear(name, impl, dtype, rows):
+    """The quantised kernel = F.linear on the dequantised weight, for every path the choice may pick."""
+    scheme = Scheme.named(name)
+    w = _weight(96, 384, seed=2)
+    layer, q, s = _layer(w, scheme, dtype)
+    assert layer.layout == ("plain" if name == "int8" else "cpu")
+    x = torch.randn(2, rows, 384, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.inference_mode():
+        got = layer.run(x, impl)
+        ref = F.linear(x, dequantize(q, s, dtype))
+    assert got.shape == (2, rows, 96) and got.dtype is dtype
+    tol = TOL_BF16_INPUT if impl == "packed_bf16" else TOL[dtype]
+    assert_rel(got, ref, tol, f"{name} {impl} {dtype} rows {rows}")
+    assert torch.equal(layer.int_weight(), q)
+
+
+def test_a_shape_torchs_int4_op_does_not_cover_keeps_nibbles_and_dequantises():
+    """N not a multiple of 32: the nibble layout, and every impl falls back to the dequantised product."""
+    w = _weight(48, 128, seed=4)
+    layer, q, s = _layer(w, Scheme.named("int4"), torch.float32)
+    assert layer.layout == "nibbles"
+    x = torch.randn(3, 128)
+    assert quant_choice.candidates(layer, torch.float32) == ["dequant"]
+    assert_rel(layer.run(x, "packed"), F.linear(x, dequantize(q, s)), TOL[torch.float32], "nibbles")
+
+
+def test_the_choice_takes_the_fastest_candidate_per_row_count():
+    """Catches a choice that ignores the timings or mixes up decode and prefill."""
+    model = torch.nn.Sequential(torch.nn.Identity())
+    layer, _, _ = _layer(_weight(64, 128, seed=5), Scheme.named("int8"), torch.float32)
+    model.add_module("proj", layer)
+    speeds = {("packed", 8): 1.0, ("packed_bf16", 8): 0.5, ("dequant", 8): 2.0,
+              ("packed", 256): 3.0, ("packed_bf16", 256): 2.0, ("dequant", 256): 1.0}
+
+    def timer(fn):
+        for impl in ("packed", "packed_bf16", "dequant"):
+            if fn.__defaults__[0] == impl:
+                return speeds[(impl, rows)]
+        raise AssertionError("not a candidate")
+
+    rows = 8
+    times = quant_choice.time_impls(layer, torch.float32, 8, timer=timer)
+    assert min(times, key=times.get) == "packed_bf16"
+    seen = []
+
+    def timer2(fn):
+        seen.append(fn.__defaults__[0])
+        return speeds[(fn.__defaults__[0], 8 if len(seen) <= 3 else 256)]
+
+    assert quant_choice.choose(model, torch.float32, timer=timer2) == ("packed_bf16", "dequant")
+    assert quant_choice.candidates(layer, torch.bfloat16) == ["packed", "dequant"]  # no cast for bf16 input
+    use_impls(model, ("dequant", "packed"))
+    assert layer.impls == ("dequant", "packed")
