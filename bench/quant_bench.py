@@ -1,0 +1,185 @@
+"""Weight-only quantisation benchmark: decode time per step for none / int8 / int4 in one run, each beside its own
+bandwidth bound, plus load peak RSS, and (--agreement) the bf16 / int8 / int4 agreement table with float32 on every
+parity checkpoint and case.
+
+    python bench/quant_bench.py [--model DIR | --config tiny|small|base [--layers L]] [--dtype float32|bfloat16]
+                                [--batches 1 8] [--steps 8] [--agreement] [--cases a,b]
+
+The model defaults to a random bf16 checkpoint of the real deepseek-vl2-tiny dimensions (bench/engine_bench.py's
+ensure_model; --layers L keeps its first L decoder layers). Each scheme loads in its own child process, so its peak
+RSS is its own. Bound = bytes a decode step reads (the weights and scales of every linear the step runs, routed
+experts only where the batch sends tokens; the cache and embedding rows are left out) / the read bandwidth
+measured right before (sum over a 1 GiB tensor, fastest of 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
+
+SCHEMES = ("none", "int8", "int4")
+
+
+def cpu_line() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags")), [])
+    wanted = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
+    return f"cpu: {model}; {torch.get_num_threads()} threads; flags {' '.join(wanted)}"
+
+
+def read_bandwidth() -> float:
+    """Bytes per second reading a 1 GiB float32 tensor (fastest of 3 sums)."""
+    x = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def linear_bytes(module: nn.Module) -> int:
+    """Bytes one product with `module` reads: the weight, or the quantised weight and the scales the op reads."""
+    from dsvl2.model.quant import QuantLinear
+
+    if isinstance(module, QuantLinear):
+        n_scales = module.scales.numel() * (2 if module.scheme.bits == 4 else 1)  # int4 op: scales and zeros
+        return module.qweight.numel() + n_scales * module.scales.element_size()
+    return module.weight.numel() * module.weight.element_size()
+
+
+class ByteCounter:
+    """Bytes a language-model forward reads: every linear outside the routed experts once, plus the routed experts
+    the gates (hooked) send tokens to. The products go through `proj`, not module calls, so they are not hooked."""
+
+    def __init__(self, lm: nn.Module):
+        from dsvl2.model.quant import QuantLinear
+
+        linears = {name: m for name, m in lm.named_modules() if isinstance(m, nn.Linear | QuantLinear)}
+        self.fixed = sum(linear_bytes(m) for name, m in linears.items() if ".experts." not in name)
+        self.per_expert = {}
+        for layer in lm.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                e = layer.mlp.experts[0]
+                parts = (e.gate_proj, e.up_proj, e.down_proj)
+                self.per_expert[id(layer.mlp.gate)] = sum(linear_bytes(m) for m in parts)
+        self.bytes = 0
+        self.handles = [layer.mlp.gate.register_forward_hook(self._count) for layer in lm.model.layers
+                        if hasattr(layer.mlp, "experts")]
+
+    def _count(self, module, _inputs, out) -> None:
+        self.bytes += len(out[0].unique()) * self.per_expert[id(module)]
+
+    def start(self) -> None:
+        self.bytes = self.fixed
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run_scheme(path: str, scheme: str, dtype: str, batches: list[int], steps: int, queue) -> None:
+    """In a child process: load, then per batch size the median decode step and the bytes it read."""
+    from engine_bench import peak_rss_gib
+
+    from dsvl2.model.quant import quant_layers
+    from dsvl2.model.weights import load_model
+
+    start = time.perf_counter()
+    model = load_model(path, dtype=getattr(torch, dtype), quantize=scheme)
+    load_s, rss = time.perf_counter() - start, peak_rss_gib()
+    impls = sorted({layer.impls for layer in quant_layers(model)})
+    lm = model.language
+    results = []
+    with torch.inference_mode():
+        for batch in batches:
+            cache = lm.new_cache(batch, 64 + steps + 1)
+            ids = torch.randint(3, 1000, (batch, 32), generator=torch.Generator().manual_seed(batch))
+            lm(lm.embed(ids), cache)
+            cache.advance(32)
+            tok = ids[:, -1:]
+            times, counter = [], ByteCounter(lm)
+            for _ in range(steps):
+                counter.start()
+                begin = time.perf_counter()
+                tok = lm.logits(lm(lm.embed(tok), cache)[:, -1]).argmax(-1)[:, None]
+                cache.advance(1)
+                times.append(time.perf_counter() - begin)
+            counter.close()
+            results.append((batch, sorted(times)[len(times) // 2], counter.bytes, read_bandwidth()))
+    queue.put({"scheme": scheme, "load_s": load_s, "peak_rss_gib": rss, "impls": impls, "decode": results})
+
+
+def agreement(cases_wanted: set[str] | None, steps: int = 12) -> None:
+    from parity import checkpoint_dir, checkpoint_names, load_cases, parity_processor
+    from quant_agreement import compare, run_case
+
+    from dsvl2.model.weights import load_model
+
+    print("\nagreement with float32: min/mean logits cosine, greedy tokens matched before the first difference")
+    print(f"{'checkpoint':<11} {'case':<17} {'bf16':>22} {'int8':>22} {'int4':>22}")
+    for name in checkpoint_names():
+        eos = parity_processor(name).tokenizer.eos_id
+        ref_model = load_model(checkpoint_dir(name))
+        variants = {"bf16": load_model(checkpoint_dir(name), dtype=torch.bfloat16),
+                    "int8": load_model(checkpoint_dir(name), quantize="int8"),
+                    "int4": load_model(checkpoint_dir(name), quantize="int4")}
+        for case in load_cases():
+            if cases_wanted and case.name not in cases_wanted:
+                continue
+            ref = run_case(ref_model, case, steps, eos)
+            cells = []
+            for model in variants.values():
+                a = compare(ref, run_case(model, case, steps, eos))
+                cells.append(f"{a.min_cos:.4f}/{a.mean_cos:.4f} {a.matched:>2}/{a.steps}")
+            print(f"{name:<11} {case.name:<17} " + " ".join(f"{c:>22}" for c in cells), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--config", default="tiny", choices=("tiny", "small", "base"))
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--agreement", action="store_true", help="print the parity agreement table")
+    parser.add_argument("--cases", default="", help="comma-separated parity cases for --agreement (default all)")
+    args = parser.parse_args()
+    from engine_bench import ensure_model
+
+    print(cpu_line())
+    path = ensure_model(args.model, args.config, args.layers)
+    print(f"model: {path}; activations {args.dtype}; decode context 32 tokens; median of {args.steps} steps")
+    ctx = multiprocessing.get_context("spawn")
+    print(f"{'scheme':<6} {'batch':>5} {'step ms':>9} {'MB read':>9} {'GB/s':>6} {'bound ms':>9} {'ratio':>6} "
+          f"{'load s':>7} {'peak RSS GiB':>13}  impls (decode, prefill)")
+    for scheme in args.schemes:
+        queue = ctx.Queue()
+        child = ctx.Process(target=run_scheme, args=(str(path), scheme, args.dtype, args.batches, args.steps, queue))
+        child.start()
+        out = queue.get()
+        child.join()
+        for batch, step, nbytes, bandwidth in out["decode"]:
+            bound = nbytes / bandwidth
+            print(f"{scheme:<6} {batch:>5} {step * 1e3:>9.2f} {nbytes / 1e6:>9.1f} {bandwidth / 1e9:>6.1f} "
+                  f"{bound * 1e3:>9.2f} {step / bound:>6.2f} {out['load_s']:>7.1f} {out['peak_rss_gib']:>13.2f}  "
+                  f"{out['impls'] or '-'}", flush=True)
+    if args.agreement:
+        agreement(set(filter(None, args.cases.split(","))) or None)
+
+
+if __name__ == "__main__":
+    main()
