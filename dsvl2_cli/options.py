@@ -21,6 +21,16 @@ from dsvl2.writers import Format
 OUTPUT_OPTIONS = ("output", "format", "resume", "manifest", "annotate", "quiet", "verbose", "stdin_data")
 
 
+def parse_workers(text: str) -> tuple[int, int]:
+    """`--workers`: "N" is a pool of N workers, "MIN,MAX" one that autoscales between them."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+        low, high = int(parts[0]), int(parts[-1])
+        if 1 <= low <= high:
+            return low, high
+    raise OptionError("workers", f"must be N or MIN,MAX with 1 <= MIN <= MAX (got {text!r})")
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """Every option shared by the document commands and API functions (the task's own are its module's)."""
@@ -95,6 +105,10 @@ class Options:
             ("quantize", self.quantize in ("none", "int8", "int4"), "must be none, int8 or int4"),
             ("cpus_per_worker", self.cpus_per_worker is None or self.cpus_per_worker > 0, "must be positive"),
             ("gpus_per_worker", self.gpus_per_worker >= 0, "must be 0 or more"),
+            ("ray", self.ray is None or self.ray in ("local", "auto") or (self.ray.startswith("ray://")
+             and len(self.ray) > len("ray://")), "must be local, auto or ray://HOST:PORT"),
+            ("workers", self.workers is None or self.ray is not None, "needs --ray"),
+            ("cpus_per_worker", self.cpus_per_worker is None or self.ray is not None, "needs --ray"),
         ]  # fmt: skip
         for option, ok, problem in checks:
             if not ok:
@@ -102,6 +116,8 @@ class Options:
         for option, problem in (("device", check_device(self.device)), ("dtype", check_dtype(self.dtype))):
             if problem:
                 raise OptionError(option, problem)
+        if self.workers is not None:
+            parse_workers(self.workers)
 
     @classmethod
     def create(cls, **values: Any) -> Options:
