@@ -2,14 +2,15 @@
 check that no output path escapes the output or overwrites an input, load resume state, load the model
 only if some page still needs it, stream the job's events into the output, then write the manifest and the
 summary. Returns the exit code; never raises for user errors. Writing a record and finishing the outputs
-are shielded from SIGINT / SIGTERM (dsvl2.signals), so a stop never cuts one.
+are shielded from SIGINT / SIGTERM (dsvl2.signals), so a stop never cuts one. With `--ray` the pages are
+answered on a Ray cluster (dsvl2.ray_run) and everything else here stays the same.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ def _check(*, paths: Sequence[str], options: Options, dest: Destination) -> None
         raise UsageError("--resume needs an output to resume: -o FILE.jsonl or -o DIR/")
     if options.resume and dest.kind == "file" and dest.fmt not in (Format.json, Format.jsonl):
         raise UsageError("--resume into a single file needs --format json or jsonl (or use -o DIR/)")
+    if options.ray and options.annotate is not None:
+        raise UsageError("--annotate cannot be combined with --ray (the pages are drawn where they are rendered)")
 
 
 def run_task(*, task: Task, paths: Sequence[str], options: Options) -> int:
@@ -170,9 +173,21 @@ class _Session:
             },
         }
 
+    def _events(self, model: Any, *, is_done: Any, stats: runner.RunStats) -> Iterator[runner.Event]:
+        if not self.options.ray:
+            return self.job.events(model, is_done=is_done, stats=stats)
+        from dsvl2 import ray_run
+
+        return ray_run.events(self.job, is_done=is_done, stats=stats)
+
     def run(self, *, manifest: Path | None) -> int:
         job, options = self.job, self.options
-        remote = None
+        remote, identify = None, backend.identify
+        if options.ray:  # Ray is imported, and its cluster reached, before anything else
+            from dsvl2 import ray_run
+
+            ray_run.start(options)
+            identify = ray_run.identify(options)
         if options.server:  # the servers say which model answers: connect before anything is identified
             from dsvl2.remote import connect
 
@@ -180,8 +195,7 @@ class _Session:
             job.options = self.options = replace(options, model=remote.served.name,
                                                  revision=remote.served.revision)
         try:
-            return self._run(manifest=manifest, identify=remote.identify if remote else backend.identify,
-                             remote=remote)
+            return self._run(manifest=manifest, identify=remote.identify if remote else identify, remote=remote)
         finally:
             if remote is not None:
                 remote.close()
@@ -201,7 +215,7 @@ class _Session:
         )
         if identity is None:  # nothing to render: every record is an unreadable document's
             job.identity = backend.Identity(options.model, options.revision, None, options.device, options.dtype)
-        model = self._runtime(needs_model, remote)
+        model = self._runtime(needs_model and not options.ray, remote)  # on Ray, the workers load it
         reporter = Reporter(
             total_pages=job.total,
             total_docs=len(docs),
@@ -232,7 +246,7 @@ class _Session:
         stopped_by: BaseException | None = None
         try:
             with reporter:
-                for event in job.events(model, is_done=sink.is_done, stats=stats):
+                for event in self._events(model, is_done=sink.is_done, stats=stats):
                     on_event(event)
         except (KeyboardInterrupt, OutOfMemory) as exc:
             stopped_by = exc
