@@ -9,12 +9,13 @@ import inspect
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from dsvl2 import flags as o
-from dsvl2 import models_cmd, signals
+from dsvl2 import models_cmd, quantize_cmd, signals
 from dsvl2.model.hub import DEFAULT_MODEL
 from dsvl2.options import Options
 from dsvl2.pipelines.base import OptionError
@@ -203,6 +204,24 @@ def serve(
     raise typer.Exit(run_server(model=model, revision=revision, device=getattr(device, "value", device),
                                 dtype=getattr(dtype, "value", dtype), batch_size=batch_size, host=host, port=port,
                                 config=config, shutdown_timeout=shutdown_timeout))
+
+
+@app.command(
+    epilog=_examples(
+        "dsvl2 quantize deepseek-ai/deepseek-vl2-small -o small-int8 --bits 8",
+        "dsvl2 quantize ./deepseek-vl2 -o base-int4 --bits 4 && dsvl2 ocr doc.pdf --model base-int4",
+    )
+)
+def quantize(
+    model: Annotated[str, typer.Argument(help="Float checkpoint: a local directory or a Hugging Face repo id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new or empty).")],
+    bits: Annotated[int, typer.Option("--bits", help="8: int8 per output channel; 4: int4 in groups of 128.")] = 8,
+    revision: o.Revision = None,
+    shard_gb: Annotated[float, typer.Option("--shard-gb", help="Largest shard, in GiB.")] = 2.0,
+) -> None:
+    """Write a weight-only quantised checkpoint (language model linears in int8 or int4, bf16 scales) that
+    `--model DIR` loads as it is, without quantising again. Prints the output directory."""
+    raise typer.Exit(quantize_cmd.quantize(model=model, out=out, bits=bits, revision=revision, shard_gb=shard_gb))
 
 
 @models_app.command(

@@ -107,13 +107,13 @@ class Job:
     def identify(self, identify: Callable[..., Identity]) -> Identity:
         """Ask `identify` (dsvl2.backend.identify) which model, device and dtype the options mean."""
         o = self.options
-        self.identity = identify(o.model, revision=o.revision, device=o.device, dtype=o.dtype)
+        self.identity = identify(o.model, revision=o.revision, device=o.device, dtype=o.dtype, quantize=o.quantize)
         return self.identity
 
     @property
     def settings(self) -> Settings:
         i = self.resolved_identity()
-        return self.options.settings(type(self.task), device=i.device, dtype=i.dtype)
+        return self.options.settings(type(self.task), device=i.device, dtype=i.dtype, quantize=i.quantize)
 
     def resolved_identity(self) -> Identity:
         if self.identity is None:

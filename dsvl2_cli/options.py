@@ -148,9 +148,10 @@ class Options:
                     raise OptionError(name, f"is not valid: {exc}") from None
         return cls(**values)
 
-    def settings(self, task: type[Task], *, device: str = "auto", dtype: str = "auto") -> Settings:
-        """What can change a page's answer, with the task's defaults filled in; `device` and `dtype` as the
-        model resolved them."""
+    def settings(self, task: type[Task], *, device: str = "auto", dtype: str = "auto",
+                 quantize: str | None = None) -> Settings:
+        """What can change a page's answer, with the task's defaults filled in; `device`, `dtype` and
+        `quantize` as the model resolved them (a quantised checkpoint is quantised without --quantize)."""
         ngram, window = task.repetition_guard
         if self.repetition_guard is not None:
             ngram, window = self.repetition_guard, max(window, 4 * self.repetition_guard)
@@ -167,7 +168,7 @@ class Options:
             no_repeat_ngram=ngram,
             repeat_window=window,
             retry_repetition=self.retry_repetition,
-            quantize=self.quantize,
+            quantize=quantize or self.quantize,
             device=device,
             dtype=dtype,
         )

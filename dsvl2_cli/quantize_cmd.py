@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from dsvl2.errors import ExitCode
+from dsvl2.pipelines.base import OptionError
 from dsvl2.progress import Reporter
 
 BITS = (8, 4)
@@ -21,12 +22,8 @@ def quantize(*, model: str, out: Path, bits: int, revision: str | None = None, s
     """Quantise `model` (a local float checkpoint or a Hugging Face repo id) to `bits` into `out` (new or empty)."""
     try:
         if bits not in BITS:
-            from dsvl2.pipelines.base import OptionError
-
             raise OptionError("bits", "must be 8 or 4")
         if shard_gb <= 0:
-            from dsvl2.pipelines.base import OptionError
-
             raise OptionError("shard_gb", "must be positive")
         from dsvl2.model.hub import resolve_model
         from dsvl2.model.quant import Scheme

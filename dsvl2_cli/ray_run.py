@@ -116,7 +116,7 @@ def identify(options: Options) -> Callable[..., Identity]:
     """`backend.identify`, run in a Ray task with a worker's resources: the device and dtype of the records
     are those the workers will resolve, not the driver's (which may have no GPU, or one the workers lack)."""
 
-    def on_a_worker(model: str, *, revision: str | None, device: str, dtype: str) -> Identity:
+    def on_a_worker(model: str, *, revision: str | None, device: str, dtype: str, quantize: str = "none") -> Identity:
         import ray
 
         from dsvl2 import backend
@@ -124,7 +124,8 @@ def identify(options: Options) -> Callable[..., Identity]:
         pool = Pool.of(options)
         task = ray.remote(num_cpus=pool.cpus, num_gpus=pool.gpus, max_retries=0)(backend.identify)
         try:
-            found = ray.get(task.remote(_model_path(options), revision=revision, device=device, dtype=dtype))
+            found = ray.get(task.remote(_model_path(options), revision=revision, device=device, dtype=dtype,
+                                        quantize=quantize))
         except ray.exceptions.RayTaskError as exc:
             raise exc.cause from None  # the model's own error (not found, bad config), reported as locally
         return replace(found, model=model)  # the model as the user gave it, as in a local run's records

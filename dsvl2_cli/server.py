@@ -11,6 +11,7 @@ shutdown), and a request the engine fails is a 500 for that request while the se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hmac
 import json
@@ -421,10 +422,8 @@ def serve(
     logging["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout stays free of messages
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout,
                                            log_level="info", log_config=logging))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn hands SIGINT / SIGTERM back after an orderly stop
         server.run()
-    except KeyboardInterrupt:  # uvicorn hands SIGINT / SIGTERM back once it has shut down in order
-        pass
     if failed:
         known = describe(failed[0])
         message = known[0] if known else f"{type(failed[0]).__name__}: {failed[0]}"

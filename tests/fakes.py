@@ -157,9 +157,10 @@ def identify_for(fake: FakeRuntime) -> Callable[..., Identity]:
     """A `dsvl2.backend.identify` for the fake: the model as given, the fake's revision, no fingerprint, and
     "auto" resolved to cpu / float32."""
 
-    def identify(model: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Identity:
+    def identify(model: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+                 quantize: str = "none") -> Identity:
         return Identity(model, fake.revision, None, "cpu" if device == "auto" else device.split(":")[0],
-                        "float32" if dtype == "auto" else dtype)  # fmt: skip
+                        "float32" if dtype == "auto" else dtype, quantize)  # fmt: skip
 
     return identify
 
