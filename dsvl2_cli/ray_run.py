@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import pickle
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -80,6 +81,7 @@ def start(options: Options) -> None:
             extra = {"num_cpus": Pool.of(options).local_cpus(), "include_dashboard": False}
         else:
             extra = {}
+            _check_reachable(options.ray)
         try:
             with warnings.catch_warnings():  # Ray Client warns before it raises: the error below says it all
                 warnings.simplefilter("ignore")
@@ -88,6 +90,18 @@ def start(options: Options) -> None:
             raise RayUnavailable(f"--ray {options.ray}: cannot reach the Ray cluster ({one_line(str(exc), 300)})") \
                 from None
     _configure_data(ray)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A `ray://host:port` that refuses connections fails at once, not after Ray Client's ~30 s of retries."""
+    if not address.startswith("ray://"):
+        return
+    host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise RayUnavailable(f"--ray {address}: cannot reach the Ray cluster ({reason})") from None
 
 
 def _configure_data(ray: Any) -> None:
