@@ -43,3 +43,19 @@ def fake(monkeypatch, tmp_path):
     rt = FakeRuntime()
     use_fake(monkeypatch, rt)
     return rt
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Records the (M, N, K) of every product `kernels.linear` hands to the compiled kernel."""
+    from dsvl2.model import kernels
+
+    calls: list[tuple[int, ...]] = []
+    real = kernels.linear_bf16
+
+    def spy(x, w):
+        calls.append((x.shape[0], *w.shape))
+        return real(x, w)
+
+    monkeypatch.setattr(kernels, "linear_bf16", spy)
+    return calls

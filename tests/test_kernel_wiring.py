@@ -20,18 +20,6 @@ def kernel() -> None:
         pytest.skip(f"no compiled kernel on this machine ({kernels.build_error()}); routing tested with fakes")
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
-    """Records the (M, N, K) of every product `linear` hands to the kernel."""
-    calls: list[tuple[int, ...]] = []
-    real = kernels.linear_bf16
-
-    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        calls.append((x.shape[0], *w.shape))
-        return real(x, w)
-
-    monkeypatch.setattr(kernels, "linear_bf16", spy)
-    return calls
 
 
 @pytest.mark.parametrize("name", ["base-noaux", "small-mla", "tiny-mha"])

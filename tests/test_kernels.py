@@ -38,18 +38,6 @@ def kernel(built) -> None:
         pytest.skip(NO_KERNEL.format(kernels.build_error()))
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
-    """Records the (M, N, K) of every product `linear` hands to the kernel."""
-    calls: list[tuple[int, ...]] = []
-    real = kernels.linear_bf16
-
-    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        calls.append((x.shape[0], *w.shape))
-        return real(x, w)
-
-    monkeypatch.setattr(kernels, "linear_bf16", spy)
-    return calls
 
 
 def assert_close_to_float32(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
