@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from os import PathLike
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 Inputs = Any  # a path, bytes, a PIL image, or an iterable of them (see `_documents`)
+_RAY_OPTIONS = ("ray", "workers", "cpus_per_worker")
 _MODEL_OPTIONS = ("model", "revision", "device", "dtype", "batch_size", "quantize")
 
 
@@ -102,6 +104,17 @@ def _documents(inputs: Inputs) -> list[str | Blob]:
 
 
 def _records(job: Job, runtime: Runtime | None, identity: Identity | None) -> Iterator[dict[str, Any]]:
+    if job.options.server and runtime is None:  # `server=`: the pages go to OpenAI-compatible servers
+        from dsvl2.remote import connect
+
+        remote = connect(job.options)
+        job.options = replace(job.options, model=remote.served.name, revision=remote.served.revision)
+        try:
+            job.identity = remote.identity
+            yield from _records(job, remote, remote.identity)
+        finally:
+            remote.close()
+        return
     job.identity = identity or job.identify(backend.identify)
     if runtime is None and job.has_pages:
         o = job.options
@@ -120,6 +133,8 @@ def run(task: str, inputs: Inputs, *, runtime: Runtime | None = None, **options:
     own = {option.name: options.pop(option.name) for option in kind.options if option.name in options}
     if cli_only := [name for name in options if name in OUTPUT_OPTIONS]:
         raise OptionError(cli_only[0], "is a command-line option: the API returns the records to you")
+    if given := [name for name in _RAY_OPTIONS if options.get(name) is not None]:
+        raise OptionError(given[0], "is for the command line (--ray); from Python, run Ray Data over dsvl2 yourself")
     if runtime is not None and (given := [name for name in _MODEL_OPTIONS if name in options]):
         raise OptionError(given[0], "comes from runtime= when a runtime is given; load() takes it")
     if runtime is not None:  # the records name the model as it was loaded

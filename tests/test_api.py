@@ -94,6 +94,8 @@ def test_bad_inputs_are_error_records_never_exceptions(runtime, docs: Path) -> N
         (lambda: dsvl2.ocr("x.pdf", device="tpu"), "device", "device must be auto, cpu, cuda or cuda:N"),
         (lambda: dsvl2.ocr("x.pdf", output="out/"), "output", "output is a command-line option"),
         (lambda: dsvl2.ground("x.pdf", query="q", annotate="boxes/"), "annotate", "annotate is a command-line option"),
+        (lambda: dsvl2.ocr("x.pdf", ray="local"), "ray", "ray is for the command line"),
+        (lambda: dsvl2.ocr("x.pdf", server="ftp://host"), "server", "server must be http:// or https:// URLs"),
         (lambda: dsvl2.ground("x.pdf"), "query", "query is required"),
         (lambda: dsvl2.ask("x.pdf"), "prompt", "prompt is required"),
         (lambda: dsvl2.run("ocr", "x.pdf", colour="red"), "colour", "colour is not an option"),

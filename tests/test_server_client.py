@@ -48,6 +48,9 @@ def test_records_equal_the_local_runtime(pages: Path, tmp_path: Path):
         common = ("ocr", str(pages), "--max-new-tokens", "10", "-f", "jsonl", "-q")
         local = dsvl2(*common, "--model", str(CHECKPOINT), cwd=tmp_path)
         remote = dsvl2(*common, "--server", f"{server.url},{other}/v1", "--max-concurrent", "4", cwd=tmp_path)
+        import dsvl2 as api
+
+        from_python = by_page(list(api.ocr(str(pages), server=server.url, max_new_tokens=10)))
     finally:
         server.stop()
     assert local.returncode == remote.returncode == 0, remote.stderr
@@ -57,6 +60,7 @@ def test_records_equal_the_local_runtime(pages: Path, tmp_path: Path):
         assert {k: theirs[key][k] for k in SAME} == {k: record[k] for k in SAME}, key
         # the same checkpoint behind the server: the same fingerprint, so --resume treats them alike
         assert theirs[key]["model"]["fingerprint"] == record["model"]["fingerprint"]
+        assert {k: from_python[key][k] for k in SAME} == {k: record[k] for k in SAME}, key  # server= in the API
     servers = {r["model"]["server"] for r in theirs.values()}
     assert servers == {server.url, other}, "round-robin should have used both URLs"
 
