@@ -19,6 +19,7 @@ from dsvl2.model.hub import DEFAULT_MODEL
 if TYPE_CHECKING:
     from dsvl2.model.engine import Engine
     from dsvl2.model.kernel_build import KernelStatus
+    from dsvl2.model.kernel_choice import Paths
     from dsvl2.model.loading import Resolved
     from dsvl2.model.requests import Completion, Request
 
@@ -65,12 +66,13 @@ class Runtime:
     every task function takes it as `runtime=`. Implements `dsvl2.pipelines.base.Runtime`."""
 
     def __init__(
-        self, engine: Engine, identity: Identity, *, load_seconds: float = 0.0, kernels: KernelStatus | None = None
+        self, engine: Engine, identity: Identity, *, load_seconds: float = 0.0, kernels: KernelStatus | None = None,
+        paths: Paths | None = None,
     ) -> None:
-        """`load_seconds`: what loading took (kernel build included); `kernels`: how the CPU kernels came to be
-        (None where none are used: float32, or a GPU)."""
+        """`load_seconds`: what loading took (kernel build included); `kernels`: how the CPU kernels came to be and
+        `paths`: which op families use them (both None where none are used: float32, or a GPU)."""
         self.engine, self.identity = engine, identity
-        self.load_seconds, self.kernels = load_seconds, kernels
+        self.load_seconds, self.kernels, self.paths = load_seconds, kernels, paths
 
     @property
     def model_id(self) -> str:
@@ -139,7 +141,8 @@ def load(
     engine = load_runtime(resolved, on_kernel_build=on_kernel_build, **sizing)
     uses_kernels = resolved.device.type == "cpu" and resolved.dtype is torch.bfloat16
     return Runtime(engine, _identity(resolved), load_seconds=time.perf_counter() - start,
-                   kernels=kernels.status() if uses_kernels else None)  # fmt: skip
+                   kernels=kernels.status() if uses_kernels else None,
+                   paths=kernels.paths() if uses_kernels else None)  # fmt: skip
 
 
 def _download_model(repo_id: str, *, revision: str | None = None) -> Path:

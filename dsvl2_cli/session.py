@@ -155,6 +155,9 @@ class _Session:
             self.reporter.warn(kernels.describe())
         elif kernels is not None:
             self.reporter.info(kernels.describe(), level=1)
+        if (paths := getattr(runtime, "paths", None)) is not None:
+            self.reporter.info("kernel paths: " + ", ".join(f"{r.family} {r.use} ({r.reason})" for r in paths.routes),
+                               level=1)
         return runtime
 
     @staticmethod
@@ -170,6 +173,7 @@ class _Session:
                 "reason": kernels.reason,
                 "build_seconds": round(kernels.build_seconds, 3),
                 "load_seconds": round(kernels.load_seconds, 3),
+                "paths": paths.as_dict() if (paths := getattr(runtime, "paths", None)) is not None else None,
             },
         }
 

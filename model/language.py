@@ -338,10 +338,18 @@ class LanguageModel(nn.Module):
         else:
             positions = torch.arange(T, device=embeds.device).expand(B, T)
         if embeds.dtype is torch.bfloat16 and embeds.device.type == "cpu":  # where our kernels can run
-            if self._trials is None:
-                self._trials = kernel_calibration.language_trials(self)
-            self.use_paths(kernels.paths(self._trials))  # decided once per process, then a lookup
+            self.choose_paths()  # decided once per process (at load), then a lookup
         return self.model(embeds, positions, cache)
+
+    def choose_paths(self) -> Paths:
+        """Which path each op family takes on this CPU for this model's shapes (`kernels.paths`: features, else a
+        timing cached beside the kernel build), decided once per process; the loader calls it so that the first
+        page does not pay for the calibration."""
+        if self._trials is None:
+            self._trials = kernel_calibration.language_trials(self)
+        paths = kernels.paths(self._trials)
+        self.use_paths(paths)
+        return paths
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return proj(hidden, self.lm_head, self.paths).float()

@@ -149,5 +149,7 @@ def load_runtime(model: str | Resolved = DEFAULT_MODEL, *, revision: str | None 
         cache_budget = max(1, int(free * MEMORY_SHARE))
     if where.device.type == "cpu" and weights.dtype is torch.bfloat16:
         kernels.status(on_kernel_build)  # build (first run only) or load the kernels now, not inside the first page
+        weights.vision.choose_paths()  # and choose each op family's path (a timing only the first time on a machine)
+        weights.language.choose_paths()
     return Engine(weights, processor, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
                   cache_budget=cache_budget, model_id=where.model, revision=where.revision)

@@ -120,12 +120,18 @@ class VisionTower(nn.Module):
                 if isinstance(module, Attention | Mlp):
                     module.paths = paths
 
+    def choose_paths(self) -> Paths:
+        """Which path each op family of the tower takes on this CPU (see LanguageModel.choose_paths)."""
+        if self._trials is None:
+            self._trials = kernel_calibration.vision_trials(self)
+        paths = kernels.paths(self._trials)
+        self.use_paths(paths)
+        return paths
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, 384, 384) normalised pixels -> (N, P, C) patch features after the final LayerNorm."""
         if self.pos_embed.dtype is torch.bfloat16 and self.pos_embed.device.type == "cpu":  # where kernels can run
-            if self._trials is None:
-                self._trials = kernel_calibration.vision_trials(self)
-            self.use_paths(kernels.paths(self._trials))  # decided once per process, then a lookup
+            self.choose_paths()  # decided once per process (at load), then a lookup
         x = self.patch_embed(pixels.to(self.pos_embed.dtype)) + self.pos_embed
         for block in self.blocks:
             x = block(x)

@@ -54,7 +54,7 @@ class FakeRuntime:
         self.default = default
         self.model_id, self.revision = model_id, revision
         self.identity = Identity(model_id, revision, None, "cpu", "float32")  # as dsvl2.Runtime has one
-        self.load_seconds, self.kernels = 0.0, None
+        self.load_seconds, self.kernels, self.paths = 0.0, None, None
         self.reverse = reverse  # return each step's completions in reverse order, as an engine may finish them
         self.max_batch_size = max_batch_size or 0  # 0: let the caller choose
         self.queue: deque[Scripted] = deque()

@@ -496,10 +496,12 @@ def test_loading_and_the_kernels_are_reported_apart_from_the_pages(fake):
     """-v says the model is loading; a failed kernel build is one warning line; the manifest keeps the load
     time and the kernels' state; the summary shows the load time apart from pages/min."""
     from dsvl2.model.kernel_build import KernelStatus
+    from dsvl2.model.kernel_choice import FAMILIES, Paths
 
     make_image(Path("p.png"))
     fake.load_seconds = 12.5
     fake.kernels = KernelStatus("failed", reason="g++: error: unrecognized option", build_seconds=3.0)
+    fake.paths = Paths.uniform("torch", "the kernels failed to build")
     result = invoke("ocr", "p.png", "-o", "out/", "-v")
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.splitlines()
@@ -509,5 +511,7 @@ def test_loading_and_the_kernels_are_reported_apart_from_the_pages(fake):
     manifest = json.loads(Path("out/ocr.manifest.json").read_text())
     assert manifest["runtime"]["load_seconds"] == 12.5
     assert manifest["runtime"]["kernels"] == {
-        "state": "failed", "reason": "g++: error: unrecognized option", "build_seconds": 3.0, "load_seconds": 0.0
+        "state": "failed", "reason": "g++: error: unrecognized option", "build_seconds": 3.0, "load_seconds": 0.0,
+        "paths": {f: {"use": "torch", "reason": "the kernels failed to build"} for f in FAMILIES},
     }  # fmt: skip
+    assert any(line.startswith("kernel paths: vision_gemm torch (the kernels failed to build)") for line in lines)

@@ -322,3 +322,17 @@ def test_vision_tower_routes_by_its_paths(monkeypatch):
         tower.use_paths(kernel_choice.UNCHOSEN)
     assert {"linear_fused", "attention"} == set(fake.ran)
     assert (fast - reference).abs().max() <= 1e-4 * reference.abs().max()
+
+
+def test_a_bf16_cpu_model_chooses_its_paths_when_it_loads():
+    """Catches the calibration moving back into the first page: `dsvl2.load` of a bf16 model on a CPU has
+    decided every family (the runtime reports them, the manifest and -v show them) before any page."""
+    from parity import checkpoint_dir
+
+    import dsvl2
+    from dsvl2.model import kernel_choice, kernels
+
+    runtime = dsvl2.load(str(checkpoint_dir("tiny-mha")), device="cpu", dtype="bfloat16", batch_size=1)
+    assert runtime.paths is not None and [r.family for r in runtime.paths.routes] == list(kernel_choice.FAMILIES)
+    assert runtime.paths == kernels.paths()
+    assert runtime.engine.model.language._trials is not None and runtime.engine.model.vision._trials is not None
