@@ -18,7 +18,7 @@ from dsvl2.pages import iter_pages
 from dsvl2.pipelines import runner
 from dsvl2.pipelines.base import Document, OptionError, Runtime, Settings, record_key
 from dsvl2.pipelines.task import Task
-from dsvl2.pipelines.windows import document_key, plan
+from dsvl2.pipelines.windows import plan
 
 DEFAULT_BATCH_SIZE = 4  # pages at once when the runtime does not say
 
@@ -120,7 +120,8 @@ class Job:
             raise RuntimeError("Job.identify (or a runtime's identity) must come before records are made")
         return self.identity
 
-    def key(self, doc: Document, number: int, prompt: str) -> str:
+    def key(self, doc: Document, number: int, prompt: str, *, pages: tuple[int, ...] | None = None) -> str:
+        """The resume key of the record for `prompt` on page `number`, or over the window `pages` (several)."""
         return record_key(
             sha256=doc.sha256,
             page=number,
@@ -128,16 +129,7 @@ class Job:
             prompt=prompt,
             settings=self.settings.to_dict(),
             model=self.resolved_identity().record_model(),
-        )
-
-    def window_key(self, doc: Document, numbers: tuple[int, ...], prompt: str) -> str:
-        return document_key(
-            sha256=doc.sha256,
-            pages=numbers,
-            task=self.task.name,
-            prompt=prompt,
-            settings=self.settings.to_dict(),
-            model=self.resolved_identity().record_model(),
+            pages=pages,
         )
 
     def needs(self, is_done: Callable[[str], bool]) -> Callable[[Document, int], bool]:
@@ -151,7 +143,7 @@ class Job:
         def want(doc: Document, number: int) -> bool:
             numbers = window_of[doc.key, number]
             if (doc.key, numbers) not in wanted:
-                keys = (self.window_key(doc, numbers, p) for p in self.task.prompts)
+                keys = (self.key(doc, numbers[0], p, pages=numbers) for p in self.task.prompts)
                 wanted[doc.key, numbers] = any(not is_done(key) for key in keys)
             return wanted[doc.key, numbers]
 

@@ -171,7 +171,7 @@ def _plan(job: Job, is_done: Callable[[str], bool]) -> list[_Unit]:
             if job.window is None:
                 keys = [job.key(o.doc, numbers[0], p) for p in prompts]
             else:
-                keys = [job.window_key(o.doc, numbers, p) for p in prompts]
+                keys = [job.key(o.doc, numbers[0], p, pages=numbers) for p in prompts]
             done = frozenset(k for k in keys if is_done(k))
             units.append(_Unit(len(units), d, numbers, done, len(done) < len(keys)))
     return units
