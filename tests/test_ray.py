@@ -147,7 +147,8 @@ def test_a_killed_worker_is_restarted_and_no_page_is_lost_or_doubled(ray_local, 
 
 
 def test_resume_after_the_driver_is_killed_recomputes_nothing(ray_local, tmp_path):
-    make_pdf(tmp_path / "in" / "long.pdf", 12)
+    pages = 24  # records come back a block of windows at a time: enough blocks that the kill lands mid-run
+    make_pdf(tmp_path / "in" / "long.pdf", pages)
     args = ["ocr", "in", "-o", "out/", *FAST]
     journal = tmp_path / "out" / "long.pdf.ocr.jsonl.partial"
     proc = subprocess.Popen(
@@ -155,14 +156,14 @@ def test_resume_after_the_driver_is_killed_recomputes_nothing(ray_local, tmp_pat
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("\n") < 2):
+    while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("\n") < 1):
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
     proc.wait(timeout=30)
     proc.stderr.close()
     done = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
-    assert 2 <= len(done) < 12
+    assert 1 <= len(done) < pages
 
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -171,11 +172,11 @@ def test_resume_after_the_driver_is_killed_recomputes_nothing(ray_local, tmp_pat
     finally:
         os.chdir(cwd)
     assert again.exit_code == 0, again.output
-    assert sorted(p for _, p, _ in records(tmp_path / "out")) == list(range(1, 13))
+    assert sorted(p for _, p, _ in records(tmp_path / "out")) == list(range(1, pages + 1))
     summary = json.loads((tmp_path / "out" / "ocr.manifest.json").read_text())["summary"]
     counts = ("pages_skipped", "pages_per_minute")
     answered = sum(n for k, n in summary.items() if k.startswith("pages_") and k not in counts)
-    assert (summary["pages_skipped"], answered) == (len(done), 12 - len(done))
+    assert (summary["pages_skipped"], answered) == (len(done), pages - len(done))
 
 
 def test_missing_ray_is_one_line_and_exit_2(tmp_path, monkeypatch):
