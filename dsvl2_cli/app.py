@@ -161,6 +161,7 @@ def serve(
     device: o.DeviceOpt = "auto",
     dtype: o.DTypeOpt = "auto",
     batch_size: o.BatchSize = None,
+    quantize: o.Quantize = "none",
     host: Annotated[str, typer.Option(help="Address to listen on (loopback; 0.0.0.0 for all).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
@@ -189,7 +190,8 @@ def serve(
     from dsvl2.server import serve as run_server
 
     try:
-        Options.create(model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size)
+        Options.create(model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size,
+                       quantize=quantize)
         checks = [("port", 0 <= port <= 65535), ("max_images", max_images >= 1), ("max_image_mb", max_image_mb > 0),
                   ("max_body_mb", max_body_mb > 0), ("shutdown_timeout", shutdown_timeout >= 0)]
         for option, ok in checks:
@@ -202,7 +204,8 @@ def serve(
     config = ServerConfig(model_name=served_model_name or model, api_key=api_key or None, limits=limits,
                           max_body_bytes=int(max_body_mb * 2**20))
     raise typer.Exit(run_server(model=model, revision=revision, device=getattr(device, "value", device),
-                                dtype=getattr(dtype, "value", dtype), batch_size=batch_size, host=host, port=port,
+                                dtype=getattr(dtype, "value", dtype), batch_size=batch_size, quantize=quantize,
+                                host=host, port=port,
                                 config=config, shutdown_timeout=shutdown_timeout))
 
 

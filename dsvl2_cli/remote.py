@@ -45,6 +45,7 @@ class ServedModel:
     device: str | None = None
     dtype: str | None = None
     context: int | None = None
+    quantize: str = "none"
 
 
 def base_url(url: str) -> str:
@@ -76,7 +77,7 @@ def served_model(client: Any, name: str | None, url: str) -> ServedModel:
     extra = getattr(chosen, "model_extra", None) or {}
     ours = extra.get("dsvl2") or {}
     return ServedModel(chosen.id, ours.get("revision"), ours.get("fingerprint"), ours.get("device"),
-                       ours.get("dtype"), extra.get("max_model_len"))
+                       ours.get("dtype"), extra.get("max_model_len"), ours.get("quantize") or "none")
 
 
 def chat_messages(conversation: Sequence[Message]) -> list[dict[str, Any]]:
@@ -153,7 +154,7 @@ class RemoteRuntime:
         self.served = models[0]
         self.identity = Identity(model=self.served.name, revision=self.served.revision,
                                  fingerprint=self.served.fingerprint, device=self.served.device or "remote",
-                                 dtype=self.served.dtype or "unknown")
+                                 dtype=self.served.dtype or "unknown", quantize=self.served.quantize)
         self.max_batch_size = max_concurrent
         self.load_seconds, self.kernels = 0.0, None  # nothing is loaded here
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="dsvl2-remote")

@@ -257,7 +257,8 @@ def create_app(config: ServerConfig, load: Callable[[], Runtime], *, fetch: Call
             "id": config.model_name, "object": "model", "created": 0, "owned_by": "dsvl2",
             "max_model_len": runtime.engine.context,
             "dsvl2": {"model": identity.model, "revision": identity.revision, "fingerprint": identity.fingerprint,
-                      "device": identity.device, "dtype": identity.dtype, "max_batch_size": runtime.max_batch_size},
+                      "device": identity.device, "dtype": identity.dtype, "quantize": identity.quantize,
+                      "max_batch_size": runtime.max_batch_size},
         }]}
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -393,6 +394,7 @@ def serve(
     device: str,
     dtype: str,
     batch_size: int | None,
+    quantize: str = "none",
     host: str,
     port: int,
     config: ServerConfig,
@@ -407,7 +409,8 @@ def serve(
     from dsvl2.errors import ExitCode, describe, one_line
 
     def load() -> Runtime:
-        return backend.runtime_factory(model, revision=revision, device=device, dtype=dtype, batch_size=batch_size)
+        return backend.runtime_factory(model, revision=revision, device=device, dtype=dtype, batch_size=batch_size,
+                                       quantize=quantize)
 
     failed: list[BaseException] = []
 

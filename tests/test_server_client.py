@@ -114,3 +114,27 @@ def test_an_unreachable_server_is_one_line_and_exit_2(pages: Path, tmp_path: Pat
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: server:") and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+def test_a_quantised_server_answers_as_the_local_quantised_runtime(tmp_path: Path):
+    """`dsvl2 serve --quantize int8` is the local `--quantize int8`: same answers, and the records say int8."""
+    shutil.copy(PARITY_DIR / "images" / "tiny_50x40.png", tmp_path / "p.png")
+    server = Server(CHECKPOINT, "--quantize", "int8")
+    try:
+        common = ("ocr", "p.png", "--max-new-tokens", "8", "-f", "jsonl", "-q")
+        remote = dsvl2(*common, "--server", server.url, cwd=tmp_path)
+    finally:
+        server.stop()
+    local = dsvl2(*common, "--model", str(CHECKPOINT), "--quantize", "int8", cwd=tmp_path)
+    assert local.returncode == remote.returncode == 0, remote.stderr + local.stderr
+    [mine], [theirs] = records(local.stdout), records(remote.stdout)
+    assert theirs["settings"]["quantize"] == mine["settings"]["quantize"] == "int8"
+    assert {k: theirs[k] for k in SAME} == {k: mine[k] for k in SAME}
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_one_line_and_exit_2(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "dsvl2", "serve", "--model", str(tmp_path / "nowhere"),
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "model not found" in errors[0], result.stderr
