@@ -7,9 +7,13 @@
         (Tiny's dense down_proj has K = 6848 = 64 x 107); a K none of them divides is one group per row.
 Scales are rounded to bf16 before q is computed, so q * s is exactly the weight the kernels multiply by.
 Activations are never quantised: products run in the activation dtype (bf16 or float32) with the implementation
-quant_choice.py picks per machine ("packed": torch's int8/int4 CPU ops in that dtype; "packed_bf16": the same
-ops in bf16, the input cast down and the output back up; "dequant": F.linear on the dequantised weight, the
-always-correct fallback on every device). Not responsible for reading or writing checkpoints (quant_checkpoint.py).
+quant_choice.py picks per machine ("kernel": our AVX2 kernels, quant_kernels.py, float32 sums, output in that
+dtype; "packed": torch's int8/int4 CPU ops in that dtype; "packed_bf16": the same ops in bf16, the input cast down
+and the output back up; "dequant": F.linear on the dequantised weight, the always-correct fallback on every device).
+Not responsible for reading or writing checkpoints (quant_checkpoint.py).
+
+Runtime layouts of qweight: int8 "plain" (N, K) for every implementation; int4 "nibbles" (the stored layout, only
+"dequant" reads it), "cpu" (torch's op layout, `cpu_int4_pack`) or "k16" (the kernel's, quant_kernels.k16_pack).
 
 Quantised: every `nn.Linear` of `language` (attention projections, dense MLP, routed and shared experts, lm_head)
 except MLA's `kv_b_proj`, whose weight the absorbed decode attention reads per head as a dense tensor. The MoE
@@ -26,14 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsvl2.model import quant_kernels
 from dsvl2.model.errors import ConfigError
 
-Impl = Literal["packed", "packed_bf16", "dequant"]
+Impl = Literal["kernel", "packed", "packed_bf16", "dequant"]
+Layout = Literal["plain", "nibbles", "cpu", "k16"]
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZE = 128
 PACKED_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU op takes
 CPU_BLOCK_N = 32  # torch's int4 CPU layout interleaves blocks of 32 output rows (see `cpu_int4_unpack`)
 UNQUANTISED = ("kv_b_proj",)  # linear names kept in floating point (see the module docstring)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation and scale dtypes quant_kernels takes
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +134,12 @@ def cpu_int4_unpack(p: torch.Tensor, k: int) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     """A bias-free linear with a quantised weight. `qweight` and `scales` are the checkpoint's tensors (scales in
-    the model's dtype); on the CPU an int4 weight whose shape the op covers is kept in torch's packed layout
-    (`layout` "cpu") instead of nibbles (`layout` "nibbles"). `impls` = (decode, prefill): what products with up
-    to DECODE_ROWS rows and longer ones run (quant_choice.py sets them; "dequant" until then)."""
+    the model's dtype); on the CPU an int4 weight is kept in a runtime layout (`layout`, see the module docstring):
+    the kernel's "k16" where quant_kernels is available, else torch's "cpu" where the op covers its shape, else
+    the stored "nibbles"; quant_choice.py may move it to another with `relayout`. `impls` = (decode, prefill):
+    what products with up to DECODE_ROWS rows and longer ones run (quant_choice.py sets them; "dequant" until
+    then). An impl that does not apply to a product (layout, dtype, device) runs the kernel where that applies,
+    else "dequant"."""
 
     DECODE_ROWS = 32
 
@@ -140,26 +150,53 @@ class QuantLinear(nn.Module):
         q_shape, s_shape = scheme.shapes(out_features, in_features)
         self.register_buffer("qweight", torch.empty(q_shape, dtype=torch.int8 if scheme.bits == 8 else torch.uint8))
         self.register_buffer("scales", torch.empty(s_shape))
-        self.layout = "plain" if scheme.bits == 8 else "nibbles"
+        self.layout: Layout = "plain" if scheme.bits == 8 else "nibbles"
         self.impls: tuple[Impl, Impl] = ("dequant", "dequant")
         self._scales_as: dict[torch.dtype, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.scheme.name}, group={self.group}, {self.layout}"
 
+    def layouts(self, device: torch.device | None = None) -> list[Layout]:
+        """The runtime layouts this weight can take on `device` (default: where qweight is), preferred first."""
+        device = self.qweight.device if device is None else torch.device(device)
+        if self.scheme.bits == 8:
+            return ["plain"]
+        found: list[Layout] = []
+        if device.type == "cpu":
+            if quant_kernels.available():
+                found.append("k16")
+            if cpu_int4_fits(self.out_features, self.in_features, self.group):
+                found.append("cpu")
+        return [*found, "nibbles"]
+
     def use_stored(self, qweight: torch.Tensor) -> torch.Tensor:
-        """The runtime form of a stored qweight: int4 on the CPU repacked for torch's op where it fits."""
-        if self.scheme.bits == 4 and qweight.is_cpu and cpu_int4_fits(self.out_features, self.in_features,
-                                                                      self.group):
-            self.layout = "cpu"
-            return cpu_int4_pack(unpack_nibbles(qweight, self.in_features))
-        self.layout = "plain" if self.scheme.bits == 8 else "nibbles"
-        return qweight
+        """The runtime form of a stored qweight, in the preferred layout of `layouts` (sets `layout`)."""
+        self.layout = self.layouts(qweight.device)[0]
+        if self.layout in ("plain", "nibbles"):
+            return qweight
+        return pack_layout(unpack_nibbles(qweight, self.in_features), self.layout)
+
+    def relayout(self, layout: Layout) -> None:
+        """Repack qweight into `layout` (one of `layouts()`), in place; the old form is freed."""
+        if layout != self.layout:
+            q = self.int_weight()
+            self.qweight, self.layout = pack_layout(q, layout), layout
+
+    def copy_as(self, layout: Layout) -> QuantLinear:
+        """A new layer with this one's scales and its weight in `layout` (for timing a layout before choosing it)."""
+        with torch.device("meta"):
+            other = QuantLinear(self.in_features, self.out_features, self.scheme)
+        other.qweight, other.scales, other.layout = self.qweight, self.scales, self.layout
+        other.relayout(layout)
+        return other
 
     def int_weight(self) -> torch.Tensor:
         """q (N, K) int8, whatever the layout."""
         if self.layout == "cpu":
             return cpu_int4_unpack(self.qweight, self.in_features)
+        if self.layout == "k16":
+            return quant_kernels.k16_unpack(self.qweight, self.in_features)
         if self.layout == "nibbles":
             return unpack_nibbles(self.qweight, self.in_features)
         return self.qweight
@@ -172,6 +209,19 @@ class QuantLinear(nn.Module):
         """Whether torch's packed CPU ops cover x with this weight."""
         return (x.is_cpu and self.qweight.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
                 and x.numel() > 0 and self.layout in ("plain", "cpu"))
+
+    def kernel_fits(self, x: torch.Tensor) -> bool:
+        """Whether our compiled kernel covers x with this weight (and is available and switched on)."""
+        return (x.is_cpu and self.qweight.is_cpu and x.dtype in KERNEL_DTYPES and self.scales.dtype in KERNEL_DTYPES
+                and x.numel() > 0 and self.layout == ("plain" if self.scheme.bits == 8 else "k16")
+                and not (torch.is_grad_enabled() and x.requires_grad)  # the ops have no backward
+                and quant_kernels.available())
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) by quant_kernels, in x2's dtype."""
+        if self.scheme.bits == 8:
+            return quant_kernels.int8_linear(x2, self.qweight, self.scales)
+        return quant_kernels.int4_linear(x2, self.qweight, self.scales, self.group)
 
     def _op_scales(self, dtype: torch.dtype) -> torch.Tensor:
         """Scales as the packed op takes them: int8 (N,) in `dtype`; int4 (K/G, N, 2) scales and zero points."""
@@ -190,8 +240,12 @@ class QuantLinear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self._op_scales(x2.dtype))
 
     def run(self, x: torch.Tensor, impl: Impl) -> torch.Tensor:
-        """x (..., K) -> (..., N) by `impl` (falling back to "dequant" where the packed ops do not apply)."""
-        if impl != "dequant" and self.packable(x):
+        """x (..., K) -> (..., N) by `impl` (where it does not apply: the kernel where that does, else "dequant")."""
+        packed = impl in ("packed", "packed_bf16") and self.packable(x)
+        if (impl == "kernel" or (impl != "dequant" and not packed)) and self.kernel_fits(x):
+            y = self.kernel(x.reshape(-1, self.in_features))
+            return y.view(*x.shape[:-1], self.out_features)
+        if packed:
             x2 = x.reshape(-1, self.in_features)
             if impl == "packed_bf16" and x.dtype is not torch.bfloat16:
                 y = self.packed(x2.to(torch.bfloat16)).to(x.dtype)
@@ -205,6 +259,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         return self.run(x, self.impls[0] if rows <= self.DECODE_ROWS else self.impls[1])
+
+
+def pack_layout(q: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """q (N, K) int8 values -> qweight in the runtime `layout`."""
+    if layout == "plain":
+        return q
+    if layout == "cpu":
+        return cpu_int4_pack(q)
+    if layout == "k16":
+        return quant_kernels.k16_pack(q)
+    return pack_nibbles(q)
 
 
 def quantizable(name: str, module: nn.Module) -> bool:

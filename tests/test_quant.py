@@ -1,6 +1,7 @@
 """Weight-only quantisation invariants on small random weights: the arithmetic (error bound, layouts that round
 trip) and every product implementation equal to dequantise-then-F.linear; the per-machine choice with a fake
-timer."""
+timer, and the runtime layout it leaves the layers in. (The compiled kernels' own invariants:
+test_quant_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsvl2.model import quant_choice
+from dsvl2.model import quant_choice, quant_kernels
 from dsvl2.model.quant import (
     QuantLinear,
     Scheme,
@@ -76,11 +77,13 @@ def test_int4_layouts_round_trip():
 @pytest.mark.parametrize("impl", ["packed", "packed_bf16", "dequant"])
 @pytest.mark.parametrize("rows", [1, 8, 40])
 def test_every_implementation_equals_dequantise_then_linear(name, impl, dtype, rows):
-    """The quantised kernel = F.linear on the dequantised weight, for every path the choice may pick."""
+    """The quantised product = F.linear on the dequantised weight, for every torch path the choice may pick (in
+    the layout it reads)."""
     scheme = Scheme.named(name)
     w = _weight(96, 384, seed=2)
     layer, q, s = _layer(w, scheme, dtype)
-    assert layer.layout == ("plain" if name == "int8" else "cpu")
+    assert layer.layout == ("plain" if name == "int8" else "k16" if quant_kernels.available() else "cpu")
+    layer.relayout("plain" if name == "int8" else "cpu")
     x = torch.randn(2, rows, 384, generator=torch.Generator().manual_seed(3)).to(dtype)
     with torch.inference_mode():
         got = layer.run(x, impl)
@@ -91,11 +94,12 @@ def test_every_implementation_equals_dequantise_then_linear(name, impl, dtype, r
     assert torch.equal(layer.int_weight(), q)
 
 
-def test_a_shape_torchs_int4_op_does_not_cover_keeps_nibbles_and_dequantises():
-    """N not a multiple of 32: the nibble layout, and every impl falls back to the dequantised product."""
+def test_a_shape_torchs_int4_op_does_not_cover_never_takes_its_layout():
+    """N not a multiple of 32: no "cpu" layout; in nibbles only "dequant" runs, and "packed" falls back to it."""
     w = _weight(48, 128, seed=4)
     layer, q, s = _layer(w, Scheme.named("int4"), torch.float32)
-    assert layer.layout == "nibbles"
+    assert "cpu" not in layer.layouts()
+    layer.relayout("nibbles")
     x = torch.randn(3, 128)
     assert quant_choice.candidates(layer, torch.float32) == ["dequant"]
     assert_rel(layer.run(x, "packed"), F.linear(x, dequantize(q, s)), TOL[torch.float32], "nibbles")
@@ -113,6 +117,8 @@ def test_the_choice_takes_the_fastest_candidate_per_row_count():
         for impl in ("packed", "packed_bf16", "dequant"):
             if fn.__defaults__[0] == impl:
                 return speeds[(impl, rows)]
+        if fn.__defaults__[0] == "kernel":
+            return 10.0
         raise AssertionError("not a candidate")
 
     rows = 8
@@ -120,11 +126,43 @@ def test_the_choice_takes_the_fastest_candidate_per_row_count():
     assert min(times, key=times.get) == "packed_bf16"
     seen = []
 
+    decode_candidates = len(quant_choice.candidates(layer, torch.float32))
+
     def timer2(fn):
         seen.append(fn.__defaults__[0])
-        return speeds[(fn.__defaults__[0], 8 if len(seen) <= 3 else 256)]
+        return speeds.get((fn.__defaults__[0], 8 if len(seen) <= decode_candidates else 256), 10.0)
 
     assert quant_choice.choose(model, torch.float32, timer=timer2) == ("packed_bf16", "dequant")
-    assert quant_choice.candidates(layer, torch.bfloat16) == ["packed", "dequant"]  # no cast for bf16 input
+    kernel = ["kernel"] if quant_kernels.available() else []
+    assert quant_choice.candidates(layer, torch.bfloat16) == [*kernel, "packed", "dequant"]  # no cast for bf16
     use_impls(model, ("dequant", "packed"))
     assert layer.impls == ("dequant", "packed")
+
+
+@pytest.mark.parametrize(("fastest", "layout"), [("packed", "cpu"), ("kernel", "k16"), ("dequant", "nibbles")])
+def test_the_int4_choice_leaves_every_layer_in_the_layout_it_reads(fastest, layout):
+    """Catches a choice whose implementation cannot read the layers' layout (the int4 products would all fall back
+    to dequantising). A layer the chosen layout does not fit (N = 48) keeps its own and still computes."""
+    if layout == "k16" and not quant_kernels.available():
+        pytest.skip(f"quantised kernels unavailable: {quant_kernels.status().reason}")
+    model = torch.nn.Module()
+    scheme = Scheme.named("int4")
+    big, q_big, s_big = _layer(_weight(64, 256, seed=12), scheme, torch.float32)
+    odd, q_odd, s_odd = _layer(_weight(48, 256, seed=13), scheme, torch.float32)
+    model.add_module("big", big)
+    model.add_module("odd", odd)
+    quant_choice._decided.clear()
+
+    def timer(fn):  # "dequant" is fastest in nibbles, slower elsewhere
+        impl, reads = fn.__defaults__[0], fn.__defaults__[1].layout
+        return 0.5 if impl == fastest and (impl != "dequant" or reads == "nibbles") else 1.0
+
+    impls = quant_choice.choose(model, torch.float32, timer=timer)
+    use_impls(model, impls)
+    assert impls[0] == fastest and big.layout == layout
+    assert odd.layout == (layout if layout in odd.layouts() else odd.layouts()[0])
+    x = torch.randn(2, 256)
+    with torch.inference_mode():
+        for layer, q, s in ((big, q_big, s_big), (odd, q_odd, s_odd)):
+            assert torch.equal(layer.int_weight(), q)
+            assert_rel(layer(x), F.linear(x, dequantize(q, s)), TOL[torch.float32], f"{layer.layout} {layer.impls}")

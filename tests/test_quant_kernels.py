@@ -1,0 +1,171 @@
+"""The compiled int8 / int4 kernels (model/quant_kernels.py): products equal dequantise-then-F.linear within the
+stated tolerance over row counts, odd shapes, group tails, both activation dtypes and strided inputs; the k16
+layout round-trips and every layer layout converts to every other; the library's switch and hardware check; and a
+quantised parity model greedy-decodes the same tokens on the kernel as on "dequant".
+
+Stated tolerance, against F.linear of the same inputs in float32 on the dequantised weight (max error relative to
+the largest output): float32 activations 1e-5 (sums in another order); bf16 activations 2^-8 + 1e-5 (the output
+is rounded once to bf16: at most half a bf16 step, 2^-9 of the value, plus the float32 sums).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parity import checkpoint_dir, load_cases, parity_processor, require
+from quant_agreement import run_case
+
+from dsvl2.model import kernel_build, quant_kernels
+from dsvl2.model.quant import QuantLinear, Scheme, dequantize, pack_nibbles, quant_layers, quantize, use_impls
+from dsvl2.model.weights import load_model
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8 + 1e-5}
+ROWS = (1, 2, 3, 7, 8, 17, 32)
+# (N, K): odd N everywhere; K = 100 is no multiple of 8 (int8 tail) nor of 16 (int4: one group of all K, a padded
+# last block); 6848 is Tiny's down_proj (int4 groups of 64); 384 has groups of 128.
+SHAPES = ((37, 100), (33, 6848), (65, 384))
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """The kernels switched on and built; a skip only where this machine cannot run or build them."""
+    monkeypatch.delenv(quant_kernels.ENV_SWITCH, raising=False)
+    if not quant_kernels.cpu_supported():
+        pytest.skip("this CPU lacks AVX2 / FMA / F16C")
+    if problem := kernel_build.toolchain_problem():
+        pytest.skip(f"cannot build the kernels here: {problem}")
+    st = quant_kernels.status()
+    assert st.available, f"the quantised kernels did not build or load: {st.reason}"
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch, kernels_on) -> list[str]:
+    """Records the scheme of every product handed to the compiled kernels."""
+    calls: list[str] = []
+    for name in ("int8_linear", "int4_linear"):
+        real = getattr(quant_kernels, name)
+
+        def spy(*args, real=real, name=name):
+            calls.append(name)
+            return real(*args)
+
+        monkeypatch.setattr(quant_kernels, name, spy)
+    return calls
+
+
+def _layer(n: int, k: int, scheme: Scheme, dtype: torch.dtype, seed: int = 0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    q, s = quantize(w, scheme)
+    layer = QuantLinear(k, n, scheme)
+    layer.qweight = layer.use_stored(q if scheme.bits == 8 else pack_nibbles(q))
+    layer.scales = s.to(dtype)
+    return layer, q, s
+
+
+def assert_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    err = (got.float() - ref.float()).abs()
+    rel = float(err.max()) / max(float(ref.float().abs().max()), 1e-12)
+    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol} at {worst}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize(("n", "k"), SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_kernel_equals_dequantise_then_linear(kernel_calls, name, n, k, dtype):
+    """Catches a wrong nibble, group, scale, tail, row block or stride in the kernels."""
+    scheme = Scheme.named(name)
+    layer, q, s = _layer(n, k, scheme, dtype, seed=n)
+    assert layer.layout == ("plain" if name == "int8" else "k16")
+    w = dequantize(q, s)
+    for rows in ROWS:
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        with torch.inference_mode():
+            got = layer.run(x, "kernel")
+        assert got.shape == (rows, n) and got.dtype is dtype
+        assert_rel(got, F.linear(x.float(), w), TOL[dtype], f"{name} {n}x{k} {dtype} rows {rows}")
+    assert kernel_calls == [f"{name}_linear"] * len(ROWS)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_kernel_reads_strided_inputs(kernels_on, name):
+    """Catches a kernel that assumes x's rows are contiguous (a slice of a wider tensor, a transposed view)."""
+    layer, q, s = _layer(31, 384, Scheme.named(name), torch.float32, seed=7)
+    wide = torch.randn(5, 2 * 384, generator=torch.Generator().manual_seed(8))
+    w = dequantize(q, s)
+    for x in (wide[:, ::2], wide[:, 384:], torch.randn(384, 5).t()):
+        assert not x.is_contiguous()
+        with torch.inference_mode():
+            assert_rel(layer.run(x, "kernel"), F.linear(x, w), TOL[torch.float32], f"{name} strided {x.stride()}")
+
+
+@pytest.mark.parametrize("k", [1, 16, 100, 6848])
+def test_k16_layout_round_trips(k):
+    """Catches a wrong nibble order or padding in the kernel's layout."""
+    q = torch.randint(-8, 8, (5, k), generator=torch.Generator().manual_seed(k), dtype=torch.int8)
+    packed = quant_kernels.k16_pack(q)
+    assert packed.shape == (5, (k + 15) // 16 * 8) and packed.dtype is torch.uint8
+    assert torch.equal(quant_kernels.k16_unpack(packed, k), q)
+    lo, hi = packed & 15, packed >> 4
+    for j in range(min(k, 8)):  # byte j of block 0: k = j low, k = 8 + j high (8, a zero weight, past K)
+        assert int(lo[0, j]) == int(q[0, j]) + 8
+        assert int(hi[0, j]) == (int(q[0, 8 + j]) + 8 if 8 + j < k else 8)
+
+
+def test_every_layout_converts_to_every_other(kernels_on):
+    """Catches a relayout that loses or reorders values, or one that leaves `layout` and qweight disagreeing."""
+    layer, q, s = _layer(64, 256, Scheme.named("int4"), torch.float32, seed=9)
+    assert layer.layouts() == ["k16", "cpu", "nibbles"]
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(10))
+    ref = F.linear(x, dequantize(q, s))
+    for layout in ("cpu", "nibbles", "k16", "nibbles", "cpu", "k16"):
+        layer.relayout(layout)
+        assert layer.layout == layout and torch.equal(layer.int_weight(), q), layout
+        with torch.inference_mode():
+            impl = {"cpu": "packed", "k16": "kernel", "nibbles": "dequant"}[layout]
+            assert_rel(layer.run(x, impl), ref, TOL[torch.float32], f"{impl} after relayout to {layout}")
+    copy = layer.copy_as("cpu")
+    assert copy.layout == "cpu" and layer.layout == "k16" and copy.scales is layer.scales
+
+
+def test_switched_off_or_unsupported_the_layers_run_torch(monkeypatch, kernels_on):
+    """DSVL2_KERNELS=0 or a CPU without AVX2: no k16 layout, the "kernel" impl falls back, nothing raises."""
+    for how in ("env", "cpu"):
+        with monkeypatch.context() as m:
+            if how == "env":
+                m.setenv(quant_kernels.ENV_SWITCH, "0")
+                expected = "off"
+            else:
+                m.setattr(quant_kernels, "cpu_flags", lambda: frozenset({"sse2"}))
+                expected = "unsupported"
+            assert quant_kernels.status().state == expected and not quant_kernels.available()
+            layer, q, s = _layer(64, 256, Scheme.named("int4"), torch.float32, seed=11)
+            assert layer.layout == "cpu" and layer.layouts() == ["cpu", "nibbles"]
+            x = torch.randn(2, 256)
+            assert_rel(layer.run(x, "kernel"), F.linear(x, dequantize(q, s)), TOL[torch.float32], how)
+    assert quant_kernels.available()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_parity_model_greedy_tokens_equal_on_kernel_and_dequant(kernel_calls, name):
+    """A quantised tiny-mha model decodes the same greedy tokens with every product on the kernel as with every
+    product dequantised (the same weights; only the product differs)."""
+    directory = checkpoint_dir("tiny-mha")
+    if not directory.is_dir():
+        pytest.skip(f"parity checkpoint missing: {directory}")
+    case = require([c for c in load_cases() if c.name == "e_text_only"], "parity case e_text_only")[0]
+    eos = parity_processor("tiny-mha").tokenizer.eos_id
+    model = load_model(directory, quantize=name)
+    for layer in quant_layers(model):
+        layer.relayout("plain" if name == "int8" else "k16")
+    use_impls(model, ("kernel", "kernel"))
+    on_kernel = run_case(model, case, 8, eos)
+    assert kernel_calls, "no product ran on the kernel"
+    use_impls(model, ("dequant", "dequant"))
+    calls = len(kernel_calls)
+    on_dequant = run_case(model, case, 8, eos)
+    assert len(kernel_calls) == calls
+    same = (on_kernel[1] == on_dequant[1]).all(dim=1)
+    assert bool(same.all()), f"greedy tokens differ in rows {same.logical_not().nonzero().flatten().tolist()}"
+    assert_rel(on_kernel[2], on_dequant[2], 1e-4, f"{name} step logits")
