@@ -108,7 +108,8 @@ def document_command(task_type: type[Task]) -> None:
     callback.__doc__ = task_type.summary
     callback.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
     callback.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
-    app.command(task_type.name, help=task_type.summary, epilog=_examples(*task_type.examples))(callback)
+    app.command(task_type.name, cls=o.DocumentCommand, help=task_type.summary,
+                epilog=_examples(*task_type.examples))(callback)
 
 
 for _task_type in TASKS.values():

@@ -1,19 +1,24 @@
 """Shared `Annotated` option aliases, so every command spells an option, its help and its default the same
 way. Help panels group them as Inputs, Output, Run and Model in `--help`. Values are checked in one place,
-dsvl2.options.Options, not here (so the CLI and the API say the same thing about a bad one)."""
+dsvl2.options.Options, not here (so the CLI and the API say the same thing about a bad one). The one option
+Typer cannot spell, `--ray` with an optional value, is read by the document commands' class, DocumentCommand."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from dsvl2.model.devices import DTYPE_NAMES
 from dsvl2.pipelines.tasks import TASKS
 from dsvl2.writers import Format
 
 IN, OUT, RUN, MODEL, SERVER, RAY = "Inputs", "Output", "Run", "Model", "Server", "Ray"
+RAY_ADDRESS = re.compile(r"local|auto|ray://.*|[\w.-]+:\d+")  # what may follow --ray as its value
 
 Inputs = Annotated[
     list[str] | None,
@@ -303,9 +308,10 @@ Ray = Annotated[
     str | None,
     typer.Option(
         "--ray",
-        metavar="local|auto|ray://HOST:PORT",
-        help="Answer the pages on a Ray cluster: 'local' starts one on this machine, 'auto' or ray://host:port "
-        "joins a running cluster. Outputs, resume and exit codes are a local run's. Needs pip install 'dsvl2[ray]'.",
+        metavar="[local|auto|ray://HOST:PORT]",
+        help="Answer the pages on a Ray cluster: 'local' (the default when --ray is given alone) starts one on "
+        "this machine, 'auto' or ray://host:port joins a running cluster. Outputs, resume and exit codes are a local "
+        "run's. Needs pip install 'dsvl2[ray]'.",
         rich_help_panel=RAY,
         show_default=False,
     ),
@@ -325,3 +331,40 @@ GpusPerWorker = Annotated[
     typer.Option("--gpus-per-worker", metavar="N", help="GPUs Ray reserves for each model worker.",
                  rich_help_panel=RAY),
 ]
+
+
+def with_ray_default(args: list[str], takes_value: set[str]) -> list[str]:
+    """`--ray` with an optional value, which Typer cannot declare: a bare `--ray` (last, or before anything
+    that is not an address: another option, an input path) becomes `--ray local`. `--ray=ADDR`, `--ray ADDR`,
+    the values of the options in `takes_value` and everything after `--` are left as they are. A host:port
+    after `--ray` is taken as its value (and refused by Options, naming --ray), not as an input path."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            return [*out, *args[i:]]
+        if token == "--ray" and (i + 1 == len(args) or not RAY_ADDRESS.fullmatch(args[i + 1])):
+            out += ["--ray", "local"]
+            i += 1
+            continue
+        if token in takes_value:
+            out += args[i : i + 2]
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+class DocumentCommand(TyperCommand):
+    """A document command: its arguments are read after `with_ray_default`, so `--ray` alone means local."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {
+            name
+            for p in self.get_params(ctx)
+            if p.param_type_name == "option" and not getattr(p, "is_flag", False) and not getattr(p, "count", False)
+            for name in p.opts
+        }
+        return super().parse_args(ctx, with_ray_default(args, takes_value))
