@@ -3,11 +3,14 @@ cluster or starts a local instance, before any page; `identify` asks a worker-si
 and dtype the workers resolve; `events` plans the windows that still need an answer (the resume keys are
 read here, on the driver), streams them through Ray Data (render tasks, then an actor pool of
 dsvl2.ray_stages.Answerer) and yields the runner's events in input order, so that dsvl2.session writes,
-reports and resumes exactly as it does for a local run. Ray is never imported unless `--ray` is used.
+reports and resumes exactly as it does for a local run; `Workers` stands in for the runtime on the driver and
+gathers what the workers report (load time, batch size) for the manifest. Ray is never imported unless
+`--ray` is used.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -16,10 +19,12 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from dsvl2.backend import Identity
 from dsvl2.errors import one_line
@@ -28,7 +33,7 @@ from dsvl2.options import Options, parse_workers
 from dsvl2.pipelines import runner, windows
 from dsvl2.pipelines.base import FAILURES, Page, RecordContext
 from dsvl2.pipelines.windows import Window, plan
-from dsvl2.ray_stages import Answered, Answerer, Chunk, render
+from dsvl2.ray_stages import Answered, Answerer, Chunk, WorkerReport, render
 
 RENDER_CPUS = 1.0  # logical CPUs a render task takes, kept free of the actor pool on a local instance
 # Memory a render task reserves (one page image and its PNG at --max-side). Being a request the workers do not
@@ -65,6 +70,53 @@ class Pool:
         """Logical CPUs for a local instance: the machine's, but never fewer than the whole pool plus one
         render task. A pool that holds every CPU slot starves the tasks that feed it, and the run hangs."""
         return max(os.cpu_count() or 1, math.ceil(self.high * self.cpus + RENDER_CPUS))
+
+
+class Workers:
+    """The runtime as the driver of a `--ray` run sees it: loaded by the pool's workers, not here. It gathers
+    each worker's latest report as the answers come back, so the manifest and summary say what the workers
+    did (their load time and batch size), not what the driver would have done."""
+
+    has_work = False
+    kernels = None  # each worker has its own; see `reports`
+
+    def __init__(self, options: Options) -> None:
+        self.address, self.pool = options.ray, Pool.of(options)
+        self.reports: dict[str, WorkerReport] = {}
+
+    def add(self, report: WorkerReport) -> None:
+        self.reports[report.worker] = report
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The batch size the workers started with (the largest, should they differ); None before any answer."""
+        return max((r.batch_size for r in self.reports.values()), default=None)
+
+    @property
+    def final_batch_size(self) -> int | None:
+        """The smallest batch size any worker ended with."""
+        return min((r.final_batch_size for r in self.reports.values()), default=None)
+
+    @property
+    def load_seconds(self) -> float:
+        """The longest any worker took to load: what the run waited before its pool was whole."""
+        return max((r.load_seconds for r in self.reports.values()), default=0.0)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest's runtime entries for a Ray run: the workers' batch sizes and load time, the pool asked
+        for, and every worker's report (a worker Ray replaced appears beside its replacement)."""
+        return {
+            "batch_size": self.max_batch_size,
+            "load_seconds": self.load_seconds,
+            "kernels": None,
+            "ray": {
+                "address": self.address,
+                "workers": {"min": self.pool.low, "max": self.pool.high},
+                "cpus_per_worker": self.pool.cpus,
+                "gpus_per_worker": self.pool.gpus,
+                "reports": [asdict(r) for r in self.reports.values()],
+            },
+        }
 
 
 def start(options: Options) -> None:
@@ -234,9 +286,20 @@ def _lost(job: Job, unit: _Unit, doc_page: Page) -> Answered:
     return Answered(unit.index, tuple(windows.failed(ctx, window, p, error) for p in job.task.prompts), ())
 
 
-def events(job: Job, *, is_done: Callable[[str], bool], stats: runner.RunStats) -> Iterator[runner.Event]:
+def _page(doc_page: Page, number: int | None, images: dict[int, bytes]) -> Page:
+    """The page of a record as the driver hands it on: with its image only when a worker sent it (--annotate)."""
+    if number not in images:
+        return Page(doc_page.doc, number)
+    with Image.open(io.BytesIO(images[number])) as im:
+        return Page(doc_page.doc, number, im.convert("RGB"))
+
+
+def events(
+    job: Job, *, is_done: Callable[[str], bool], stats: runner.RunStats, workers: Workers | None = None
+) -> Iterator[runner.Event]:
     """The events a local run would yield for `job` (see pipelines.runner.events), answered on Ray; `start`
-    came first. With --fail-fast the run stops after the window of the first failed record."""
+    came first. `workers`, when given, gathers the workers' reports. With --fail-fast the run stops after the
+    window of the first failed record."""
     units = _plan(job, is_done)
     chunks = _chunks(job, units)
     answers = _answers(job, chunks) if chunks else iter(())
@@ -254,11 +317,14 @@ def events(job: Job, *, is_done: Callable[[str], bool], stats: runner.RunStats) 
                 while pending is None or pending.unit < unit.index:  # an earlier unit twice: drop it
                     pending = next(answers, None) or Answered(len(units), (), ())
                 answer, pending = (pending, None) if pending.unit == unit.index else (_lost(job, unit, first), pending)
+                if workers is not None and answer.worker is not None:
+                    workers.add(answer.worker)
                 stats.skipped += len(answer.skipped)
                 yield from (runner.PageSkipped(first, p) for p in answer.skipped)
+                images = dict(answer.images)
                 for record in answer.records:
                     stats.statuses[record.status] += 1
-                    yield runner.RecordDone(record, Page(doc, record.page))
+                    yield runner.RecordDone(record, _page(first, record.page, images))
                 if job.options.fail_fast and any(r.status in FAILURES for r in answer.records):
                     stats.stopped_early = True
                     return

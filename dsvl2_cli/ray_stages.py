@@ -1,15 +1,18 @@
 """The two stages of a `--ray` run that execute in Ray processes, and the values that cross between them.
 `render` (a Ray task) opens a chunk of one document and renders the pages of its windows to PNG bytes;
 `Answerer` (a callable class: Ray Data's actor pool) loads the runtime once per worker and runs the
-pipeline runner over each batch of windows it is given, returning every window's records. A worker never
-fails a block: whatever the runner could not answer becomes a failed record. The driver (dsvl2.ray_run)
-plans the chunks, reads the records back in order and writes them; nothing here writes or prints.
+pipeline runner over each batch of windows it is given, returning every window's records (with `--annotate`,
+its pages' PNG bytes too, for the driver to draw on) and a report of itself. A worker never fails a block:
+whatever the runner could not answer becomes a failed record. The driver (dsvl2.ray_run) plans the chunks,
+reads the records back in order and writes them; nothing here writes or prints.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -67,12 +70,28 @@ class RenderedWindow:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """A pool worker as it reports itself with each answer, for the run manifest: what it loaded ("model", or
+    "server" with `--server`, when it loads none), how long that took, and the batch size its runner started
+    with and has now (smaller after an out-of-memory back-off)."""
+
+    worker: str  # host:pid
+    loaded: str
+    load_seconds: float
+    batch_size: int
+    final_batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class Answered:
-    """One window's outcome: its records, and the prompts skipped because an earlier run answered them."""
+    """One window's outcome: its records, the prompts skipped because an earlier run answered them, the PNG
+    of each answered page by number (with `--annotate` only) and the report of the worker that answered."""
 
     unit: int
     records: tuple[PageRecord, ...]
     skipped: tuple[str, ...]
+    images: tuple[tuple[int, bytes], ...] = ()
+    worker: WorkerReport | None = None  # None: the driver's own failed records for a window no worker returned
 
 
 def _png(image: Image.Image) -> bytes:
@@ -122,6 +141,11 @@ class Answerer:
     def __init__(self, *, task: Task, options: Options, identity: Identity, model: str) -> None:
         self.job = Job(task, options, [], identity=identity)  # settings and record keys: the driver's options
         self.runtime = load_runtime(replace(options, model=model))  # `model` as this worker can find it
+        # Out-of-memory back-off lasts for the worker's life, as it does for a local run: each call starts from
+        # the batch size the last one ended with.
+        self.batch_size = self.job.batch_size(self.runtime)
+        self.report = WorkerReport(f"{socket.gethostname()}:{os.getpid()}", "server" if options.server else "model",
+                                   round(self.runtime.load_seconds, 3), self.batch_size, self.batch_size)  # fmt: skip
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         rendered = [pickle.loads(blob) for blob in batch["payload"]]
@@ -142,7 +166,7 @@ class Answerer:
                 task=job.task,
                 settings=job.settings,
                 model=job.resolved_identity().record_model(),
-                batch_size=job.batch_size(self.runtime),
+                batch_size=self.batch_size,
                 adaptive_batch=o.batch_size is None,
                 is_done=done.__contains__,
                 page_timeout=o.page_timeout,
@@ -153,9 +177,19 @@ class Answerer:
                     records[unit_of[event.page.doc.key, event.page.number]].append(event.record)
                 elif isinstance(event, runner.PageSkipped):
                     skipped[unit_of[event.page.doc.key, event.page.number]].append(event.prompt)
+                elif isinstance(event, runner.BatchResized):
+                    self.batch_size = event.new
         except Exception as exc:  # a worker answers for every window it was given, whatever happened
             self._fill(windows_, rendered, records, skipped, f"the Ray worker failed: {type(exc).__name__}: {exc}")
-        return [Answered(w.unit, tuple(records[w.unit]), tuple(skipped[w.unit])) for w in rendered]
+        report = replace(self.report, final_batch_size=self.batch_size)
+        return [Answered(w.unit, tuple(records[w.unit]), tuple(skipped[w.unit]), self._images(w), report)
+                for w in rendered]  # fmt: skip
+
+    def _images(self, rendered: RenderedWindow) -> tuple[tuple[int, bytes], ...]:
+        """The pages' PNGs as rendered, for `--annotate` (the driver draws the boxes): bytes cross back only then."""
+        if self.job.options.annotate is None:
+            return ()
+        return tuple((p.number, p.png) for p in rendered.pages if p.number is not None and p.png is not None)
 
     def _window(self, rendered: RenderedWindow) -> Window:
         pages = tuple(p.page(rendered.doc) for p in rendered.pages)

@@ -1,13 +1,16 @@
 """`--ray`: real Ray (one local instance for the module), the real runtime on the tiny parity checkpoint.
-A Ray run must write what a local run writes (records per source, page and prompt), survive a worker killed
-mid-run with every page exactly once, resume after the driver is SIGKILLed without recomputing what was
-written, and refuse a missing install, a bad address or an unreachable cluster with one line, exit 2.
+A Ray run must write what a local run writes (records per source, page and prompt), with a fixed pool, an
+autoscaling one, or workers that send the pages to a `dsvl2 serve` server; survive a worker killed mid-run
+with every page exactly once, resume after the driver is SIGKILLed without recomputing what was written, and
+refuse a missing install, a bad address or an unreachable cluster with one line, exit 2. A bare `--ray`
+means `--ray local`, and never swallows the input path after it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +18,12 @@ import threading
 import time
 from pathlib import Path
 
+import click
 import corpus
 import pytest
 from fakes import invoke, make_pdf
-from parity import checkpoint_dir
+from parity import PARITY_DIR, checkpoint_dir
+from servers import Server
 
 from dsvl2.inputs import display
 
@@ -73,6 +78,21 @@ def hostile_dir(root: Path) -> tuple[Path, list[corpus.Case]]:
     return root, cases
 
 
+def assert_same_answers(mine: dict, theirs: dict) -> None:
+    assert mine.keys() == theirs.keys(), f"pages differ: {sorted(mine.keys() ^ theirs.keys())}"
+    unequal = [k for k in mine if answer(mine[k]) != answer(theirs[k])]
+    assert not unequal, f"{len(unequal)} records differ, first {unequal[0]}: {answer(mine[unequal[0]])} vs " \
+        f"{answer(theirs[unequal[0]])}"  # fmt: skip
+
+
+def pages_dir(root: Path) -> Path:
+    """A PDF of four pages and two images: six pages in all."""
+    make_pdf(root / "doc.pdf", 4, label="page")
+    for name in ("receipt_narrow_180x420.png", "photo_square_256x256.png"):
+        shutil.copy(PARITY_DIR / "images" / name, root / name)
+    return root
+
+
 def test_ray_run_writes_what_a_local_run_writes(ray_local, tmp_path):
     root, cases = hostile_dir(tmp_path / "in")
     make_pdf(root / "more" / "letters.pdf", 2, label="letter")
@@ -80,10 +100,8 @@ def test_ray_run_writes_what_a_local_run_writes(ray_local, tmp_path):
     on_ray = invoke("ocr", str(root), "-o", str(tmp_path / "ray") + "/", *FAST, "--ray", "local", "--workers", "2")
     assert local.exit_code == on_ray.exit_code == 1, on_ray.output  # the hostile files fail, as they should
     mine, theirs = records(tmp_path / "local"), records(tmp_path / "ray")
-    assert mine.keys() == theirs.keys() and len(mine) == sum(c.records for c in cases) + 2
-    unequal = [k for k in mine if answer(mine[k]) != answer(theirs[k])]
-    assert not unequal, f"{len(unequal)} records differ, first {unequal[0]}: {answer(mine[unequal[0]])} vs " \
-        f"{answer(theirs[unequal[0]])}"  # fmt: skip
+    assert len(mine) == sum(c.records for c in cases) + 2
+    assert_same_answers(mine, theirs)
     by_source = {}
     for (source, _, _), r in theirs.items():
         by_source.setdefault(source, []).append(r["status"])
@@ -98,6 +116,106 @@ def test_ray_run_writes_what_a_local_run_writes(ray_local, tmp_path):
     assert manifest["summary"] == {**json.loads((tmp_path / "local" / "ocr.manifest.json").read_text())["summary"],
                                    **{k: manifest["summary"][k] for k in ("seconds", "pages_per_minute",
                                                                           "tokens_per_second")}}  # fmt: skip
+
+
+def test_an_autoscaling_pool_under_a_bare_ray_writes_what_a_local_run_writes(ray_local, tmp_path):
+    """`--workers 1,2`: Ray Data's autoscaling actor pool (one worker, a second while there is a queue); `--ray`
+    given last, alone, is `--ray local` and joins the module's instance."""
+    root = pages_dir(tmp_path / "in")
+    local = invoke("ocr", str(root), "-o", str(tmp_path / "local") + "/", *FAST)
+    on_ray = invoke("ocr", str(root), "-o", str(tmp_path / "ray") + "/", *FAST, "--workers", "1,2", "--ray")
+    assert local.exit_code == on_ray.exit_code == 0, on_ray.output
+    mine = records(tmp_path / "local")
+    assert len(mine) == 6
+    assert_same_answers(mine, records(tmp_path / "ray"))
+
+
+def test_workers_in_front_of_a_server_load_no_model_and_ask_for_each_page_once(ray_local, tmp_path):
+    """`--ray --server URL`: the workers send the pages to a `dsvl2 serve` process. It serves the checkpoint
+    under a name no worker could load (not a directory, not a hub id), so a worker that tried to load the
+    model would fail the run; the server's count of completions is the number of pages."""
+    root = pages_dir(tmp_path / "in")
+    server = Server(Path(CKPT), "--served-model-name", "served-tiny")
+    try:
+        local = invoke("ocr", str(root), "-o", str(tmp_path / "local") + "/", *FAST)
+        on_ray = invoke("ocr", str(root), "-o", str(tmp_path / "ray") + "/", *FAST, "--server", server.url,
+                        "--ray", "--workers", "2")  # fmt: skip
+        status, health = server.get("/health")
+    finally:
+        server.stop()
+    assert local.exit_code == on_ray.exit_code == 0, on_ray.output
+    theirs = records(tmp_path / "ray")
+    assert_same_answers(records(tmp_path / "local"), theirs)
+    assert {(r["model"]["id"], r["model"]["server"]) for r in theirs.values()} == {("served-tiny", server.url)}
+    assert status == 200 and health["engine"]["completed"] == len(theirs) == 6
+
+
+def test_workers_report_what_they_loaded_and_send_the_pages_back_for_annotate(ray_local, tmp_path):
+    """What only the workers know comes back with their answers: each worker's report (what it loaded, how long
+    it took, the batch size it used) for the manifest, and with --annotate every answered page's pixels as it
+    was rendered, for the driver to draw the boxes on. Driven through dsvl2.ray_run, as dsvl2.session does."""
+    from dsvl2 import ray_run
+    from dsvl2.job import Job
+    from dsvl2.options import Options
+    from dsvl2.pages import iter_pages
+    from dsvl2.pipelines import runner
+    from dsvl2.pipelines.tasks import TASKS
+
+    make_pdf(tmp_path / "doc.pdf", 3, label="page")
+    options = Options(model=CKPT, max_new_tokens=4, max_side=384, batch_size=2, annotate=tmp_path / "drawn",
+                      ray="local", workers="2")  # fmt: skip
+    job = Job.open(TASKS["ground"].from_options(query="page"), options, [str(tmp_path / "doc.pdf")])
+    job.identify(ray_run.identify(options))
+    workers = ray_run.Workers(options)
+    done = [e for e in ray_run.events(job, is_done=lambda key: False, stats=runner.RunStats(), workers=workers)
+            if isinstance(e, runner.RecordDone)]  # fmt: skip
+    rendered = {p.number: p.image for p in iter_pages(job.opened, dpi=options.dpi, max_side=384, password=None)}
+    assert [e.page.number for e in done] == [1, 2, 3]
+    for event in done:
+        image = event.page.image
+        assert image is not None and image.tobytes() == rendered[event.page.number].tobytes(), event.page.number
+
+    assert 1 <= len(workers.reports) <= 2
+    for report in workers.reports.values():
+        assert report.loaded == "model" and report.load_seconds > 0 and report.batch_size == 2
+    entry = workers.manifest()
+    assert (entry["batch_size"], workers.final_batch_size) == (2, 2)
+    assert entry["load_seconds"] == max(r.load_seconds for r in workers.reports.values())
+    assert entry["ray"]["workers"] == {"min": 2, "max": 2} and len(entry["ray"]["reports"]) == len(workers.reports)
+
+
+def ocr_params(*args: str) -> dict:
+    """What `dsvl2 ocr ARGS` parses to (the command as registered, with its --ray handling)."""
+    from typer.main import get_command
+
+    from dsvl2.app import app
+
+    group = get_command(app)
+    command = group.get_command(click.Context(group), "ocr")
+    return command.make_context("ocr", list(args)).params
+
+
+@pytest.mark.parametrize(
+    ("args", "ray", "inputs"),
+    [
+        (["a.pdf", "--ray"], "local", ["a.pdf"]),
+        (["--ray", "a.pdf"], "local", ["a.pdf"]),  # a path after a bare --ray stays a path
+        (["--ray", "-"], "local", ["-"]),
+        (["--ray", "--workers", "2", "a.pdf"], "local", ["a.pdf"]),
+        (["-q", "--ray"], "local", []),
+        (["--ray", "local", "a.pdf"], "local", ["a.pdf"]),
+        (["--ray", "auto", "a.pdf"], "auto", ["a.pdf"]),
+        (["--ray", "ray://head:10001", "a.pdf"], "ray://head:10001", ["a.pdf"]),
+        (["--ray=ray://head:10001", "a.pdf"], "ray://head:10001", ["a.pdf"]),
+        (["--ray", "head:6379", "a.pdf"], "head:6379", ["a.pdf"]),  # an address, refused by Options by name
+        (["-o", "--ray", "a.pdf"], None, ["a.pdf"]),  # the value of -o, not the option
+        (["a.pdf", "--", "--ray"], None, ["a.pdf", "--ray"]),
+        (["a.pdf"], None, ["a.pdf"]),
+    ],
+)
+def test_a_bare_ray_means_local_and_leaves_paths_alone(args, ray, inputs):
+    params = ocr_params(*args)
+    assert (params["ray"], list(params["inputs"] or [])) == (ray, inputs)
 
 
 def _answerers() -> dict[int, bytes]:
@@ -191,7 +309,8 @@ def test_missing_ray_is_one_line_and_exit_2(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--ray", "somewhere"], "error: usage: --ray must be local, auto or ray://HOST:PORT"),
+        (["--ray=somewhere"], "error: usage: --ray must be local, auto or ray://HOST:PORT"),
+        (["--ray", "somewhere:6379"], "error: usage: --ray must be local, auto or ray://HOST:PORT"),
         (["--ray", "local", "--workers", "3,1"], "error: usage: --workers must be N or MIN,MAX"),
         (["--workers", "2"], "error: usage: --workers needs --ray"),
     ],
