@@ -19,9 +19,8 @@ import torch
 
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import WeightsError
-from dsvl2.model.quant import pack_nibbles, replace_linears, use_impls
-from dsvl2.model.quant import quantize as quantize_weight
-from dsvl2.model.quant_checkpoint import expected_dtypes, run_scheme, stored_scheme
+from dsvl2.model.quant import replace_linears, use_impls
+from dsvl2.model.quant_checkpoint import expected_dtypes, quantize_stored, run_scheme, stored_scheme
 from dsvl2.model.vl2 import DeepseekVL2
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -124,8 +123,8 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
 
     A quantised checkpoint (quant_checkpoint.py) loads as it is stored, its language linears `QuantLinear`s;
     `quantize` "int8" / "int4" quantises a floating-point checkpoint's language linears while reading, tensor by
-    tensor (each read in float32, quantised, dropped), so no floating-point copy of those weights is ever held
-    whole. Asking for another scheme than a checkpoint's own is a ConfigError naming both."""
+    tensor (each read as stored, quantised a block of rows at a time, dropped), so no floating-point copy of those
+    weights is ever held whole. Asking for another scheme than a checkpoint's own is a ConfigError naming both."""
     directory = Path(directory)
     cfg = ModelConfig.from_dir(directory)
     scheme, stored = run_scheme(directory, quantize), stored_scheme(directory)
@@ -139,16 +138,16 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
     targets = {f"{path}.weight": layer for path, layer in layers.items()} if stored is None else {}
     stored_layers = {f"{path}.qweight": layer for path, layer in layers.items()} if stored is not None else {}
 
-    def read_as(key: str) -> torch.dtype | None:  # quantised tensors keep their stored integer dtype
-        return torch.float32 if key in targets else None if key in stored_layers else dtype
+    def read_as(key: str) -> torch.dtype | None:  # weights to quantise and quantised ones: as stored
+        return None if key in targets or key in stored_layers else dtype
 
     state = {}
     for key, t in _read_tensors(found, dtype=read_as, device=device):
         if key in targets:
-            q, s = quantize_weight(t, scheme)
+            q, s = quantize_stored(t, scheme)
+            del t
             base = key.removesuffix(".weight")
-            layer = targets[key]
-            state[f"{base}.qweight"] = layer.use_stored(q if scheme.bits == 8 else pack_nibbles(q))
+            state[f"{base}.qweight"] = targets[key].use_stored(q)
             state[f"{base}.scales"] = s.to(dtype)
         elif key in stored_layers:
             state[key] = stored_layers[key].use_stored(t)

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 import dsvl2
 from dsvl2 import backend, quantize_cmd
 from dsvl2.model.errors import ConfigError, WeightsError
-from dsvl2.model.quant import QuantLinear, Scheme
-from dsvl2.model.quant_checkpoint import CONFIG_KEY, write_quantized
+from dsvl2.model.quant import QuantLinear, Scheme, pack_nibbles, quantize
+from dsvl2.model.quant_checkpoint import CONFIG_KEY, quantize_stored, write_quantized
 from dsvl2.model.weights import checkpoint_files, load_model, read_headers
 
 SOURCE = checkpoint_dir("base-noaux")  # two shards, MLA with q_lora, noaux_tc routing
@@ -29,6 +29,20 @@ def written(request, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp("q") / f"base-{request.param}"
     write_quantized(SOURCE, out, Scheme.named(request.param), shard_bytes=300_000)
     return request.param, out
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantising_a_block_of_rows_at_a_time_equals_the_whole_weight(scheme, dtype):
+    """Catches a block boundary that drops, repeats or misplaces rows (the loader and `dsvl2 quantize` quantise
+    large weights in blocks so their float32 temporaries stay small), in either stored layout."""
+    sch = Scheme.named(scheme)
+    w = torch.randn(37, 96, generator=torch.Generator().manual_seed(3)).to(dtype)
+    q, s = quantize(w, sch)
+    want = q if sch.bits == 8 else pack_nibbles(q)
+    for chunk_bytes in (1, 4 * 96 * 5, 2**30):  # one row per block, 5 rows (a short last block), one block
+        got_q, got_s = quantize_stored(w, sch, chunk_bytes=chunk_bytes)
+        assert torch.equal(got_q, want) and torch.equal(got_s, s)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
