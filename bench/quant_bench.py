@@ -54,7 +54,7 @@ def linear_bytes(module: nn.Module) -> int:
     from dsvl2.model.quant import QuantLinear
 
     if isinstance(module, QuantLinear):
-        n_scales = module.scales.numel() * (2 if module.scheme.bits == 4 else 1)  # int4 op: scales and zeros
+        n_scales = module.scales.numel() * (2 if module.layout == "cpu" else 1)  # torch's int4 op: scales and zeros
         return module.qweight.numel() + n_scales * module.scales.element_size()
     return module.weight.numel() * module.weight.element_size()
 
@@ -99,7 +99,7 @@ def run_scheme(path: str, scheme: str, dtype: str, batches: list[int], steps: in
     start = time.perf_counter()
     model = load_model(path, dtype=getattr(torch, dtype), quantize=scheme)
     load_s, rss = time.perf_counter() - start, peak_rss_gib()
-    impls = sorted({layer.impls for layer in quant_layers(model)})
+    impls = sorted({(*layer.impls, layer.layout) for layer in quant_layers(model)})
     lm = model.language
     results = []
     with torch.inference_mode():
@@ -161,11 +161,14 @@ def main() -> None:
     from engine_bench import ensure_model
 
     print(cpu_line())
+    from dsvl2.model import quant_kernels
+
+    print(f"quantised kernels: {quant_kernels.status().describe()}")
     path = ensure_model(args.model, args.config, args.layers)
     print(f"model: {path}; activations {args.dtype}; decode context 32 tokens; median of {args.steps} steps")
     ctx = multiprocessing.get_context("spawn")
     print(f"{'scheme':<6} {'batch':>5} {'step ms':>9} {'MB read':>9} {'GB/s':>6} {'bound ms':>9} {'ratio':>6} "
-          f"{'load s':>7} {'peak RSS GiB':>13}  impls (decode, prefill)")
+          f"{'load s':>7} {'peak RSS GiB':>13}  impls (decode, prefill, layout)")
     for scheme in args.schemes:
         queue = ctx.Queue()
         child = ctx.Process(target=run_scheme, args=(str(path), scheme, args.dtype, args.batches, args.steps, queue))

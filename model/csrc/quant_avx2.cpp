@@ -28,7 +28,7 @@
 
 namespace {
 
-constexpr int64_t kChunkBytes = int64_t{1} << 16;  // weight bytes per unit of work handed to a thread
+constexpr int64_t kChunkBytes = int64_t{1} << 16;  // weight bytes per unit of work handed to a thread (rows: a multiple of 8)
 
 // Calls work(u) for u in [0, units), units handed out one by one to torch's threads.
 template <typename Work>
@@ -51,6 +51,25 @@ inline float hsum(__m256 v) {
 
 inline float scale_at(const float* s, int64_t i) { return s[i]; }
 inline float scale_at(const c10::BFloat16* s, int64_t i) { return static_cast<float>(s[i]); }
+
+// Tiles: MB activation rows x NB weight rows, MB * NB <= 8 float32 accumulators of the 16 AVX2 registers. Eight
+// rows share each dequantised weight vector (compute-bound batches: 16 FMAs per 16 int4 values, ~7 other
+// instructions); one row takes four weight rows at a time (memory-bound: four streams in flight).
+constexpr int tile_nb(int mb) { return mb >= 8 ? 1 : mb >= 3 ? 2 : 4; }
+
+// block(std::integral_constant<int, MB>, m) over row blocks covering [0, M): 8s, then 4, 3, 2 or 1.
+template <typename Block>
+void row_blocks(int64_t M, const Block& block) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) block(std::integral_constant<int, 8>{}, m);
+  if (m + 4 <= M) block(std::integral_constant<int, 4>{}, m), m += 4;
+  switch (M - m) {
+    case 3: block(std::integral_constant<int, 3>{}, m); break;
+    case 2: block(std::integral_constant<int, 2>{}, m); break;
+    case 1: block(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
 
 // fn(pointer to s's data) with s float32 or bf16 (checked by the caller).
 template <typename Fn>
@@ -77,45 +96,51 @@ at::Tensor float_rows(const at::Tensor& x, int64_t ldx) {
 template <int MB, int NB, typename S>
 inline void int8_tile(const int8_t* q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
                       int64_t K) {
-  __m256 acc[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+  // One row: two sets of sums (even and odd steps of 8 k) so that no sum waits on the previous FMA's latency.
+  constexpr int P = MB == 1 ? 2 : 1;
+  __m256 acc[P][MB][NB];
+  for (int p = 0; p < P; ++p)
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NB; ++j) acc[p][m][j] = _mm256_setzero_ps();
   const int8_t* rows[NB];
   for (int j = 0; j < NB; ++j) rows[j] = q + (n0 + j) * K;
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
+  auto step = [&](int p, int64_t k) {
     for (int j = 0; j < NB; ++j) {
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[j] + k));
       const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-      for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + k), acc[m][j]);
+      for (int m = 0; m < MB; ++m)
+        acc[p][m][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + k), acc[p][m][j]);
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + 8 * P <= K; k += 8 * P)
+    for (int p = 0; p < P; ++p) step(p, k + 8 * p);
+  for (; k + 8 <= K; k += 8) step(0, k);
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NB; ++j) {
-      float sum = hsum(acc[m][j]);
+      float sum = hsum(P == 1 ? acc[0][m][j] : _mm256_add_ps(acc[0][m][j], acc[P - 1][m][j]));
       for (int64_t t = k; t < K; ++t) sum += static_cast<float>(rows[j][t]) * x[m * ldx + t];
       y[m * ldy + n0 + j] = sum * scale_at(s, n0 + j);
     }
 }
 
-// Rows [n0, n1) of y for all M rows: tiles of MB x NB, smaller ones at the edges.
-template <int NB, typename S>
+// Rows [n0, n1) of y for MB rows of x: tiles of MB x NB, then single weight rows.
+template <int MB, int NB, typename S>
+void int8_rows(const int8_t* q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
+               int64_t n1, int64_t K) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) int8_tile<MB, NB>(q, s, x, ldx, y, ldy, n, K);
+  for (; n < n1; ++n) int8_tile<MB, 1>(q, s, x, ldx, y, ldy, n, K);
+}
+
+// Rows [n0, n1) of y for all M rows, in blocks of rows (see `row_blocks`).
+template <typename S>
 void int8_span(const int8_t* q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
                int64_t n1, int64_t M, int64_t K) {
-  int64_t n = n0;
-  auto rows = [&](auto nb_tag, int64_t nn) {
-    constexpr int nb = decltype(nb_tag)::value;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) int8_tile<4, nb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, nn, K);
-    switch (M - m) {
-      case 3: int8_tile<3, nb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, nn, K); break;
-      case 2: int8_tile<2, nb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, nn, K); break;
-      case 1: int8_tile<1, nb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, nn, K); break;
-      default: break;
-    }
-  };
-  for (; n + NB <= n1; n += NB) rows(std::integral_constant<int, NB>{}, n);
-  for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+  row_blocks(M, [&](auto mb_tag, int64_t m) {
+    constexpr int mb = decltype(mb_tag)::value;
+    int8_rows<mb, tile_nb(mb)>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1, K);
+  });
 }
 
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s) {
@@ -136,12 +161,11 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     const int8_t* qp = q.const_data_ptr<int8_t>();
     const float* xp = x.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
-    constexpr int NB = 4;
-    const int64_t per_unit = std::max<int64_t>(NB, kChunkBytes / std::max<int64_t>(K, 1) / NB * NB);
+    const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(K, 1) / 8 * 8);
     const int64_t units = (N + per_unit - 1) / per_unit;
     with_scales(sc, [&](const auto* sp) {
       run_units(units, [&](int64_t u) {
-        int8_span<NB>(qp, sp, xp, K, yp, N, u * per_unit, std::min(N, (u + 1) * per_unit), M, K);
+        int8_span(qp, sp, xp, K, yp, N, u * per_unit, std::min(N, (u + 1) * per_unit), M, K);
       });
     });
   }
@@ -183,24 +207,61 @@ inline void int4_tile(const uint8_t* q, int64_t lda, const S* s, int64_t groups,
     for (int j = 0; j < NB; ++j) y[m * ldy + n0 + j] = hsum(acc[m][j]);
 }
 
+// The one-row tile (memory-bound decode): per group, sums of (q + 8) * x in registers (low and high nibbles apart,
+// so no sum waits on the previous FMA), scaled once per group; the offset -8 s * (sum of x over the group) comes
+// from `xsum` (per-group sums of x). Saves the per-value scaling FMA of `int4_tile`.
 template <int NB, typename S>
-void int4_span(const uint8_t* q, int64_t lda, const S* s, int64_t groups, const float* x, int64_t ldx, float* y,
-               int64_t ldy, int64_t n0, int64_t n1, int64_t M, int64_t blocks, int64_t group_blocks) {
-  int64_t n = n0;
-  auto rows = [&](auto nb_tag, int64_t nn) {
-    constexpr int nb = decltype(nb_tag)::value;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      int4_tile<4, nb>(q, lda, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, nn, blocks, group_blocks);
-    switch (M - m) {
-      case 3: int4_tile<3, nb>(q, lda, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, nn, blocks, group_blocks); break;
-      case 2: int4_tile<2, nb>(q, lda, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, nn, blocks, group_blocks); break;
-      case 1: int4_tile<1, nb>(q, lda, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, nn, blocks, group_blocks); break;
-      default: break;
+inline void int4_tile1(const uint8_t* q, int64_t lda, const S* s, int64_t groups, const float* x, const float* xsum,
+                       float* y, int64_t n0, int64_t blocks, int64_t group_blocks) {
+  __m256 acc[NB];
+  float offset[NB];
+  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
+  const __m256i low = _mm256_set1_epi32(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 lo[NB], hi[NB];
+    for (int j = 0; j < NB; ++j) lo[j] = _mm256_setzero_ps(), hi[j] = _mm256_setzero_ps();
+    const int64_t b1 = std::min(blocks, (g + 1) * group_blocks);
+    for (int64_t b = g * group_blocks; b < b1; ++b) {
+      const __m256 xl = _mm256_loadu_ps(x + b * 16), xh = _mm256_loadu_ps(x + b * 16 + 8);
+      for (int j = 0; j < NB; ++j) {
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (n0 + j) * lda + b * 8));
+        const __m256i v = _mm256_cvtepu8_epi32(raw);
+        lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), xl, lo[j]);
+        hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xh, hi[j]);
+      }
     }
-  };
-  for (; n + NB <= n1; n += NB) rows(std::integral_constant<int, NB>{}, n);
-  for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+    for (int j = 0; j < NB; ++j) {
+      const float sj = scale_at(s, (n0 + j) * groups + g);
+      acc[j] = _mm256_fmadd_ps(_mm256_add_ps(lo[j], hi[j]), _mm256_set1_ps(sj), acc[j]);
+      offset[j] += sj * xsum[g];
+    }
+  }
+  for (int j = 0; j < NB; ++j) y[n0 + j] = hsum(acc[j]) - 8.0f * offset[j];
+}
+
+template <int MB, int NB, typename S>
+void int4_rows(const uint8_t* q, int64_t lda, const S* s, int64_t groups, const float* x, int64_t ldx,
+               const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t blocks,
+               int64_t group_blocks) {
+  int64_t n = n0;
+  if constexpr (MB == 1) {
+    for (; n + NB <= n1; n += NB) int4_tile1<NB>(q, lda, s, groups, x, xsum, y, n, blocks, group_blocks);
+    for (; n < n1; ++n) int4_tile1<1>(q, lda, s, groups, x, xsum, y, n, blocks, group_blocks);
+  } else {
+    for (; n + NB <= n1; n += NB) int4_tile<MB, NB>(q, lda, s, groups, x, ldx, y, ldy, n, blocks, group_blocks);
+    for (; n < n1; ++n) int4_tile<MB, 1>(q, lda, s, groups, x, ldx, y, ldy, n, blocks, group_blocks);
+  }
+}
+
+template <typename S>
+void int4_span(const uint8_t* q, int64_t lda, const S* s, int64_t groups, const float* x, int64_t ldx,
+               const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t M, int64_t blocks,
+               int64_t group_blocks) {
+  row_blocks(M, [&](auto mb_tag, int64_t m) {
+    constexpr int mb = decltype(mb_tag)::value;
+    int4_rows<mb, tile_nb(mb)>(q, lda, s, groups, x + m * ldx, ldx, xsum + m * groups, y + m * ldy, ldy, n0, n1,
+                               blocks, group_blocks);
+  });
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t group) {
@@ -224,16 +285,17 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   const at::Tensor x = float_rows(x_in, ldx);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0 && K > 0) {
+    const at::Tensor xsum = x.view({M, groups, ldx / groups}).sum(2);  // (M, groups), padding included (zeros)
+    const float* sump = xsum.const_data_ptr<float>();
     const uint8_t* qp = q.const_data_ptr<uint8_t>();
     const float* xp = x.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
-    constexpr int NB = 4;
     const int64_t lda = blocks * 8;
-    const int64_t per_unit = std::max<int64_t>(NB, kChunkBytes / lda / NB * NB);
+    const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / lda / 8 * 8);
     const int64_t units = (N + per_unit - 1) / per_unit;
     with_scales(sc, [&](const auto* sp) {
       run_units(units, [&](int64_t u) {
-        int4_span<NB>(qp, lda, sp, groups, xp, ldx, yp, N, u * per_unit, std::min(N, (u + 1) * per_unit), M,
+        int4_span(qp, lda, sp, groups, xp, ldx, sump, yp, N, u * per_unit, std::min(N, (u + 1) * per_unit), M,
                       blocks, group_blocks);
       });
     });
