@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dsvl2.model import allocator
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import ConfigError, WeightsError
 from dsvl2.model.quant import SCHEMES, QuantLinear, Scheme, pack_nibbles, quantize, replace_linears
@@ -168,22 +169,23 @@ def write_quantized(source: str | Path, out: str | Path, scheme: Scheme, *, shar
                 weight_map.update(dict.fromkeys(pending, len(shards) - 1))
                 pending, size = {}, 0
 
-        for n, (key, t) in enumerate(read_tensors(found, dtype=lambda _: None, device="cpu"), start=1):
-            if key in targets:
-                q, s = quantize_stored(t, scheme)
-                base = key.removesuffix(".weight")
-                items = {f"{base}.qweight": q, f"{base}.scales": s}
-            else:
-                items = {key: t}
-            del t
-            nbytes = sum(v.numel() * v.element_size() for v in items.values())
-            if pending and size + nbytes > shard_bytes:
-                flush()
-            pending.update(items)
-            size += nbytes
-            total += nbytes
-            if on_tensor is not None:
-                on_tensor(key, n, len(found))
+        with allocator.while_loading():  # no heap holes left by the tensors read and dropped
+            for n, (key, t) in enumerate(read_tensors(found, dtype=lambda _: None, device="cpu"), start=1):
+                if key in targets:
+                    q, s = quantize_stored(t, scheme)
+                    base = key.removesuffix(".weight")
+                    items = {f"{base}.qweight": q, f"{base}.scales": s}
+                else:
+                    items = {key: t}
+                del t
+                nbytes = sum(v.numel() * v.element_size() for v in items.values())
+                if pending and size + nbytes > shard_bytes:
+                    flush()
+                pending.update(items)
+                size += nbytes
+                total += nbytes
+                if on_tensor is not None:
+                    on_tensor(key, n, len(found))
         flush()
         names = _shard_names(len(shards))
         for i, name in enumerate(names):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dsvl2.model import allocator
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import WeightsError
 from dsvl2.model.quant import replace_linears, use_impls
@@ -142,17 +143,18 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
         return None if key in targets or key in stored_layers else dtype
 
     state = {}
-    for key, t in _read_tensors(found, dtype=read_as, device=device):
-        if key in targets:
-            q, s = quantize_stored(t, scheme)
-            del t
-            base = key.removesuffix(".weight")
-            state[f"{base}.qweight"] = targets[key].use_stored(q)
-            state[f"{base}.scales"] = s.to(dtype)
-        elif key in stored_layers:
-            state[key] = stored_layers[key].use_stored(t)
-        else:
-            state[RENAMES.get(key, key)] = t
+    with allocator.while_loading():  # no heap holes left by the tensors read and dropped (allocator.py)
+        for key, t in _read_tensors(found, dtype=read_as, device=device):
+            if key in targets:
+                q, s = quantize_stored(t, scheme)
+                del t
+                base = key.removesuffix(".weight")
+                state[f"{base}.qweight"] = targets[key].use_stored(q)
+                state[f"{base}.scales"] = s.to(dtype)
+            elif key in stored_layers:
+                state[key] = stored_layers[key].use_stored(t)
+            else:
+                state[RENAMES.get(key, key)] = t
     model.load_state_dict(state, strict=True, assign=True)
     if layers:
         from dsvl2.model import quant_choice  # imported here: it times products, which a float model never needs
