@@ -70,8 +70,6 @@ def _check(*, paths: Sequence[str], options: Options, dest: Destination) -> None
         raise UsageError("--resume needs an output to resume: -o FILE.jsonl or -o DIR/")
     if options.resume and dest.kind == "file" and dest.fmt not in (Format.json, Format.jsonl):
         raise UsageError("--resume into a single file needs --format json or jsonl (or use -o DIR/)")
-    if options.ray and options.annotate is not None:
-        raise UsageError("--annotate cannot be combined with --ray (the pages are drawn where they are rendered)")
 
 
 def run_task(*, task: Task, paths: Sequence[str], options: Options) -> int:
@@ -182,7 +180,7 @@ class _Session:
             return self.job.events(model, is_done=is_done, stats=stats)
         from dsvl2 import ray_run
 
-        return ray_run.events(self.job, is_done=is_done, stats=stats)
+        return ray_run.events(self.job, is_done=is_done, stats=stats, workers=model)
 
     def run(self, *, manifest: Path | None) -> int:
         job, options = self.job, self.options
@@ -219,7 +217,12 @@ class _Session:
         )
         if identity is None:  # nothing to render: every record is an unreadable document's
             job.identity = backend.Identity(options.model, options.revision, None, options.device, options.dtype)
-        model = self._runtime(needs_model and not options.ray, remote)  # on Ray, the workers load it
+        if options.ray:  # the workers load it, and report to this stand-in
+            from dsvl2 import ray_run
+
+            model = ray_run.Workers(options)
+        else:
+            model = self._runtime(needs_model, remote)
         reporter = Reporter(
             total_pages=job.total,
             total_docs=len(docs),
@@ -263,7 +266,7 @@ class _Session:
             interrupted=interrupted,
             stopped_early=stats.stopped_early,
             error=None if stopped_by is None or interrupted else str(stopped_by),
-            final_batch_size=sizes[-1],
+            final_batch_size=model.final_batch_size if options.ray else sizes[-1],
         )
         with shielded():
             sink.close(complete=stopped_by is None and not stats.stopped_early)
@@ -280,6 +283,7 @@ class _Session:
                         "batch_size": size,
                         "page_timeout": options.page_timeout,
                         **self._load_record(model),
+                        **(model.manifest() if options.ray else {}),  # the workers' batch size and load time
                     },
                     shard=options.shard,
                     output={

@@ -128,6 +128,12 @@ def test_an_autoscaling_pool_under_a_bare_ray_writes_what_a_local_run_writes(ray
     mine = records(tmp_path / "local")
     assert len(mine) == 6
     assert_same_answers(mine, records(tmp_path / "ray"))
+    runtime = json.loads((tmp_path / "ray" / "ocr.manifest.json").read_text())["runtime"]
+    reports = runtime["ray"]["reports"]
+    assert (runtime["batch_size"], runtime["final_batch_size"]) == (1, 1)  # the workers' -b 1
+    assert 1 <= len(reports) <= 2 and all(r["loaded"] == "model" and r["load_seconds"] > 0 for r in reports)
+    assert runtime["load_seconds"] == max(r["load_seconds"] for r in reports)
+    assert runtime["ray"]["workers"] == {"min": 1, "max": 2}
 
 
 def test_workers_in_front_of_a_server_load_no_model_and_ask_for_each_page_once(ray_local, tmp_path):
@@ -148,6 +154,8 @@ def test_workers_in_front_of_a_server_load_no_model_and_ask_for_each_page_once(r
     assert_same_answers(records(tmp_path / "local"), theirs)
     assert {(r["model"]["id"], r["model"]["server"]) for r in theirs.values()} == {("served-tiny", server.url)}
     assert status == 200 and health["engine"]["completed"] == len(theirs) == 6
+    runtime = json.loads((tmp_path / "ray" / "ocr.manifest.json").read_text())["runtime"]
+    assert {(r["loaded"], r["load_seconds"]) for r in runtime["ray"]["reports"]} == {("server", 0.0)}
 
 
 def test_workers_report_what_they_loaded_and_send_the_pages_back_for_annotate(ray_local, tmp_path):
