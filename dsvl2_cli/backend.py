@@ -67,12 +67,14 @@ class Runtime:
 
     def __init__(
         self, engine: Engine, identity: Identity, *, load_seconds: float = 0.0, kernels: KernelStatus | None = None,
-        paths: Paths | None = None,
+        paths: Paths | None = None, quant_kernels: KernelStatus | None = None, quant_paths: dict | None = None,
     ) -> None:
         """`load_seconds`: what loading took (kernel build included); `kernels`: how the CPU kernels came to be and
-        `paths`: which op families use them (both None where none are used: float32, or a GPU)."""
+        `paths`: which op families use them (both None where none are used: float32, or a GPU); `quant_kernels`
+        and `quant_paths`: the same for a quantised model's products (model/quant.py's `quant_paths`)."""
         self.engine, self.identity = engine, identity
         self.load_seconds, self.kernels, self.paths = load_seconds, kernels, paths
+        self.quant_kernels, self.quant_paths = quant_kernels, quant_paths
 
     @property
     def model_id(self) -> str:
@@ -128,8 +130,9 @@ def load(
     a machine)."""
     import torch
 
-    from dsvl2.model import kernels
+    from dsvl2.model import kernels, quant_kernels
     from dsvl2.model.loading import load_runtime, resolve
+    from dsvl2.model.quant import quant_paths
 
     if quantize not in ("none", "int8", "int4"):
         from dsvl2.pipelines.base import OptionError
@@ -140,9 +143,12 @@ def load(
     sizing = {} if batch_size is None else {"max_batch_size": batch_size}
     engine = load_runtime(resolved, on_kernel_build=on_kernel_build, **sizing)
     uses_kernels = resolved.device.type == "cpu" and resolved.dtype is torch.bfloat16
+    quantized = resolved.quantize != "none"
     return Runtime(engine, _identity(resolved), load_seconds=time.perf_counter() - start,
                    kernels=kernels.status() if uses_kernels else None,
-                   paths=kernels.paths() if uses_kernels else None)  # fmt: skip
+                   paths=kernels.paths() if uses_kernels else None,
+                   quant_kernels=quant_kernels.status() if quantized and resolved.device.type == "cpu" else None,
+                   quant_paths=quant_paths(engine.model) if quantized else None)  # fmt: skip
 
 
 def _download_model(repo_id: str, *, revision: str | None = None) -> Path:

@@ -148,31 +148,35 @@ class _Session:
             quantize=o.quantize,
             on_kernel_build=lambda: self.reporter.info("building the CPU kernels (first run only) …", level=0),
         )
-        kernels = runtime.kernels
-        if kernels is not None and kernels.state == "failed":
-            self.reporter.warn(kernels.describe())
-        elif kernels is not None:
-            self.reporter.info(kernels.describe(), level=1)
+        for kernels in (runtime.kernels, getattr(runtime, "quant_kernels", None)):
+            if kernels is not None and kernels.state == "failed":
+                self.reporter.warn(kernels.describe())
+            elif kernels is not None:
+                self.reporter.info(kernels.describe(), level=1)
         if (paths := getattr(runtime, "paths", None)) is not None:
             self.reporter.info("kernel paths: " + ", ".join(f"{r.family} {r.use} ({r.reason})" for r in paths.routes),
                                level=1)
+        if (quant := getattr(runtime, "quant_paths", None)) is not None:
+            self.reporter.info(f"{quant['scheme']} products: decode {quant['decode']}, prefill {quant['prefill']}, "
+                               f"weights in the {quant['layout']} layout", level=1)
         return runtime
 
     @staticmethod
     def _load_record(runtime: backend.Runtime | Unloaded) -> dict[str, Any]:
-        """What the manifest says about loading: seconds, and the CPU kernels' state and times."""
-        kernels = runtime.kernels
+        """What the manifest says about loading: seconds, and each compiled library's state and times (the bf16
+        kernels with the op families' paths; the quantised products' kernels with what those products run)."""
+
+        def library(kernels: Any, paths: Any) -> dict[str, Any] | None:
+            if kernels is None:
+                return None
+            return {"state": kernels.state, "reason": kernels.reason, "build_seconds": round(kernels.build_seconds, 3),
+                    "load_seconds": round(kernels.load_seconds, 3), "paths": paths}
+
+        paths = getattr(runtime, "paths", None)
         return {
             "load_seconds": round(runtime.load_seconds, 3),
-            "kernels": None
-            if kernels is None
-            else {
-                "state": kernels.state,
-                "reason": kernels.reason,
-                "build_seconds": round(kernels.build_seconds, 3),
-                "load_seconds": round(kernels.load_seconds, 3),
-                "paths": paths.as_dict() if (paths := getattr(runtime, "paths", None)) is not None else None,
-            },
+            "kernels": library(runtime.kernels, paths.as_dict() if paths is not None else None),
+            "quant_kernels": library(getattr(runtime, "quant_kernels", None), getattr(runtime, "quant_paths", None)),
         }
 
     def _events(self, model: Any, *, is_done: Any, stats: runner.RunStats) -> Iterator[runner.Event]:

@@ -136,12 +136,16 @@ def load_runtime(model: str | Resolved = DEFAULT_MODEL, *, revision: str | None 
     `resolve` made of one). Without `max_batch_size` the batch is sized from the memory left after loading
     (`auto_batch_size`); without `cache_budget` the KV cache may take half of that memory, so a large batch
     size given by hand admits only as many pages at once as their cache fits. `on_kernel_build` is called when
-    the CPU kernels start compiling (a bf16 model on a CPU, first run only); `kernels.status()` says how that
-    went. `quantize` (or a `Resolved`'s) "int8" / "int4" quantises the language model's weights while loading
-    (weights.load_model); a quantised checkpoint loads as stored."""
+    the CPU kernels start compiling (a bf16 or quantised model on a CPU, first run only); `kernels.status()`
+    and `quant_kernels.status()` say how that went. `quantize` (or a `Resolved`'s) "int8" / "int4" quantises the
+    language model's weights while loading (weights.load_model); a quantised checkpoint loads as stored."""
     where = model if isinstance(model, Resolved) else resolve(model, revision=revision, device=device, dtype=dtype,
                                                                quantize=quantize)
     processor = Processor.from_dir(where.path)
+    if where.quantize != "none" and where.device.type == "cpu":
+        from dsvl2.model import quant_kernels
+
+        quant_kernels.status(on_kernel_build)  # build (first run only) or load them before the weights are read
     weights = load_model(where.path, dtype=where.dtype, device=where.device, quantize=where.quantize)
     if max_batch_size is None:
         max_batch_size = auto_batch_size(weights, where.device)

@@ -301,3 +301,13 @@ def use_impls(model: nn.Module, impls: tuple[Impl, Impl]) -> None:
     """Make every QuantLinear of `model` run `impls` (decode, prefill)."""
     for m in quant_layers(model):
         m.impls = impls
+
+
+def quant_paths(model: nn.Module) -> dict[str, str] | None:
+    """What `model`'s quantised products run, for -v and the run manifest: scheme, decode and prefill
+    implementations and the weights' layout (of the first quantised layer: quant_choice sets them for all); None
+    when nothing is quantised."""
+    first = next(iter(quant_layers(model)), None)
+    if first is None:
+        return None
+    return {"scheme": first.scheme.name, "decode": first.impls[0], "prefill": first.impls[1], "layout": first.layout}

@@ -159,3 +159,23 @@ def test_api_records_say_how_the_model_was_quantised(monkeypatch, tmp_path):
     (record,) = list(dsvl2.ocr(tmp_path / "page.png", runtime=runtime, max_new_tokens=3))
     assert record["status"] != "error", record["error"]
     assert record["settings"]["quantize"] == "int8"
+
+
+def test_the_cli_reports_what_the_quantised_products_run(monkeypatch, tmp_path):
+    """Catches a quantised run whose -v and manifest are silent about the quantised kernels (built, loaded, failed)
+    and about what the products run: the decode and prefill implementations and the weights' layout."""
+    from fakes import invoke
+
+    from dsvl2.model import quant_kernels
+
+    monkeypatch.chdir(tmp_path)
+    make_image(tmp_path / "page.png")
+    result = invoke("ocr", "page.png", "--model", str(checkpoint_dir("tiny-mha")), "--device", "cpu", "--quantize",
+                    "int8", "--max-new-tokens", "2", "-o", "out/", "-v")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "ocr.manifest.json").read_text())
+    quant = manifest["runtime"]["quant_kernels"]
+    assert quant["state"] == quant_kernels.status().state
+    assert quant["paths"]["scheme"] == "int8" and quant["paths"]["layout"] in ("plain", "k16", "cpu", "nibbles")
+    line = f"int8 products: decode {quant['paths']['decode']}, prefill {quant['paths']['prefill']}"
+    assert any(ln.startswith(line) for ln in result.stderr.splitlines()), result.stderr
