@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from quant_layers import assert_rel, quant_layer
 
 from dsvl2.model import quant_choice, quant_kernels
 from dsvl2.model.quant import (
-    QuantLinear,
     Scheme,
     cpu_int4_pack,
     cpu_int4_unpack,
@@ -32,19 +32,7 @@ def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
 
 
-def _layer(w: torch.Tensor, scheme: Scheme, dtype: torch.dtype) -> tuple[QuantLinear, torch.Tensor, torch.Tensor]:
-    q, s = quantize(w, scheme)
-    layer = QuantLinear(w.shape[1], w.shape[0], scheme)
-    layer.qweight = layer.use_stored(q if scheme.bits == 8 else pack_nibbles(q))
-    layer.scales = s.to(dtype)
-    return layer, q, s
-
-
-def assert_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    err = (got.float() - ref.float()).abs()
-    rel = float(err.max()) / max(float(ref.float().abs().max()), 1e-12)
-    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol} at {worst}"
+_layer = quant_layer
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])

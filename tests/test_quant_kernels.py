@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from parity import checkpoint_dir, load_cases, parity_processor, require
 from quant_agreement import run_case
+from quant_layers import assert_rel, quant_layer
 
 from dsvl2.model import kernel_build, quant_kernels
-from dsvl2.model.quant import QuantLinear, Scheme, dequantize, pack_nibbles, quant_layers, quantize, use_impls
+from dsvl2.model.quant import Scheme, dequantize, quant_layers, use_impls
 from dsvl2.model.weights import load_model
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8 + 1e-5}
@@ -55,19 +56,7 @@ def kernel_calls(monkeypatch, kernels_on) -> list[str]:
 
 
 def _layer(n: int, k: int, scheme: Scheme, dtype: torch.dtype, seed: int = 0):
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    q, s = quantize(w, scheme)
-    layer = QuantLinear(k, n, scheme)
-    layer.qweight = layer.use_stored(q if scheme.bits == 8 else pack_nibbles(q))
-    layer.scales = s.to(dtype)
-    return layer, q, s
-
-
-def assert_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    err = (got.float() - ref.float()).abs()
-    rel = float(err.max()) / max(float(ref.float().abs().max()), 1e-12)
-    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol} at {worst}"
+    return quant_layer(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), scheme, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
