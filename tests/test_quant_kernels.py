@@ -140,9 +140,7 @@ def test_switched_off_or_unsupported_the_layers_run_torch(monkeypatch, kernels_o
 def test_parity_model_greedy_tokens_equal_on_kernel_and_dequant(kernel_calls, name):
     """A quantised tiny-mha model decodes the same greedy tokens with every product on the kernel as with every
     product dequantised (the same weights; only the product differs)."""
-    directory = checkpoint_dir("tiny-mha")
-    if not directory.is_dir():
-        pytest.skip(f"parity checkpoint missing: {directory}")
+    directory = require([d for d in [checkpoint_dir("tiny-mha")] if d.is_dir()], "parity checkpoint tiny-mha")[0]
     case = require([c for c in load_cases() if c.name == "e_text_only"], "parity case e_text_only")[0]
     eos = parity_processor("tiny-mha").tokenizer.eos_id
     model = load_model(directory, quantize=name)
