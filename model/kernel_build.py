@@ -37,6 +37,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -144,6 +145,35 @@ def toolchain_problem() -> str | None:
     if not is_ninja_available():
         return "no `ninja` executable (pip install ninja)"
     return None
+
+
+class Library:
+    """One optional compiled library of this package, built (or loaded from the cache) at most once per process:
+    the first `status()` that finds it switched on and the CPU able to run it calls `load_library`; every later
+    call returns that result without a lock. "off" and "unsupported" are answered at each call, never built."""
+
+    def __init__(self, name: str, sources: Sequence[Path], *, cflags: Sequence[str], ldflags: Sequence[str],
+                 check: Callable[[], object], cpu_flags: Sequence[str], depends: Sequence[Path] = ()) -> None:
+        self.name, self.sources, self.depends, self.check = name, list(sources), list(depends), check
+        self.cflags, self.ldflags, self.cpu_flags = list(cflags), list(ldflags), tuple(cpu_flags)
+        self.loaded: KernelStatus | None = None  # the build or load, once per process
+        self._lock = threading.Lock()
+
+    def status(self, *, off: str | None, supported: bool,
+               on_build_start: Callable[[], None] | None = None) -> KernelStatus:
+        """`off`: why the user switched the library off (None: on); `supported`: whether this CPU has
+        `cpu_flags`. `on_build_start` is called just before the compiler starts."""
+        if off is not None:
+            return KernelStatus("off", reason=off)
+        if not supported:
+            return KernelStatus("unsupported", reason=f"this CPU lacks one of {', '.join(self.cpu_flags)}")
+        if (loaded := self.loaded) is not None:  # every product asks: no lock once loaded
+            return loaded
+        with self._lock:
+            if self.loaded is None:
+                self.loaded = load_library(self.name, self.sources, cflags=self.cflags, ldflags=self.ldflags,
+                                           depends=self.depends, check=self.check, on_build_start=on_build_start)
+            return self.loaded
 
 
 def load_library(name: str, sources: Sequence[Path], *, cflags: Sequence[str] = (), ldflags: Sequence[str] = (),

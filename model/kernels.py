@@ -73,8 +73,13 @@ def _registered() -> None:
     torch.ops.dsvl2_kernels.linear_bf16  # noqa: B018 - attribute access raises if the op is missing
 
 
-_loaded: KernelStatus | None = None  # the build or load, once per process
-_loading = threading.Lock()
+LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, depends=_DEPENDS,
+                               check=_registered, cpu_flags=_CPU_FLAGS)
+
+
+def off_reason() -> str | None:
+    """Why the environment switched the compiled libraries off (DSVL2_KERNELS=0), None when it did not."""
+    return f"switched off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}" if switched_off() else None
 
 
 def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
@@ -82,28 +87,7 @@ def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
     AVX512-BF16), else the first call builds (seconds to a minute, first run only; `on_build_start` is called
     just before the compiler starts) or loads the cached build, and later calls return that result ("built",
     "loaded" or "failed", with the reason and seconds). Never raises, never prints."""
-    global _loaded
-    if switched_off():
-        return _off(os.environ[ENV_SWITCH])
-    if not cpu_supported():
-        return _unsupported()
-    if (loaded := _loaded) is not None:  # every product asks: no lock once loaded
-        return loaded
-    with _loading:
-        if _loaded is None:
-            _loaded = kernel_build.load_library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS,
-                                                depends=_DEPENDS, check=_registered, on_build_start=on_build_start)
-        return _loaded
-
-
-@functools.cache
-def _off(value: str) -> KernelStatus:
-    return KernelStatus("off", reason=f"switched off by {ENV_SWITCH}={value}")
-
-
-@functools.cache
-def _unsupported() -> KernelStatus:
-    return KernelStatus("unsupported", reason=f"this CPU lacks one of {', '.join(_CPU_FLAGS)}")
+    return LIBRARY.status(off=off_reason(), supported=cpu_supported(), on_build_start=on_build_start)
 
 
 def available(on_build_start: Callable[[], None] | None = None) -> bool:

@@ -16,9 +16,6 @@ its low nibble and k = 16b + 8 + j in its high nibble, each as q + 8; padding pa
 
 from __future__ import annotations
 
-import functools
-import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import torch.nn.functional as F
 from dsvl2.model import kernel_build
 from dsvl2.model.devices import cpu_flags
 from dsvl2.model.kernel_build import KernelStatus
-from dsvl2.model.kernels import ENV_SWITCH, switched_off
+from dsvl2.model.kernels import off_reason
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / "quant_avx2.cpp"]
@@ -50,36 +47,15 @@ def _registered() -> None:
     torch.ops.dsvl2_quant.int4_linear  # noqa: B018
 
 
-_loaded: KernelStatus | None = None  # the build or load, once per process
-_loading = threading.Lock()
+LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
+                               cpu_flags=_CPU_FLAGS)
 
 
 def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
     """What the quantised kernels are in this process: "off" (DSVL2_KERNELS=0, read at each call), "unsupported"
     (no AVX2 / FMA / F16C), else the first call builds (seconds; `on_build_start` is called just before the
     compiler starts) or loads the cached build, and later calls return that result. Never raises, never prints."""
-    global _loaded
-    if switched_off():
-        return _off(os.environ[ENV_SWITCH])
-    if not cpu_supported():
-        return _unsupported()
-    if (loaded := _loaded) is not None:
-        return loaded
-    with _loading:
-        if _loaded is None:
-            _loaded = kernel_build.load_library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS,
-                                                check=_registered, on_build_start=on_build_start)
-        return _loaded
-
-
-@functools.cache
-def _off(value: str) -> KernelStatus:
-    return KernelStatus("off", reason=f"switched off by {ENV_SWITCH}={value}")
-
-
-@functools.cache
-def _unsupported() -> KernelStatus:
-    return KernelStatus("unsupported", reason=f"this CPU lacks one of {', '.join(_CPU_FLAGS)}")
+    return LIBRARY.status(off=off_reason(), supported=cpu_supported(), on_build_start=on_build_start)
 
 
 def available(on_build_start: Callable[[], None] | None = None) -> bool:

@@ -156,7 +156,7 @@ def test_a_failed_build_is_recorded_not_raised(monkeypatch, tmp_path, kernel_cal
     monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
     monkeypatch.setattr(kernel_build, "toolchain_problem", lambda: None)  # CI may lack ninja: the load is fake
     monkeypatch.setattr(cpp_extension, "load", broken_load)
-    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setattr(kernels.LIBRARY, "loaded", None)
     started = []
     assert not kernels.available(on_build_start=lambda: started.append(1))
     status = kernels.status()
@@ -165,7 +165,7 @@ def test_a_failed_build_is_recorded_not_raised(monkeypatch, tmp_path, kernel_cal
     x, w = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16)
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))
     assert kernel_calls == []
-    monkeypatch.setattr(kernels, "_loaded", None)  # as a new process would
+    monkeypatch.setattr(kernels.LIBRARY, "loaded", None)  # as a new process would
     again = kernels.status(on_build_start=lambda: started.append(2))
     assert again.state == "failed" and not again.compiled and started == [1] and loads == [1]
     assert "fatal error: immintrin.h" in again.reason and again.directory in again.reason
@@ -176,7 +176,7 @@ def test_status_says_why_without_building(monkeypatch):
     from dsvl2.model import kernel_build
 
     monkeypatch.setattr(kernel_build, "load_library", lambda *a, **k: pytest.fail("a build was attempted"))
-    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setattr(kernels.LIBRARY, "loaded", None)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     off = kernels.status()
     assert off.state == "off" and kernels.ENV_SWITCH in off.reason and not off.available

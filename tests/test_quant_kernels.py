@@ -18,6 +18,7 @@ from quant_agreement import run_case
 from quant_layers import assert_rel, quant_layer
 
 from dsvl2.model import kernel_build, quant_kernels
+from dsvl2.model.kernels import ENV_SWITCH
 from dsvl2.model.quant import Scheme, dequantize, quant_layers, use_impls
 from dsvl2.model.weights import load_model
 
@@ -31,7 +32,7 @@ SHAPES = ((37, 100), (33, 6848), (65, 384))
 @pytest.fixture
 def kernels_on(monkeypatch):
     """The kernels switched on and built; a skip only where this machine cannot run or build them."""
-    monkeypatch.delenv(quant_kernels.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
     if not quant_kernels.cpu_supported():
         pytest.skip("this CPU lacks AVX2 / FMA / F16C")
     if problem := kernel_build.toolchain_problem():
@@ -123,7 +124,7 @@ def test_switched_off_or_unsupported_the_layers_run_torch(monkeypatch, kernels_o
     for how in ("env", "cpu"):
         with monkeypatch.context() as m:
             if how == "env":
-                m.setenv(quant_kernels.ENV_SWITCH, "0")
+                m.setenv(ENV_SWITCH, "0")
                 expected = "off"
             else:
                 m.setattr(quant_kernels, "cpu_flags", lambda: frozenset({"sse2"}))
