@@ -50,7 +50,7 @@ ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp")]
-_DEPENDS = [_CSRC / "bf16_common.h"]  # included by the sources: part of the build key
+_DEPENDS = [_CSRC / "bf16_common.h", _CSRC / "parallel.h"]  # included by the sources: part of the build key
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

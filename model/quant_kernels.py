@@ -48,7 +48,7 @@ def _registered() -> None:
 
 
 LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
-                               cpu_flags=_CPU_FLAGS)
+                               cpu_flags=_CPU_FLAGS, depends=[_CSRC / "parallel.h"])  # the included header: build key
 
 
 def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:

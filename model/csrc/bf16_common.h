@@ -7,6 +7,8 @@
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "parallel.h"
 #include <torch/types.h>
 
 #include <algorithm>
@@ -125,19 +127,7 @@ inline void span(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, 
   rows<1>(w, x, ldx, y, full, n1, M, K, N);
 }
 
-// Runs work(unit) for units 0..units-1 on the intra-op threads; threads take units from a shared counter, so a
-// thread that starts late (another process on its core) does not hold up the rest.
-template <typename Work>
-void run_units(int64_t units, const Work& work) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), units);
-  if (workers <= 0) return;
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < units;
-         u = next.fetch_add(1, std::memory_order_relaxed))
-      work(u);
-  });
-}
+using dsvl2_parallel::run_units;
 
 // Rows of a weight of `row_bytes` per row handed out as one unit: ~kChunkBytes, a multiple of kNB.
 inline int64_t rows_per_unit(int64_t row_bytes) {

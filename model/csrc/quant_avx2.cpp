@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -30,18 +32,7 @@ namespace {
 
 constexpr int64_t kChunkBytes = int64_t{1} << 16;  // weight bytes per unit of work handed to a thread (rows: a multiple of 8)
 
-// Calls work(u) for u in [0, units), units handed out one by one to torch's threads.
-template <typename Work>
-void run_units(int64_t units, const Work& work) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), units);
-  if (workers <= 0) return;
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < units;
-         u = next.fetch_add(1, std::memory_order_relaxed))
-      work(u);
-  });
-}
+using dsvl2_parallel::run_units;
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
