@@ -12,8 +12,9 @@ dtype; "packed": torch's int8/int4 CPU ops in that dtype; "packed_bf16": the sam
 and the output back up; "dequant": F.linear on the dequantised weight, the always-correct fallback on every device).
 Not responsible for reading or writing checkpoints (quant_checkpoint.py).
 
-Runtime layouts of qweight: int8 "plain" (N, K) for every implementation; int4 "nibbles" (the stored layout, only
-"dequant" reads it), "cpu" (torch's op layout, `cpu_int4_pack`) or "k16" (the kernel's, quant_kernels.k16_pack).
+Runtime layouts of qweight: int8 "plain" (N, K) (stored; torch's op and "dequant" read it) or "r4" (the kernel's,
+quant_kernels.r4_pack); int4 "nibbles" (the stored layout, only "dequant" reads it), "cpu" (torch's op layout,
+`cpu_int4_pack`) or "k16r4" (the kernel's, quant_kernels.k16r4_pack). "dequant" reads every layout.
 
 Quantised: every `nn.Linear` of `language` (attention projections, dense MLP, routed and shared experts, lm_head)
 except MLA's `kv_b_proj`, whose weight the absorbed decode attention reads per head as a dense tensor. The MoE
@@ -34,7 +35,7 @@ from dsvl2.model import quant_kernels
 from dsvl2.model.errors import ConfigError
 
 Impl = Literal["kernel", "packed", "packed_bf16", "dequant"]
-Layout = Literal["plain", "nibbles", "cpu", "k16"]
+Layout = Literal["plain", "r4", "nibbles", "cpu", "k16r4"]
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZE = 128
 PACKED_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU op takes
@@ -134,9 +135,9 @@ def cpu_int4_unpack(p: torch.Tensor, k: int) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     """A bias-free linear with a quantised weight. `qweight` and `scales` are the checkpoint's tensors (scales in
-    the model's dtype); on the CPU an int4 weight is kept in a runtime layout (`layout`, see the module docstring):
-    the kernel's "k16" where quant_kernels is available, else torch's "cpu" where the op covers its shape, else
-    the stored "nibbles"; quant_choice.py may move it to another with `relayout`. `impls` = (decode, prefill):
+    the model's dtype); on the CPU the weight is kept in a runtime layout (`layout`, see the module docstring): the
+    kernel's ("r4", "k16r4") where quant_kernels is available, else torch's where the op covers it ("plain",
+    "cpu"), else the stored "nibbles"; quant_choice.py may move it to another with `relayout`. `impls` = (decode, prefill):
     what products with up to DECODE_ROWS rows and longer ones run (quant_choice.py sets them; "dequant" until
     then). An impl that does not apply to a product (layout, dtype, device) runs the kernel where that applies,
     else "dequant"."""
@@ -154,28 +155,36 @@ class QuantLinear(nn.Module):
         self.impls: tuple[Impl, Impl] = ("dequant", "dequant")
         self._scales_as: dict[torch.dtype, torch.Tensor] = {}
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Takes qweight in the runtime layout `use_stored` gave it (the loader checked the stored shape), whose
+        shape may differ from the stored one the buffer was declared with."""
+        q = state_dict.get(f"{prefix}qweight")
+        if q is not None:
+            self._buffers["qweight"] = torch.empty_like(q, device="meta")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.scheme.name}, group={self.group}, {self.layout}"
 
     def layouts(self, device: torch.device | None = None) -> list[Layout]:
         """The runtime layouts this weight can take on `device` (default: where qweight is), preferred first."""
         device = self.qweight.device if device is None else torch.device(device)
+        kernel: list[Layout] = ["r4" if self.scheme.bits == 8 else "k16r4"]
+        if device.type != "cpu" or not quant_kernels.available():
+            kernel = []
         if self.scheme.bits == 8:
-            return ["plain"]
-        found: list[Layout] = []
-        if device.type == "cpu":
-            if quant_kernels.available():
-                found.append("k16")
-            if cpu_int4_fits(self.out_features, self.in_features, self.group):
-                found.append("cpu")
-        return [*found, "nibbles"]
+            return [*kernel, "plain"]
+        if device.type == "cpu" and cpu_int4_fits(self.out_features, self.in_features, self.group):
+            kernel.append("cpu")
+        return [*kernel, "nibbles"]
 
     def use_stored(self, qweight: torch.Tensor) -> torch.Tensor:
         """The runtime form of a stored qweight, in the preferred layout of `layouts` (sets `layout`)."""
         self.layout = self.layouts(qweight.device)[0]
         if self.layout in ("plain", "nibbles"):
             return qweight
-        return pack_layout(unpack_nibbles(qweight, self.in_features), self.layout)
+        q = qweight if self.scheme.bits == 8 else unpack_nibbles(qweight, self.in_features)
+        return pack_layout(q, self.layout)
 
     def relayout(self, layout: Layout) -> None:
         """Repack qweight into `layout` (one of `layouts()`), in place; the old form is freed."""
@@ -195,8 +204,10 @@ class QuantLinear(nn.Module):
         """q (N, K) int8, whatever the layout."""
         if self.layout == "cpu":
             return cpu_int4_unpack(self.qweight, self.in_features)
-        if self.layout == "k16":
-            return quant_kernels.k16_unpack(self.qweight, self.in_features)
+        if self.layout == "k16r4":
+            return quant_kernels.k16r4_unpack(self.qweight, self.out_features, self.in_features)
+        if self.layout == "r4":
+            return quant_kernels.r4_unpack(self.qweight, self.out_features, self.in_features)
         if self.layout == "nibbles":
             return unpack_nibbles(self.qweight, self.in_features)
         return self.qweight
@@ -213,7 +224,7 @@ class QuantLinear(nn.Module):
     def kernel_fits(self, x: torch.Tensor) -> bool:
         """Whether our compiled kernel covers x with this weight (and is available and switched on)."""
         return (x.is_cpu and self.qweight.is_cpu and x.dtype in KERNEL_DTYPES and self.scales.dtype in KERNEL_DTYPES
-                and x.numel() > 0 and self.layout == ("plain" if self.scheme.bits == 8 else "k16")
+                and x.numel() > 0 and self.layout == ("r4" if self.scheme.bits == 8 else "k16r4")
                 and not (torch.is_grad_enabled() and x.requires_grad)  # the ops have no backward
                 and quant_kernels.available())
 
@@ -253,7 +264,7 @@ class QuantLinear(nn.Module):
                 y = self.packed(x2.contiguous())
             return y.view(*x.shape[:-1], self.out_features)
         if self.scheme.bits == 8:  # per-channel scales commute with the product: scale the (M, N) output
-            return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+            return F.linear(x, self.int_weight().to(x.dtype)) * self.scales.to(x.dtype)
         return F.linear(x, self.weight_as(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,8 +278,10 @@ def pack_layout(q: torch.Tensor, layout: Layout) -> torch.Tensor:
         return q
     if layout == "cpu":
         return cpu_int4_pack(q)
-    if layout == "k16":
-        return quant_kernels.k16_pack(q)
+    if layout == "k16r4":
+        return quant_kernels.k16r4_pack(q)
+    if layout == "r4":
+        return quant_kernels.r4_pack(q)
     return pack_nibbles(q)
 
 

@@ -1,6 +1,6 @@
 """Optional compiled CPU kernels for the weight-only int8 / int4 products (model/csrc/quant_avx2.cpp, AVX2 + FMA):
-  `int8_linear`  y = x @ (q * s[:, None])^T, q (N, K) int8 as quant.py stores it;
-  `int4_linear`  y = x @ (q * s per group)^T, q in the "k16" layout below (`k16_pack` / `k16_unpack`).
+  `int8_linear`  y = x @ (q * s[:, None])^T, q (N, K) int8 in the "r4" layout below (`r4_pack` / `r4_unpack`);
+  `int4_linear`  y = x @ (q * s per group)^T, q in the "k16r4" layout below (`k16r4_pack` / `k16r4_unpack`).
 x is float32 or bf16 (sums in float32, y in x's dtype); each weight byte is read once for all rows (decode).
 
 Built on first use by model/kernel_build.py, as model/kernels.py builds the bf16 library, into
@@ -10,8 +10,11 @@ shared with kernels.py) `available()` is False and quant.py runs torch's ops. No
 `status()` returns a `KernelStatus` for the caller to report. Not responsible for choosing where the kernels run
 (quant_choice.py) nor for the model's layers (quant.py).
 
-int4 "k16" layout, (N, ceil(K/16) * 8) uint8: per row, each block of 16 k is 8 bytes; byte j holds k = 16b + j in
-its low nibble and k = 16b + 8 + j in its high nibble, each as q + 8; padding past K is 8 (a zero weight).
+Both layouts interleave blocks of BLOCK_ROWS = 4 weight rows, K in steps of 16, so that a decode step reads the
+weight in address order (the rows past N and the k past K are padding, zero weights):
+  "r4"     (ceil(N/4), ceil(K/16) * 64) int8: per block and step, the step's 16 values of row 0, then rows 1-3.
+  "k16r4"  (ceil(N/4), ceil(K/16) * 32) uint8: per block and step, 8 bytes of row 0, then rows 1-3; byte j of a
+           row's 8 holds k = 16t + j in its low nibble and k = 16t + 8 + j in its high nibble, each as q + 8.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ _NAME = "dsvl2_quant"
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
-K16 = 16  # k values per block of the int4 layout
+K16 = 16  # k values per step of the layouts
+BLOCK_ROWS = 4  # weight rows interleaved per block of the layouts
 
 
 def cpu_supported() -> bool:
@@ -63,30 +67,58 @@ def available(on_build_start: Callable[[], None] | None = None) -> bool:
     return status(on_build_start).available
 
 
-def k16_pack(q: torch.Tensor) -> torch.Tensor:
-    """int4 values (N, K) in [-8, 7] -> the k16 layout (N, ceil(K/16) * 8) uint8."""
+def _interleave(rows: torch.Tensor, width: int, pad: int) -> torch.Tensor:
+    """(N, steps * width) bytes of each row's steps -> (ceil(N/4), steps * 4 * width): per block of 4 rows, per
+    step, the rows' `width` bytes one after another; rows past N are `pad` bytes."""
+    n = rows.shape[0]
+    if n % BLOCK_ROWS:
+        rows = F.pad(rows, (0, 0, 0, BLOCK_ROWS - n % BLOCK_ROWS), value=pad)
+    return rows.view(-1, BLOCK_ROWS, rows.shape[1] // width, width).transpose(1, 2).reshape(rows.shape[0] // 4, -1)
+
+
+def _deinterleave(p: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """The inverse of `_interleave` for the first `n` rows: (N, steps * width)."""
+    blocks = p.view(p.shape[0], -1, BLOCK_ROWS, width).transpose(1, 2)  # (N4, 4, steps, width)
+    return blocks.reshape(p.shape[0] * BLOCK_ROWS, -1)[:n]
+
+
+def r4_pack(q: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) -> the "r4" layout (ceil(N/4), ceil(K/16) * 64) int8."""
+    k = q.shape[1]
+    if k % K16:
+        q = F.pad(q, (0, K16 - k % K16))
+    return _interleave(q, K16, 0).contiguous()
+
+
+def r4_unpack(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of `r4_pack`: int8 (N, K)."""
+    return _deinterleave(p, n, K16)[:, :k].contiguous()
+
+
+def k16r4_pack(q: torch.Tensor) -> torch.Tensor:
+    """int4 values (N, K) in [-8, 7] -> the "k16r4" layout (ceil(N/4), ceil(K/16) * 32) uint8."""
     n, k = q.shape
     u = (q.to(torch.int16) + 8).to(torch.uint8)
     if k % K16:
         u = F.pad(u, (0, K16 - k % K16), value=8)
-    b = u.view(n, -1, 2, 8)  # (N, block, half, j)
-    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, -1)
+    b = u.view(n, -1, 2, 8)  # (N, step, half, j)
+    return _interleave((b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, -1), 8, 0x88).contiguous()
 
 
-def k16_unpack(p: torch.Tensor, k: int) -> torch.Tensor:
-    """The inverse of `k16_pack`: (N, ceil(K/16) * 8) uint8 -> int8 (N, K) in [-8, 7]."""
-    n = p.shape[0]
-    b = p.view(n, -1, 1, 8)  # (N, block, 1, j)
+def k16r4_unpack(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of `k16r4_pack`: int8 (N, K) in [-8, 7]."""
+    b = _deinterleave(p, n, 8).reshape(n, -1, 1, 8)  # (N, step, 1, j)
     u = torch.cat((b & 15, b >> 4), dim=2).reshape(n, -1)[:, :k]  # (N, K)
     return u.to(torch.int8) - 8
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T; requires `available()`. x float32 or bf16, any strides."""
+    """y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T, q in the "r4" layout; requires `available()`. x float32
+    or bf16, any strides."""
     return torch.ops.dsvl2_quant.int8_linear(x, q, s)
 
 
 def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
-    """y (M, N) = x (M, K) @ (q4 * s per group of `group` along K)^T, q (N, ceil(K/16) * 8) in the k16 layout and
-    s (N, K/G); requires `available()`. x float32 or bf16, any strides."""
+    """y (M, N) = x (M, K) @ (q4 * s per group of `group` along K)^T, q in the "k16r4" layout and s (N, K/G);
+    requires `available()`. x float32 or bf16, any strides."""
     return torch.ops.dsvl2_quant.int4_linear(x, q, s, group)

@@ -70,7 +70,8 @@ def test_every_implementation_equals_dequantise_then_linear(name, impl, dtype, r
     scheme = Scheme.named(name)
     w = _weight(96, 384, seed=2)
     layer, q, s = _layer(w, scheme, dtype)
-    assert layer.layout == ("plain" if name == "int8" else "k16" if quant_kernels.available() else "cpu")
+    kernel_layout = "r4" if name == "int8" else "k16r4"
+    assert layer.layout == (kernel_layout if quant_kernels.available() else "plain" if name == "int8" else "cpu")
     layer.relayout("plain" if name == "int8" else "cpu")
     x = torch.randn(2, rows, 384, generator=torch.Generator().manual_seed(3)).to(dtype)
     with torch.inference_mode():
@@ -97,6 +98,7 @@ def test_the_choice_takes_the_fastest_candidate_per_row_count():
     """Catches a choice that ignores the timings or mixes up decode and prefill."""
     model = torch.nn.Sequential(torch.nn.Identity())
     layer, _, _ = _layer(_weight(64, 128, seed=5), Scheme.named("int8"), torch.float32)
+    layer.relayout("plain")  # torch's candidates read it (the kernel's "r4" is timed on a copy by `choose`)
     model.add_module("proj", layer)
     speeds = {("packed", 8): 1.0, ("packed_bf16", 8): 0.5, ("dequant", 8): 2.0,
               ("packed", 256): 3.0, ("packed_bf16", 256): 2.0, ("dequant", 256): 1.0}
@@ -114,24 +116,27 @@ def test_the_choice_takes_the_fastest_candidate_per_row_count():
     assert min(times, key=times.get) == "packed_bf16"
     seen = []
 
-    decode_candidates = len(quant_choice.candidates(layer, torch.float32))
+    decode_candidates = sum(len(quant_choice.candidates(layer.copy_as(layout), torch.float32))
+                            for layout in layer.layouts())
 
     def timer2(fn):
         seen.append(fn.__defaults__[0])
         return speeds.get((fn.__defaults__[0], 8 if len(seen) <= decode_candidates else 256), 10.0)
 
     assert quant_choice.choose(model, torch.float32, timer=timer2) == ("packed_bf16", "dequant")
-    kernel = ["kernel"] if quant_kernels.available() else []
-    assert quant_choice.candidates(layer, torch.bfloat16) == [*kernel, "packed", "dequant"]  # no cast for bf16
+    assert layer.layout == "plain"  # the layout the decode winner reads
+    assert quant_choice.candidates(layer, torch.bfloat16) == ["packed", "dequant"]  # no cast for bf16
+    if quant_kernels.available():
+        assert quant_choice.candidates(layer.copy_as("r4"), torch.bfloat16) == ["kernel", "dequant"]
     use_impls(model, ("dequant", "packed"))
     assert layer.impls == ("dequant", "packed")
 
 
-@pytest.mark.parametrize(("fastest", "layout"), [("packed", "cpu"), ("kernel", "k16"), ("dequant", "nibbles")])
+@pytest.mark.parametrize(("fastest", "layout"), [("packed", "cpu"), ("kernel", "k16r4"), ("dequant", "nibbles")])
 def test_the_int4_choice_leaves_every_layer_in_the_layout_it_reads(fastest, layout):
     """Catches a choice whose implementation cannot read the layers' layout (the int4 products would all fall back
     to dequantising). A layer the chosen layout does not fit (N = 48) keeps its own and still computes."""
-    if layout == "k16" and not quant_kernels.available():
+    if layout == "k16r4" and not quant_kernels.available():
         pytest.skip(f"quantised kernels unavailable: {quant_kernels.status().reason}")
     model = torch.nn.Module()
     scheme = Scheme.named("int4")

@@ -1,6 +1,6 @@
 """The compiled int8 / int4 kernels (model/quant_kernels.py): products equal dequantise-then-F.linear within the
-stated tolerance over row counts, odd shapes, group tails, both activation dtypes and strided inputs; the k16
-layout round-trips and every layer layout converts to every other; the library's switch and hardware check; and a
+stated tolerance over row counts, odd shapes, group tails, both activation dtypes and strided inputs; the kernel
+layouts round-trip and every layer layout converts to every other; the library's switch and hardware check; and a
 quantised parity model greedy-decodes the same tokens on the kernel as on "dequant".
 
 Stated tolerance, against F.linear of the same inputs in float32 on the dequantised weight (max error relative to
@@ -67,7 +67,7 @@ def test_kernel_equals_dequantise_then_linear(kernel_calls, name, n, k, dtype):
     """Catches a wrong nibble, group, scale, tail, row block or stride in the kernels."""
     scheme = Scheme.named(name)
     layer, q, s = _layer(n, k, scheme, dtype, seed=n)
-    assert layer.layout == ("plain" if name == "int8" else "k16")
+    assert layer.layout == ("r4" if name == "int8" else "k16r4")
     w = dequantize(q, s)
     for rows in ROWS:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
@@ -90,37 +90,48 @@ def test_kernel_reads_strided_inputs(kernels_on, name):
             assert_rel(layer.run(x, "kernel"), F.linear(x, w), TOL[torch.float32], f"{name} strided {x.stride()}")
 
 
+@pytest.mark.parametrize("n", [1, 4, 7])
 @pytest.mark.parametrize("k", [1, 16, 100, 6848])
-def test_k16_layout_round_trips(k):
-    """Catches a wrong nibble order or padding in the kernel's layout."""
-    q = torch.randint(-8, 8, (5, k), generator=torch.Generator().manual_seed(k), dtype=torch.int8)
-    packed = quant_kernels.k16_pack(q)
-    assert packed.shape == (5, (k + 15) // 16 * 8) and packed.dtype is torch.uint8
-    assert torch.equal(quant_kernels.k16_unpack(packed, k), q)
+def test_kernel_layouts_round_trip(n, k):
+    """Catches a wrong nibble order, row interleave or padding in the kernels' layouts."""
+    gen = torch.Generator().manual_seed(k + n)
+    q4 = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    packed = quant_kernels.k16r4_pack(q4)
+    steps, blocks = (k + 15) // 16, (n + 3) // 4
+    assert packed.shape == (blocks, steps * 32) and packed.dtype is torch.uint8
+    assert torch.equal(quant_kernels.k16r4_unpack(packed, n, k), q4)
     lo, hi = packed & 15, packed >> 4
-    for j in range(min(k, 8)):  # byte j of block 0: k = j low, k = 8 + j high (8, a zero weight, past K)
-        assert int(lo[0, j]) == int(q[0, j]) + 8
-        assert int(hi[0, j]) == (int(q[0, 8 + j]) + 8 if 8 + j < k else 8)
+    for row in range(min(n, 4)):  # step 0 of block 0: row r's byte j at 8 r + j holds k = j low, k = 8 + j high
+        for j in range(min(k, 8)):
+            assert int(lo[0, 8 * row + j]) == int(q4[row, j]) + 8
+            assert int(hi[0, 8 * row + j]) == (int(q4[row, 8 + j]) + 8 if 8 + j < k else 8)
+    assert bool((packed[-1, 32 * (steps - 1) + 8 * (n % 4 or 4):32 * steps] == 0x88).all())  # padded rows: zeros
+    q8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    packed = quant_kernels.r4_pack(q8)
+    assert packed.shape == (blocks, steps * 64) and packed.dtype is torch.int8
+    assert torch.equal(quant_kernels.r4_unpack(packed, n, k), q8)
+    for row in range(min(n, 4)):  # step 0 of block 0: row r's 16 values at 16 r
+        assert torch.equal(packed[0, 16 * row:16 * row + min(k, 16)], q8[row, :16])
 
 
 def test_every_layout_converts_to_every_other(kernels_on):
     """Catches a relayout that loses or reorders values, or one that leaves `layout` and qweight disagreeing."""
     layer, q, s = _layer(64, 256, Scheme.named("int4"), torch.float32, seed=9)
-    assert layer.layouts() == ["k16", "cpu", "nibbles"]
+    assert layer.layouts() == ["k16r4", "cpu", "nibbles"]
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(10))
     ref = F.linear(x, dequantize(q, s))
-    for layout in ("cpu", "nibbles", "k16", "nibbles", "cpu", "k16"):
+    for layout in ("cpu", "nibbles", "k16r4", "nibbles", "cpu", "k16r4"):
         layer.relayout(layout)
         assert layer.layout == layout and torch.equal(layer.int_weight(), q), layout
         with torch.inference_mode():
-            impl = {"cpu": "packed", "k16": "kernel", "nibbles": "dequant"}[layout]
+            impl = {"cpu": "packed", "k16r4": "kernel", "nibbles": "dequant"}[layout]
             assert_rel(layer.run(x, impl), ref, TOL[torch.float32], f"{impl} after relayout to {layout}")
     copy = layer.copy_as("cpu")
-    assert copy.layout == "cpu" and layer.layout == "k16" and copy.scales is layer.scales
+    assert copy.layout == "cpu" and layer.layout == "k16r4" and copy.scales is layer.scales
 
 
 def test_switched_off_or_unsupported_the_layers_run_torch(monkeypatch, kernels_on):
-    """DSVL2_KERNELS=0 or a CPU without AVX2: no k16 layout, the "kernel" impl falls back, nothing raises."""
+    """DSVL2_KERNELS=0 or a CPU without AVX2: no kernel layout, the "kernel" impl falls back, nothing raises."""
     for how in ("env", "cpu"):
         with monkeypatch.context() as m:
             if how == "env":
@@ -146,7 +157,7 @@ def test_parity_model_greedy_tokens_equal_on_kernel_and_dequant(kernel_calls, na
     eos = parity_processor("tiny-mha").tokenizer.eos_id
     model = load_model(directory, quantize=name)
     for layer in quant_layers(model):
-        layer.relayout("plain" if name == "int8" else "k16")
+        layer.relayout("r4" if name == "int8" else "k16r4")
     use_impls(model, ("kernel", "kernel"))
     on_kernel = run_case(model, case, 8, eos)
     assert kernel_calls, "no product ran on the kernel"

@@ -1,20 +1,25 @@
 // Weight-only int8 / int4 products on AVX2 + FMA CPUs, registered as torch.ops.dsvl2_quant.*; model/quant_kernels.py
 // builds them and model/quant_choice.py decides when to call them.
-//   int8_linear  y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T                 (per output channel)
-//   int4_linear  y (M, N) = x (M, K) @ (q4 (N, K) * s (N, K/G) per group of G)^T  (the "k16" layout below)
+//   int8_linear  y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T                 (per output channel, "r4")
+//   int4_linear  y (M, N) = x (M, K) @ (q4 (N, K) * s (N, K/G) per group of G)^T  (the "k16r4" layout below)
 // x is float32 or bf16 (converted to float32 once; y comes back in x's dtype), s float32 or bf16, sums float32.
 //
-// Decode is bound by reading the weight, so each weight byte comes from memory once for all M rows: threads take
-// chunks of N (~64 KB of weight) from a shared counter (a thread that starts late, another process on its core,
-// does not hold up the product); within a chunk, tiles of NB weight rows x MB activation rows accumulate in
-// registers, each weight vector dequantised once per tile (in registers: int -> float32, times its scale) and
-// used for MB rows. Rows past the first MB re-read the chunk from L1/L2, not from memory.
+// Decode is bound by reading the weight, so each weight byte comes from memory once for all M rows, and in address
+// order: the layouts interleave blocks of 4 weight rows 16 k at a time, so the 4-row tiles of a decode step stream
+// one run of memory (four rows read apart are four streams, which ran at half the read bandwidth on a Zen 3).
+// Threads take chunks of rows (~64 KB of weight) from a shared counter (a thread that starts late, another process
+// on its core, does not hold up the product); within a chunk, tiles of NB weight rows x MB activation rows
+// accumulate in registers, each weight vector dequantised once per tile (in registers: int -> float32, times its
+// scale) and used for MB rows. Rows past the first MB re-read the chunk from L1/L2, not from memory.
 //
-// int4 "k16" layout (N, ceil(K/16) * 8) uint8: per row, each block of 16 k is 8 bytes; byte j holds k = 16b + j in
-// its low nibble and k = 16b + 8 + j in its high nibble, each as q + 8 (padding past K is 8, a zero weight). Eight
-// bytes zero-extended to 32-bit lanes then give 8 consecutive k by one AND and 8 more by one shift. A group of G
-// values (quant.py: G in {16, 32, 64, 128} divides K, or one group of all K) is G/16 whole blocks, or the whole
-// row. Shape legend: M rows, N output features, K input features, G group size.
+// Layouts, rows in blocks of 4 (the last block padded with zero weights), K in steps of 16 (padded likewise):
+//   int8 "r4"     (ceil(N/4), ceil(K/16) * 64) int8: per block, per step, 16 bytes of row 0, then rows 1, 2, 3.
+//   int4 "k16r4"  (ceil(N/4), ceil(K/16) * 32) uint8: per block, per step, 8 bytes of row 0, then rows 1, 2, 3;
+//                 byte j of a row's 8 holds k = 16t + j in its low nibble and k = 16t + 8 + j in its high nibble,
+//                 each as q + 8 (8 is a zero weight). Eight bytes zero-extended to 32-bit lanes then give 8
+//                 consecutive k by one AND and 8 more by one shift.
+// A group of G values (quant.py: G in {16, 32, 64, 128} divides K, or one group of all K) is G/16 whole steps, or
+// the whole row. Shape legend: M rows, N output features, K input features, G group size.
 
 #include <immintrin.h>
 
@@ -81,83 +86,94 @@ at::Tensor float_rows(const at::Tensor& x, int64_t ldx) {
   return xf;
 }
 
+// Rows of the blocked layouts (see the top): row n of the weight starts in block n / 4 at byte (n % 4) * W, and
+// its next 16 k are kRowsPerBlock * W bytes further on. Rows past N (the last block's padding) are zero weights;
+// tiles never cross a block (NB divides 4) and skip the outputs of padded rows.
+constexpr int64_t kRowsPerBlock = 4;
+
+template <typename T, int W>
+struct Blocked {
+  const T* base;
+  int64_t block_bytes;  // bytes per block of 4 rows: steps * 4 * W
+  static constexpr int64_t kStep = kRowsPerBlock * W;  // bytes from one 16-k step of a row to its next
+  const T* row(int64_t n) const { return base + (n / kRowsPerBlock) * block_bytes + (n % kRowsPerBlock) * W; }
+};
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Units of work: ranges of rows (a multiple of 4, ~kChunkBytes of weight) over the padded rows [0, round_up(N, 4)).
+template <typename Span>
+void run_rows(int64_t N, int64_t row_bytes, const Span& span) {
+  const int64_t padded = round_up(N, kRowsPerBlock);
+  const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(row_bytes, 1) / 8 * 8);
+  run_units((padded + per_unit - 1) / per_unit,
+            [&](int64_t u) { span(u * per_unit, std::min(padded, (u + 1) * per_unit)); });
+}
+
 // ---------------------------------------------------------------------------------------------------- int8
 
-// y[m][n] for m < MB, n in [n0, n0 + NB): dot products of MB rows of x with NB int8 rows of q, times s[n].
+using Int8Rows = Blocked<int8_t, 16>;
+
+// y[m][n] for m < MB, n in [n0, n0 + NB) (within one block): dot products of MB rows of x with NB int8 rows (each
+// 16-k step two vectors of 8), times s[n]. One row of x keeps two sums per weight row (the two halves of a step),
+// so that no sum waits on the previous FMA; more rows have MB * NB independent sums already.
 template <int MB, int NB, typename S>
-inline void int8_tile(const int8_t* q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
-                      int64_t K) {
-  // One row: two sets of sums (even and odd steps of 8 k) so that no sum waits on the previous FMA's latency.
-  constexpr int P = MB == 1 ? 2 : 1;
-  __m256 acc[P][MB][NB];
-  for (int p = 0; p < P; ++p)
-    for (int m = 0; m < MB; ++m)
-      for (int j = 0; j < NB; ++j) acc[p][m][j] = _mm256_setzero_ps();
-  const int8_t* rows[NB];
-  for (int j = 0; j < NB; ++j) rows[j] = q + (n0 + j) * K;
-  auto step = [&](int p, int64_t k) {
-    for (int j = 0; j < NB; ++j) {
-      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[j] + k));
-      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-      for (int m = 0; m < MB; ++m)
-        acc[p][m][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + k), acc[p][m][j]);
-    }
-  };
-  int64_t k = 0;
-  for (; k + 8 * P <= K; k += 8 * P)
-    for (int p = 0; p < P; ++p) step(p, k + 8 * p);
-  for (; k + 8 <= K; k += 8) step(0, k);
+inline void int8_tile(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
+                      int64_t N, int64_t steps) {
+  constexpr int H = MB == 1 ? 2 : 1;
+  __m256 acc[MB][NB][H];
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) {
-      float sum = hsum(P == 1 ? acc[0][m][j] : _mm256_add_ps(acc[0][m][j], acc[P - 1][m][j]));
-      for (int64_t t = k; t < K; ++t) sum += static_cast<float>(rows[j][t]) * x[m * ldx + t];
-      y[m * ldy + n0 + j] = sum * scale_at(s, n0 + j);
-    }
+    for (int j = 0; j < NB; ++j)
+      for (int h = 0; h < H; ++h) acc[m][j][h] = _mm256_setzero_ps();
+  const int8_t* r = q.row(n0);
+  for (int64_t t = 0; t < steps; ++t, r += Int8Rows::kStep) {
+    const float* xt = x + t * 16;
+    for (int j = 0; j < NB; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + j * 16 + h * 8));
+        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+        for (int m = 0; m < MB; ++m)
+          acc[m][j][h % H] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xt + m * ldx + h * 8), acc[m][j][h % H]);
+      }
+  }
+  for (int j = 0; j < NB && n0 + j < N; ++j)
+    for (int m = 0; m < MB; ++m)
+      y[m * ldy + n0 + j] = hsum(H == 1 ? acc[m][j][0] : _mm256_add_ps(acc[m][j][0], acc[m][j][H - 1])) *
+                            scale_at(s, n0 + j);
 }
 
-// Rows [n0, n1) of y for MB rows of x: tiles of MB x NB, then single weight rows.
-template <int MB, int NB, typename S>
-void int8_rows(const int8_t* q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
-               int64_t n1, int64_t K) {
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) int8_tile<MB, NB>(q, s, x, ldx, y, ldy, n, K);
-  for (; n < n1; ++n) int8_tile<MB, 1>(q, s, x, ldx, y, ldy, n, K);
-}
-
-// Rows [n0, n1) of y for all M rows, in blocks of rows (see `row_blocks`).
+// Rows [n0, n1) of y (n0 a multiple of 4, n1 a multiple of 4 or N), all M rows of x, in blocks of rows.
 template <typename S>
-void int8_span(const int8_t* q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
-               int64_t n1, int64_t M, int64_t K) {
+void int8_span(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
+               int64_t n1, int64_t N, int64_t M, int64_t steps) {
   row_blocks(M, [&](auto mb_tag, int64_t m) {
     constexpr int mb = decltype(mb_tag)::value;
-    int8_rows<mb, tile_nb(mb)>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1, K);
+    constexpr int nb = tile_nb(mb);
+    for (int64_t n = n0; n < n1; n += nb) int8_tile<mb, nb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
   });
 }
 
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s) {
-  TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 1, "int8_linear: x (M, K), q (N, K), s (N,)");
+  TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 1, "int8_linear: x (M, K), q (N4, K16 * 4), s (N,)");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "int8_linear: q must be contiguous int8");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "int8_linear: x must be float32 or bfloat16");
   TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16,
               "int8_linear: s must be float32 or bfloat16");
   TORCH_CHECK(x_in.device().is_cpu() && q.device().is_cpu() && s.device().is_cpu(), "int8_linear: CPU tensors");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K && s.size(0) == N, "int8_linear: x has K=", K, ", q is ", q.sizes(), ", s is ",
-              s.sizes());
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = s.size(0), steps = (K + 15) / 16;
+  TORCH_CHECK(q.size(0) == (N + 3) / 4 && q.size(1) == steps * 64, "int8_linear: q is ", q.sizes(), " for N=", N,
+              ", K=", K, " (needs (", (N + 3) / 4, ", ", steps * 64, "))");
   const at::Tensor sc = s.contiguous();
-  const at::Tensor x = float_rows(x_in, K);
+  const int64_t ldx = steps * 16;
+  const at::Tensor x = float_rows(x_in, ldx);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0) {
-    const int8_t* qp = q.const_data_ptr<int8_t>();
+    const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
     const float* xp = x.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
-    const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(K, 1) / 8 * 8);
-    const int64_t units = (N + per_unit - 1) / per_unit;
     with_scales(sc, [&](const auto* sp) {
-      run_units(units, [&](int64_t u) {
-        int8_span(qp, sp, xp, K, yp, N, u * per_unit, std::min(N, (u + 1) * per_unit), M, K);
-      });
+      run_rows(N, ldx, [&](int64_t n0, int64_t n1) { int8_span(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps); });
     });
   }
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
@@ -165,129 +181,127 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 
 // ---------------------------------------------------------------------------------------------------- int4
 
-// y[m][n] for m < MB, n in [n0, n0 + NB): rows of the k16 layout (`lda` bytes each), groups of G k, scales s
-// (N, groups). x rows at stride ldx cover every block (zero past K).
+using Int4Rows = Blocked<uint8_t, 8>;
+
+template <typename S>
+inline float group_scale(const S* s, int64_t groups, int64_t n, int64_t g, int64_t N) {
+  return n < N ? scale_at(s, n * groups + g) : 0.0f;
+}
+
+// y[m][n] for m < MB, n in [n0, n0 + NB) (within one block): groups of G k, scales s (N, groups). x rows at
+// stride ldx cover every 16-k step (zero past K).
 template <int MB, int NB, typename S>
-inline void int4_tile(const uint8_t* q, int64_t lda, const S* s, int64_t groups, const float* x, int64_t ldx,
-                      float* y, int64_t ldy, int64_t n0, int64_t blocks, int64_t group_blocks) {
+inline void int4_tile(const Int4Rows& q, const S* s, int64_t groups, const float* x, int64_t ldx, float* y,
+                      int64_t ldy, int64_t n0, int64_t N, int64_t steps, int64_t group_steps) {
   __m256 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi32(0x0F);
+  const uint8_t* r = q.row(n0);
   for (int64_t g = 0; g < groups; ++g) {
     __m256 scale[NB], offset[NB];  // w = (q + 8) * s - 8 s, one FMA per 8 values
     for (int j = 0; j < NB; ++j) {
-      const float sj = scale_at(s, (n0 + j) * groups + g);
+      const float sj = group_scale(s, groups, n0 + j, g, N);
       scale[j] = _mm256_set1_ps(sj);
       offset[j] = _mm256_set1_ps(-8.0f * sj);
     }
-    const int64_t b1 = std::min(blocks, (g + 1) * group_blocks);
-    for (int64_t b = g * group_blocks; b < b1; ++b) {
-      const float* xb = x + b * 16;
+    const int64_t t1 = std::min(steps, (g + 1) * group_steps);
+    for (int64_t t = g * group_steps; t < t1; ++t) {
+      const float* xt = x + t * 16;
+      const uint8_t* rt = r + t * Int4Rows::kStep;
       for (int j = 0; j < NB; ++j) {
-        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (n0 + j) * lda + b * 8));
-        const __m256i v = _mm256_cvtepu8_epi32(raw);
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rt + j * 8)));
         const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), scale[j], offset[j]);
-        for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xb + m * ldx), acc[m][j]);
+        for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xt + m * ldx), acc[m][j]);
         const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale[j], offset[j]);
-        for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xb + m * ldx + 8), acc[m][j]);
+        for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xt + m * ldx + 8), acc[m][j]);
       }
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) y[m * ldy + n0 + j] = hsum(acc[m][j]);
+  for (int j = 0; j < NB && n0 + j < N; ++j)
+    for (int m = 0; m < MB; ++m) y[m * ldy + n0 + j] = hsum(acc[m][j]);
 }
 
 // The one-row tile (memory-bound decode): per group, sums of (q + 8) * x in registers (low and high nibbles apart,
 // so no sum waits on the previous FMA), scaled once per group; the offset -8 s * (sum of x over the group) comes
 // from `xsum` (per-group sums of x). Saves the per-value scaling FMA of `int4_tile`.
 template <int NB, typename S>
-inline void int4_tile1(const uint8_t* q, int64_t lda, const S* s, int64_t groups, const float* x, const float* xsum,
-                       float* y, int64_t n0, int64_t blocks, int64_t group_blocks) {
+inline void int4_tile1(const Int4Rows& q, const S* s, int64_t groups, const float* x, const float* xsum, float* y,
+                       int64_t n0, int64_t N, int64_t steps, int64_t group_steps) {
   __m256 acc[NB];
   float offset[NB];
   for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
   const __m256i low = _mm256_set1_epi32(0x0F);
+  const uint8_t* r = q.row(n0);
   for (int64_t g = 0; g < groups; ++g) {
     __m256 lo[NB], hi[NB];
     for (int j = 0; j < NB; ++j) lo[j] = _mm256_setzero_ps(), hi[j] = _mm256_setzero_ps();
-    const int64_t b1 = std::min(blocks, (g + 1) * group_blocks);
-    for (int64_t b = g * group_blocks; b < b1; ++b) {
-      const __m256 xl = _mm256_loadu_ps(x + b * 16), xh = _mm256_loadu_ps(x + b * 16 + 8);
+    const int64_t t1 = std::min(steps, (g + 1) * group_steps);
+    for (int64_t t = g * group_steps; t < t1; ++t) {
+      const __m256 xl = _mm256_loadu_ps(x + t * 16), xh = _mm256_loadu_ps(x + t * 16 + 8);
+      const uint8_t* rt = r + t * Int4Rows::kStep;
       for (int j = 0; j < NB; ++j) {
-        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (n0 + j) * lda + b * 8));
-        const __m256i v = _mm256_cvtepu8_epi32(raw);
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rt + j * 8)));
         lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), xl, lo[j]);
         hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xh, hi[j]);
       }
     }
     for (int j = 0; j < NB; ++j) {
-      const float sj = scale_at(s, (n0 + j) * groups + g);
+      const float sj = group_scale(s, groups, n0 + j, g, N);
       acc[j] = _mm256_fmadd_ps(_mm256_add_ps(lo[j], hi[j]), _mm256_set1_ps(sj), acc[j]);
       offset[j] += sj * xsum[g];
     }
   }
-  for (int j = 0; j < NB; ++j) y[n0 + j] = hsum(acc[j]) - 8.0f * offset[j];
-}
-
-template <int MB, int NB, typename S>
-void int4_rows(const uint8_t* q, int64_t lda, const S* s, int64_t groups, const float* x, int64_t ldx,
-               const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t blocks,
-               int64_t group_blocks) {
-  int64_t n = n0;
-  if constexpr (MB == 1) {
-    for (; n + NB <= n1; n += NB) int4_tile1<NB>(q, lda, s, groups, x, xsum, y, n, blocks, group_blocks);
-    for (; n < n1; ++n) int4_tile1<1>(q, lda, s, groups, x, xsum, y, n, blocks, group_blocks);
-  } else {
-    for (; n + NB <= n1; n += NB) int4_tile<MB, NB>(q, lda, s, groups, x, ldx, y, ldy, n, blocks, group_blocks);
-    for (; n < n1; ++n) int4_tile<MB, 1>(q, lda, s, groups, x, ldx, y, ldy, n, blocks, group_blocks);
-  }
+  for (int j = 0; j < NB && n0 + j < N; ++j) y[n0 + j] = hsum(acc[j]) - 8.0f * offset[j];
 }
 
 template <typename S>
-void int4_span(const uint8_t* q, int64_t lda, const S* s, int64_t groups, const float* x, int64_t ldx,
-               const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t M, int64_t blocks,
-               int64_t group_blocks) {
+void int4_span(const Int4Rows& q, const S* s, int64_t groups, const float* x, int64_t ldx, const float* xsum,
+               float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps,
+               int64_t group_steps) {
   row_blocks(M, [&](auto mb_tag, int64_t m) {
     constexpr int mb = decltype(mb_tag)::value;
-    int4_rows<mb, tile_nb(mb)>(q, lda, s, groups, x + m * ldx, ldx, xsum + m * groups, y + m * ldy, ldy, n0, n1,
-                               blocks, group_blocks);
+    constexpr int nb = tile_nb(mb);
+    const float* xm = x + m * ldx;
+    float* ym = y + m * ldy;
+    for (int64_t n = n0; n < n1; n += nb) {
+      if constexpr (mb == 1) {
+        int4_tile1<nb>(q, s, groups, xm, xsum + m * groups, ym, n, N, steps, group_steps);
+      } else {
+        int4_tile<mb, nb>(q, s, groups, xm, ldx, ym, ldy, n, N, steps, group_steps);
+      }
+    }
   });
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t group) {
-  TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 2, "int4_linear: x (M, K), q (N, K16 / 2), s (N, K/G)");
+  TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 2, "int4_linear: x (M, K), q (N4, K16 * 32), s (N, K/G)");
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "int4_linear: q must be contiguous uint8");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "int4_linear: x must be float32 or bfloat16");
   TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16,
               "int4_linear: s must be float32 or bfloat16");
   TORCH_CHECK(x_in.device().is_cpu() && q.device().is_cpu() && s.device().is_cpu(), "int4_linear: CPU tensors");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = q.size(0);
-  const int64_t blocks = (K + 15) / 16, groups = s.size(1);
-  TORCH_CHECK(q.size(1) == blocks * 8, "int4_linear: q has ", q.size(1), " bytes per row, K=", K, " needs ",
-              blocks * 8);
-  TORCH_CHECK(s.size(0) == N && group > 0 && groups * group == K, "int4_linear: s is ", s.sizes(), " for N=", N,
-              ", K=", K, ", G=", group);
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = s.size(0);
+  const int64_t steps = (K + 15) / 16, groups = s.size(1);
+  TORCH_CHECK(q.size(0) == (N + 3) / 4 && q.size(1) == steps * 32, "int4_linear: q is ", q.sizes(), " for N=", N,
+              ", K=", K, " (needs (", (N + 3) / 4, ", ", steps * 32, "))");
+  TORCH_CHECK(group > 0 && groups * group == K, "int4_linear: s is ", s.sizes(), " for K=", K, ", G=", group);
   TORCH_CHECK(groups == 1 || group % 16 == 0, "int4_linear: G=", group, " must be a multiple of 16 or K");
-  const int64_t group_blocks = groups == 1 ? blocks : group / 16;
+  const int64_t group_steps = groups == 1 ? steps : group / 16;
   const at::Tensor sc = s.contiguous();
-  const int64_t ldx = blocks * 16;
+  const int64_t ldx = steps * 16;
   const at::Tensor x = float_rows(x_in, ldx);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0 && K > 0) {
     const at::Tensor xsum = x.view({M, groups, ldx / groups}).sum(2);  // (M, groups), padding included (zeros)
     const float* sump = xsum.const_data_ptr<float>();
-    const uint8_t* qp = q.const_data_ptr<uint8_t>();
+    const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
     const float* xp = x.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
-    const int64_t lda = blocks * 8;
-    const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / lda / 8 * 8);
-    const int64_t units = (N + per_unit - 1) / per_unit;
     with_scales(sc, [&](const auto* sp) {
-      run_units(units, [&](int64_t u) {
-        int4_span(qp, lda, sp, groups, xp, ldx, sump, yp, N, u * per_unit, std::min(N, (u + 1) * per_unit), M,
-                      blocks, group_blocks);
+      run_rows(N, steps * 8, [&](int64_t n0, int64_t n1) {
+        int4_span(rows, sp, groups, xp, ldx, sump, yp, N, n0, n1, N, M, steps, group_steps);
       });
     });
   } else if (K == 0) {
