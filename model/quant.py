@@ -137,7 +137,8 @@ class QuantLinear(nn.Module):
     """A bias-free linear with a quantised weight. `qweight` and `scales` are the checkpoint's tensors (scales in
     the model's dtype); on the CPU the weight is kept in a runtime layout (`layout`, see the module docstring): the
     kernel's ("r4", "k16r4") where quant_kernels is available, else torch's where the op covers it ("plain",
-    "cpu"), else the stored "nibbles"; quant_choice.py may move it to another with `relayout`. `impls` = (decode, prefill):
+    "cpu"), else the stored "nibbles"; quant_choice.py may move it to another with `relayout`.
+    `impls` = (decode, prefill):
     what products with up to DECODE_ROWS rows and longer ones run (quant_choice.py sets them; "dequant" until
     then). An impl that does not apply to a product (layout, dtype, device) runs the kernel where that applies,
     else "dequant"."""

@@ -1,8 +1,8 @@
 """Which implementation the quantised products run on this machine, per scheme, activation dtype and row count,
 and so which runtime layout the weights take: our AVX2 kernels ("kernel", in the "r4" / "k16r4" layouts, where
 quant_kernels is available), torch's packed int8/int4 CPU ops in the activation dtype ("packed", in the "plain" /
-torch's "cpu" layout), the same ops in bf16 with the activations cast ("packed_bf16", float32 models only), or F.linear on
-the dequantised weight ("dequant", any layout, every device).
+torch's "cpu" layout), the same ops in bf16 with the activations cast ("packed_bf16", float32 models only), or
+F.linear on the dequantised weight ("dequant", any layout, every device).
 
 Decided once per process and (machine, scheme, dtype, shape, layouts) by timing the candidates on one of the
 model's own quantised layers with kernel_choice's `best_time` (the bf16 kernels' calibration), for a decode batch
