@@ -30,14 +30,18 @@
 #include "parallel.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kChunkBytes = int64_t{1} << 16;  // weight bytes per unit of work handed to a thread (rows: a multiple of 8)
 
 using dsvl2_parallel::run_units;
+
+constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of a one-row tile its weight is prefetched
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -48,19 +52,13 @@ inline float hsum(__m256 v) {
 inline float scale_at(const float* s, int64_t i) { return s[i]; }
 inline float scale_at(const c10::BFloat16* s, int64_t i) { return static_cast<float>(s[i]); }
 
-// Tiles: MB activation rows x NB weight rows, MB * NB <= 8 float32 accumulators of the 16 AVX2 registers. Eight
-// rows share each dequantised weight vector (compute-bound batches: 16 FMAs per 16 int4 values, ~7 other
-// instructions); one row takes four weight rows at a time (memory-bound: four streams in flight).
-constexpr int tile_nb(int mb) { return mb >= 8 ? 1 : mb >= 3 ? 2 : 4; }
-
-// block(std::integral_constant<int, MB>, m) over row blocks covering [0, M): 8s, then 4, 3, 2 or 1.
+// block(std::integral_constant<int, MB>, m) over row blocks covering [0, M): 3s, then 2 or 1 (3 x 4 sums: see
+// `float_tile`).
 template <typename Block>
 void row_blocks(int64_t M, const Block& block) {
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) block(std::integral_constant<int, 8>{}, m);
-  if (m + 4 <= M) block(std::integral_constant<int, 4>{}, m), m += 4;
+  for (; m + 3 <= M; m += 3) block(std::integral_constant<int, 3>{}, m);
   switch (M - m) {
-    case 3: block(std::integral_constant<int, 3>{}, m); break;
     case 2: block(std::integral_constant<int, 2>{}, m); break;
     case 1: block(std::integral_constant<int, 1>{}, m); break;
     default: break;
@@ -110,23 +108,59 @@ void run_rows(int64_t N, int64_t row_bytes, const Span& span) {
             [&](int64_t u) { span(u * per_unit, std::min(padded, (u + 1) * per_unit)); });
 }
 
+// Several rows of x (prefill, decode batches): each block of 4 weight rows is dequantised once into float32
+// (`dequant(n, w)`: 4 rows of ldx values at w, scales applied, exactly the weight quant.py's dequantize gives),
+// then multiplied by every row of x in tiles of MB rows x the 4 weight rows: 12 float32 sums in the 16 AVX2
+// registers, each weight vector loaded once for 3 FMAs and 12 FMAs in flight per 8 k. (Dequantising int4 inside
+// the tile repeats its unpacking for every 3 rows; 8 rows x 1 weight row ran ~1.7x slower on a Zen 3.)
+template <int MB>
+inline void float_tile(const float* w, int64_t ldw, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
+                       int64_t N) {
+  __m256 acc[MB][kRowsPerBlock];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < kRowsPerBlock; ++j) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < ldw; k += 8)
+    for (int j = 0; j < kRowsPerBlock; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
+      for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k), acc[m][j]);
+    }
+  for (int j = 0; j < kRowsPerBlock && n0 + j < N; ++j)
+    for (int m = 0; m < MB; ++m) y[m * ldy + n0 + j] = hsum(acc[m][j]);
+}
+
+template <typename Dequant>
+void dequantised_span(int64_t M, int64_t n0, int64_t n1, int64_t N, const float* x, int64_t ldx, float* y,
+                      int64_t ldy, const Dequant& dequant) {
+  thread_local std::vector<float> block;
+  block.resize(kRowsPerBlock * ldx);
+  for (int64_t n = n0; n < n1; n += kRowsPerBlock) {
+    dequant(n, block.data());
+    row_blocks(M, [&](auto mb_tag, int64_t m) {
+      float_tile<decltype(mb_tag)::value>(block.data(), ldx, x + m * ldx, ldx, y + m * ldy, ldy, n, N);
+    });
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------- int8
 
 using Int8Rows = Blocked<int8_t, 16>;
 
-// y[m][n] for m < MB, n in [n0, n0 + NB) (within one block): dot products of MB rows of x with NB int8 rows (each
-// 16-k step two vectors of 8), times s[n]. One row of x keeps two sums per weight row (the two halves of a step),
-// so that no sum waits on the previous FMA; more rows have MB * NB independent sums already.
-template <int MB, int NB, typename S>
+// y[m][n] for m < MB, n in [n0, n0 + 4): dot products of MB rows of x with a block of 4 int8 rows read as one run
+// of memory (each 16-k step two vectors of 8 per weight row, widened once for the MB rows), times s[n]. One row of
+// x keeps two sums per weight row (the two halves of a step) so that no sum waits on the previous FMA, and
+// prefetches (memory-bound decode); more rows have 4 * MB independent sums (12 of the 16 registers at MB = 3; the
+// dequantise-a-block path int4 takes ran ~1.5x slower here: int8 widens in two instructions).
+template <int MB, typename S>
 inline void int8_tile(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
                       int64_t N, int64_t steps) {
-  constexpr int H = MB == 1 ? 2 : 1;
+  constexpr int NB = kRowsPerBlock, H = MB == 1 ? 2 : 1;
   __m256 acc[MB][NB][H];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NB; ++j)
       for (int h = 0; h < H; ++h) acc[m][j][h] = _mm256_setzero_ps();
   const int8_t* r = q.row(n0);
   for (int64_t t = 0; t < steps; ++t, r += Int8Rows::kStep) {
+    if (MB == 1) prefetch(r + kPrefetchBytes);
     const float* xt = x + t * 16;
     for (int j = 0; j < NB; ++j)
       for (int h = 0; h < 2; ++h) {
@@ -148,8 +182,7 @@ void int8_span(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float
                int64_t n1, int64_t N, int64_t M, int64_t steps) {
   row_blocks(M, [&](auto mb_tag, int64_t m) {
     constexpr int mb = decltype(mb_tag)::value;
-    constexpr int nb = tile_nb(mb);
-    for (int64_t n = n0; n < n1; n += nb) int8_tile<mb, nb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
+    for (int64_t n = n0; n < n1; n += kRowsPerBlock) int8_tile<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
   });
 }
 
@@ -188,46 +221,34 @@ inline float group_scale(const S* s, int64_t groups, int64_t n, int64_t g, int64
   return n < N ? scale_at(s, n * groups + g) : 0.0f;
 }
 
-// y[m][n] for m < MB, n in [n0, n0 + NB) (within one block): groups of G k, scales s (N, groups). x rows at
-// stride ldx cover every 16-k step (zero past K).
-template <int MB, int NB, typename S>
-inline void int4_tile(const Int4Rows& q, const S* s, int64_t groups, const float* x, int64_t ldx, float* y,
-                      int64_t ldy, int64_t n0, int64_t N, int64_t steps, int64_t group_steps) {
-  __m256 acc[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+// Rows n .. n + 4 of the weight, dequantised into w (4 rows of steps * 16 floats): w = (q + 8) * s - 8 s per group.
+template <typename S>
+inline void int4_dequant(const Int4Rows& q, const S* s, int64_t groups, int64_t n, int64_t N, int64_t steps,
+                         int64_t group_steps, float* w) {
+  const int64_t ldw = steps * 16;
   const __m256i low = _mm256_set1_epi32(0x0F);
-  const uint8_t* r = q.row(n0);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 scale[NB], offset[NB];  // w = (q + 8) * s - 8 s, one FMA per 8 values
-    for (int j = 0; j < NB; ++j) {
-      const float sj = group_scale(s, groups, n0 + j, g, N);
-      scale[j] = _mm256_set1_ps(sj);
-      offset[j] = _mm256_set1_ps(-8.0f * sj);
-    }
-    const int64_t t1 = std::min(steps, (g + 1) * group_steps);
-    for (int64_t t = g * group_steps; t < t1; ++t) {
-      const float* xt = x + t * 16;
-      const uint8_t* rt = r + t * Int4Rows::kStep;
-      for (int j = 0; j < NB; ++j) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rt + j * 8)));
-        const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), scale[j], offset[j]);
-        for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xt + m * ldx), acc[m][j]);
-        const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale[j], offset[j]);
-        for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xt + m * ldx + 8), acc[m][j]);
+  for (int j = 0; j < kRowsPerBlock; ++j) {
+    const uint8_t* r = q.row(n + j);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float sg = group_scale(s, groups, n + j, g, N);
+      const __m256 scale = _mm256_set1_ps(sg), offset = _mm256_set1_ps(-8.0f * sg);
+      for (int64_t t = g * group_steps; t < std::min(steps, (g + 1) * group_steps); ++t) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + t * Int4Rows::kStep)));
+        _mm256_storeu_ps(w + j * ldw + t * 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), scale, offset));
+        _mm256_storeu_ps(w + j * ldw + t * 16 + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale, offset));
       }
     }
   }
-  for (int j = 0; j < NB && n0 + j < N; ++j)
-    for (int m = 0; m < MB; ++m) y[m * ldy + n0 + j] = hsum(acc[m][j]);
 }
 
-// The one-row tile (memory-bound decode): per group, sums of (q + 8) * x in registers (low and high nibbles apart,
-// so no sum waits on the previous FMA), scaled once per group; the offset -8 s * (sum of x over the group) comes
-// from `xsum` (per-group sums of x). Saves the per-value scaling FMA of `int4_tile`.
-template <int NB, typename S>
-inline void int4_tile1(const Int4Rows& q, const S* s, int64_t groups, const float* x, const float* xsum, float* y,
-                       int64_t n0, int64_t N, int64_t steps, int64_t group_steps) {
+// y[n0 .. n0 + 4) for one row of x (memory-bound decode), a block of 4 rows read as one run of memory: per group,
+// sums of (q + 8) * x in registers (low and high nibbles apart, so no sum waits on the previous FMA), scaled once
+// per group; the offset -8 s * (sum of x over the group) comes from `xsum` (per-group sums of x). Saves the
+// per-value scaling FMA of `int4_dequant`.
+template <typename S>
+inline void int4_row(const Int4Rows& q, const S* s, int64_t groups, const float* x, const float* xsum, float* y,
+                     int64_t n0, int64_t N, int64_t steps, int64_t group_steps) {
+  constexpr int NB = kRowsPerBlock;
   __m256 acc[NB];
   float offset[NB];
   for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
@@ -240,6 +261,7 @@ inline void int4_tile1(const Int4Rows& q, const S* s, int64_t groups, const floa
     for (int64_t t = g * group_steps; t < t1; ++t) {
       const __m256 xl = _mm256_loadu_ps(x + t * 16), xh = _mm256_loadu_ps(x + t * 16 + 8);
       const uint8_t* rt = r + t * Int4Rows::kStep;
+      if (t % 2 == 0) prefetch(rt + kPrefetchBytes);  // a 64-byte line holds two steps of a block
       for (int j = 0; j < NB; ++j) {
         const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rt + j * 8)));
         lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), xl, lo[j]);
@@ -255,23 +277,17 @@ inline void int4_tile1(const Int4Rows& q, const S* s, int64_t groups, const floa
   for (int j = 0; j < NB && n0 + j < N; ++j) y[n0 + j] = hsum(acc[j]) - 8.0f * offset[j];
 }
 
+// Rows [n0, n1) of y (n0 a multiple of 4, n1 a multiple of 4 or N), all M rows of x.
 template <typename S>
 void int4_span(const Int4Rows& q, const S* s, int64_t groups, const float* x, int64_t ldx, const float* xsum,
                float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps,
                int64_t group_steps) {
-  row_blocks(M, [&](auto mb_tag, int64_t m) {
-    constexpr int mb = decltype(mb_tag)::value;
-    constexpr int nb = tile_nb(mb);
-    const float* xm = x + m * ldx;
-    float* ym = y + m * ldy;
-    for (int64_t n = n0; n < n1; n += nb) {
-      if constexpr (mb == 1) {
-        int4_tile1<nb>(q, s, groups, xm, xsum + m * groups, ym, n, N, steps, group_steps);
-      } else {
-        int4_tile<mb, nb>(q, s, groups, xm, ldx, ym, ldy, n, N, steps, group_steps);
-      }
-    }
-  });
+  if (M == 1) {
+    for (int64_t n = n0; n < n1; n += kRowsPerBlock) int4_row(q, s, groups, x, xsum, y, n, N, steps, group_steps);
+  } else {
+    dequantised_span(M, n0, n1, N, x, ldx, y, ldy,
+                     [&](int64_t n, float* w) { int4_dequant(q, s, groups, n, N, steps, group_steps, w); });
+  }
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t group) {
