@@ -17,7 +17,7 @@ from dsvl2.model import kernels
 from dsvl2.model.attention import SDPA_MIN_QUERIES
 from dsvl2.model.config import LanguageConfig
 from dsvl2.model.kernel_choice import UNCHOSEN, Paths
-from dsvl2.model.quant import QuantLinear
+from dsvl2.model.quant import QuantExperts, QuantLinear
 
 
 def proj(x: torch.Tensor, layer: nn.Linear | QuantLinear, paths: Paths) -> torch.Tensor:
@@ -95,6 +95,7 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         self._weight_lists: tuple[tuple, tuple[list[torch.Tensor], ...]] | None = None
+        self._quant_experts = QuantExperts()
         self.paths = UNCHOSEN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,11 +104,13 @@ class MoE(nn.Module):
         ids, weights = self.gate(flat)  # (N, K)
         T = shape[-2] if x.ndim >= 3 else flat.shape[0]  # new tokens per row: decode or prefill
         family = "decode_experts" if T < SDPA_MIN_QUERIES else "prefill_experts"
-        down = self.experts[0].down_proj
-        if self.paths.kernel(family) and not isinstance(down, QuantLinear) and kernels.moe_fits(flat, down.weight):
+        down, y = self.experts[0].down_proj, None
+        if isinstance(down, QuantLinear):  # quantised experts on the kernel: the whole layer in one call
+            y = self._quant_experts.run(self.experts, flat, ids, weights)
+        elif self.paths.kernel(family) and kernels.moe_fits(flat, down.weight):
             # bf16 CPU: the whole layer in one call
             y = kernels.moe_routed(flat, ids, weights, *self._expert_weights())
-        else:
+        if y is None:
             y = self.dispatch(flat, ids, weights)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(flat)

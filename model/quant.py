@@ -273,6 +273,35 @@ class QuantLinear(nn.Module):
         return self.run(x, self.impls[0] if rows <= self.DECODE_ROWS else self.impls[1])
 
 
+class QuantExperts:
+    """A MoE layer's routed experts as one call of the quantised MoE kernel (quant_kernels.moe) where their products
+    run the kernel: every expert's qweights and scales as lists, built once and rebuilt when the weights are
+    replaced (loading, `relayout`, `.to()`), which the first and last show."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._lists: tuple[tuple[list, list], ...] = ()
+
+    def run(self, experts: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+            ) -> torch.Tensor | None:
+        """y (N, E) in x's dtype for tokens x (N, E) routed to `ids` with `weights` (MoE.dispatch's result, the
+        expert arithmetic in float32), or None where the kernel does not run these experts: not quantised, not
+        chosen for decode, more than DECODE_ROWS tokens, or a layout / dtype / device it does not cover."""
+        first, last = experts[0], experts[-1]
+        gate, down = first.gate_proj, first.down_proj
+        if not (isinstance(gate, QuantLinear) and isinstance(down, QuantLinear) and gate.impls[0] == "kernel"
+                and x.ndim == 2 and 0 < x.shape[0] <= QuantLinear.DECODE_ROWS and gate.kernel_fits(x)
+                and down.layout == gate.layout):
+            return None
+        key = tuple((id(m.qweight), m.qweight.data_ptr()) for m in (gate, last.down_proj))
+        if key != self._key:
+            layers = [[getattr(e, name) for e in experts] for name in ("gate_proj", "up_proj", "down_proj")]
+            self._lists = tuple(([m.qweight for m in ms], [m.scales for m in ms]) for ms in layers)
+            self._key = key
+        y = quant_kernels.moe(x, ids, weights, *self._lists, gate.scheme.bits, gate.group or 0, down.group or 0)
+        return y.to(x.dtype)
+
+
 def pack_layout(q: torch.Tensor, layout: Layout) -> torch.Tensor:
     """q (N, K) int8 values -> qweight in the runtime `layout`."""
     if layout == "plain":

@@ -1,6 +1,7 @@
 """Optional compiled CPU kernels for the weight-only int8 / int4 products (model/csrc/quant_avx2.cpp, AVX2 + FMA):
   `int8_linear`  y = x @ (q * s[:, None])^T, q (N, K) int8 in the "r4" layout below (`r4_pack` / `r4_unpack`);
-  `int4_linear`  y = x @ (q * s per group)^T, q in the "k16r4" layout below (`k16r4_pack` / `k16r4_unpack`).
+  `int4_linear`  y = x @ (q * s per group)^T, q in the "k16r4" layout below (`k16r4_pack` / `k16r4_unpack`);
+  `moe`          a MoE layer's routed experts with weights in those layouts, in one call (model/csrc/quant_moe.cpp).
 x is float32 or bf16 (sums in float32, y in x's dtype); each weight byte is read once for all rows (decode).
 
 Built on first use by model/kernel_build.py, as model/kernels.py builds the bf16 library, into
@@ -31,7 +32,7 @@ from dsvl2.model.kernel_build import KernelStatus
 from dsvl2.model.kernels import off_reason
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / "quant_avx2.cpp"]
+_SOURCES = [_CSRC / "quant_avx2.cpp", _CSRC / "quant_moe.cpp"]
 _NAME = "dsvl2_quant"
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -49,10 +50,12 @@ def _registered() -> None:
     """Raises unless the loaded library registered the ops (the build's check)."""
     torch.ops.dsvl2_quant.int8_linear  # noqa: B018 - attribute access raises if the op is missing
     torch.ops.dsvl2_quant.int4_linear  # noqa: B018
+    torch.ops.dsvl2_quant.moe  # noqa: B018
 
 
+_HEADERS = [_CSRC / "parallel.h", _CSRC / "quant_avx2.h"]  # included by the sources: part of the build key
 LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
-                               cpu_flags=_CPU_FLAGS, depends=[_CSRC / "parallel.h"])  # the included header: build key
+                               cpu_flags=_CPU_FLAGS, depends=_HEADERS)
 
 
 def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
@@ -122,3 +125,13 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int) -
     """y (M, N) = x (M, K) @ (q4 * s per group of `group` along K)^T, q in the "k16r4" layout and s (N, K/G);
     requires `available()`. x float32 or bf16, any strides."""
     return torch.ops.dsvl2_quant.int4_linear(x, q, s, group)
+
+
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: tuple[list, list], up: tuple[list, list],
+        down: tuple[list, list], bits: int, group_in: int, group_mid: int) -> torch.Tensor:
+    """The routed part of a MoE layer with quantised experts, y (N, E) float32 = sum over k of weights[n, k] *
+    expert_{ids[n, k]}(x[n]), expert e = down_e(silu(gate_e x) * up_e x) in float32. x (N, E) float32 or bf16, ids
+    (N, K) int64, weights (N, K) float32; gate, up, down = (qweights, scales) lists over all experts, qweights in
+    the kernel layout of `bits` ("r4" / "k16r4"), int4 groups of `group_in` along E (gate, up) and `group_mid` along
+    the experts' width (down). Requires `available()`; one call per layer (model/csrc/quant_moe.cpp)."""
+    return torch.ops.dsvl2_quant.moe(x, ids, weights, *gate, *up, *down, bits, group_in, group_mid)

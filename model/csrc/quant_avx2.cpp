@@ -21,170 +21,13 @@
 // A group of G values (quant.py: G in {16, 32, 64, 128} divides K, or one group of all K) is G/16 whole steps, or
 // the whole row. Shape legend: M rows, N output features, K input features, G group size.
 
-#include <immintrin.h>
-
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "parallel.h"
-
-#include <algorithm>
-#include <cstdint>
-#include <vector>
+#include "quant_avx2.h"
 
 namespace {
 
-constexpr int64_t kChunkBytes = int64_t{1} << 16;  // weight bytes per unit of work handed to a thread (rows: a multiple of 8)
-
-using dsvl2_parallel::run_units;
-
-constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of a one-row tile its weight is prefetched
-
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
-inline float scale_at(const float* s, int64_t i) { return s[i]; }
-inline float scale_at(const c10::BFloat16* s, int64_t i) { return static_cast<float>(s[i]); }
-
-// block(std::integral_constant<int, MB>, m) over row blocks covering [0, M): 3s, then 2 or 1 (3 x 4 sums: see
-// `float_tile`).
-template <typename Block>
-void row_blocks(int64_t M, const Block& block) {
-  int64_t m = 0;
-  for (; m + 3 <= M; m += 3) block(std::integral_constant<int, 3>{}, m);
-  switch (M - m) {
-    case 2: block(std::integral_constant<int, 2>{}, m); break;
-    case 1: block(std::integral_constant<int, 1>{}, m); break;
-    default: break;
-  }
-}
-
-// fn(pointer to s's data) with s float32 or bf16 (checked by the caller).
-template <typename Fn>
-void with_scales(const at::Tensor& s, const Fn& fn) {
-  if (s.scalar_type() == at::kFloat) {
-    fn(s.const_data_ptr<float>());
-  } else {
-    fn(s.const_data_ptr<c10::BFloat16>());
-  }
-}
-
-// x (M, K) in float32, rows at stride ldx >= K with zeros past K (int4 reads whole 16-k blocks).
-at::Tensor float_rows(const at::Tensor& x, int64_t ldx) {
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor xf = at::empty({M, ldx}, x.options().dtype(at::kFloat));
-  if (ldx > K) xf.narrow(1, K, ldx - K).zero_();
-  xf.narrow(1, 0, K).copy_(x);
-  return xf;
-}
-
-// Rows of the blocked layouts (see the top): row n of the weight starts in block n / 4 at byte (n % 4) * W, and
-// its next 16 k are kRowsPerBlock * W bytes further on. Rows past N (the last block's padding) are zero weights;
-// tiles never cross a block (NB divides 4) and skip the outputs of padded rows.
-constexpr int64_t kRowsPerBlock = 4;
-
-template <typename T, int W>
-struct Blocked {
-  const T* base;
-  int64_t block_bytes;  // bytes per block of 4 rows: steps * 4 * W
-  static constexpr int64_t kStep = kRowsPerBlock * W;  // bytes from one 16-k step of a row to its next
-  const T* row(int64_t n) const { return base + (n / kRowsPerBlock) * block_bytes + (n % kRowsPerBlock) * W; }
-};
-
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// Units of work: ranges of rows (a multiple of 4, ~kChunkBytes of weight) over the padded rows [0, round_up(N, 4)).
-template <typename Span>
-void run_rows(int64_t N, int64_t row_bytes, const Span& span) {
-  const int64_t padded = round_up(N, kRowsPerBlock);
-  const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(row_bytes, 1) / 8 * 8);
-  run_units((padded + per_unit - 1) / per_unit,
-            [&](int64_t u) { span(u * per_unit, std::min(padded, (u + 1) * per_unit)); });
-}
-
-// Several rows of x (prefill, decode batches): each block of 4 weight rows is dequantised once into float32
-// (`dequant(n, w)`: 4 rows of ldx values at w, scales applied, exactly the weight quant.py's dequantize gives),
-// then multiplied by every row of x in tiles of MB rows x the 4 weight rows: 12 float32 sums in the 16 AVX2
-// registers, each weight vector loaded once for 3 FMAs and 12 FMAs in flight per 8 k. (Dequantising int4 inside
-// the tile repeats its unpacking for every 3 rows; 8 rows x 1 weight row ran ~1.7x slower on a Zen 3.)
-template <int MB>
-inline void float_tile(const float* w, int64_t ldw, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
-                       int64_t N) {
-  __m256 acc[MB][kRowsPerBlock];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < kRowsPerBlock; ++j) acc[m][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < ldw; k += 8)
-    for (int j = 0; j < kRowsPerBlock; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
-      for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k), acc[m][j]);
-    }
-  for (int j = 0; j < kRowsPerBlock && n0 + j < N; ++j)
-    for (int m = 0; m < MB; ++m) y[m * ldy + n0 + j] = hsum(acc[m][j]);
-}
-
-template <typename Dequant>
-void dequantised_span(int64_t M, int64_t n0, int64_t n1, int64_t N, const float* x, int64_t ldx, float* y,
-                      int64_t ldy, const Dequant& dequant) {
-  thread_local std::vector<float> block;
-  block.resize(kRowsPerBlock * ldx);
-  for (int64_t n = n0; n < n1; n += kRowsPerBlock) {
-    dequant(n, block.data());
-    row_blocks(M, [&](auto mb_tag, int64_t m) {
-      float_tile<decltype(mb_tag)::value>(block.data(), ldx, x + m * ldx, ldx, y + m * ldy, ldy, n, N);
-    });
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------- int8
-
-using Int8Rows = Blocked<int8_t, 16>;
-
-// y[m][n] for m < MB, n in [n0, n0 + 4): dot products of MB rows of x with a block of 4 int8 rows read as one run
-// of memory (each 16-k step two vectors of 8 per weight row, widened once for the MB rows), times s[n]. One row of
-// x keeps two sums per weight row (the two halves of a step) so that no sum waits on the previous FMA, and
-// prefetches (memory-bound decode); more rows have 4 * MB independent sums (12 of the 16 registers at MB = 3; the
-// dequantise-a-block path int4 takes ran ~1.5x slower here: int8 widens in two instructions).
-template <int MB, typename S>
-inline void int8_tile(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
-                      int64_t N, int64_t steps) {
-  constexpr int NB = kRowsPerBlock, H = MB == 1 ? 2 : 1;
-  __m256 acc[MB][NB][H];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j)
-      for (int h = 0; h < H; ++h) acc[m][j][h] = _mm256_setzero_ps();
-  const int8_t* r = q.row(n0);
-  for (int64_t t = 0; t < steps; ++t, r += Int8Rows::kStep) {
-    if (MB == 1) prefetch(r + kPrefetchBytes);
-    const float* xt = x + t * 16;
-    for (int j = 0; j < NB; ++j)
-      for (int h = 0; h < 2; ++h) {
-        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + j * 16 + h * 8));
-        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-        for (int m = 0; m < MB; ++m)
-          acc[m][j][h % H] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xt + m * ldx + h * 8), acc[m][j][h % H]);
-      }
-  }
-  for (int j = 0; j < NB && n0 + j < N; ++j)
-    for (int m = 0; m < MB; ++m)
-      y[m * ldy + n0 + j] = hsum(H == 1 ? acc[m][j][0] : _mm256_add_ps(acc[m][j][0], acc[m][j][H - 1])) *
-                            scale_at(s, n0 + j);
-}
-
-// Rows [n0, n1) of y (n0 a multiple of 4, n1 a multiple of 4 or N), all M rows of x, in blocks of rows.
-template <typename S>
-void int8_span(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
-               int64_t n1, int64_t N, int64_t M, int64_t steps) {
-  row_blocks(M, [&](auto mb_tag, int64_t m) {
-    constexpr int mb = decltype(mb_tag)::value;
-    for (int64_t n = n0; n < n1; n += kRowsPerBlock) int8_tile<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
-  });
-}
+using namespace dsvl2_quant_detail;
 
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s) {
   TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 1, "int8_linear: x (M, K), q (N4, K16 * 4), s (N,)");
@@ -210,84 +53,6 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     });
   }
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
-}
-
-// ---------------------------------------------------------------------------------------------------- int4
-
-using Int4Rows = Blocked<uint8_t, 8>;
-
-template <typename S>
-inline float group_scale(const S* s, int64_t groups, int64_t n, int64_t g, int64_t N) {
-  return n < N ? scale_at(s, n * groups + g) : 0.0f;
-}
-
-// Rows n .. n + 4 of the weight, dequantised into w (4 rows of steps * 16 floats): w = (q + 8) * s - 8 s per group.
-template <typename S>
-inline void int4_dequant(const Int4Rows& q, const S* s, int64_t groups, int64_t n, int64_t N, int64_t steps,
-                         int64_t group_steps, float* w) {
-  const int64_t ldw = steps * 16;
-  const __m256i low = _mm256_set1_epi32(0x0F);
-  for (int j = 0; j < kRowsPerBlock; ++j) {
-    const uint8_t* r = q.row(n + j);
-    for (int64_t g = 0; g < groups; ++g) {
-      const float sg = group_scale(s, groups, n + j, g, N);
-      const __m256 scale = _mm256_set1_ps(sg), offset = _mm256_set1_ps(-8.0f * sg);
-      for (int64_t t = g * group_steps; t < std::min(steps, (g + 1) * group_steps); ++t) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + t * Int4Rows::kStep)));
-        _mm256_storeu_ps(w + j * ldw + t * 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), scale, offset));
-        _mm256_storeu_ps(w + j * ldw + t * 16 + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale, offset));
-      }
-    }
-  }
-}
-
-// y[n0 .. n0 + 4) for one row of x (memory-bound decode), a block of 4 rows read as one run of memory: per group,
-// sums of (q + 8) * x in registers (low and high nibbles apart, so no sum waits on the previous FMA), scaled once
-// per group; the offset -8 s * (sum of x over the group) comes from `xsum` (per-group sums of x). Saves the
-// per-value scaling FMA of `int4_dequant`.
-template <typename S>
-inline void int4_row(const Int4Rows& q, const S* s, int64_t groups, const float* x, const float* xsum, float* y,
-                     int64_t n0, int64_t N, int64_t steps, int64_t group_steps) {
-  constexpr int NB = kRowsPerBlock;
-  __m256 acc[NB];
-  float offset[NB];
-  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
-  const __m256i low = _mm256_set1_epi32(0x0F);
-  const uint8_t* r = q.row(n0);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 lo[NB], hi[NB];
-    for (int j = 0; j < NB; ++j) lo[j] = _mm256_setzero_ps(), hi[j] = _mm256_setzero_ps();
-    const int64_t t1 = std::min(steps, (g + 1) * group_steps);
-    for (int64_t t = g * group_steps; t < t1; ++t) {
-      const __m256 xl = _mm256_loadu_ps(x + t * 16), xh = _mm256_loadu_ps(x + t * 16 + 8);
-      const uint8_t* rt = r + t * Int4Rows::kStep;
-      if (t % 2 == 0) prefetch(rt + kPrefetchBytes);  // a 64-byte line holds two steps of a block
-      for (int j = 0; j < NB; ++j) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rt + j * 8)));
-        lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), xl, lo[j]);
-        hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xh, hi[j]);
-      }
-    }
-    for (int j = 0; j < NB; ++j) {
-      const float sj = group_scale(s, groups, n0 + j, g, N);
-      acc[j] = _mm256_fmadd_ps(_mm256_add_ps(lo[j], hi[j]), _mm256_set1_ps(sj), acc[j]);
-      offset[j] += sj * xsum[g];
-    }
-  }
-  for (int j = 0; j < NB && n0 + j < N; ++j) y[n0 + j] = hsum(acc[j]) - 8.0f * offset[j];
-}
-
-// Rows [n0, n1) of y (n0 a multiple of 4, n1 a multiple of 4 or N), all M rows of x.
-template <typename S>
-void int4_span(const Int4Rows& q, const S* s, int64_t groups, const float* x, int64_t ldx, const float* xsum,
-               float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps,
-               int64_t group_steps) {
-  if (M == 1) {
-    for (int64_t n = n0; n < n1; n += kRowsPerBlock) int4_row(q, s, groups, x, xsum, y, n, N, steps, group_steps);
-  } else {
-    dequantised_span(M, n0, n1, N, x, ldx, y, ldy,
-                     [&](int64_t n, float* w) { int4_dequant(q, s, groups, n, N, steps, group_steps, w); });
-  }
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t group) {
@@ -331,6 +96,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 TORCH_LIBRARY(dsvl2_quant, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor q, Tensor s, int group) -> Tensor");
+  m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor[] gate_q, Tensor[] gate_s, Tensor[] up_q, Tensor[] up_s, "
+        "Tensor[] down_q, Tensor[] down_s, int bits, int group_in, int group_mid) -> Tensor");  // quant_moe.cpp
 }
 
 TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {

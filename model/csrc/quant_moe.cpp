@@ -1,0 +1,166 @@
+// The routed experts of a MoE layer with int8 / int4 weights, in one call: torch.ops.dsvl2_quant.moe (declared with
+// the other ops in quant_avx2.cpp); model/quant_kernels.py builds it, model/quant.py decides when to call it.
+//
+// Per token slot (n, k) routed to expert e: a = silu(x gate_e) * (x up_e), o = a down_e, and y[n] = sum over k in
+// order of weights[n, k] * o[n, k], all in float32 (the products as int8_linear / int4_linear compute them, on the
+// weights in their kernel layouts). Slots are grouped by expert, each expert's rows of x gathered once. Two parallel
+// passes hand out units of (expert, block of weight rows) from one counter: pass 1 the gate and up rows, pass 2 the
+// down rows; an expert with one row streams its weight at memory speed (the one-row tiles), one with several takes
+// the several-row path. One call replaces, per layer and decode step, 3 products per active expert, each with its
+// own Python dispatch, checks and parallel region (~40-100 us apiece on a 2-core host), and the gather / scatter
+// around them.
+
+#include <torch/library.h>
+
+#include "quant_avx2.h"
+
+#include <type_traits>
+
+namespace {
+
+using namespace dsvl2_quant_detail;
+
+struct Unit {
+  int64_t expert, n0, n1;  // weight rows [n0, n1) of the expert's gate (which == 0), up (1) or down (2)
+  int which;
+};
+
+// Units covering the `rows` weight rows of each active expert's matrices `which`, ~kChunkBytes of weight each.
+void plan(std::vector<Unit>& units, const std::vector<int64_t>& active, int64_t rows, int64_t row_bytes,
+          std::initializer_list<int> which) {
+  const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(row_bytes, 1) / 8 * 8);
+  const int64_t padded = round_up(rows, kRowsPerBlock);
+  for (int w : which)
+    for (int64_t e : active)
+      for (int64_t n0 = 0; n0 < padded; n0 += per_unit) units.push_back({e, n0, std::min(padded, n0 + per_unit), w});
+}
+
+// Per-group sums of x's rows (int4's offsets): (R, groups) for rows of ldx floats whose first K form the groups.
+at::Tensor group_sums(const at::Tensor& x, int64_t groups) {
+  return x.view({x.size(0), groups, x.size(1) / groups}).sum(2).contiguous();
+}
+
+// One product of rows [n0, n1) of weight q (scales s) for M rows of x: int8 or int4 (steps of 16 k over K).
+template <typename S>
+void product(int bits, const at::Tensor& q, const S* s, int64_t group, const float* x, int64_t ldx,
+             const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K) {
+  const int64_t steps = (K + 15) / 16;
+  if (bits == 8) {
+    int8_span(Int8Rows{q.const_data_ptr<int8_t>(), q.size(1)}, s, x, ldx, y, ldy, n0, n1, N, M, steps);
+  } else {
+    const int64_t groups = K / group;
+    int4_span(Int4Rows{q.const_data_ptr<uint8_t>(), q.size(1)}, s, groups, x, ldx, xsum, y, ldy, n0, n1, N, M, steps,
+              groups == 1 ? steps : group / 16);
+  }
+}
+
+void check_weights(const char* what, at::TensorList q, at::TensorList s, int bits, int64_t N, int64_t K,
+                   int64_t group, int64_t e, at::ScalarType scale_type) {
+  const int64_t steps = (K + 15) / 16, bytes = bits == 8 ? steps * 64 : steps * 32;
+  TORCH_CHECK(q[e].scalar_type() == (bits == 8 ? at::kChar : at::kByte) && q[e].is_contiguous() && q[e].dim() == 2 &&
+                  q[e].size(0) == (N + 3) / 4 && q[e].size(1) == bytes && q[e].device().is_cpu(),
+              "quant moe: expert ", e, "'s ", what, " weight is ", q[e].sizes(), " (needs a contiguous (",
+              (N + 3) / 4, ", ", bytes, ") kernel layout)");
+  const bool shape = bits == 8 ? s[e].dim() == 1 && s[e].size(0) == N
+                               : s[e].dim() == 2 && s[e].size(0) == N && s[e].size(1) * group == K;
+  TORCH_CHECK(shape && s[e].scalar_type() == scale_type && s[e].device().is_cpu(), "quant moe: expert ", e, "'s ",
+              what, " scales are ", s[e].sizes(), " ", s[e].scalar_type());
+}
+
+at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in, at::TensorList gate_q,
+               at::TensorList gate_s, at::TensorList up_q, at::TensorList up_s, at::TensorList down_q,
+               at::TensorList down_s, int64_t bits_in, int64_t group_in, int64_t group_mid) {
+  const int bits = static_cast<int>(bits_in);
+  TORCH_CHECK(bits == 8 || bits == 4, "quant moe: bits must be 8 or 4");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu() &&
+                  (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "quant moe: x must be a (N, E) float32 or bf16 CPU tensor");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0) && ids_in.scalar_type() == at::kLong,
+              "quant moe: ids must be (N, K) int64");
+  TORCH_CHECK(weights_in.sizes() == ids_in.sizes() && weights_in.scalar_type() == at::kFloat,
+              "quant moe: weights must be (N, K) float32");
+  const int64_t X = static_cast<int64_t>(gate_q.size());
+  for (const at::TensorList* l : {&gate_s, &up_q, &up_s, &down_q, &down_s})
+    TORCH_CHECK(static_cast<int64_t>(l->size()) == X && X > 0, "quant moe: every list must name the same experts");
+  const at::Tensor ids = ids_in.contiguous(), routing = weights_in.contiguous();
+  const int64_t N = x_in.size(0), E = x_in.size(1), K = ids.size(1), I = gate_s[0].size(0);
+  TORCH_CHECK(bits == 8 || (group_in > 0 && E % group_in == 0 && group_mid > 0 && I % group_mid == 0),
+              "quant moe: groups of ", group_in, " and ", group_mid, " do not divide E=", E, " and I=", I);
+  const int64_t* idp = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(idp[i] >= 0 && idp[i] < X, "quant moe: expert id out of range");
+
+  // Slots grouped by expert (stable): gathered row r belongs to slot slot_of[r]; slot i's row is row_of[i].
+  std::vector<int64_t> count(X, 0), start(X + 1, 0), slot_of(N * K), row_of(N * K), active;
+  for (int64_t i = 0; i < N * K; ++i) ++count[idp[i]];
+  for (int64_t e = 0; e < X; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < N * K; ++i) slot_of[row_of[i] = fill[idp[i]]++] = i;
+  const at::ScalarType scale_type = gate_s[0].scalar_type();
+  TORCH_CHECK(scale_type == at::kFloat || scale_type == at::kBFloat16, "quant moe: scales must be float32 or bf16");
+  for (int64_t e = 0; e < X; ++e) {
+    if (!count[e]) continue;
+    active.push_back(e);
+    check_weights("gate", gate_q, gate_s, bits, I, E, group_in, e, scale_type);
+    check_weights("up", up_q, up_s, bits, I, E, group_in, e, scale_type);
+    check_weights("down", down_q, down_s, bits, E, I, group_mid, e, scale_type);
+  }
+
+  // Gathered rows of x (padded to whole 16-k steps with zeros), the gate and up outputs, the gated activations.
+  const int64_t R = N * K, ldx = round_up(E, 16), ldh = round_up(I, 16);
+  const at::Tensor xf = float_rows(x_in, ldx);
+  std::vector<int64_t> token_of(R);
+  for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / K;
+  const at::Tensor xg = xf.index_select(0, at::tensor(token_of, ids.options()));
+  const at::Tensor xsum = bits == 4 ? group_sums(xg, E / group_in) : at::Tensor();
+  at::Tensor gu = at::empty({2, R, I}, xf.options()), out = at::empty({R, E}, xf.options());
+  const float* xgp = xg.const_data_ptr<float>();
+  float* gup = gu.mutable_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+
+  with_scales(gate_s[0], [&](const auto* any_s) {
+    using S = std::remove_cv_t<std::remove_pointer_t<decltype(any_s)>>;
+    std::vector<Unit> units;
+    plan(units, active, I, bits == 8 ? ldx : ldx / 2, {0, 1});
+    run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
+      const Unit& u = units[i];
+      const int64_t r0 = start[u.expert];
+      const at::Tensor& q = (u.which == 0 ? gate_q : up_q)[u.expert];
+      const S* s = (u.which == 0 ? gate_s : up_s)[u.expert].template const_data_ptr<S>();
+      const float* sums = bits == 4 ? xsum.const_data_ptr<float>() + r0 * (E / group_in) : nullptr;
+      product(bits, q, s, group_in, xgp + r0 * ldx, ldx, sums, gup + (u.which * R + r0) * I, I, u.n0, u.n1, I,
+              count[u.expert], E);
+    });
+    const at::Tensor h = float_rows(at::silu(gu[0]).mul_(gu[1]), ldh);
+    const at::Tensor hsum = bits == 4 ? group_sums(h, I / group_mid) : at::Tensor();
+    const float* hp = h.const_data_ptr<float>();
+    units.clear();
+    plan(units, active, E, bits == 8 ? ldh : ldh / 2, {2});
+    run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
+      const Unit& u = units[i];
+      const int64_t r0 = start[u.expert];
+      product(bits, down_q[u.expert], down_s[u.expert].template const_data_ptr<S>(), group_mid, hp + r0 * ldh, ldh,
+              bits == 4 ? hsum.const_data_ptr<float>() + r0 * (I / group_mid) : nullptr, op + r0 * E, E, u.n0, u.n1,
+              E, count[u.expert], I);
+    });
+  });
+
+  // The routing-weighted sum over each token's slots, in slot order.
+  at::Tensor y = at::zeros({N, E}, xf.options());
+  float* yp = y.mutable_data_ptr<float>();
+  const float* wp = routing.const_data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const float w = wp[n * K + k];
+        const float* o = op + row_of[n * K + k] * E;
+        for (int64_t c = 0; c < E; ++c) yp[n * E + c] += w * o[c];
+      }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {
+  m.impl("moe", &moe);
+}

@@ -1,0 +1,132 @@
+"""The quantised MoE kernel (quant_kernels.moe, model/csrc/quant_moe.cpp): a MoE layer's routed experts in one call
+compute what MoE.dispatch computes expert by expert through the same quantised products, for int8 and int4, both
+activation dtypes, one token to a decode batch, odd sizes and crowded experts; MoE.forward takes it exactly where
+the experts' decode products run the kernel; its weight lists follow replaced weights.
+
+Stated tolerance against dispatch (max error relative to the largest output): float32 activations 1e-5 (the same
+products, summed in another order); bf16 activations 2^-6 (dispatch rounds every product, the gating and each
+expert's output to bf16, the kernel keeps them in float32 and rounds once: a few bf16 steps of the largest).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from quant_layers import assert_rel, quant_layer
+
+from dsvl2.model import kernel_build, quant_kernels
+from dsvl2.model.kernels import ENV_SWITCH
+from dsvl2.model.quant import QuantLinear, Scheme
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6}
+SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: every slot crowded onto the first ones
+    (1280, 896, 16, 6, 1),  # Tiny's widths, one token: every expert streams its weight
+    (1280, 896, 16, 6, 8),  # a decode batch: some experts several rows
+    (97, 31, 5, 3, 32),  # odd sizes (int4: one group per row), crowded, the most rows the kernel takes
+    (64, 48, 8, 2, 3),  # int4 groups of 64 and 16
+    (33, 7, 4, 4, 1),
+]
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    if not quant_kernels.cpu_supported():
+        pytest.skip("this CPU lacks AVX2 / FMA / F16C")
+    if problem := kernel_build.toolchain_problem():
+        pytest.skip(f"cannot build the kernels here: {problem}")
+    assert quant_kernels.available(), quant_kernels.status().reason
+
+
+def _moe(hidden: int, inter: int, experts: int, top_k: int, scheme: str, dtype: torch.dtype, seed: int):
+    """A MoE layer with random weights, its routed experts' linears quantised in the kernel layouts and set to run
+    the kernel (the shared experts stay floating point)."""
+    from dsvl2.model.language import MoE
+
+    cfg = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
+                          num_experts_per_tok=top_k, topk_method="greedy", scoring_func="softmax", n_group=1,
+                          topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, n_shared_experts=1)
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.05)
+    moe = moe.to(dtype).requires_grad_(False)
+    for expert in moe.experts:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer, _, _ = quant_layer(getattr(expert, name).weight.float(), Scheme.named(scheme), dtype)
+            layer.impls = ("kernel", "kernel")
+            setattr(expert, name, layer)
+    return moe
+
+
+def _routing(moe, x: torch.Tensor, experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, weights = moe.gate(x)
+    if experts <= 5:  # crowd every slot onto the first experts: some run many rows, the rest none
+        ids = torch.arange(top_k).expand(x.shape[0], -1).contiguous()
+    return ids, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), SHAPES)
+def test_moe_kernel_equals_the_experts_one_by_one(kernels_on, scheme, dtype, hidden, inter, experts, top_k, tokens):
+    """Catches a wrong gather, expert, gating, group, padding or weighted sum in the one-call path."""
+    moe = _moe(hidden, inter, experts, top_k, scheme, dtype, seed=tokens + hidden)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    with torch.inference_mode():
+        ids, weights = _routing(moe, x, experts, top_k)
+        fused = moe._quant_experts.run(moe.experts, x, ids, weights)
+        one_by_one = moe.dispatch(x, ids, weights)
+    assert fused is not None and fused.dtype is dtype and fused.shape == (tokens, hidden)
+    assert_rel(fused, one_by_one, TOL[dtype], f"{scheme} {dtype} {hidden}x{inter} {tokens} tokens")
+
+
+def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(kernels_on, monkeypatch):
+    """One call per layer for decode-sized batches whose expert products run the kernel; experts one by one for
+    longer prefill chunks, for products chosen elsewhere, and with the kernels switched off."""
+    moe = _moe(64, 48, 8, 2, "int8", torch.float32, seed=0)
+    calls = []
+    real = quant_kernels.moe
+    monkeypatch.setattr(quant_kernels, "moe", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 64)
+        fused = moe(x)
+        assert calls == [6]
+        ids, weights = moe.gate(x.view(6, 64))
+        expected = moe.dispatch(x.view(6, 64), ids, weights) + moe.shared_experts(x.view(6, 64))
+        assert_rel(fused.view(6, 64), expected, TOL[torch.float32], "forward")
+        moe(torch.randn(1, QuantLinear.DECODE_ROWS + 1, 64))  # a prefill chunk: experts one by one
+        for expert in moe.experts:
+            for m in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                m.impls = ("dequant", "kernel")
+        moe(x)
+        for expert in moe.experts:
+            for m in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                m.impls = ("kernel", "kernel")
+        monkeypatch.setenv(ENV_SWITCH, "0")
+        moe(x)
+    assert calls == [6]
+
+
+def test_moe_kernel_lists_follow_replaced_weights(kernels_on):
+    """The lists are built once and rebuilt when the weights are repacked (quant_choice's relayout), so the kernel
+    never reads a freed or stale weight."""
+    moe = _moe(64, 48, 8, 2, "int4", torch.float32, seed=1)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        ids, weights = moe.gate(x)
+        moe._quant_experts.run(moe.experts, x, ids, weights)
+        lists = moe._quant_experts._lists
+        moe._quant_experts.run(moe.experts, x, ids, weights)
+        assert moe._quant_experts._lists is lists
+        for expert in moe.experts:
+            for m in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                m.relayout("nibbles")
+                m.relayout("k16r4")
+        fused = moe._quant_experts.run(moe.experts, x, ids, weights)
+        assert_rel(fused, moe.dispatch(x, ids, weights), TOL[torch.float32], "after relayout")
+    (gate_q, _), (up_q, _), (down_q, _) = moe._quant_experts._lists
+    for e, g, u, d in zip(moe.experts, gate_q, up_q, down_q, strict=True):
+        assert g is e.gate_proj.qweight and u is e.up_proj.qweight and d is e.down_proj.qweight
