@@ -130,3 +130,30 @@ def test_moe_kernel_lists_follow_replaced_weights(kernels_on):
     (gate_q, _), (up_q, _), (down_q, _) = moe._quant_experts._lists
     for e, g, u, d in zip(moe.experts, gate_q, up_q, down_q, strict=True):
         assert g is e.gate_proj.qweight and u is e.up_proj.qweight and d is e.down_proj.qweight
+
+
+def test_the_choice_times_an_experts_kernel_as_decode_runs_it(kernels_on):
+    """A routed expert's kernel is timed as the one-call MoE path (its three products in one call, a third each):
+    it wins decode here although the product timed alone loses to torch's packed op; a lone layer of the same
+    shape, timed alone, keeps torch's op."""
+    from dsvl2.model import quant_choice
+
+    def model_of(with_expert: bool) -> torch.nn.Module:
+        expert = _moe(64, 48, 1, 1, "int8", torch.float32, seed=2).experts[0]
+        model, holder = torch.nn.Module(), torch.nn.Module()
+        holder.add_module("experts" if with_expert else "blocks", torch.nn.ModuleList([expert]))
+        model.add_module("mlp", holder)
+        return model
+
+    def timer(fn):  # packed 1.0 per product; the kernel alone 1.5; the kernel's one call for three products 2.4
+        impl = fn.__defaults__[0]
+        if impl == "kernel":
+            return 2.4 if fn.__name__ == "call" else 1.5
+        return {"packed": 1.0, "packed_bf16": 1.2, "dequant": 2.0}[impl]
+
+    for with_expert, expected in ((True, ("kernel", "r4")), (False, ("packed", "plain"))):
+        model = model_of(with_expert)
+        quant_choice._decided.clear()
+        impls = quant_choice.choose(model, torch.float32, timer=timer)
+        gate = next(m for m in model.modules() if isinstance(m, QuantLinear))
+        assert (impls[0], gate.layout) == expected, with_expert

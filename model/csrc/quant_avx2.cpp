@@ -8,9 +8,11 @@
 // order: the layouts interleave blocks of 4 weight rows 16 k at a time, so the 4-row tiles of a decode step stream
 // one run of memory (four rows read apart are four streams, which ran at half the read bandwidth on a Zen 3).
 // Threads take chunks of rows (~64 KB of weight) from a shared counter (a thread that starts late, another process
-// on its core, does not hold up the product); within a chunk, tiles of NB weight rows x MB activation rows
-// accumulate in registers, each weight vector dequantised once per tile (in registers: int -> float32, times its
-// scale) and used for MB rows. Rows past the first MB re-read the chunk from L1/L2, not from memory.
+// on its core, does not hold up the product). One row of x (decode at batch 1): each block of 4 weight rows is
+// dequantised in registers (int -> float32) and multiplied as it streams in, prefetched 1 KB ahead. Several rows:
+// int8 in tiles of 3 rows of x x the block's 4 weight rows (each weight vector widened once for 3 rows, 12 sums in
+// registers); int4 dequantises the block once into float32 (L1) and multiplies every row against it. Rows past the
+// first tile re-read the chunk from L1/L2, not from memory. The building blocks are in quant_avx2.h.
 //
 // Layouts, rows in blocks of 4 (the last block padded with zero weights), K in steps of 16 (padded likewise):
 //   int8 "r4"     (ceil(N/4), ceil(K/16) * 64) int8: per block, per step, 16 bytes of row 0, then rows 1, 2, 3.

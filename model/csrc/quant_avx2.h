@@ -162,7 +162,8 @@ void int8_span(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float
                int64_t n1, int64_t N, int64_t M, int64_t steps) {
   row_blocks(M, [&](auto mb_tag, int64_t m) {
     constexpr int mb = decltype(mb_tag)::value;
-    for (int64_t n = n0; n < n1; n += kRowsPerBlock) int8_tile<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
+    for (int64_t n = n0; n < n1; n += kRowsPerBlock)
+      int8_tile<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
   });
 }
 
@@ -187,9 +188,12 @@ inline void int4_dequant(const Int4Rows& q, const S* s, int64_t groups, int64_t 
       const float sg = group_scale(s, groups, n + j, g, N);
       const __m256 scale = _mm256_set1_ps(sg), offset = _mm256_set1_ps(-8.0f * sg);
       for (int64_t t = g * group_steps; t < std::min(steps, (g + 1) * group_steps); ++t) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + t * Int4Rows::kStep)));
-        _mm256_storeu_ps(w + j * ldw + t * 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), scale, offset));
-        _mm256_storeu_ps(w + j * ldw + t * 16 + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale, offset));
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + t * Int4Rows::kStep));
+        const __m256i v = _mm256_cvtepu8_epi32(raw);
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+        _mm256_storeu_ps(w + j * ldw + t * 16, _mm256_fmadd_ps(lo, scale, offset));
+        _mm256_storeu_ps(w + j * ldw + t * 16 + 8, _mm256_fmadd_ps(hi, scale, offset));
       }
     }
   }
