@@ -3,8 +3,9 @@ thread, runner, continuous batching, writers), beside the same pages through a f
 runner before continuous batching: a chunk of pages waits for its longest answer) and through the engine
 alone, with the page bound from this machine's limits, all in one run.
 
-    python bench/cli_e2e.py [--model DIR | --layers L V] [--pages 12] [--batch 4] [--median 350] [--seed 0]
-                            [--json OUT]
+    python bench/cli_e2e.py [--model DIR | --layers L V | --config tiny|small|base] [--pages 12] [--batch 4]
+                            [--median 350] [--seed 0] [--dtype auto] [--quantize none|int8|int4]
+                            [--paths cli,fixed_chunks,engine_alone] [--no-bound] [--json OUT]
 
 Pages: a seeded mix of A4-like pages (3x3 tiles) and smaller ones (2x2 tiles). Answer lengths: lognormal with
 the given median (sigma 0.6), clipped to 20-1,500 tokens, imposed per request in this benchmark only (EOS
@@ -172,20 +173,34 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--median", type=int, default=350)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", choices=("tiny", "small", "base"), help="a random checkpoint of these real "
+                    "dimensions (bench/engine_bench.py's ensure_model) instead of --model / --layers")
+    ap.add_argument("--dtype", default="auto", help="the CLI's --dtype (auto: bf16 where the CPU has it)")
+    ap.add_argument("--quantize", default="none", choices=("none", "int8", "int4"), help="the CLI's --quantize")
+    ap.add_argument("--paths", default="cli,fixed_chunks,engine_alone",
+                    help="which of cli, fixed_chunks, engine_alone to time (comma-separated)")
+    ap.add_argument("--no-bound", action="store_true", help="skip measuring this machine's limits and the bound")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     print(f"cpu: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    path = truncated_model(*args.layers) if args.layers else ensure_model(args.model)
-    resolved = resolve(str(path))
+    if args.config:
+        path = ensure_model(None, args.config)
+    else:
+        path = truncated_model(*args.layers) if args.layers else ensure_model(args.model)
+    resolved = resolve(str(path), dtype=args.dtype, quantize=args.quantize)
+    start = time.perf_counter()
     engine = load_runtime(resolved, max_batch_size=args.batch)
+    load_seconds = time.perf_counter() - start
     model = engine.model
-    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    weights_gib = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30
     plan = job(args.pages, args.median, args.seed)
     lengths = [n for _, n in plan]
-    print(f"model: {resolved.path.name} in {model.dtype}, weights {weights_gib:.2f} GiB; batch {args.batch}; pages "
+    print(f"model: {resolved.path.name} in {model.dtype}, quantize {args.quantize}, weights {weights_gib:.2f} GiB "
+          f"(loaded in {load_seconds:.0f} s); batch {args.batch}; pages "
           f"{sum(k == 'a4' for k, _ in plan)} A4 (3x3) + {sum(k == 'small' for k, _ in plan)} small (2x2); answer "
           f"tokens {sorted(lengths)}", flush=True)  # fmt: skip
-    results: dict = {"cpu": cpu_line(), "plan": plan, "batch": args.batch}
+    results: dict = {"cpu": cpu_line(), "plan": plan, "batch": args.batch, "quantize": args.quantize,
+                     "dtype": str(model.dtype), "load_seconds": load_seconds}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "pages"
         directory.mkdir()
@@ -199,15 +214,21 @@ def main() -> None:
                 prompt_tokens[kind] = int(prepared.input_ids.numel())
         release_free_memory()
         reset_peak_rss()
-        for name, run in (
-            ("cli", lambda: through_cli(engine, directory, lengths, chunked=False, batch=args.batch)),
-            ("fixed_chunks", lambda: through_cli(engine, directory, lengths, chunked=True, batch=args.batch)),
-            ("engine_alone", lambda: engine_alone(engine, paths, lengths)),
-        ):
-            seconds = run()
+        runs = {
+            "cli": lambda: through_cli(engine, directory, lengths, chunked=False, batch=args.batch),
+            "fixed_chunks": lambda: through_cli(engine, directory, lengths, chunked=True, batch=args.batch),
+            "engine_alone": lambda: engine_alone(engine, paths, lengths),
+        }
+        for name in args.paths.split(","):
+            seconds = runs[name]()
             results[name] = {"seconds": seconds, "pages_per_hour": len(plan) / seconds * 3600}
             print(f"{name}: {seconds:.1f} s, {results[name]['pages_per_hour']:.1f} pages/h", flush=True)
         results["peak_rss_gib"] = peak_rss_gib()
+    print(f"peak RSS {results['peak_rss_gib']:.2f} GiB = weights {results['peak_rss_gib'] - weights_gib:+.2f} GiB")
+    if args.no_bound or set(args.paths.split(",")) != set(runs):
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+        return
     limits = measure_limits(model.cfg.language.hidden_size, model.device)
     decode = bench_decode(model, args.batch)
     bound = page_bound(model, limits, plan, prompt_tokens, decode["bytes_per_step"], args.batch)
