@@ -59,3 +59,19 @@ def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
 
     monkeypatch.setattr(kernels, "linear_bf16", spy)
     return calls
+
+
+@pytest.fixture
+def quant_kernels_on(monkeypatch):
+    """The quantised kernels (model/quant_kernels.py) switched on and built; a skip only where this machine cannot
+    run or build them."""
+    from dsvl2.model import kernel_build, quant_kernels
+    from dsvl2.model.kernels import ENV_SWITCH
+
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    if not quant_kernels.cpu_supported():
+        pytest.skip("this CPU lacks AVX2 / FMA / F16C")
+    if problem := kernel_build.toolchain_problem():
+        pytest.skip(f"cannot build the kernels here: {problem}")
+    st = quant_kernels.status()
+    assert st.available, f"the quantised kernels did not build or load: {st.reason}"

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from moe_layers import random_moe
 
 from dsvl2.model import kernels
 from dsvl2.model.kernel_choice import Paths
@@ -189,18 +190,7 @@ def test_status_says_why_without_building(monkeypatch):
 
 
 def _moe(hidden: int, inter: int, experts: int, top_k: int, seed: int):
-    from types import SimpleNamespace
-
-    from dsvl2.model.language import MoE
-
-    cfg = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
-                          num_experts_per_tok=top_k, topk_method="greedy", scoring_func="softmax", n_group=1,
-                          topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, n_shared_experts=1)
-    torch.manual_seed(seed)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        p.data.normal_(0, 0.05)
-    return moe.to(torch.bfloat16).requires_grad_(False)
+    return random_moe(hidden, inter, experts, top_k, seed, torch.bfloat16)
 
 
 MOE_SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: all slots crowded onto the first ones

@@ -17,7 +17,7 @@ from parity import checkpoint_dir, load_cases, parity_processor, require
 from quant_agreement import run_case
 from quant_layers import assert_rel, quant_layer
 
-from dsvl2.model import kernel_build, quant_kernels
+from dsvl2.model import quant_kernels
 from dsvl2.model.kernels import ENV_SWITCH
 from dsvl2.model.quant import Scheme, dequantize, quant_layers, use_impls
 from dsvl2.model.weights import load_model
@@ -30,19 +30,7 @@ SHAPES = ((37, 100), (33, 6848), (65, 384))
 
 
 @pytest.fixture
-def kernels_on(monkeypatch):
-    """The kernels switched on and built; a skip only where this machine cannot run or build them."""
-    monkeypatch.delenv(ENV_SWITCH, raising=False)
-    if not quant_kernels.cpu_supported():
-        pytest.skip("this CPU lacks AVX2 / FMA / F16C")
-    if problem := kernel_build.toolchain_problem():
-        pytest.skip(f"cannot build the kernels here: {problem}")
-    st = quant_kernels.status()
-    assert st.available, f"the quantised kernels did not build or load: {st.reason}"
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch, kernels_on) -> list[str]:
+def kernel_calls(monkeypatch, quant_kernels_on) -> list[str]:
     """Records the scheme of every product handed to the compiled kernels."""
     calls: list[str] = []
     for name in ("int8_linear", "int4_linear"):
@@ -79,7 +67,7 @@ def test_kernel_equals_dequantise_then_linear(kernel_calls, name, n, k, dtype):
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
-def test_kernel_reads_strided_inputs(kernels_on, name):
+def test_kernel_reads_strided_inputs(quant_kernels_on, name):
     """Catches a kernel that assumes x's rows are contiguous (a slice of a wider tensor, a transposed view)."""
     layer, q, s = _layer(31, 384, Scheme.named(name), torch.float32, seed=7)
     wide = torch.randn(5, 2 * 384, generator=torch.Generator().manual_seed(8))
@@ -114,7 +102,7 @@ def test_kernel_layouts_round_trip(n, k):
         assert torch.equal(packed[0, 16 * row:16 * row + min(k, 16)], q8[row, :16])
 
 
-def test_every_layout_converts_to_every_other(kernels_on):
+def test_every_layout_converts_to_every_other(quant_kernels_on):
     """Catches a relayout that loses or reorders values, or one that leaves `layout` and qweight disagreeing."""
     layer, q, s = _layer(64, 256, Scheme.named("int4"), torch.float32, seed=9)
     assert layer.layouts() == ["k16r4", "cpu", "nibbles"]
@@ -130,7 +118,7 @@ def test_every_layout_converts_to_every_other(kernels_on):
     assert copy.layout == "cpu" and layer.layout == "k16r4" and copy.scales is layer.scales
 
 
-def test_switched_off_or_unsupported_the_layers_run_torch(monkeypatch, kernels_on):
+def test_switched_off_or_unsupported_the_layers_run_torch(monkeypatch, quant_kernels_on):
     """DSVL2_KERNELS=0 or a CPU without AVX2: no kernel layout, the "kernel" impl falls back, nothing raises."""
     for how in ("env", "cpu"):
         with monkeypatch.context() as m:

@@ -10,13 +10,12 @@ expert's output to bf16, the kernel keeps them in float32 and rounds once: a few
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from moe_layers import random_moe
 from quant_layers import assert_rel, quant_layer
 
-from dsvl2.model import kernel_build, quant_kernels
+from dsvl2.model import quant_kernels
 from dsvl2.model.kernels import ENV_SWITCH
 from dsvl2.model.quant import QuantLinear, Scheme
 
@@ -30,29 +29,10 @@ SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: ever
 ]
 
 
-@pytest.fixture
-def kernels_on(monkeypatch):
-    monkeypatch.delenv(ENV_SWITCH, raising=False)
-    if not quant_kernels.cpu_supported():
-        pytest.skip("this CPU lacks AVX2 / FMA / F16C")
-    if problem := kernel_build.toolchain_problem():
-        pytest.skip(f"cannot build the kernels here: {problem}")
-    assert quant_kernels.available(), quant_kernels.status().reason
-
-
 def _moe(hidden: int, inter: int, experts: int, top_k: int, scheme: str, dtype: torch.dtype, seed: int):
     """A MoE layer with random weights, its routed experts' linears quantised in the kernel layouts and set to run
     the kernel (the shared experts stay floating point)."""
-    from dsvl2.model.language import MoE
-
-    cfg = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
-                          num_experts_per_tok=top_k, topk_method="greedy", scoring_func="softmax", n_group=1,
-                          topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, n_shared_experts=1)
-    torch.manual_seed(seed)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        p.data.normal_(0, 0.05)
-    moe = moe.to(dtype).requires_grad_(False)
+    moe = random_moe(hidden, inter, experts, top_k, seed, dtype)
     for expert in moe.experts:
         for name in ("gate_proj", "up_proj", "down_proj"):
             layer, _, _ = quant_layer(getattr(expert, name).weight.float(), Scheme.named(scheme), dtype)
@@ -71,7 +51,8 @@ def _routing(moe, x: torch.Tensor, experts: int, top_k: int) -> tuple[torch.Tens
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), SHAPES)
-def test_moe_kernel_equals_the_experts_one_by_one(kernels_on, scheme, dtype, hidden, inter, experts, top_k, tokens):
+def test_moe_kernel_equals_the_experts_one_by_one(quant_kernels_on, scheme, dtype, hidden, inter, experts, top_k,
+                                                  tokens):
     """Catches a wrong gather, expert, gating, group, padding or weighted sum in the one-call path."""
     moe = _moe(hidden, inter, experts, top_k, scheme, dtype, seed=tokens + hidden)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(dtype)
@@ -83,7 +64,7 @@ def test_moe_kernel_equals_the_experts_one_by_one(kernels_on, scheme, dtype, hid
     assert_rel(fused, one_by_one, TOL[dtype], f"{scheme} {dtype} {hidden}x{inter} {tokens} tokens")
 
 
-def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(kernels_on, monkeypatch):
+def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(quant_kernels_on, monkeypatch):
     """One call per layer for decode-sized batches whose expert products run the kernel; experts one by one for
     longer prefill chunks, for products chosen elsewhere, and with the kernels switched off."""
     moe = _moe(64, 48, 8, 2, "int8", torch.float32, seed=0)
@@ -110,7 +91,7 @@ def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(kernels_on, mo
     assert calls == [6]
 
 
-def test_moe_kernel_lists_follow_replaced_weights(kernels_on):
+def test_moe_kernel_lists_follow_replaced_weights(quant_kernels_on):
     """The lists are built once and rebuilt when the weights are repacked (quant_choice's relayout), so the kernel
     never reads a freed or stale weight."""
     moe = _moe(64, 48, 8, 2, "int4", torch.float32, seed=1)
@@ -132,7 +113,7 @@ def test_moe_kernel_lists_follow_replaced_weights(kernels_on):
         assert g is e.gate_proj.qweight and u is e.up_proj.qweight and d is e.down_proj.qweight
 
 
-def test_the_choice_times_an_experts_kernel_as_decode_runs_it(kernels_on):
+def test_the_choice_times_an_experts_kernel_as_decode_runs_it(quant_kernels_on):
     """A routed expert's kernel is timed as the one-call MoE path (its three products in one call, a third each):
     it wins decode here although the product timed alone loses to torch's packed op; a lone layer of the same
     shape, timed alone, keeps torch's op."""
