@@ -95,7 +95,7 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         self._weight_lists: tuple[tuple, tuple[list[torch.Tensor], ...]] | None = None
-        self._quant_experts = QuantExperts()
+        self._quant_experts, self._quant_shared = QuantExperts(), QuantExperts()
         self.paths = UNCHOSEN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +113,18 @@ class MoE(nn.Module):
         if y is None:
             y = self.dispatch(flat, ids, weights)
         if hasattr(self, "shared_experts"):
-            y = y + self.shared_experts(flat)
+            y = y + self._shared(flat)
         return y.view(shape)
+
+    def _shared(self, flat: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output for tokens flat (N, E): quantised ones on the kernel in one call (every token
+        to the one expert with weight 1, exact), else their three products."""
+        if isinstance(self.shared_experts.down_proj, QuantLinear):
+            every = torch.zeros(flat.shape[0], 1, dtype=torch.long), torch.ones(flat.shape[0], 1)
+            y = self._quant_shared.run([self.shared_experts], flat, *every)
+            if y is not None:
+                return y
+        return self.shared_experts(flat)
 
     def _expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """The experts' gate, up and down weights as lists, built once: collecting 3 x 64 parameters through

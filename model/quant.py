@@ -24,6 +24,7 @@ Shape legend: N output features, K input features, G group size, M rows (tokens)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -282,7 +283,7 @@ class QuantExperts:
         self._key: tuple | None = None
         self._lists: tuple[tuple[list, list], ...] = ()
 
-    def run(self, experts: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    def run(self, experts: Sequence[nn.Module], x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
             ) -> torch.Tensor | None:
         """y (N, E) in x's dtype for tokens x (N, E) routed to `ids` with `weights` (MoE.dispatch's result, the
         expert arithmetic in float32), or None where the kernel does not run these experts: not quantised, not

@@ -30,10 +30,10 @@ SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: ever
 
 
 def _moe(hidden: int, inter: int, experts: int, top_k: int, scheme: str, dtype: torch.dtype, seed: int):
-    """A MoE layer with random weights, its routed experts' linears quantised in the kernel layouts and set to run
-    the kernel (the shared experts stay floating point)."""
+    """A MoE layer with random weights, its routed and shared experts' linears quantised in the kernel layouts and
+    set to run the kernel."""
     moe = random_moe(hidden, inter, experts, top_k, seed, dtype)
-    for expert in moe.experts:
+    for expert in (*moe.experts, moe.shared_experts):
         for name in ("gate_proj", "up_proj", "down_proj"):
             layer, _, _ = quant_layer(getattr(expert, name).weight.float(), Scheme.named(scheme), dtype)
             layer.impls = ("kernel", "kernel")
@@ -65,8 +65,9 @@ def test_moe_kernel_equals_the_experts_one_by_one(quant_kernels_on, scheme, dtyp
 
 
 def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(quant_kernels_on, monkeypatch):
-    """One call per layer for decode-sized batches whose expert products run the kernel; experts one by one for
-    longer prefill chunks, for products chosen elsewhere, and with the kernels switched off."""
+    """One call per layer for decode-sized batches whose expert products run the kernel, and one for the shared
+    experts; experts one by one for longer prefill chunks, for products chosen elsewhere, and with the kernels
+    switched off."""
     moe = _moe(64, 48, 8, 2, "int8", torch.float32, seed=0)
     calls = []
     real = quant_kernels.moe
@@ -74,21 +75,21 @@ def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(quant_kernels_
     with torch.inference_mode():
         x = torch.randn(2, 3, 64)
         fused = moe(x)
-        assert calls == [6]
+        assert calls == [6, 6]  # the routed experts, then the shared ones
         ids, weights = moe.gate(x.view(6, 64))
         expected = moe.dispatch(x.view(6, 64), ids, weights) + moe.shared_experts(x.view(6, 64))
         assert_rel(fused.view(6, 64), expected, TOL[torch.float32], "forward")
         moe(torch.randn(1, QuantLinear.DECODE_ROWS + 1, 64))  # a prefill chunk: experts one by one
-        for expert in moe.experts:
+        for expert in (*moe.experts, moe.shared_experts):
             for m in (expert.gate_proj, expert.up_proj, expert.down_proj):
                 m.impls = ("dequant", "kernel")
         moe(x)
-        for expert in moe.experts:
+        for expert in (*moe.experts, moe.shared_experts):
             for m in (expert.gate_proj, expert.up_proj, expert.down_proj):
                 m.impls = ("kernel", "kernel")
         monkeypatch.setenv(ENV_SWITCH, "0")
         moe(x)
-    assert calls == [6]
+    assert calls == [6, 6]
 
 
 def test_moe_kernel_lists_follow_replaced_weights(quant_kernels_on):
