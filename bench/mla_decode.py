@@ -1,0 +1,79 @@
+"""MLA's absorbed decode attention (model/language.py `MLAttention._absorbed`) at Small's widths, against the same
+products with the cache broadcast over the heads (the form before 2026-12-02, kept here as the comparison), in one
+run: ms per layer per decode step, and the largest difference between the two.
+
+    python bench/mla_decode.py [--batch 3] [--cached 1150] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from dsvl2.model.attention import causal_mask
+from dsvl2.model.config import ModelConfig
+from dsvl2.model.language import MLAttention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def broadcast_form(layer: MLAttention, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
+    """The absorbed attention with the cache broadcast over the heads (c[:, None]): torch copies it per head."""
+    w = layer.kv_b_proj.weight.view(layer.heads, layer.dn + layer.dv, layer.rank)
+    w_uk, w_uv = w[:, : layer.dn], w[:, layer.dn :]
+    q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)
+    scores = (q_lat @ c[:, None].transpose(-1, -2) + q_pe @ k_pe[:, None].transpose(-1, -2)).float()
+    scores = (scores * layer.scale).masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhtc,hvc->bhtv", scores.softmax(dim=-1).to(c.dtype) @ c[:, None], w_uv)
+
+
+def ms_per_call(fn, repeats: int = 10) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=3)
+    ap.add_argument("--cached", type=int, default=1150, help="tokens in each row's cache")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = ap.parse_args()
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    flags = [f for ln in lscpu.splitlines() if ln.startswith("Flags") for f in ln.split()[1:]
+             if f.startswith(("avx", "amx"))]
+    print(f"cpu: {model}; flags {' '.join(flags)}; {torch.get_num_threads()} threads; torch {torch.__version__}")
+    cfg = ModelConfig.from_dir(ROOT / "tests" / "data" / "configs" / "deepseek-vl2-small").language
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    layer = MLAttention(cfg).to(dtype).requires_grad_(False)
+    B, H, S, capacity = args.batch, layer.heads, args.cached + 1, args.cached + 512
+    g = torch.Generator().manual_seed(1)
+    cache_c = torch.randn(B, capacity, layer.rank, generator=g).to(dtype)  # a cache with room to spare, as the
+    cache_k = torch.randn(B, capacity, layer.dr, generator=g).to(dtype)  # engine's: the layer reads a cut view
+    c, k_pe = cache_c[:, :S], cache_k[:, :S]
+    q_nope = torch.randn(B, H, 1, layer.dn, generator=g).to(dtype)
+    q_pe = torch.randn(B, H, 1, layer.dr, generator=g).to(dtype)
+    positions = torch.full((B, 1), S - 1)
+    mask = causal_mask(positions, torch.arange(S).expand(B, -1))
+    with torch.inference_mode():
+        now = ms_per_call(lambda: layer._absorbed(q_nope, q_pe, c, k_pe, mask))
+        before = ms_per_call(lambda: broadcast_form(layer, q_nope, q_pe, c, k_pe, mask))
+        diff = (layer._absorbed(q_nope, q_pe, c, k_pe, mask).float()
+                - broadcast_form(layer, q_nope, q_pe, c, k_pe, mask).float()).abs().max()
+    print(f"Small widths: {H} heads, latent {layer.rank}, rope {layer.dr}; batch {B}, {S} cached tokens, {args.dtype}")
+    layers = cfg.num_hidden_layers
+    print(f"absorbed attention per layer: {now:.2f} ms (heads folded into rows) vs {before:.2f} ms (cache "
+          f"broadcast over heads): {before / now:.1f}x; x {layers} layers: {now * layers:.0f} vs "
+          f"{before * layers:.0f} ms per decode step; max difference {float(diff):.2e}")
+
+
+if __name__ == "__main__":
+    main()
