@@ -71,7 +71,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
               ", K=", K, " (needs (", (N + 3) / 4, ", ", steps * 32, "))");
   TORCH_CHECK(group > 0 && groups * group == K, "int4_linear: s is ", s.sizes(), " for K=", K, ", G=", group);
   TORCH_CHECK(groups == 1 || group % 16 == 0, "int4_linear: G=", group, " must be a multiple of 16 or K");
-  const int64_t group_steps = groups == 1 ? steps : group / 16;
+  const int64_t group_steps = int4_group_steps(groups, group, steps);
   const at::Tensor sc = s.contiguous();
   const int64_t ldx = steps * 16;
   const at::Tensor x = float_rows(x_in, ldx);

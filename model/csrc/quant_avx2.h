@@ -79,11 +79,21 @@ struct Blocked {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Units of work: ranges of rows (a multiple of 4, ~kChunkBytes of weight) over the padded rows [0, round_up(N, 4)).
+// Weight rows per unit of work handed to a thread: ~kChunkBytes of weight, a multiple of 8 (whole blocks of 4).
+inline int64_t rows_per_unit(int64_t row_bytes) {
+  return std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(row_bytes, 1) / 8 * 8);
+}
+
+// Steps of 16 k per int4 group: G / 16, or every step where the row is one group.
+inline int64_t int4_group_steps(int64_t groups, int64_t group, int64_t steps) {
+  return groups == 1 ? steps : group / 16;
+}
+
+// Units of work: ranges of rows (`rows_per_unit`) over the padded rows [0, round_up(N, 4)).
 template <typename Span>
 void run_rows(int64_t N, int64_t row_bytes, const Span& span) {
   const int64_t padded = round_up(N, kRowsPerBlock);
-  const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(row_bytes, 1) / 8 * 8);
+  const int64_t per_unit = rows_per_unit(row_bytes);
   run_units((padded + per_unit - 1) / per_unit,
             [&](int64_t u) { span(u * per_unit, std::min(padded, (u + 1) * per_unit)); });
 }

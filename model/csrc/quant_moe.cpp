@@ -28,7 +28,7 @@ struct Unit {
 // Units covering the `rows` weight rows of each active expert's matrices `which`, ~kChunkBytes of weight each.
 void plan(std::vector<Unit>& units, const std::vector<int64_t>& active, int64_t rows, int64_t row_bytes,
           std::initializer_list<int> which) {
-  const int64_t per_unit = std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(row_bytes, 1) / 8 * 8);
+  const int64_t per_unit = rows_per_unit(row_bytes);
   const int64_t padded = round_up(rows, kRowsPerBlock);
   for (int w : which)
     for (int64_t e : active)
@@ -50,7 +50,7 @@ void product(int bits, const at::Tensor& q, const S* s, int64_t group, const flo
   } else {
     const int64_t groups = K / group;
     int4_span(Int4Rows{q.const_data_ptr<uint8_t>(), q.size(1)}, s, groups, x, ldx, xsum, y, ldy, n0, n1, N, M, steps,
-              groups == 1 ? steps : group / 16);
+              int4_group_steps(groups, group, steps));
   }
 }
 
