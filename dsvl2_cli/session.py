@@ -157,8 +157,9 @@ class _Session:
             self.reporter.info("kernel paths: " + ", ".join(f"{r.family} {r.use} ({r.reason})" for r in paths.routes),
                                level=1)
         if (quant := getattr(runtime, "quant_paths", None)) is not None:
-            self.reporter.info(f"{quant['scheme']} products: decode {quant['decode']}, prefill {quant['prefill']}, "
-                               f"weights in the {quant['layout']} layout", level=1)
+            self.reporter.info(f"{quant['scheme']} products: " + "; ".join(
+                f"{family} decode {p['decode']}, prefill {p['prefill']}, {p['layout']} layout"
+                for family, p in quant["families"].items()), level=1)
         return runtime
 
     @staticmethod

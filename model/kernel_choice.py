@@ -148,13 +148,16 @@ def from_timing(family: Family, machine: Machine, kernel_s: float, torch_s: floa
     return Route(family, "torch", f"{'amx, ' if amx else ''}calibrated: torch {1 / ratio:.2f}x")
 
 
-def cache_file(directory: Path, machine: Machine) -> Path:
-    return Path(directory) / f"{PREFIX}{machine.key()}.json"
+def cache_file(directory: Path, machine: Machine, prefix: str = PREFIX) -> Path:
+    """The timings file of `machine` in `directory`; `prefix` names whose timings they are (quant_choice keeps its
+    own beside its build)."""
+    return Path(directory) / f"{prefix}{machine.key()}.json"
 
 
 def read_timings(path: Path, machine: Machine) -> dict[str, dict[str, float]] | None:
-    """The timings recorded in `path` for `machine`; {} when there is no file, None when it is unreadable, corrupt
-    or of another machine or layout (the caller measures again and rewrites it)."""
+    """The timings recorded in `path` for `machine` ({key: {name: seconds}}); {} when there is no file, None when it
+    is unreadable, corrupt or of another machine or layout (the caller measures again and rewrites it). A caller
+    that finds an entry without the names it needs times that entry again."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -166,11 +169,14 @@ def read_timings(path: Path, machine: Machine) -> dict[str, dict[str, float]] | 
         return None
     timings = {}
     for key, entry in data["timings"].items():
-        values = [entry.get(k) if isinstance(entry, dict) else None for k in ("kernel_s", "torch_s")]
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
+        if not (isinstance(entry, dict) and entry and all(_seconds(v) for v in entry.values())):
             return None
-        timings[key] = {"kernel_s": float(values[0]), "torch_s": float(values[1])}
+        timings[key] = {name: float(v) for name, v in entry.items()}
     return timings
+
+
+def _seconds(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
 
 
 def write_timings(path: Path, machine: Machine, new: Mapping[str, dict[str, float]]) -> None:
@@ -203,7 +209,7 @@ def decide(trials: Mapping[Family, Trial | str], *, machine: Machine, status: Ke
         if route is None:
             key = f"{family}|{trial.shape}"
             timing = known.get(key)
-            if timing is None:
+            if timing is None or not {"kernel_s", "torch_s"} <= timing.keys():
                 try:
                     kernel_fn, torch_fn = trial.build()
                     timing = fresh[key] = {"kernel_s": timer(kernel_fn), "torch_s": timer(torch_fn)}

@@ -37,6 +37,10 @@ from dsvl2.model.errors import ConfigError
 
 Impl = Literal["kernel", "packed", "packed_bf16", "dequant"]
 Layout = Literal["plain", "r4", "nibbles", "cpu", "k16r4"]
+# Quantised linears by how their products run (quant_choice.py decides each apart): the routed experts ("experts":
+# a few rows each per prefill chunk, decode in one MoE call) and every other one ("dense").
+Family = Literal["experts", "dense"]
+FAMILIES: tuple[Family, ...] = ("experts", "dense")
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZE = 128
 PACKED_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU op takes
@@ -337,6 +341,11 @@ def replace_linears(model: nn.Module, scheme: Scheme, prefix: str = "language") 
     return replaced
 
 
+def family_of(name: str) -> Family:
+    """The family of the quantised linear at module path `name`."""
+    return "experts" if ".experts." in f".{name}" else "dense"
+
+
 def quant_layers(model: nn.Module) -> list[QuantLinear]:
     return [m for m in model.modules() if isinstance(m, QuantLinear)]
 
@@ -347,11 +356,14 @@ def use_impls(model: nn.Module, impls: tuple[Impl, Impl]) -> None:
         m.impls = impls
 
 
-def quant_paths(model: nn.Module) -> dict[str, str] | None:
-    """What `model`'s quantised products run, for -v and the run manifest: scheme, decode and prefill
-    implementations and the weights' layout (of the first quantised layer: quant_choice sets them for all); None
-    when nothing is quantised."""
-    first = next(iter(quant_layers(model)), None)
-    if first is None:
-        return None
-    return {"scheme": first.scheme.name, "decode": first.impls[0], "prefill": first.impls[1], "layout": first.layout}
+def quant_paths(model: nn.Module) -> dict | None:
+    """What `model`'s quantised products run, for -v and the run manifest: the scheme and, per family of layers
+    (quant_choice's "experts" / "dense", which sets them for all of a family), the decode and prefill
+    implementations and the weights' layout; None when nothing is quantised."""
+    families: dict[str, dict[str, str]] = {}
+    scheme = None
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            scheme = scheme or m.scheme.name
+            families.setdefault(family_of(name), {"decode": m.impls[0], "prefill": m.impls[1], "layout": m.layout})
+    return None if scheme is None else {"scheme": scheme, "families": families}

@@ -20,7 +20,7 @@ import torch
 from dsvl2.model import allocator
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import WeightsError
-from dsvl2.model.quant import replace_linears, use_impls
+from dsvl2.model.quant import replace_linears
 from dsvl2.model.quant_checkpoint import expected_dtypes, quantize_stored, run_scheme, stored_scheme
 from dsvl2.model.vl2 import DeepseekVL2
 
@@ -159,7 +159,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
     if layers:
         from dsvl2.model import quant_choice  # imported here: it times products, which a float model never needs
 
-        use_impls(model, quant_choice.choose(model.language, dtype))
+        quant_choice.choose(model.language, dtype, cache=quant_choice.cache_directory())
     return model.eval().requires_grad_(False)
 
 

@@ -5,6 +5,8 @@ test_quant_kernels.py.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,41 +97,59 @@ def test_a_shape_torchs_int4_op_does_not_cover_never_takes_its_layout():
 
 
 def test_the_choice_takes_the_fastest_candidate_per_row_count():
-    """Catches a choice that ignores the timings or mixes up decode and prefill."""
+    """Catches a choice that ignores the timings, mixes up decode and prefill, or times decode at one row count
+    only: "packed_bf16" is fastest at a batch of 8 but 3x slower at one row, where "packed" is close at both."""
     model = torch.nn.Sequential(torch.nn.Identity())
     layer, _, _ = _layer(_weight(64, 128, seed=5), Scheme.named("int8"), torch.float32)
     layer.relayout("plain")  # torch's candidates read it (the kernel's "r4" is timed on a copy by `choose`)
     model.add_module("proj", layer)
-    speeds = {("packed", 8): 1.0, ("packed_bf16", 8): 0.5, ("dequant", 8): 2.0,
+    speeds = {("packed", 1): 1.0, ("packed_bf16", 1): 3.0, ("dequant", 1): 2.0,
+              ("packed", 8): 1.0, ("packed_bf16", 8): 0.8, ("dequant", 8): 2.0,
               ("packed", 256): 3.0, ("packed_bf16", 256): 2.0, ("dequant", 256): 1.0}
 
     def timer(fn):
-        for impl in ("packed", "packed_bf16", "dequant"):
-            if fn.__defaults__[0] == impl:
-                return speeds[(impl, rows)]
-        if fn.__defaults__[0] == "kernel":
-            return 10.0
-        raise AssertionError("not a candidate")
+        impl, _, rows = fn.__defaults__
+        return speeds.get((impl, rows), 10.0)  # the kernel: slowest
 
-    rows = 8
     times = quant_choice.time_impls(layer, torch.float32, 8, timer=timer)
     assert min(times, key=times.get) == "packed_bf16"
-    seen = []
-
-    decode_candidates = sum(len(quant_choice.candidates(layer.copy_as(layout), torch.float32))
-                            for layout in layer.layouts())
-
-    def timer2(fn):
-        seen.append(fn.__defaults__[0])
-        return speeds.get((fn.__defaults__[0], 8 if len(seen) <= decode_candidates else 256), 10.0)
-
-    assert quant_choice.choose(model, torch.float32, timer=timer2) == ("packed_bf16", "dequant")
-    assert layer.layout == "plain"  # the layout the decode winner reads
+    quant_choice._decided.clear()
+    decisions = quant_choice.choose(model, torch.float32, timer=timer)
+    assert decisions == {"dense": quant_choice.Decision("packed", "dequant", "plain")}
+    assert layer.impls == ("packed", "dequant") and layer.layout == "plain"  # the layout the decode winner reads
     assert quant_choice.candidates(layer, torch.bfloat16) == ["packed", "dequant"]  # no cast for bf16
     if quant_kernels.available():
         assert quant_choice.candidates(layer.copy_as("r4"), torch.bfloat16) == ["kernel", "dequant"]
     use_impls(model, ("dequant", "packed"))
     assert layer.impls == ("dequant", "packed")
+
+
+def test_the_timings_are_kept_in_the_cache_directory_and_read_back(tmp_path):
+    """Catches a choice timed again in every process (its timings not written, or not read back) and one that
+    reuses the timings of another shape."""
+    def model_of(n: int) -> torch.nn.Module:
+        model = torch.nn.Module()
+        model.add_module("proj", _layer(_weight(n, 128, seed=6), Scheme.named("int8"), torch.float32)[0])
+        return model
+
+    calls = []
+
+    def timer(fn):
+        calls.append(fn.__defaults__[0])
+        return {"packed": 1.0, "dequant": 2.0}.get(fn.__defaults__[0], 3.0)
+
+    quant_choice._decided.clear()
+    first = quant_choice.choose(model_of(64), torch.float32, timer=timer, cache=tmp_path)
+    timed = len(calls)
+    assert timed and first["dense"].decode == "packed"
+    files = list(tmp_path.glob(f"{quant_choice.CACHE_PREFIX}*.json"))
+    assert len(files) == 1 and len(json.loads(files[0].read_text())["timings"]) == 1
+    quant_choice._decided.clear()  # as in a new process
+    again = quant_choice.choose(model_of(64), torch.float32, cache=tmp_path,
+                                timer=lambda fn: pytest.fail("timed again despite the cache"))
+    assert again == first
+    quant_choice.choose(model_of(32), torch.float32, timer=timer, cache=tmp_path)
+    assert len(calls) == 2 * timed and len(json.loads(files[0].read_text())["timings"]) == 2
 
 
 @pytest.mark.parametrize(("fastest", "layout"), [("packed", "cpu"), ("kernel", "k16r4"), ("dequant", "nibbles")])
@@ -150,9 +170,8 @@ def test_the_int4_choice_leaves_every_layer_in_the_layout_it_reads(fastest, layo
         impl, reads = fn.__defaults__[0], fn.__defaults__[1].layout
         return 0.5 if impl == fastest and (impl != "dequant" or reads == "nibbles") else 1.0
 
-    impls = quant_choice.choose(model, torch.float32, timer=timer)
-    use_impls(model, impls)
-    assert impls[0] == fastest and big.layout == layout
+    decisions = quant_choice.choose(model, torch.float32, timer=timer)
+    assert decisions["dense"].decode == fastest and big.layout == layout and big.impls[0] == fastest
     assert odd.layout == (layout if layout in odd.layouts() else odd.layouts()[0])
     x = torch.randn(2, 256)
     with torch.inference_mode():

@@ -176,6 +176,9 @@ def test_the_cli_reports_what_the_quantised_products_run(monkeypatch, tmp_path):
     manifest = json.loads((tmp_path / "out" / "ocr.manifest.json").read_text())
     quant = manifest["runtime"]["quant_kernels"]
     assert quant["state"] == quant_kernels.status().state
-    assert quant["paths"]["scheme"] == "int8" and quant["paths"]["layout"] in ("plain", "r4", "k16r4", "cpu", "nibbles")
-    line = f"int8 products: decode {quant['paths']['decode']}, prefill {quant['paths']['prefill']}"
-    assert any(ln.startswith(line) for ln in result.stderr.splitlines()), result.stderr
+    families = quant["paths"]["families"]
+    assert quant["paths"]["scheme"] == "int8" and set(families) == {"experts", "dense"}
+    assert all(p["layout"] in ("plain", "r4") for p in families.values())
+    line = "int8 products: " + "; ".join(f"{family} decode {p['decode']}, prefill {p['prefill']}, {p['layout']} layout"
+                                         for family, p in families.items())
+    assert line in result.stderr.splitlines(), result.stderr

@@ -115,17 +115,16 @@ def test_moe_kernel_lists_follow_replaced_weights(quant_kernels_on):
 
 
 def test_the_choice_times_an_experts_kernel_as_decode_runs_it(quant_kernels_on):
-    """A routed expert's kernel is timed as the one-call MoE path (its three products in one call, a third each):
-    it wins decode here although the product timed alone loses to torch's packed op; a lone layer of the same
-    shape, timed alone, keeps torch's op."""
+    """The routed experts and the other layers are decided apart. A routed expert's kernel is timed as the
+    one-call MoE path (its three products in one call, a third each): it wins the experts' decode here although
+    the product timed alone loses to torch's packed op; a dense layer of the same shape in the same model, timed
+    alone, keeps torch's op and its layout."""
     from dsvl2.model import quant_choice
 
-    def model_of(with_expert: bool) -> torch.nn.Module:
-        expert = _moe(64, 48, 1, 1, "int8", torch.float32, seed=2).experts[0]
-        model, holder = torch.nn.Module(), torch.nn.Module()
-        holder.add_module("experts" if with_expert else "blocks", torch.nn.ModuleList([expert]))
-        model.add_module("mlp", holder)
-        return model
+    model, holder = torch.nn.Module(), torch.nn.Module()
+    holder.add_module("experts", torch.nn.ModuleList([_moe(64, 48, 1, 1, "int8", torch.float32, seed=2).experts[0]]))
+    model.add_module("mlp", holder)
+    model.add_module("dense", _moe(64, 48, 1, 1, "int8", torch.float32, seed=3).experts[0])
 
     def timer(fn):  # packed 1.0 per product; the kernel alone 1.5; the kernel's one call for three products 2.4
         impl = fn.__defaults__[0]
@@ -133,9 +132,9 @@ def test_the_choice_times_an_experts_kernel_as_decode_runs_it(quant_kernels_on):
             return 2.4 if fn.__name__ == "call" else 1.5
         return {"packed": 1.0, "packed_bf16": 1.2, "dequant": 2.0}[impl]
 
-    for with_expert, expected in ((True, ("kernel", "r4")), (False, ("packed", "plain"))):
-        model = model_of(with_expert)
-        quant_choice._decided.clear()
-        impls = quant_choice.choose(model, torch.float32, timer=timer)
-        gate = next(m for m in model.modules() if isinstance(m, QuantLinear))
-        assert (impls[0], gate.layout) == expected, with_expert
+    quant_choice._decided.clear()
+    decisions = quant_choice.choose(model, torch.float32, timer=timer)
+    assert (decisions["experts"].decode, decisions["experts"].layout) == ("kernel", "r4")
+    assert (decisions["dense"].decode, decisions["dense"].layout) == ("packed", "plain")
+    expert, dense = model.mlp.experts[0].gate_proj, model.dense.gate_proj
+    assert (expert.impls[0], expert.layout, dense.impls[0], dense.layout) == ("kernel", "r4", "packed", "plain")
