@@ -4,10 +4,18 @@ bias-free projection `proj` every language module uses. Attribute paths equal th
 Each module holds the model's `Paths` (kernel_choice.py; set by LanguageModel, `UNCHOSEN` = torch until then)
 and asks it, never the environment, whether a family runs our kernels; the kernels' own checks (shape, dtype,
 device, availability) still apply. Shape legend: N tokens, E hidden size, X routed experts, K experts per token,
-T new tokens per row.
+T new tokens per row, I an expert's width.
+
+A MoE layer's routed experts run, first that applies: the quantised one-call kernel (quant.QuantExperts); the bf16
+CPU one-call kernel (kernels.moe_routed, where its family takes the kernel); torch's grouped product over the
+experts' weights stacked per projection (`MoE.grouped`: float32 / bf16 on the CPU, bf16 on a GPU; nothing read
+back to the host); else one expert at a time (`MoE.dispatch`). The stacks are the experts' own parameters, held
+once: the loader reads the weights into them (`stack_slots`), and `StackedExperts` copies them there otherwise.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +104,7 @@ class MoE(nn.Module):
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         self._weight_lists: tuple[tuple, tuple[list[torch.Tensor], ...]] | None = None
         self._quant_experts, self._quant_shared = QuantExperts(), QuantExperts()
+        self._stacked = StackedExperts()
         self.paths = UNCHOSEN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +120,7 @@ class MoE(nn.Module):
             # bf16 CPU: the whole layer in one call
             y = kernels.moe_routed(flat, ids, weights, *self._expert_weights())
         if y is None:
-            y = self.dispatch(flat, ids, weights)
+            y = self.routed(flat, ids, weights)
         if hasattr(self, "shared_experts"):
             y = y + self._shared(flat)
         return y.view(shape)
@@ -139,20 +148,155 @@ class MoE(nn.Module):
             self._weight_lists = (key, lists)
         return self._weight_lists[1]
 
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts without the fused kernels: torch's grouped product where it runs for these tokens and
+        float experts (`grouped_fits`), else one expert at a time, as also where the decode projections' kernel
+        takes these few rows (the experts' products then read each weight once on that kernel)."""
+        down = self.experts[0].down_proj
+        if (isinstance(down, QuantLinear) or not grouped_fits(x, down.weight)
+                or kernels.takes(x, down.weight, enabled=self.paths.kernel("decode_projections"))):
+            return self.dispatch(x, ids, weights)
+        return self.grouped(x, ids, weights)
+
+    def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The products `dispatch` runs (tokens sorted by expert, each expert's rows one block), as three of torch's
+        grouped products over the stacked weights (`StackedExperts`). The blocks' ends stay on the device: nothing
+        is read back to the host, so a GPU's queue does not drain once per layer and step as it does for
+        `dispatch`'s per-expert counts. Float experts only; see `grouped_fits`."""
+        stacks = self._stacked.get(self.experts)
+        if stacks is None:
+            return self.dispatch(x, ids, weights)
+        gate, up, down = stacks
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)  # token-slot indices grouped by expert
+        counts = torch.zeros(len(self.experts), dtype=torch.int32, device=x.device)
+        ends = counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+        tokens = x[order // ids.shape[1]]
+        h = (F.silu(torch._grouped_mm(tokens, gate.transpose(-2, -1), offs=ends))
+             * torch._grouped_mm(tokens, up.transpose(-2, -1), offs=ends))
+        return _combine(torch._grouped_mm(h, down.transpose(-2, -1), offs=ends), order, weights)
+
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Experts one by one, each over all of its tokens (any dtype, device and token count)."""
-        N, K = ids.shape
+        """Experts one by one, each over all of its tokens (any dtype, device, token count and expert kind, quantised
+        included); reads the per-expert counts back to the host."""
         order = ids.flatten().argsort(stable=True)  # token-slot indices grouped by expert
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-        tokens = x[order // K]
+        tokens = x[order // ids.shape[1]]
         out = torch.empty_like(tokens)
         start = 0
         for expert, n in zip(self.experts, counts, strict=True):
             if n:
                 out[start : start + n] = expert(tokens[start : start + n])
                 start += n
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out
-        # Weighted sum in float32 (the weights' dtype), as the reference does; as one batched product, which gives
-        # the same sums as multiplying and reducing over K, ~8x faster than that reduction on CPU.
-        return torch.bmm(weights[:, None, :], unsorted.view(N, K, -1).float())[:, 0].to(x.dtype)
+        return _combine(out, order, weights)
+
+
+def _combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The experts' outputs `out` (N * K, E), sorted by expert as `order` sorted the token slots, back in slot
+    order and summed per token with `weights` (N, K): (N, E) in out's dtype. The weighted sum in float32 (the
+    weights' dtype), as the reference does; as one batched product, which gives the same sums as multiplying and
+    reducing over K, ~8x faster than that reduction on CPU."""
+    N, K = weights.shape
+    unsorted = torch.empty_like(out).index_copy_(0, order, out)
+    return torch.bmm(weights[:, None, :], unsorted.view(N, K, -1).float())[:, 0].to(out.dtype)
+
+
+GROUPED_ALIGN = 8  # elements: off the CPU torch's grouped product wants rows a multiple of 16 bytes (bf16)
+
+
+def grouped_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped product (`MoE.grouped`) takes tokens x with expert weights like w (an expert's
+    down_proj weight): on the CPU in float32 or bf16 (the same products as F.linear there); elsewhere in bf16, with
+    both widths a multiple of 16 bytes, on a device where a first small grouped product ran (CUDA's kernels; the
+    meta device checks shapes as CUDA does). Other dtypes and devices take `MoE.dispatch`."""
+    if x.dtype != w.dtype or x.device != w.device or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    return (x.dtype is torch.bfloat16 and w.shape[0] % GROUPED_ALIGN == 0 and w.shape[1] % GROUPED_ALIGN == 0
+            and _grouped_runs(str(x.device)))
+
+
+@functools.cache
+def _grouped_runs(device: str) -> bool:
+    """Whether torch's grouped bf16 product runs on `device` (this build and device; once per process)."""
+    try:
+        a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
+        b = torch.zeros(2, 16, 16, dtype=torch.bfloat16, device=device).transpose(-2, -1)
+        torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+class StackedExperts:
+    """The routed experts' float weights as three stacked tensors, gate and up (X, I, E) and down (X, E, I), for
+    `MoE.grouped`. Building them rebinds each expert's parameters as views of the stacks, so the weights are held
+    once (while building, one stack more); built on first use and again when the parameters were replaced or moved
+    (loading, `.to()`), which the first or last expert's weight no longer inside its stack shows."""
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self):
+        self._stacks: tuple[torch.Tensor, ...] = ()
+
+    def get(self, experts: nn.ModuleList) -> tuple[torch.Tensor, ...] | None:
+        """The stacks (gate, up, down), or None where the parameters cannot be views of one stack (some of them
+        inference tensors and some not, which a Parameter's data cannot switch between)."""
+        if not self._current(experts):
+            self._stacks = self._build(experts) if self._stackable(experts) else ()
+        return self._stacks or None
+
+    def _stackable(self, experts: nn.ModuleList) -> bool:
+        kinds = {getattr(e, name).weight.is_inference() for e in experts for name in self.NAMES}
+        return len(kinds) == 1
+
+    def _current(self, experts: nn.ModuleList) -> bool:
+        if not self._stacks:
+            return False
+        for name, stack in zip(self.NAMES, self._stacks, strict=True):
+            first, last = getattr(experts[0], name).weight, getattr(experts[-1], name).weight
+            if (first.device != stack.device or first.dtype != stack.dtype or first.data_ptr() != stack.data_ptr()
+                    or last.data_ptr() != stack[-1].data_ptr()):
+                return False
+        return True
+
+    def _build(self, experts: nn.ModuleList) -> tuple[torch.Tensor, ...]:
+        stacks = []
+        for name in self.NAMES:
+            params = [getattr(e, name).weight for e in experts]
+            # A parameter can be a view of a stack made in its own mode only (`_stackable`).
+            with torch.inference_mode(params[0].is_inference()), torch.no_grad():
+                stack = _laid_out(params)
+                if stack is None:  # copy them into one (~1 s per Tiny layer in float32 on 2 cores: page faults)
+                    stack = params[0].new_empty((len(params), *params[0].shape))
+                    for i, p in enumerate(params):
+                        stack[i].copy_(p)
+                        p.data = stack[i]  # the parameter's old storage is freed
+                stacks.append(stack)
+        return tuple(stacks)
+
+
+def _laid_out(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The stack `params` already are, one after another in one storage (as the loader places them:
+    `stack_slots`), as a tensor over that storage; None where they are not."""
+    first = params[0]
+    storage, start, size = first.untyped_storage(), first.storage_offset(), first.numel()
+    for i, p in enumerate(params):
+        if not (p.is_contiguous() and p.shape == first.shape and p.dtype == first.dtype and p.device == first.device
+                and p.untyped_storage().data_ptr() == storage.data_ptr() and p.storage_offset() == start + i * size):
+            return None
+    return first.new_empty(0).set_(storage, start, (len(params), *first.shape))
+
+
+def stack_slots(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Where a loader puts the float routed experts' weights of `model` so that `StackedExperts` takes them as its
+    stacks without copying: by state-dict key, (the name of its stack, its index there, the stack's length)."""
+    slots = {}
+    for path, m in model.named_modules():
+        if isinstance(m, MoE):
+            for name in StackedExperts.NAMES:
+                for e, expert in enumerate(m.experts):
+                    if isinstance(getattr(expert, name), nn.Linear):
+                        slots[f"{path}.experts.{e}.{name}.weight"] = (f"{path}.experts.{name}", e, len(m.experts))
+    return slots

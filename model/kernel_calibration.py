@@ -136,4 +136,4 @@ def _experts(moe, tokens: int) -> Calls:
         ids, weights = moe.gate(x)
     _covered(kernels.moe_fits(x, moe.experts[0].down_proj.weight), f"experts over {tokens} tokens")
     lists = moe._expert_weights()
-    return lambda: kernels.moe_routed(x, ids, weights, *lists), lambda: moe.dispatch(x, ids, weights)
+    return lambda: kernels.moe_routed(x, ids, weights, *lists), lambda: moe.routed(x, ids, weights)

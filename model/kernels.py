@@ -169,9 +169,14 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.dsvl2_kernels.linear_bf16(x, w)
 
 
+def takes(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, enabled: bool = True) -> bool:
+    """Whether `linear` runs the kernel for these arguments: enabled, `fits` and available."""
+    return enabled and fits(x, w, bias) and available()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, enabled: bool = True) -> torch.Tensor:
-    """`F.linear(x, w, bias)`, by the kernel when it is enabled, available and `fits`; x is (..., K)."""
-    if not (enabled and fits(x, w, bias) and available()):
+    """`F.linear(x, w, bias)`, by the kernel when it `takes` them; x is (..., K)."""
+    if not takes(x, w, bias, enabled=enabled):
         return F.linear(x, w, bias)
     if x.ndim == 2:
         return linear_bf16(x, w)

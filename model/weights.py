@@ -20,6 +20,7 @@ import torch
 from dsvl2.model import allocator
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import WeightsError
+from dsvl2.model.feedforward import stack_slots
 from dsvl2.model.quant import replace_linears
 from dsvl2.model.quant_checkpoint import expected_dtypes, quantize_stored, run_scheme, stored_scheme
 from dsvl2.model.vl2 import DeepseekVL2
@@ -142,7 +143,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
     def read_as(key: str) -> torch.dtype | None:  # weights to quantise and quantised ones: as stored
         return None if key in targets or key in stored_layers else dtype
 
-    state = {}
+    state, slots, stacks = {}, stack_slots(model), {}
     with allocator.while_loading():  # no heap holes left by the tensors read and dropped (allocator.py)
         for key, t in _read_tensors(found, dtype=read_as, device=device):
             if key in targets:
@@ -153,6 +154,8 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
                 state[f"{base}.scales"] = s.to(dtype)
             elif key in stored_layers:
                 state[key] = stored_layers[key].use_stored(t)
+            elif (slot := slots.get(key)) is not None:
+                state[key] = _into_stack(stacks, slot, t)
             else:
                 state[RENAMES.get(key, key)] = t
     model.load_state_dict(state, strict=True, assign=True)
@@ -161,6 +164,17 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
 
         quant_choice.choose(model.language, dtype, cache=quant_choice.cache_directory())
     return model.eval().requires_grad_(False)
+
+
+def _into_stack(stacks: dict[str, torch.Tensor], slot: tuple[str, int, int], t: torch.Tensor) -> torch.Tensor:
+    """`t` copied into its place in one of `stacks` (made at its first tensor), returned as that view: the routed
+    experts' weights load as the stacks the grouped expert product reads (feedforward.stack_slots)."""
+    name, index, length = slot
+    stack = stacks.get(name)
+    if stack is None:
+        stack = stacks[name] = t.new_empty((length, *t.shape))
+    stack[index].copy_(t)
+    return stack[index]
 
 
 def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype | Callable[[str], torch.dtype | None],

@@ -10,7 +10,7 @@ from test_invariants import page_requests
 
 from dsvl2.model.config import LanguageConfig
 from dsvl2.model.engine import Engine
-from dsvl2.model.language import LanguageModel
+from dsvl2.model.language import LanguageModel, MoE
 from dsvl2.model.requests import Completion, Request, Sampling, user_prompt
 from dsvl2.model.sampling import sample_tokens, top_p_filter
 
@@ -176,19 +176,22 @@ def test_a_failed_step_drops_the_work_and_leaves_the_engine_usable(monkeypatch) 
 def test_cached_forward_reads_nothing_back_from_the_device(mla: bool) -> None:
     """Catches host synchronisations on the decode path (on a GPU each one waits for the device's queue to drain,
     per layer per step): a prefill of some rows and a decode step over all rows run on the meta device, where
-    reading any value back (int(), .tolist(), .item()) raises. Dense layers: the MoE dispatch still reads its
-    per-expert counts."""
+    reading any value back (int(), .tolist(), .item()) raises. A dense layer and a MoE layer, in bf16: the routed
+    experts take torch's grouped product there, as on a GPU (the meta device checks it as CUDA does)."""
     cfg = LanguageConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, vocab_size=50, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=4,
-                         qk_rope_head_dim=4, v_head_dim=4, use_mla=mla)
+                         qk_rope_head_dim=4, v_head_dim=4, use_mla=mla, n_routed_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=8, n_shared_experts=1, first_k_dense_replace=1,
+                         topk_method="greedy")
     with torch.device("meta"):
-        lm = LanguageModel(cfg)
+        lm = LanguageModel(cfg).to(torch.bfloat16)
+    assert isinstance(lm.model.layers[1].mlp, MoE)
     cache = lm.new_cache(3, 24)
     rows = cache.rows([0, 2])
-    lm(torch.zeros(2, 7, 16, device="meta"), rows)
+    lm(torch.zeros(2, 7, 16, device="meta", dtype=torch.bfloat16), rows)
     rows.advance([7, 4])
     for _ in range(3):
-        hidden = lm(torch.zeros(3, 1, 16, device="meta"), cache)
+        hidden = lm(torch.zeros(3, 1, 16, device="meta", dtype=torch.bfloat16), cache)
         cache.advance([1, 0, 1])
     assert hidden.shape == (3, 1, 16) and cache.lengths.tolist() == [10, 0, 7]
     with pytest.raises(RuntimeError, match="overflow"):

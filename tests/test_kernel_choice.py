@@ -180,7 +180,7 @@ class FakeKernels:
     def __init__(self, monkeypatch):
         self.ran: list[str] = []
         self.weights: set[int] = set()  # data_ptr of every weight a kernel product read
-        for name in ("attend_fits", "attention_fits", "moe_fits", "fits"):
+        for name in ("attend_fits", "attention_fits", "moe_fits", "fits", "available"):
             monkeypatch.setattr(kernels, name, lambda *a: True)
         monkeypatch.setattr(kernels, "linear", self.linear)
         monkeypatch.setattr(kernels, "attend", self.attend)
