@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dsvl2.model import quant_kernels
-from dsvl2.model.kernel_choice import Machine, Timer, best_time, cache_file, read_timings, write_timings
+from dsvl2.model.kernel_choice import Timer, best_time, cache_file, read_timings, write_timings
 from dsvl2.model.kernels import machine
 from dsvl2.model.quant import FAMILIES, Family, Impl, Layout, QuantLinear, family_of
 
@@ -50,9 +50,6 @@ class Decision:
     decode: Impl
     prefill: Impl
     layout: Layout
-
-    def as_dict(self) -> dict[str, str]:
-        return {"decode": self.decode, "prefill": self.prefill, "layout": self.layout}
 
 
 _decided: dict[tuple, Decision] = {}
@@ -191,12 +188,12 @@ def cache_directory() -> Path | None:
     return Path(directory) if directory else None
 
 
-def decide(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, cache: Path | None = None,
-           here: Machine | None = None) -> dict[Family, Decision]:
+def decide(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, cache: Path | None = None
+           ) -> dict[Family, Decision]:
     """Each family's decision for the quantised layers of `model` with `dtype` activations: from this process's
     earlier decision for the same shapes, else the timings in `cache` (a directory; none when None), else new
     timings (then written there)."""
-    here = here or machine()
+    here = machine()
     path = cache_file(cache, here, CACHE_PREFIX) if cache is not None else None
     known = (read_timings(path, here) or {}) if path is not None else {}
     fresh: dict[str, Timings] = {}
@@ -210,7 +207,7 @@ def decide(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, ca
                 with torch.inference_mode():
                     fresh[key] = measure(layer, dtype, PREFILL_ROWS[family], timer=timer, expert=expert)
                 found = from_timings(fresh[key], PREFILL_ROWS[family])
-            found = _decided[memo] = found
+            _decided[memo] = found
         decisions[family] = found
     if fresh and path is not None:
         write_timings(path, here, fresh)
