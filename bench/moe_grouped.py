@@ -9,11 +9,13 @@ chunk, and the largest difference between the two (relative to the largest outpu
 from __future__ import annotations
 
 import argparse
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_limits import best_time, cpu_line
 
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.language import MoE
@@ -22,31 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": "deepseek-vl2-tiny", "small": "deepseek-vl2-small", "base": "deepseek-vl2"}
 
 
-def best_ms(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
-def cpu_line() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
-    flags = [f for ln in lscpu.splitlines() if ln.startswith("Flags") for f in ln.split()[1:]
-             if f.startswith(("avx", "amx"))]
-    return f"cpu: {model}; flags {' '.join(flags)}; {torch.get_num_threads()} threads; torch {torch.__version__}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="tiny", choices=tuple(CONFIGS))
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 3, 8, 256])
     args = ap.parse_args()
-    print(cpu_line())
+    print(f"cpu: {cpu_line()}; {torch.get_num_threads()} threads; torch {torch.__version__}")
     cfg = ModelConfig.from_dir(ROOT / "tests" / "data" / "configs" / CONFIGS[args.config]).language
     print(f"{args.config} widths: {cfg.n_routed_experts} experts of {cfg.moe_intermediate_size} x "
           f"{cfg.hidden_size}, top {cfg.num_experts_per_tok}; routed experts only (no shared)")
@@ -64,8 +48,8 @@ def main() -> None:
                                for _ in range(tokens)])
             weights = torch.rand(tokens, cfg.num_experts_per_tok, generator=g)
             with torch.inference_mode():
-                grouped = best_ms(lambda: moe.grouped(x, ids, weights))  # noqa: B023 - timed right here
-                dispatch = best_ms(lambda: moe.dispatch(x, ids, weights))  # noqa: B023
+                grouped = best_time(lambda: moe.grouped(x, ids, weights)) * 1e3  # noqa: B023 - timed right here
+                dispatch = best_time(lambda: moe.dispatch(x, ids, weights)) * 1e3  # noqa: B023
                 a, b = moe.grouped(x, ids, weights).float(), moe.dispatch(x, ids, weights).float()
             diff = float((a - b).abs().max() / b.abs().max())
             print(f"{name:<9} {tokens:>6} {grouped:>11.2f} {dispatch:>12.2f} {dispatch / grouped:>16.2f}x "
