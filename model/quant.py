@@ -86,14 +86,17 @@ def quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tenso
     """(N, K) float weight -> q int8 (N, K) (int4 values in [-8, 7]) and bf16 scales ((N,) or (N, K/G))."""
     w = w.float()
     n, k = w.shape
+    # max |w| as max(max w, -min w): the same value without an |w| copy; the quotient is rounded and clamped in
+    # place (`w` itself may be the caller's float32 tensor: never written).
     if scheme.bits == 8:
-        s = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).to(torch.bfloat16)
-        q = (w / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        s = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()) / 127).clamp_min(1e-12).to(torch.bfloat16)
+        q = (w / s.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return q, s
     g = scheme.group_for(k)
     groups = w.view(n, k // g, g)
-    s = (groups.abs().amax(dim=2) / 7).clamp_min(1e-12).to(torch.bfloat16)  # (N, K/G)
-    q = (groups / s.float()[..., None]).round().clamp(-8, 7).to(torch.int8).view(n, k)
+    peak = torch.maximum(groups.amax(dim=2), groups.amin(dim=2).neg())
+    s = (peak / 7).clamp_min(1e-12).to(torch.bfloat16)  # (N, K/G)
+    q = (groups / s.float()[..., None]).round_().clamp_(-8, 7).to(torch.int8).view(n, k)
     return q, s
 
 
@@ -108,7 +111,7 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.floa
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """int4 values (N, K) in [-8, 7] -> (N, ceil(K/2)) uint8, the stored layout: byte j holds k = 2j in its low
     nibble and k = 2j + 1 in its high nibble, each as q + 8."""
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    u = (q + 8).view(torch.uint8)  # [-8, 7] + 8 stays in int8's range
     if u.shape[1] % 2:
         u = F.pad(u, (0, 1), value=8)
     return u[:, 0::2] | (u[:, 1::2] << 4)
@@ -190,6 +193,12 @@ class QuantLinear(nn.Module):
         if self.layout in ("plain", "nibbles"):
             return qweight
         q = qweight if self.scheme.bits == 8 else unpack_nibbles(qweight, self.in_features)
+        return pack_layout(q, self.layout)
+
+    def use_values(self, q: torch.Tensor) -> torch.Tensor:
+        """The runtime form of freshly quantised values q (N, K) int8, in the preferred layout of `layouts` (sets
+        `layout`): packed once, where going through the stored layout would pack, unpack and pack again."""
+        self.layout = self.layouts(q.device)[0]
         return pack_layout(q, self.layout)
 
     def relayout(self, layout: Layout) -> None:

@@ -103,21 +103,23 @@ def scheme_name(directory: str | Path, quantize: str = "none") -> str:
     return "none" if scheme is None else scheme.name
 
 
-def quantize_stored(w: torch.Tensor, scheme: Scheme, *, chunk_bytes: int = 64 * 2**20
+def quantize_stored(w: torch.Tensor, scheme: Scheme, *, chunk_bytes: int = 64 * 2**20, values: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """An (N, K) floating-point weight of any float dtype -> (qweight, scales) in the stored layout (int8 (N, K), or
-    int4 nibbles (N, ceil(K/2))), quantised a block of rows at a time: each block is widened to float32 and its
-    temporaries freed before the next, so quantising a weight never holds more than `chunk_bytes` of float32 on
-    top of the weight itself and its result (an lm_head of 102,400 x 2,048 would otherwise add ~3 GiB of float32
-    temporaries). Rows are independent in both schemes, so the result equals `quantize` on the whole weight."""
+    int4 nibbles (N, ceil(K/2))), or with `values` the int8 (N, K) values for `QuantLinear.use_values`, quantised
+    a block of rows at a time: each block is widened to float32 and its temporaries freed before the next, so
+    quantising a weight never holds more than `chunk_bytes` of float32 on top of the weight itself and its result
+    (an lm_head of 102,400 x 2,048 would otherwise add ~3 GiB of float32 temporaries). Rows are independent in
+    both schemes, so the result equals `quantize` on the whole weight."""
     n, k = w.shape
     q_shape, s_shape = scheme.shapes(n, k)
-    q = torch.empty(q_shape, dtype=torch.int8 if scheme.bits == 8 else torch.uint8)
+    packed = scheme.bits == 4 and not values
+    q = torch.empty(q_shape if packed else (n, k), dtype=torch.uint8 if packed else torch.int8)
     s = torch.empty(s_shape, dtype=torch.bfloat16)
     step = max(1, chunk_bytes // (4 * max(k, 1)))
     for start in range(0, n, step):
         q_rows, s_rows = quantize(w[start:start + step], scheme)
-        q[start:start + step] = q_rows if scheme.bits == 8 else pack_nibbles(q_rows)
+        q[start:start + step] = pack_nibbles(q_rows) if packed else q_rows
         s[start:start + step] = s_rows
     return q, s
 

@@ -101,7 +101,7 @@ def r4_unpack(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def k16r4_pack(q: torch.Tensor) -> torch.Tensor:
     """int4 values (N, K) in [-8, 7] -> the "k16r4" layout (ceil(N/4), ceil(K/16) * 32) uint8."""
     n, k = q.shape
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    u = (q + 8).view(torch.uint8)  # [-8, 7] + 8 stays in int8's range
     if k % K16:
         u = F.pad(u, (0, K16 - k % K16), value=8)
     b = u.view(n, -1, 2, 8)  # (N, step, half, j)

@@ -147,10 +147,10 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
     with allocator.while_loading():  # no heap holes left by the tensors read and dropped (allocator.py)
         for key, t in _read_tensors(found, dtype=read_as, device=device):
             if key in targets:
-                q, s = quantize_stored(t, scheme)
+                q, s = quantize_stored(t, scheme, values=True)
                 del t
                 base = key.removesuffix(".weight")
-                state[f"{base}.qweight"] = targets[key].use_stored(q)
+                state[f"{base}.qweight"] = targets[key].use_values(q)
                 state[f"{base}.scales"] = s.to(dtype)
             elif key in stored_layers:
                 state[key] = stored_layers[key].use_stored(t)

@@ -35,7 +35,8 @@ def written(request, tmp_path_factory) -> tuple[str, Path]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantising_a_block_of_rows_at_a_time_equals_the_whole_weight(scheme, dtype):
     """Catches a block boundary that drops, repeats or misplaces rows (the loader and `dsvl2 quantize` quantise
-    large weights in blocks so their float32 temporaries stay small), in either stored layout."""
+    large weights in blocks so their float32 temporaries stay small), in either stored layout and as the values
+    the loader packs into the runtime layout."""
     sch = Scheme.named(scheme)
     w = torch.randn(37, 96, generator=torch.Generator().manual_seed(3)).to(dtype)
     q, s = quantize(w, sch)
@@ -43,6 +44,8 @@ def test_quantising_a_block_of_rows_at_a_time_equals_the_whole_weight(scheme, dt
     for chunk_bytes in (1, 4 * 96 * 5, 2**30):  # one row per block, 5 rows (a short last block), one block
         got_q, got_s = quantize_stored(w, sch, chunk_bytes=chunk_bytes)
         assert torch.equal(got_q, want) and torch.equal(got_s, s)
+        values, got_s = quantize_stored(w, sch, chunk_bytes=chunk_bytes, values=True)  # what the loader packs
+        assert torch.equal(values, q) and torch.equal(got_s, s)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
