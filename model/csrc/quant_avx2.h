@@ -245,13 +245,56 @@ inline void int4_row(const Int4Rows& q, const S* s, int64_t groups, const float*
   for (int j = 0; j < NB && n0 + j < N; ++j) y[n0 + j] = hsum(acc[j]) - 8.0f * offset[j];
 }
 
-// Rows [n0, n1) of y (n0 a multiple of 4, n1 a multiple of 4 or N), all M rows of x.
+// y[m][n0 .. n0 + 4) for MB <= 3 rows of x (decode batches): each 16-k step of the block's 4 weight rows is
+// unpacked and scaled in registers once for the MB rows, into exactly the weights `int4_dequant` writes, and summed
+// in the same order as `float_tile`, so the result equals `dequantised_span`'s; it skips that path's store and
+// reload of the dequantised block, which costs more than unpacking again when there are 3 rows or fewer.
+template <int MB, typename S>
+inline void int4_tile(const Int4Rows& q, const S* s, int64_t groups, const float* x, int64_t ldx, float* y,
+                      int64_t ldy, int64_t n0, int64_t N, int64_t steps, int64_t group_steps) {
+  constexpr int NB = kRowsPerBlock;
+  __m256 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi32(0x0F);
+  const uint8_t* r = q.row(n0);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 scale[NB], offset[NB];
+    for (int j = 0; j < NB; ++j) {
+      const float sg = group_scale(s, groups, n0 + j, g, N);
+      scale[j] = _mm256_set1_ps(sg), offset[j] = _mm256_set1_ps(-8.0f * sg);
+    }
+    for (int64_t t = g * group_steps; t < std::min(steps, (g + 1) * group_steps); ++t) {
+      const uint8_t* rt = r + t * Int4Rows::kStep;
+      for (int j = 0; j < NB; ++j) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rt + j * 8)));
+        const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), scale[j], offset[j]);
+        const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale[j], offset[j]);
+        for (int m = 0; m < MB; ++m) {
+          acc[m][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * ldx + t * 16), acc[m][j]);
+          acc[m][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * ldx + t * 16 + 8), acc[m][j]);
+        }
+      }
+    }
+  }
+  for (int j = 0; j < NB && n0 + j < N; ++j)
+    for (int m = 0; m < MB; ++m) y[m * ldy + n0 + j] = hsum(acc[m][j]);
+}
+
+// Rows [n0, n1) of y (n0 a multiple of 4, n1 a multiple of 4 or N), all M rows of x: one row `int4_row`, 2-3
+// `int4_tile`, more `dequantised_span` (its block dequantised once serves every 3 rows).
 template <typename S>
 void int4_span(const Int4Rows& q, const S* s, int64_t groups, const float* x, int64_t ldx, const float* xsum,
                float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps,
                int64_t group_steps) {
   if (M == 1) {
     for (int64_t n = n0; n < n1; n += kRowsPerBlock) int4_row(q, s, groups, x, xsum, y, n, N, steps, group_steps);
+  } else if (M <= 3) {
+    row_blocks(M, [&](auto mb_tag, int64_t m) {
+      constexpr int mb = decltype(mb_tag)::value;
+      for (int64_t n = n0; n < n1; n += kRowsPerBlock)
+        int4_tile<mb>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);
+    });
   } else {
     dequantised_span(M, n0, n1, N, x, ldx, y, ldy,
                      [&](int64_t n, float* w) { int4_dequant(q, s, groups, n, N, steps, group_steps, w); });
