@@ -359,12 +359,6 @@ def quant_layers(model: nn.Module) -> list[QuantLinear]:
     return [m for m in model.modules() if isinstance(m, QuantLinear)]
 
 
-def use_impls(model: nn.Module, impls: tuple[Impl, Impl]) -> None:
-    """Make every QuantLinear of `model` run `impls` (decode, prefill)."""
-    for m in quant_layers(model):
-        m.impls = impls
-
-
 def quant_paths(model: nn.Module) -> dict | None:
     """What `model`'s quantised products run, for -v and the run manifest: the scheme and, per family of layers
     (quant_choice's "experts" / "dense", which sets them for all of a family), the decode and prefill

@@ -1,11 +1,18 @@
 """Helpers shared by the quantised-product tests (tests/test_quant.py, tests/test_quant_kernels.py): a
-QuantLinear holding a given weight quantised, and a relative-error assertion that names the worst element."""
+QuantLinear holding a given weight quantised, every layer of a model set to given implementations, and a
+relative-error assertion that names the worst element."""
 
 from __future__ import annotations
 
 import torch
 
-from dsvl2.model.quant import QuantLinear, Scheme, pack_nibbles, quantize
+from dsvl2.model.quant import Impl, QuantLinear, Scheme, pack_nibbles, quant_layers, quantize
+
+
+def use_impls(model: torch.nn.Module, impls: tuple[Impl, Impl]) -> None:
+    """Make every QuantLinear of `model` run `impls` (decode, prefill), whatever quant_choice decided."""
+    for m in quant_layers(model):
+        m.impls = impls
 
 
 def quant_layer(w: torch.Tensor, scheme: Scheme, dtype: torch.dtype) -> tuple[QuantLinear, torch.Tensor, torch.Tensor]:

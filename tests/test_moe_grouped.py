@@ -91,3 +91,19 @@ def test_a_loaded_models_experts_are_their_stacks_already():
         after = [[getattr(e, name).weight.data_ptr() for e in moe.experts] for name in ("gate_proj", "up_proj",
                                                                                          "down_proj")]
         assert after == before and [s.data_ptr() for s in stacks] == [ptrs[0] for ptrs in before]
+
+
+@torch.inference_mode()
+def test_experts_that_cannot_share_one_stack_run_one_by_one():
+    """Catches stacking parameters of two kinds (inference tensors and not), which would corrupt those whose data
+    cannot become a view of the stack: the layer keeps its weights as they are and runs dispatch's products."""
+    with torch.inference_mode(False):
+        moe = random_moe(32, 24, 6, 2, seed=5, dtype=torch.float32)
+    moe.experts[2].up_proj.weight = torch.nn.Parameter(moe.experts[2].up_proj.weight.clone(), requires_grad=False)
+    assert moe.experts[2].up_proj.weight.is_inference() and not moe.experts[0].up_proj.weight.is_inference()
+    before = [e.up_proj.weight.data_ptr() for e in moe.experts]
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(6))
+    ids, weights = moe.gate(x)
+    assert moe._stacked.get(moe.experts) is None
+    assert_rel(moe.grouped(x, ids, weights), moe.dispatch(x, ids, weights), TOL[torch.float32], "mixed")
+    assert [e.up_proj.weight.data_ptr() for e in moe.experts] == before

@@ -21,7 +21,6 @@ from dsvl2.model.quant import (
     pack_nibbles,
     quantize,
     unpack_nibbles,
-    use_impls,
 )
 
 # Relative max error of a product against F.linear on the dequantised weight in the same dtype: float32 products
@@ -120,8 +119,6 @@ def test_the_choice_takes_the_fastest_candidate_per_row_count():
     assert quant_choice.candidates(layer, torch.bfloat16) == ["packed", "dequant"]  # no cast for bf16
     if quant_kernels.available():
         assert quant_choice.candidates(layer.copy_as("r4"), torch.bfloat16) == ["kernel", "dequant"]
-    use_impls(model, ("dequant", "packed"))
-    assert layer.impls == ("dequant", "packed")
 
 
 def test_the_timings_are_kept_in_the_cache_directory_and_read_back(tmp_path):
@@ -178,3 +175,21 @@ def test_the_int4_choice_leaves_every_layer_in_the_layout_it_reads(fastest, layo
         for layer, q, s in ((big, q_big, s_big), (odd, q_odd, s_odd)):
             assert torch.equal(layer.int_weight(), q)
             assert_rel(layer(x), F.linear(x, dequantize(q, s)), TOL[torch.float32], f"{layer.layout} {layer.impls}")
+
+
+def test_loading_keeps_the_timings_and_a_second_load_reads_them(monkeypatch, tmp_path):
+    """Catches a loader that does not hand the choice its cache directory: the first quantised load writes the
+    timings file there, a second process's load (the in-process decisions forgotten) times nothing and takes the
+    same implementations and layouts."""
+    from parity import checkpoint_dir
+
+    from dsvl2.model.quant import quant_paths
+    from dsvl2.model.weights import load_model
+
+    monkeypatch.setattr(quant_choice, "cache_directory", lambda: tmp_path)
+    monkeypatch.setattr(quant_choice, "_decided", {})
+    first = quant_paths(load_model(checkpoint_dir("tiny-mha"), quantize="int4"))
+    assert len(list(tmp_path.glob(f"{quant_choice.CACHE_PREFIX}*.json"))) == 1
+    monkeypatch.setattr(quant_choice, "_decided", {})
+    monkeypatch.setattr(quant_choice, "measure", lambda *a, **k: pytest.fail("timed again despite the file"))
+    assert quant_paths(load_model(checkpoint_dir("tiny-mha"), quantize="int4")) == first

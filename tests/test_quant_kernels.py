@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from parity import checkpoint_dir, load_cases, parity_processor, require
 from quant_agreement import run_case
-from quant_layers import assert_rel, quant_layer
+from quant_layers import assert_rel, quant_layer, use_impls
 
 from dsvl2.model import quant_kernels
 from dsvl2.model.kernels import ENV_SWITCH
-from dsvl2.model.quant import Scheme, dequantize, quant_layers, use_impls
+from dsvl2.model.quant import Scheme, dequantize, quant_layers
 from dsvl2.model.weights import load_model
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8 + 1e-5}
