@@ -59,31 +59,36 @@ def test_model_decode_through_the_kernels_equals_decode_through_f_linear(kernel,
 @pytest.mark.parametrize("name", ["small-mla", "tiny-mha"])
 def test_model_prefill_through_the_kernels_equals_prefill_through_torch(kernel, monkeypatch, name):
     """Catches a wrong wiring of the prefill kernels (MLA's expanded attention over the latent cache, MHA's causal
-    attention, the packed experts): a 20-token bf16 prefill continuing a 5-token one gives the torch path's
-    logits within bf16 noise, and the kernels ran."""
+    attention, the packed experts): a 20-token bf16 prefill continuing a 5-token one is as close to float32's
+    logits as the torch path's (within bf16 noise: both round differently, so a near-tie expert can flip in one
+    and not the other; compared with each other they may differ by two such flips), and the kernels ran."""
     from parity import parity_model
 
     lm = parity_model(name, torch.bfloat16).language
+    lm32 = parity_model(name, torch.float32).language
     ids = torch.randint(3, lm.cfg.vocab_size, (2, 25), generator=torch.Generator().manual_seed(7))
     ran = []
     for op in ("moe_routed", "attention"):
         real = getattr(kernels, op)
         monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real: ran.append(op) or real(*a))
 
-    def prefill_logits(paths: Paths) -> torch.Tensor:
+    def prefill_logits(paths: Paths, model=lm) -> torch.Tensor:
         monkeypatch.setattr(kernels, "paths", lambda trials: paths)
         with torch.inference_mode():
-            cache = lm.new_cache(2, 25)
-            lm(lm.embed(ids[:, :5]), cache)
+            cache = model.new_cache(2, 25)
+            model(model.embed(ids[:, :5]), cache)
             cache.advance(5)
-            return lm.logits(lm(lm.embed(ids[:, 5:]), cache))
+            return model.logits(model(model.embed(ids[:, 5:]), cache)).float()
 
     fast = prefill_logits(EVERY_KERNEL)
     assert {"moe_routed", "attention"} <= set(ran)
     ran.clear()
     naive = prefill_logits(Paths.uniform("torch", "forced by the test"))
     assert not ran
-    assert (fast - naive).abs().max() <= 0.05 * naive.abs().max()
+    truth = prefill_logits(Paths.uniform("torch", "forced by the test"), lm32)
+    err_fast, err_naive = float((fast - truth).abs().max()), float((naive - truth).abs().max())
+    assert err_fast <= max(1.5 * err_naive, 0.05 * float(truth.abs().max())), (err_fast, err_naive)
+    assert (fast - naive).abs().max() <= 0.1 * naive.abs().max()
 
 
 def test_vision_tower_runs_its_attention_and_fused_gelu_through_the_kernels(kernel, monkeypatch):
