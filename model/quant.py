@@ -13,8 +13,8 @@ and the output back up; "dequant": F.linear on the dequantised weight, the alway
 Not responsible for reading or writing checkpoints (quant_checkpoint.py).
 
 Runtime layouts of qweight: int8 "plain" (N, K) (stored; torch's op and "dequant" read it) or "r4" (the kernel's,
-quant_kernels.r4_pack); int4 "nibbles" (the stored layout, only "dequant" reads it), "cpu" (torch's op layout,
-`cpu_int4_pack`) or "k16r4" (the kernel's, quant_kernels.k16r4_pack). "dequant" reads every layout.
+quant_kernels.r4_pack); int4 "nibbles" (the stored layout, only "dequant" reads it), "cpu" (torch's op layout, which
+depends on the CPU: torch_int4.py) or "k16r4" (the kernel's, quant_kernels.k16r4_pack). "dequant" reads every layout.
 
 Quantised: every `nn.Linear` of `language` (attention projections, dense MLP, routed and shared experts, lm_head)
 except MLA's `kv_b_proj`, whose weight the absorbed decode attention reads per head as a dense tensor. The MoE
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsvl2.model import quant_kernels
+from dsvl2.model import quant_kernels, torch_int4
 from dsvl2.model.errors import ConfigError
 
 Impl = Literal["kernel", "packed", "packed_bf16", "dequant"]
@@ -44,7 +44,6 @@ FAMILIES: tuple[Family, ...] = ("experts", "dense")
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZE = 128
 PACKED_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU op takes
-CPU_BLOCK_N = 32  # torch's int4 CPU layout interleaves blocks of 32 output rows (see `cpu_int4_unpack`)
 UNQUANTISED = ("kv_b_proj",)  # linear names kept in floating point (see the module docstring)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation and scale dtypes quant_kernels takes
 
@@ -124,21 +123,11 @@ def unpack_nibbles(b: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def cpu_int4_fits(n: int, k: int, group: int | None) -> bool:
-    return n % CPU_BLOCK_N == 0 and k % 2 == 0 and group in PACKED_GROUPS
+    """Whether torch's int4 CPU op takes this weight and its layout can be read back here (torch_int4.py)."""
+    return n % torch_int4.ROWS_MULTIPLE == 0 and k % 2 == 0 and group in PACKED_GROUPS and torch_int4.known()
 
 
-def cpu_int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """int4 values (N, K) -> torch's CPU layout for `_weight_int4pack_mm_for_cpu` ((N, K/2) uint8, unsigned q + 8)."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8), 1)
-
-
-def cpu_int4_unpack(p: torch.Tensor, k: int) -> torch.Tensor:
-    """The inverse of `cpu_int4_pack` (N a multiple of 32): the op stores, per block of 32 rows and per 4 columns
-    k, 64 bytes ordered (k % 4, row % 16), rows 0-15 of the block in the low nibbles and 16-31 in the high ones."""
-    n = p.shape[0]
-    b = p.reshape(n // CPU_BLOCK_N, k // 4, 4, 16)  # (block, k // 4, k % 4, row % 16)
-    u = torch.stack((b & 15, b >> 4), dim=1)  # (block, half, k // 4, k % 4, row % 16)
-    return (u.permute(0, 1, 4, 2, 3).reshape(n, k).to(torch.int8) - 8)
+cpu_int4_pack, cpu_int4_unpack = torch_int4.pack, torch_int4.unpack
 
 
 class QuantLinear(nn.Module):

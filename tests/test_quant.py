@@ -6,13 +6,16 @@ test_quant_kernels.py.)"""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from quant_layers import assert_rel, quant_layer
 
-from dsvl2.model import quant_choice, quant_kernels
+from dsvl2.model import quant_choice, quant_kernels, torch_int4
 from dsvl2.model.quant import (
     Scheme,
     cpu_int4_pack,
@@ -51,12 +54,37 @@ def test_quantisation_error_is_at_most_half_a_step(name):
     assert int(q.min()) >= lo and int(q.max()) <= hi
 
 
+_CAPABILITY_PROBE = """
+import torch
+from dsvl2.model import torch_int4
+shapes = [(n, k) for n in (32, 64, 96, 160, 1280) for k in (16, 256, 6848)]
+ok = all(torch.equal(torch_int4.unpack(torch_int4.pack(q), q.shape[1]), q)
+         for q in (torch.randint(-8, 8, s, dtype=torch.int8) for s in shapes))
+print(torch.backends.cpu.get_cpu_capability(), torch_int4.known(), ok)
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "avx512", "default"])
+def test_torch_int4_layout_is_read_back_or_left_out(capability):
+    """torch packs int4 for the vector width it runs (blocks of 32 rows on AVX2, 64 on AVX512): catches reading
+    one capability's layout as another's, which corrupts every weight relaid out of torch's layout. Where the
+    layout is not known (no vector build), it must be left out, never read wrongly."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, "-c", _CAPABILITY_PROBE], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    ran, known, round_trips = out[0], out[1] == "True", out[2] == "True"
+    if ran.startswith("AVX"):
+        assert known and round_trips, f"torch's {ran} int4 layout is not read back"
+    else:
+        assert round_trips or not known, f"torch's {ran} int4 layout is claimed known but does not round-trip"
+
+
 def test_int4_layouts_round_trip():
     """Catches a wrong nibble order (stored layout) or a wrong reading of torch's CPU layout."""
     q = torch.randint(-8, 8, (96, 256), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
     assert torch.equal(unpack_nibbles(pack_nibbles(q), 256), q)
     assert pack_nibbles(q)[0, 0] == (int(q[0, 0]) + 8) | ((int(q[0, 1]) + 8) << 4)  # low nibble = even k
-    assert torch.equal(cpu_int4_unpack(cpu_int4_pack(q), 256), q)
+    assert not torch_int4.known() or torch.equal(cpu_int4_unpack(cpu_int4_pack(q), 256), q)
     odd = q[:, :255]
     assert torch.equal(unpack_nibbles(pack_nibbles(odd), 255), odd)
 
