@@ -8,8 +8,9 @@
 Scales are rounded to bf16 before q is computed, so q * s is exactly the weight the kernels multiply by.
 Activations are never quantised: products run in the activation dtype (bf16 or float32) with the implementation
 quant_choice.py picks per machine ("kernel": our AVX2 kernels, quant_kernels.py, float32 sums, output in that
-dtype; "packed": torch's int8/int4 CPU ops in that dtype; "packed_bf16": the same ops in bf16, the input cast down
-and the output back up; "dequant": F.linear on the dequantised weight, the always-correct fallback on every device).
+dtype; "kernel_avx512": their AVX512 tiles, bf16 activations on an AVX512-BF16 CPU; "packed": torch's int8/int4
+CPU ops in that dtype; "packed_bf16": the same ops in bf16, the input cast down and the output back up; "dequant":
+F.linear on the dequantised weight, the always-correct fallback on every device).
 Not responsible for reading or writing checkpoints (quant_checkpoint.py).
 
 Runtime layouts of qweight: int8 "plain" (N, K) (stored; torch's op and "dequant" read it) or "r4" (the kernel's,
@@ -35,7 +36,7 @@ from torch import nn
 from dsvl2.model import quant_kernels, torch_int4
 from dsvl2.model.errors import ConfigError
 
-Impl = Literal["kernel", "packed", "packed_bf16", "dequant"]
+Impl = Literal["kernel", "kernel_avx512", "packed", "packed_bf16", "dequant"]
 Layout = Literal["plain", "r4", "nibbles", "cpu", "k16r4"]
 # Quantised linears by how their products run (quant_choice.py decides each apart): the routed experts ("experts":
 # a few rows each per prefill chunk, decode in one MoE call) and every other one ("dense").
@@ -46,6 +47,8 @@ INT4_GROUP_SIZE = 128
 PACKED_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU op takes
 UNQUANTISED = ("kv_b_proj",)  # linear names kept in floating point (see the module docstring)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation and scale dtypes quant_kernels takes
+KERNEL_ISA: dict[Impl, int] = {"kernel": quant_kernels.AVX2, "kernel_avx512": quant_kernels.AVX512}
+KERNEL_LAYOUT: dict[int, Layout] = {8: "r4", 4: "k16r4"}  # the layout the kernels read, by bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +170,7 @@ class QuantLinear(nn.Module):
     def layouts(self, device: torch.device | None = None) -> list[Layout]:
         """The runtime layouts this weight can take on `device` (default: where qweight is), preferred first."""
         device = self.qweight.device if device is None else torch.device(device)
-        kernel: list[Layout] = ["r4" if self.scheme.bits == 8 else "k16r4"]
+        kernel: list[Layout] = [KERNEL_LAYOUT[self.scheme.bits]]
         if device.type != "cpu" or not quant_kernels.available():
             kernel = []
         if self.scheme.bits == 8:
@@ -225,18 +228,24 @@ class QuantLinear(nn.Module):
         return (x.is_cpu and self.qweight.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
                 and x.numel() > 0 and self.layout in ("plain", "cpu"))
 
-    def kernel_fits(self, x: torch.Tensor) -> bool:
-        """Whether our compiled kernel covers x with this weight (and is available and switched on)."""
-        return (x.is_cpu and self.qweight.is_cpu and x.dtype in KERNEL_DTYPES and self.scales.dtype in KERNEL_DTYPES
-                and x.numel() > 0 and self.layout == ("r4" if self.scheme.bits == 8 else "k16r4")
-                and not (torch.is_grad_enabled() and x.requires_grad)  # the ops have no backward
+    def kernel_fits(self, x: torch.Tensor, impl: Impl = "kernel") -> bool:
+        """Whether our compiled kernel `impl` ("kernel" or "kernel_avx512") covers x with this weight (and is
+        available and switched on). Asked on every product: the cheap checks come first."""
+        if (x.dtype not in KERNEL_DTYPES or not x.is_cpu or x.numel() == 0
+                or self.layout != KERNEL_LAYOUT[self.scheme.bits]):
+            return False
+        if impl != "kernel" and (x.dtype is not torch.bfloat16 or not quant_kernels.avx512_supported()):
+            return False
+        q, s = self._buffers["qweight"], self._buffers["scales"]
+        return (q.is_cpu and s.dtype in KERNEL_DTYPES
+                and not (x.requires_grad and torch.is_grad_enabled())  # the ops have no backward
                 and quant_kernels.available())
 
-    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, K) -> (M, N) by quant_kernels, in x2's dtype."""
+    def kernel(self, x2: torch.Tensor, impl: Impl = "kernel") -> torch.Tensor:
+        """(M, K) -> (M, N) by quant_kernels (`impl` names the tiles), in x2's dtype."""
         if self.scheme.bits == 8:
-            return quant_kernels.int8_linear(x2, self.qweight, self.scales)
-        return quant_kernels.int4_linear(x2, self.qweight, self.scales, self.group)
+            return quant_kernels.int8_linear(x2, self.qweight, self.scales, KERNEL_ISA[impl])
+        return quant_kernels.int4_linear(x2, self.qweight, self.scales, self.group, KERNEL_ISA[impl])
 
     def _op_scales(self, dtype: torch.dtype) -> torch.Tensor:
         """Scales as the packed op takes them: int8 (N,) in `dtype`; int4 (K/G, N, 2) scales and zero points."""
@@ -257,9 +266,13 @@ class QuantLinear(nn.Module):
     def run(self, x: torch.Tensor, impl: Impl) -> torch.Tensor:
         """x (..., K) -> (..., N) by `impl` (where it does not apply: the kernel where that does, else "dequant")."""
         packed = impl in ("packed", "packed_bf16") and self.packable(x)
-        if (impl == "kernel" or (impl != "dequant" and not packed)) and self.kernel_fits(x):
-            y = self.kernel(x.reshape(-1, self.in_features))
-            return y.view(*x.shape[:-1], self.out_features)
+        if impl != "dequant" and not packed:
+            kernel: Impl = impl if impl in KERNEL_ISA else "kernel"
+            if kernel != "kernel" and not self.kernel_fits(x, kernel):
+                kernel = "kernel"
+            if self.kernel_fits(x, kernel):
+                y = self.kernel(x.reshape(-1, self.in_features), kernel)
+                return y.view(*x.shape[:-1], self.out_features)
         if packed:
             x2 = x.reshape(-1, self.in_features)
             if impl == "packed_bf16" and x.dtype is not torch.bfloat16:
@@ -292,8 +305,9 @@ class QuantExperts:
         chosen for decode, more than DECODE_ROWS tokens, or a layout / dtype / device it does not cover."""
         first, last = experts[0], experts[-1]
         gate, down = first.gate_proj, first.down_proj
-        if not (isinstance(gate, QuantLinear) and isinstance(down, QuantLinear) and gate.impls[0] == "kernel"
-                and x.ndim == 2 and 0 < x.shape[0] <= QuantLinear.DECODE_ROWS and gate.kernel_fits(x)
+        impl = gate.impls[0] if isinstance(gate, QuantLinear) else "dequant"
+        if not (impl in KERNEL_ISA and isinstance(down, QuantLinear) and x.ndim == 2
+                and 0 < x.shape[0] <= QuantLinear.DECODE_ROWS and gate.kernel_fits(x, impl)
                 and down.layout == gate.layout):
             return None
         key = tuple((id(m.qweight), m.qweight.data_ptr()) for m in (gate, last.down_proj))
@@ -301,7 +315,8 @@ class QuantExperts:
             layers = [[getattr(e, name) for e in experts] for name in ("gate_proj", "up_proj", "down_proj")]
             self._lists = tuple(([m.qweight for m in ms], [m.scales for m in ms]) for ms in layers)
             self._key = key
-        y = quant_kernels.moe(x, ids, weights, *self._lists, gate.scheme.bits, gate.group or 0, down.group or 0)
+        y = quant_kernels.moe(x, ids, weights, *self._lists, gate.scheme.bits, gate.group or 0, down.group or 0,
+                              KERNEL_ISA[impl])
         return y.to(x.dtype)
 
 

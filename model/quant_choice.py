@@ -1,6 +1,7 @@
 """Which implementation the quantised products run on this machine, per family of layers, scheme, activation
-dtype and row count, and so which runtime layout their weights take: our AVX2 kernels ("kernel", in the "r4" /
-"k16r4" layouts, where quant_kernels is available), torch's packed int8/int4 CPU ops in the activation dtype
+dtype and row count, and so which runtime layout their weights take: our kernels ("kernel": AVX2 tiles;
+"kernel_avx512": AVX512 tiles for bf16 activations where the CPU has AVX512-BF16; both in the "r4" / "k16r4"
+layouts, where quant_kernels is available), torch's packed int8/int4 CPU ops in the activation dtype
 ("packed", in the "plain" / torch's "cpu" layout), the same ops in bf16 with the activations cast ("packed_bf16",
 float32 models only), or F.linear on the dequantised weight ("dequant", any layout, every device).
 
@@ -33,7 +34,7 @@ from torch import nn
 from dsvl2.model import quant_kernels
 from dsvl2.model.kernel_choice import Timer, best_time, cache_file, read_timings, write_timings
 from dsvl2.model.kernels import machine
-from dsvl2.model.quant import FAMILIES, Family, Impl, Layout, QuantLinear, family_of
+from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantLinear, family_of
 
 DECODE_ROWS = (1, 8)
 PREFILL_ROWS: dict[Family, int] = {"experts": 64, "dense": 256}
@@ -58,7 +59,7 @@ _decided: dict[tuple, Decision] = {}
 def candidates(layer: QuantLinear, dtype: torch.dtype) -> list[Impl]:
     """The implementations that can run `layer`, in its current layout, with activations of `dtype` here."""
     probe = torch.empty(1, layer.in_features, dtype=dtype, device=layer.qweight.device)
-    found: list[Impl] = ["kernel"] if layer.kernel_fits(probe) else []
+    found: list[Impl] = [impl for impl in KERNEL_ISA if layer.kernel_fits(probe, impl)]
     if layer.packable(probe):
         found += ["packed", "packed_bf16"] if dtype is not torch.bfloat16 else ["packed"]
     return [*found, "dequant"]
@@ -85,21 +86,22 @@ def representatives(model: nn.Module) -> dict[Family, tuple[QuantLinear, tuple[Q
     return {f: found[f] for f in FAMILIES if f in found}
 
 
-def time_fused_expert(expert: tuple[QuantLinear, ...], layout: Layout, dtype: torch.dtype, rows: int, *,
-                      timer: Timer = best_time) -> float | None:
-    """Seconds per product of `rows` rows when an expert's three products run as decode runs them on the kernel:
-    in one quant_kernels.moe call (QuantExperts) for the three, timed here on `expert` in `layout` (copies where
-    it is in another) and divided by 3. None where the kernel does not take these layers."""
+def time_fused_expert(expert: tuple[QuantLinear, ...], layout: Layout, dtype: torch.dtype, rows: int,
+                      impl: Impl = "kernel", *, timer: Timer = best_time) -> float | None:
+    """Seconds per product of `rows` rows when an expert's three products run as decode runs them on the kernel
+    `impl`: in one quant_kernels.moe call (QuantExperts) for the three, timed here on `expert` in `layout` (copies
+    where it is in another) and divided by 3. None where that kernel does not take these layers."""
     layers = [m if m.layout == layout else m.copy_as(layout) for m in expert]
     gate, up, down = layers
     x = torch.randn(rows, gate.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
-    if not (gate.kernel_fits(x) and down.layout == gate.layout and up.layout == gate.layout):
+    if not (gate.kernel_fits(x, impl) and down.layout == gate.layout and up.layout == gate.layout):
         return None
     ids, weights = torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1)
     lists = [([m.qweight], [m.scales]) for m in layers]
+    bits, isa = gate.scheme.bits, KERNEL_ISA[impl]
 
-    def call(impl="kernel", layer=gate, rows=rows):  # the defaults name what is timed, as time_impls' calls do
-        return quant_kernels.moe(x, ids, weights, *lists, layer.scheme.bits, gate.group or 0, down.group or 0)
+    def call(impl=impl, layer=gate, rows=rows):  # the defaults name what is timed, as time_impls' calls do
+        return quant_kernels.moe(x, ids, weights, *lists, bits, gate.group or 0, down.group or 0, isa)
 
     with torch.inference_mode():
         return timer(call) / 3
@@ -164,9 +166,9 @@ def measure(layer: QuantLinear, dtype: torch.dtype, prefill_rows: int, *, timer:
     for layout, variant in variants.items():
         for rows in DECODE_ROWS:
             times = time_impls(variant, dtype, rows, timer=timer)
-            if expert is not None and "kernel" in times:
-                fused = time_fused_expert(expert, layout, dtype, rows, timer=timer)
-                times["kernel"] = times["kernel"] if fused is None else fused
+            for impl in [i for i in KERNEL_ISA if i in times and expert is not None]:
+                fused = time_fused_expert(expert, layout, dtype, rows, impl, timer=timer)
+                times[impl] = times[impl] if fused is None else fused
             timings.update((_name(impl, layout, rows), t) for impl, t in times.items())
     _, decode_layout = _decode_choice(timings)
     prefill = time_impls(variants[decode_layout], dtype, prefill_rows, timer=timer)

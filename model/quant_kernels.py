@@ -3,6 +3,9 @@
   `int4_linear`  y = x @ (q * s per group)^T, q in the "k16r4" layout below (`k16r4_pack` / `k16r4_unpack`);
   `moe`          a MoE layer's routed experts with weights in those layouts, in one call (model/csrc/quant_moe.cpp).
 x is float32 or bf16 (sums in float32, y in x's dtype); each weight byte is read once for all rows (decode).
+Each op takes `isa`: AVX2 (the tiles of quant_avx2.h) or, for bf16 activations on a CPU with AVX512-BF16
+(`avx512_supported()`), AVX512 (quant_avx512.h: int4 by table lookup into bf16 and VDPBF16PS, int8 in 16-lane
+FMAs). The library is built with the AVX2 flags either way; the AVX512 tiles are compiled for their target alone.
 
 Built on first use by model/kernel_build.py, as model/kernels.py builds the bf16 library, into
 <cache root>/dsvl2_quant-<key>/ (a failed build is remembered there: delete `status().directory` to retry). Nothing
@@ -37,13 +40,20 @@ _NAME = "dsvl2_quant"
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+AVX2, AVX512 = 0, 1  # the ops' `isa`: which tiles run (AVX512 takes bf16 activations only)
 K16 = 16  # k values per step of the layouts
 BLOCK_ROWS = 4  # weight rows interleaved per block of the layouts
 
 
 def cpu_supported() -> bool:
     """True on an x86 CPU with the AVX2 / FMA / F16C instructions the library is compiled for."""
-    return all(flag in cpu_flags() for flag in _CPU_FLAGS)
+    return cpu_flags().issuperset(_CPU_FLAGS)
+
+
+def avx512_supported() -> bool:
+    """True where the CPU also runs the AVX512 tiles (quant_avx512.h: AVX512F/BW/VL/DQ and AVX512-BF16)."""
+    return cpu_flags().issuperset(_CPU_FLAGS + AVX512_FLAGS)
 
 
 def _registered() -> None:
@@ -53,7 +63,8 @@ def _registered() -> None:
     torch.ops.dsvl2_quant.moe  # noqa: B018
 
 
-_HEADERS = [_CSRC / "parallel.h", _CSRC / "quant_avx2.h"]  # included by the sources: part of the build key
+# Included by the sources: part of the build key.
+_HEADERS = [_CSRC / "parallel.h", _CSRC / "quant_avx2.h", _CSRC / "quant_avx512.h"]
 LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
                                cpu_flags=_CPU_FLAGS, depends=_HEADERS)
 
@@ -115,23 +126,24 @@ def k16r4_unpack(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return u.to(torch.int8) - 8
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, isa: int = AVX2) -> torch.Tensor:
     """y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T, q in the "r4" layout; requires `available()`. x float32
-    or bf16, any strides."""
-    return torch.ops.dsvl2_quant.int8_linear(x, q, s)
+    or bf16 (bf16 only with `isa` AVX512, which needs `avx512_supported()`), any strides."""
+    return torch.ops.dsvl2_quant.int8_linear(x, q, s, isa)
 
 
-def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, isa: int = AVX2) -> torch.Tensor:
     """y (M, N) = x (M, K) @ (q4 * s per group of `group` along K)^T, q in the "k16r4" layout and s (N, K/G);
-    requires `available()`. x float32 or bf16, any strides."""
-    return torch.ops.dsvl2_quant.int4_linear(x, q, s, group)
+    requires `available()`. x float32 or bf16 (bf16 only with `isa` AVX512), any strides."""
+    return torch.ops.dsvl2_quant.int4_linear(x, q, s, group, isa)
 
 
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: tuple[list, list], up: tuple[list, list],
-        down: tuple[list, list], bits: int, group_in: int, group_mid: int) -> torch.Tensor:
+        down: tuple[list, list], bits: int, group_in: int, group_mid: int, isa: int = AVX2) -> torch.Tensor:
     """The routed part of a MoE layer with quantised experts, y (N, E) float32 = sum over k of weights[n, k] *
     expert_{ids[n, k]}(x[n]), expert e = down_e(silu(gate_e x) * up_e x) in float32. x (N, E) float32 or bf16, ids
     (N, K) int64, weights (N, K) float32; gate, up, down = (qweights, scales) lists over all experts, qweights in
     the kernel layout of `bits` ("r4" / "k16r4"), int4 groups of `group_in` along E (gate, up) and `group_mid` along
-    the experts' width (down). Requires `available()`; one call per layer (model/csrc/quant_moe.cpp)."""
-    return torch.ops.dsvl2_quant.moe(x, ids, weights, *gate, *up, *down, bits, group_in, group_mid)
+    the experts' width (down); `isa` as for the products. Requires `available()`; one call per layer
+    (model/csrc/quant_moe.cpp)."""
+    return torch.ops.dsvl2_quant.moe(x, ids, weights, *gate, *up, *down, bits, group_in, group_mid, isa)

@@ -75,3 +75,12 @@ def quant_kernels_on(monkeypatch):
         pytest.skip(f"cannot build the kernels here: {problem}")
     st = quant_kernels.status()
     assert st.available, f"the quantised kernels did not build or load: {st.reason}"
+
+
+@pytest.fixture
+def quant_avx512_on(quant_kernels_on):
+    """`quant_kernels_on`, and a CPU that runs the AVX512 tiles (quant_avx512.h); a skip only where it does not."""
+    from dsvl2.model import quant_kernels
+
+    if not quant_kernels.avx512_supported():
+        pytest.skip("this CPU lacks AVX512F/BW/VL/DQ or AVX512-BF16 (the AVX512 tiles)")

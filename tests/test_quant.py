@@ -146,7 +146,9 @@ def test_the_choice_takes_the_fastest_candidate_per_row_count():
     assert layer.impls == ("packed", "dequant") and layer.layout == "plain"  # the layout the decode winner reads
     assert quant_choice.candidates(layer, torch.bfloat16) == ["packed", "dequant"]  # no cast for bf16
     if quant_kernels.available():
-        assert quant_choice.candidates(layer.copy_as("r4"), torch.bfloat16) == ["kernel", "dequant"]
+        wide = ["kernel_avx512"] if quant_kernels.avx512_supported() else []  # bf16 activations only
+        assert quant_choice.candidates(layer.copy_as("r4"), torch.bfloat16) == ["kernel", *wide, "dequant"]
+        assert quant_choice.candidates(layer.copy_as("r4"), torch.float32) == ["kernel", "dequant"]
 
 
 def test_the_timings_are_kept_in_the_cache_directory_and_read_back(tmp_path):

@@ -37,7 +37,7 @@ def kernel_calls(monkeypatch, quant_kernels_on) -> list[str]:
         real = getattr(quant_kernels, name)
 
         def spy(*args, real=real, name=name):
-            calls.append(name)
+            calls.append(name if args[-1] == quant_kernels.AVX2 else f"{name} avx512")
             return real(*args)
 
         monkeypatch.setattr(quant_kernels, name, spy)
@@ -64,6 +64,26 @@ def test_kernel_equals_dequantise_then_linear(kernel_calls, name, n, k, dtype):
         assert got.shape == (rows, n) and got.dtype is dtype
         assert_rel(got, F.linear(x.float(), w), TOL[dtype], f"{name} {n}x{k} {dtype} rows {rows}")
     assert kernel_calls == [f"{name}_linear"] * len(ROWS)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize(("n", "k"), [*SHAPES, (1280, 1280)], ids=[f"{n}x{k}" for n, k in [*SHAPES, (1280, 1280)]])
+def test_avx512_tiles_equal_dequantise_then_linear(quant_avx512_on, kernel_calls, name, n, k):
+    """The AVX512 tiles (int4 by table lookup and bf16 dot products, int8 in 16-lane FMAs) on bf16 activations:
+    catches a wrong lane, row, nibble half, group scale or tail; row counts cover 1-4-row tiles and their mixes."""
+    scheme = Scheme.named(name)
+    layer, q, s = _layer(n, k, scheme, torch.bfloat16, seed=n + 1)
+    w = dequantize(q, s)
+    for rows in (*ROWS, 4, 5, 6):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        with torch.inference_mode():
+            got = layer.run(x, "kernel_avx512")
+        assert got.shape == (rows, n) and got.dtype is torch.bfloat16
+        assert_rel(got, F.linear(x.float(), w), TOL[torch.bfloat16], f"{name} {n}x{k} avx512 rows {rows}")
+    assert kernel_calls == [f"{name}_linear avx512"] * (len(ROWS) + 3)
+    with torch.inference_mode():  # float32 activations are not the AVX512 tiles': the AVX2 ones run them
+        layer.run(torch.randn(2, k), "kernel_avx512")
+    assert kernel_calls[-1] == f"{name}_linear"
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])

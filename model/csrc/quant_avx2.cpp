@@ -25,13 +25,13 @@
 
 #include <torch/library.h>
 
-#include "quant_avx2.h"
+#include "quant_avx512.h"
 
 namespace {
 
 using namespace dsvl2_quant_detail;
 
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s) {
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t isa) {
   TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 1, "int8_linear: x (M, K), q (N4, K16 * 4), s (N,)");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "int8_linear: q must be contiguous int8");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
@@ -39,6 +39,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16,
               "int8_linear: s must be float32 or bfloat16");
   TORCH_CHECK(x_in.device().is_cpu() && q.device().is_cpu() && s.device().is_cpu(), "int8_linear: CPU tensors");
+  check_isa("int8_linear", isa, x_in);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = s.size(0), steps = (K + 15) / 16;
   TORCH_CHECK(q.size(0) == (N + 3) / 4 && q.size(1) == steps * 64, "int8_linear: q is ", q.sizes(), " for N=", N,
               ", K=", K, " (needs (", (N + 3) / 4, ", ", steps * 64, "))");
@@ -51,13 +52,20 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     const float* xp = x.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
     with_scales(sc, [&](const auto* sp) {
-      run_rows(N, ldx, [&](int64_t n0, int64_t n1) { int8_span(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps); });
+      run_rows(N, ldx, [&](int64_t n0, int64_t n1) {
+        if (isa == 1) {
+          int8_span512(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps);
+        } else {
+          int8_span(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps);
+        }
+      });
     });
   }
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t group) {
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t group,
+                       int64_t isa) {
   TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 2, "int4_linear: x (M, K), q (N4, K16 * 32), s (N, K/G)");
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "int4_linear: q must be contiguous uint8");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
@@ -65,6 +73,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16,
               "int4_linear: s must be float32 or bfloat16");
   TORCH_CHECK(x_in.device().is_cpu() && q.device().is_cpu() && s.device().is_cpu(), "int4_linear: CPU tensors");
+  check_isa("int4_linear", isa, x_in);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = s.size(0);
   const int64_t steps = (K + 15) / 16, groups = s.size(1);
   TORCH_CHECK(q.size(0) == (N + 3) / 4 && q.size(1) == steps * 32, "int4_linear: q is ", q.sizes(), " for N=", N,
@@ -74,6 +83,23 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   const int64_t group_steps = int4_group_steps(groups, group, steps);
   const at::Tensor sc = s.contiguous();
   const int64_t ldx = steps * 16;
+  if (isa == 1) {  // bf16 rows, no per-group sums (the table holds q itself)
+    const at::Tensor xb = bf16_rows(x_in, ldx);
+    at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+    if (M > 0 && N > 0 && K > 0) {
+      const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
+      const auto* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
+      float* yp = y.mutable_data_ptr<float>();
+      with_scales(sc, [&](const auto* sp) {
+        run_rows(N, steps * 8, [&](int64_t n0, int64_t n1) {
+          int4_span512(rows, sp, groups, xp, ldx, yp, N, n0, n1, N, M, steps, group_steps);
+        });
+      });
+    } else if (K == 0) {
+      y.zero_();
+    }
+    return y.to(x_in.scalar_type());
+  }
   const at::Tensor x = float_rows(x_in, ldx);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0 && K > 0) {
@@ -96,10 +122,10 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 }  // namespace
 
 TORCH_LIBRARY(dsvl2_quant, m) {
-  m.def("int8_linear(Tensor x, Tensor q, Tensor s) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor q, Tensor s, int group) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor q, Tensor s, int isa) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor q, Tensor s, int group, int isa) -> Tensor");
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor[] gate_q, Tensor[] gate_s, Tensor[] up_q, Tensor[] up_s, "
-        "Tensor[] down_q, Tensor[] down_s, int bits, int group_in, int group_mid) -> Tensor");  // quant_moe.cpp
+        "Tensor[] down_q, Tensor[] down_s, int bits, int group_in, int group_mid, int isa) -> Tensor");  // quant_moe.cpp
 }
 
 TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {

@@ -12,7 +12,7 @@
 
 #include <torch/library.h>
 
-#include "quant_avx2.h"
+#include "quant_avx512.h"
 
 #include <type_traits>
 
@@ -40,18 +40,44 @@ at::Tensor group_sums(const at::Tensor& x, int64_t groups) {
   return x.view({x.size(0), groups, x.size(1) / groups}).sum(2).contiguous();
 }
 
+// Rows of x as a product reads them: float32 (AVX2, and int8 on AVX512) or bf16 bits (int4 on AVX512), and int4's
+// per-group sums of the float32 rows (AVX2).
+struct Rows {
+  const float* f;
+  const uint16_t* b;
+  const float* sums;
+  int64_t ld;
+};
+
 // One product of rows [n0, n1) of weight q (scales s) for M rows of x: int8 or int4 (steps of 16 k over K).
 template <typename S>
-void product(int bits, const at::Tensor& q, const S* s, int64_t group, const float* x, int64_t ldx,
-             const float* xsum, float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K) {
+void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t group, const Rows& x, float* y,
+             int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K) {
   const int64_t steps = (K + 15) / 16;
   if (bits == 8) {
-    int8_span(Int8Rows{q.const_data_ptr<int8_t>(), q.size(1)}, s, x, ldx, y, ldy, n0, n1, N, M, steps);
+    const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
+    if (isa == 1) {
+      int8_span512(rows, s, x.f, x.ld, y, ldy, n0, n1, N, M, steps);
+    } else {
+      int8_span(rows, s, x.f, x.ld, y, ldy, n0, n1, N, M, steps);
+    }
   } else {
-    const int64_t groups = K / group;
-    int4_span(Int4Rows{q.const_data_ptr<uint8_t>(), q.size(1)}, s, groups, x, ldx, xsum, y, ldy, n0, n1, N, M, steps,
-              int4_group_steps(groups, group, steps));
+    const int64_t groups = K / group, group_steps = int4_group_steps(groups, group, steps);
+    const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
+    if (isa == 1) {
+      int4_span512(rows, s, groups, x.b, x.ld, y, ldy, n0, n1, N, M, steps, group_steps);
+    } else {
+      int4_span(rows, s, groups, x.f, x.ld, x.sums, y, ldy, n0, n1, N, M, steps, group_steps);
+    }
   }
+}
+
+// `Rows` over r0.. of float32 rows `f` (and their bf16 copy `b` / group sums `sums` where defined).
+Rows rows_from(const at::Tensor& f, const at::Tensor& b, const at::Tensor& sums, int64_t r0) {
+  const int64_t ld = f.size(1);
+  return {f.const_data_ptr<float>() + r0 * ld,
+          b.defined() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()) + r0 * ld : nullptr,
+          sums.defined() ? sums.const_data_ptr<float>() + r0 * sums.size(1) : nullptr, ld};
 }
 
 void check_weights(const char* what, at::TensorList q, at::TensorList s, int bits, int64_t N, int64_t K,
@@ -69,8 +95,9 @@ void check_weights(const char* what, at::TensorList q, at::TensorList s, int bit
 
 at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in, at::TensorList gate_q,
                at::TensorList gate_s, at::TensorList up_q, at::TensorList up_s, at::TensorList down_q,
-               at::TensorList down_s, int64_t bits_in, int64_t group_in, int64_t group_mid) {
+               at::TensorList down_s, int64_t bits_in, int64_t group_in, int64_t group_mid, int64_t isa) {
   const int bits = static_cast<int>(bits_in);
+  check_isa("quant moe", isa, x_in);
   TORCH_CHECK(bits == 8 || bits == 4, "quant moe: bits must be 8 or 4");
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu() &&
                   (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
@@ -111,9 +138,10 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   std::vector<int64_t> token_of(R);
   for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / K;
   const at::Tensor xg = xf.index_select(0, at::tensor(token_of, ids.options()));
-  const at::Tensor xsum = bits == 4 ? group_sums(xg, E / group_in) : at::Tensor();
+  const bool bf16_rows_used = bits == 4 && isa == 1, sums_used = bits == 4 && isa == 0;
+  const at::Tensor xb = bf16_rows_used ? xg.to(at::kBFloat16) : at::Tensor();  // exact: x_in is bf16 there
+  const at::Tensor xsum = sums_used ? group_sums(xg, E / group_in) : at::Tensor();
   at::Tensor gu = at::empty({2, R, I}, xf.options()), out = at::empty({R, E}, xf.options());
-  const float* xgp = xg.const_data_ptr<float>();
   float* gup = gu.mutable_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
 
@@ -126,21 +154,21 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
       const int64_t r0 = start[u.expert];
       const at::Tensor& q = (u.which == 0 ? gate_q : up_q)[u.expert];
       const S* s = (u.which == 0 ? gate_s : up_s)[u.expert].template const_data_ptr<S>();
-      const float* sums = bits == 4 ? xsum.const_data_ptr<float>() + r0 * (E / group_in) : nullptr;
-      product(bits, q, s, group_in, xgp + r0 * ldx, ldx, sums, gup + (u.which * R + r0) * I, I, u.n0, u.n1, I,
-              count[u.expert], E);
+      product(bits, isa, q, s, group_in, rows_from(xg, xb, xsum, r0), gup + (u.which * R + r0) * I, I, u.n0, u.n1,
+              I, count[u.expert], E);
     });
+    // The gated activations: float32, rounded to bf16 where the AVX512 int4 product reads them (as a bf16 model
+    // rounds every product's output).
     const at::Tensor h = float_rows(at::silu(gu[0]).mul_(gu[1]), ldh);
-    const at::Tensor hsum = bits == 4 ? group_sums(h, I / group_mid) : at::Tensor();
-    const float* hp = h.const_data_ptr<float>();
+    const at::Tensor hb = bf16_rows_used ? h.to(at::kBFloat16) : at::Tensor();
+    const at::Tensor hsum = sums_used ? group_sums(h, I / group_mid) : at::Tensor();
     units.clear();
     plan(units, active, E, bits == 8 ? ldh : ldh / 2, {2});
     run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
       const Unit& u = units[i];
       const int64_t r0 = start[u.expert];
-      product(bits, down_q[u.expert], down_s[u.expert].template const_data_ptr<S>(), group_mid, hp + r0 * ldh, ldh,
-              bits == 4 ? hsum.const_data_ptr<float>() + r0 * (I / group_mid) : nullptr, op + r0 * E, E, u.n0, u.n1,
-              E, count[u.expert], I);
+      product(bits, isa, down_q[u.expert], down_s[u.expert].template const_data_ptr<S>(), group_mid,
+              rows_from(h, hb, hsum, r0), op + r0 * E, E, u.n0, u.n1, E, count[u.expert], I);
     });
   });
 

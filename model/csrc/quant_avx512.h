@@ -1,0 +1,182 @@
+// AVX512 variants of the int8 / int4 tiles of quant_avx2.h, for CPUs with AVX512F/BW/VL/DQ and AVX512-BF16 (Zen 4,
+// Sapphire Rapids and later). They are compiled inside a `#pragma GCC target` region, so the library itself keeps
+// the AVX2 build flags and loads on any AVX2 CPU; the ops call these only when asked to (`isa` 1) and after
+// `avx512_ready()` says the CPU has the instructions. Same layouts, same row blocks, same per-unit threading as
+// the AVX2 tiles; what differs is the arithmetic:
+//   int8  16 k per instruction: a row's 16 bytes of a step widened to 16 float32 lanes and one FMA with x's 16
+//         (float32), half the AVX2 tile's instructions per weight byte.
+//   int4  the 4 rows x 16 k of a block's step (32 bytes) zero-extended to 32 16-bit lanes; each nibble looked up
+//         in a 16-entry table of the bf16 values q = nibble - 8 (exact: small integers), one lookup per half
+//         (low nibbles: k 0-7 of each row, high: k 8-15); then VDPBF16PS multiplies them by x in bf16 (x's 8
+//         values of a half broadcast to the 4 rows' 128-bit lanes) and sums pairs into float32: 64 weights in
+//         ~5 + 2 x rows instructions, where the AVX2 tile spends ~26 (unpacking is what bounds AVX2's int4).
+//         Products are exact (bf16 x bf16 in float32); float32 lane i holds row i / 4's partial sum; per group
+//         the sum is scaled by the row's scale (one vector of the 4 rows' scales, each in 4 lanes).
+// x therefore comes as bf16 for int4 (a model in bf16 has it so: exact) and as float32 for int8. Results equal the
+// dequantised product up to float32 summation order. MB rows of x share each unpacked step (decode batches).
+#pragma once
+
+#include "quant_avx2.h"
+
+#include <cstring>
+
+namespace dsvl2_quant_detail {
+
+// Whether this CPU runs the instructions below (checked once; the caller must not call them otherwise).
+inline bool avx512_ready() {
+  static const bool ready = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                            __builtin_cpu_supports("avx512bf16");
+  return ready;
+}
+
+// The ops' `isa` argument: 1 runs the tiles below (bf16 x only), 0 quant_avx2.h's.
+inline void check_isa(const char* op, int64_t isa, const at::Tensor& x) {
+  TORCH_CHECK(isa == 0 || isa == 1, op, ": isa must be 0 (AVX2) or 1 (AVX512)");
+  TORCH_CHECK(isa == 0 || avx512_ready(), op, ": this CPU lacks AVX512F/BW/VL/DQ or AVX512-BF16");
+  TORCH_CHECK(isa == 0 || x.scalar_type() == at::kBFloat16, op, ": the AVX512 path takes bf16 activations");
+}
+
+// x (M, K) as bf16 bits, rows at stride ldx >= K with zeros past K (whole 16-k steps).
+inline at::Tensor bf16_rows(const at::Tensor& x, int64_t ldx) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xb = at::empty({M, ldx}, x.options().dtype(at::kBFloat16));
+  if (ldx > K) xb.narrow(1, K, ldx - K).zero_();
+  xb.narrow(1, 0, K).copy_(x);
+  return xb;
+}
+
+// The table of the int4 lookup: entry i holds the bf16 bits of i - 8 (i < 16; the rest unused).
+inline const uint16_t* int4_bf16_table() {
+  alignas(64) static const auto table = [] {
+    struct { uint16_t v[32]; } t{};
+    for (int i = 0; i < 16; ++i) {
+      const float f = static_cast<float>(i - 8);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      t.v[i] = static_cast<uint16_t>(bits >> 16);  // exact: small integers have 8 significant bits or fewer
+    }
+    return t;
+  }();
+  return table.v;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+// block(std::integral_constant<int, MB>, m) over row blocks covering [0, M): 4s, then 3, 2 or 1.
+template <typename Block>
+void row_blocks4(int64_t M, const Block& block) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: block(std::integral_constant<int, 3>{}, m); break;
+    case 2: block(std::integral_constant<int, 2>{}, m); break;
+    case 1: block(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// y[m][n0 .. n0 + 4) for MB rows of float32 x: per step, each of the block's 4 weight rows widened once (16 k)
+// and multiplied by every row's 16 x values; 4 * MB independent sums.
+template <int MB, typename S>
+inline void int8_tile512(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy,
+                         int64_t n0, int64_t N, int64_t steps) {
+  constexpr int NB = kRowsPerBlock;
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int8_t* r = q.row(n0);
+  for (int64_t t = 0; t < steps; ++t, r += Int8Rows::kStep) {
+    if (MB == 1) prefetch(r + kPrefetchBytes);
+    __m512 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + t * 16);
+    for (int j = 0; j < NB; ++j) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j * 16))));
+      for (int m = 0; m < MB; ++m) acc[m][j] = _mm512_fmadd_ps(w, xv[m], acc[m][j]);
+    }
+  }
+  for (int j = 0; j < NB && n0 + j < N; ++j)
+    for (int m = 0; m < MB; ++m) y[m * ldy + n0 + j] = _mm512_reduce_add_ps(acc[m][j]) * scale_at(s, n0 + j);
+}
+
+template <typename S>
+void int8_span512(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
+                  int64_t n1, int64_t N, int64_t M, int64_t steps) {
+  row_blocks4(M, [&](auto mb_tag, int64_t m) {
+    constexpr int mb = decltype(mb_tag)::value;
+    for (int64_t n = n0; n < n1; n += kRowsPerBlock)
+      int8_tile512<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
+  });
+}
+
+// y[m][n0 .. n0 + 4) for MB rows of bf16 x (see the top): per group, two float32 sums per row of x (low and high
+// halves, so neither waits on the other), scaled once per group by the 4 rows' scales.
+template <int MB, typename S>
+inline void int4_tile512(const Int4Rows& q, const S* s, int64_t groups, const uint16_t* x, int64_t ldx, float* y,
+                         int64_t ldy, int64_t n0, int64_t N, int64_t steps, int64_t group_steps) {
+  const __m512i table = _mm512_load_si512(int4_bf16_table());
+  const __m512i low = _mm512_set1_epi16(0x0F);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane i: row i / 4
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  const uint8_t* r = q.row(n0);
+  for (int64_t g = 0; g < groups; ++g) {
+    // Sums per row of x and half (low / high nibbles) and, for one row, per step parity (two steps at a time):
+    // at least four chains of VDPBF16PS, so that the loop is not bound by one chain's latency (one row with two
+    // chains ran ~1.5x slower from cache on a Zen 4).
+    constexpr int U = MB == 1 ? 2 : 1;
+    __m512 part[MB][U][2];
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) part[m][u][0] = _mm512_setzero_ps(), part[m][u][1] = _mm512_setzero_ps();
+    const int64_t t1 = std::min(steps, (g + 1) * group_steps);
+    auto step = [&](int64_t t, int u) {
+      const uint8_t* rt = r + t * Int4Rows::kStep;
+      if (MB == 1 && u == 0) prefetch(rt + kPrefetchBytes);  // a 64-byte line holds two steps of a block
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rt)));
+      const __m512bh wl = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table);
+      const __m512bh wh = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+      for (int m = 0; m < MB; ++m) {
+        const uint16_t* xt = x + m * ldx + t * 16;
+        const __m512bh xl = (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt)));
+        const __m512bh xh =
+            (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt + 8)));
+        part[m][u][0] = _mm512_dpbf16_ps(part[m][u][0], wl, xl);
+        part[m][u][1] = _mm512_dpbf16_ps(part[m][u][1], wh, xh);
+      }
+    };
+    int64_t t = g * group_steps;
+    for (; t + U <= t1; t += U)
+      for (int u = 0; u < U; ++u) step(t + u, u);
+    if (t < t1) step(t, 0);
+    __m512 lo[MB], hi[MB];
+    for (int m = 0; m < MB; ++m) {
+      lo[m] = part[m][0][0], hi[m] = part[m][0][1];
+      for (int u = 1; u < U; ++u) lo[m] = _mm512_add_ps(lo[m], part[m][u][0]), hi[m] = _mm512_add_ps(hi[m], part[m][u][1]);
+    }
+    const __m128 s4 = _mm_setr_ps(group_scale(s, groups, n0, g, N), group_scale(s, groups, n0 + 1, g, N),
+                                  group_scale(s, groups, n0 + 2, g, N), group_scale(s, groups, n0 + 3, g, N));
+    const __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4));
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(lo[m], hi[m]), scale, acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[m]);
+    for (int j = 0; j < kRowsPerBlock && n0 + j < N; ++j)
+      y[m * ldy + n0 + j] = (lanes[4 * j] + lanes[4 * j + 1]) + (lanes[4 * j + 2] + lanes[4 * j + 3]);
+  }
+}
+
+template <typename S>
+void int4_span512(const Int4Rows& q, const S* s, int64_t groups, const uint16_t* x, int64_t ldx, float* y,
+                  int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps, int64_t group_steps) {
+  row_blocks4(M, [&](auto mb_tag, int64_t m) {
+    constexpr int mb = decltype(mb_tag)::value;
+    for (int64_t n = n0; n < n1; n += kRowsPerBlock)
+      int4_tile512<mb>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);
+  });
+}
+
+#pragma GCC pop_options
+
+}  // namespace dsvl2_quant_detail
