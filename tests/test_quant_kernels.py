@@ -27,6 +27,8 @@ ROWS = (1, 2, 3, 7, 8, 17, 32)
 # (N, K): odd N everywhere; K = 100 is no multiple of 8 (int8 tail) nor of 16 (int4: one group of all K, a padded
 # last block); 6848 is Tiny's down_proj (int4 groups of 64); 384 has groups of 128.
 SHAPES = ((37, 100), (33, 6848), (65, 384))
+# and for the AVX512 tiles: K = 48 has int4 groups of 16 (one step per group), 1280 is Tiny's width.
+AVX512_SHAPES = (*SHAPES, (20, 48), (1280, 1280))
 
 
 @pytest.fixture
@@ -67,7 +69,7 @@ def test_kernel_equals_dequantise_then_linear(kernel_calls, name, n, k, dtype):
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
-@pytest.mark.parametrize(("n", "k"), [*SHAPES, (1280, 1280)], ids=[f"{n}x{k}" for n, k in [*SHAPES, (1280, 1280)]])
+@pytest.mark.parametrize(("n", "k"), AVX512_SHAPES, ids=[f"{n}x{k}" for n, k in AVX512_SHAPES])
 def test_avx512_tiles_equal_dequantise_then_linear(quant_avx512_on, kernel_calls, name, n, k):
     """The AVX512 tiles (int4 by table lookup and bf16 dot products, int8 in 16-lane FMAs) on bf16 activations:
     catches a wrong lane, row, nibble half, group scale or tail; row counts cover 1-4-row tiles and their mixes."""
