@@ -32,16 +32,14 @@ inline float hsum(__m256 v) {
 inline float scale_at(const float* s, int64_t i) { return s[i]; }
 inline float scale_at(const c10::BFloat16* s, int64_t i) { return static_cast<float>(s[i]); }
 
-// block(std::integral_constant<int, MB>, m) over row blocks covering [0, M): 3s, then 2 or 1 (3 x 4 sums: see
-// `float_tile`).
-template <typename Block>
+// block(std::integral_constant<int, MB>, m) over row blocks covering [0, M): blocks of Max rows, then one block
+// of the rest (tiles of 3 here, `float_tile`'s 3 x 4 sums; 4 in quant_avx512.h).
+template <int Max, typename Block>
 void row_blocks(int64_t M, const Block& block) {
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) block(std::integral_constant<int, 3>{}, m);
-  switch (M - m) {
-    case 2: block(std::integral_constant<int, 2>{}, m); break;
-    case 1: block(std::integral_constant<int, 1>{}, m); break;
-    default: break;
+  for (; m + Max <= M; m += Max) block(std::integral_constant<int, Max>{}, m);
+  if constexpr (Max > 1) {
+    if (M > m) row_blocks<Max - 1>(M - m, [&](auto tag, int64_t i) { block(tag, m + i); });
   }
 }
 
@@ -125,7 +123,7 @@ void dequantised_span(int64_t M, int64_t n0, int64_t n1, int64_t N, const float*
   block.resize(kRowsPerBlock * ldx);
   for (int64_t n = n0; n < n1; n += kRowsPerBlock) {
     dequant(n, block.data());
-    row_blocks(M, [&](auto mb_tag, int64_t m) {
+    row_blocks<3>(M, [&](auto mb_tag, int64_t m) {
       float_tile<decltype(mb_tag)::value>(block.data(), ldx, x + m * ldx, ldx, y + m * ldy, ldy, n, N);
     });
   }
@@ -170,7 +168,7 @@ inline void int8_tile(const Int8Rows& q, const S* s, const float* x, int64_t ldx
 template <typename S>
 void int8_span(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
                int64_t n1, int64_t N, int64_t M, int64_t steps) {
-  row_blocks(M, [&](auto mb_tag, int64_t m) {
+  row_blocks<3>(M, [&](auto mb_tag, int64_t m) {
     constexpr int mb = decltype(mb_tag)::value;
     for (int64_t n = n0; n < n1; n += kRowsPerBlock)
       int8_tile<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
@@ -290,7 +288,7 @@ void int4_span(const Int4Rows& q, const S* s, int64_t groups, const float* x, in
   if (M == 1) {
     for (int64_t n = n0; n < n1; n += kRowsPerBlock) int4_row(q, s, groups, x, xsum, y, n, N, steps, group_steps);
   } else if (M <= 3) {
-    row_blocks(M, [&](auto mb_tag, int64_t m) {
+    row_blocks<3>(M, [&](auto mb_tag, int64_t m) {
       constexpr int mb = decltype(mb_tag)::value;
       for (int64_t n = n0; n < n1; n += kRowsPerBlock)
         int4_tile<mb>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);

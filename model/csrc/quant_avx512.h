@@ -64,19 +64,6 @@ inline const uint16_t* int4_bf16_table() {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
-// block(std::integral_constant<int, MB>, m) over row blocks covering [0, M): 4s, then 3, 2 or 1.
-template <typename Block>
-void row_blocks4(int64_t M, const Block& block) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) block(std::integral_constant<int, 4>{}, m);
-  switch (M - m) {
-    case 3: block(std::integral_constant<int, 3>{}, m); break;
-    case 2: block(std::integral_constant<int, 2>{}, m); break;
-    case 1: block(std::integral_constant<int, 1>{}, m); break;
-    default: break;
-  }
-}
-
 // y[m][n0 .. n0 + 4) for MB rows of float32 x: per step, each of the block's 4 weight rows widened once (16 k)
 // and multiplied by every row's 16 x values; 4 * MB independent sums.
 template <int MB, typename S>
@@ -103,7 +90,7 @@ inline void int8_tile512(const Int8Rows& q, const S* s, const float* x, int64_t 
 template <typename S>
 void int8_span512(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
                   int64_t n1, int64_t N, int64_t M, int64_t steps) {
-  row_blocks4(M, [&](auto mb_tag, int64_t m) {
+  row_blocks<4>(M, [&](auto mb_tag, int64_t m) {
     constexpr int mb = decltype(mb_tag)::value;
     for (int64_t n = n0; n < n1; n += kRowsPerBlock)
       int8_tile512<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
@@ -170,7 +157,7 @@ inline void int4_tile512(const Int4Rows& q, const S* s, int64_t groups, const ui
 template <typename S>
 void int4_span512(const Int4Rows& q, const S* s, int64_t groups, const uint16_t* x, int64_t ldx, float* y,
                   int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps, int64_t group_steps) {
-  row_blocks4(M, [&](auto mb_tag, int64_t m) {
+  row_blocks<4>(M, [&](auto mb_tag, int64_t m) {
     constexpr int mb = decltype(mb_tag)::value;
     for (int64_t n = n0; n < n1; n += kRowsPerBlock)
       int4_tile512<mb>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);
