@@ -258,7 +258,8 @@ class QuantLinear(nn.Module):
         return found
 
     def packed(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, K) -> (M, N) by torch's op in x2's dtype."""
+        """(M, K) -> (M, N) by torch's op in x2's dtype (any strides: the int4 op takes only contiguous rows)."""
+        x2 = x2.contiguous()
         if self.scheme.bits == 8:
             return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._op_scales(x2.dtype))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self._op_scales(x2.dtype))
@@ -278,7 +279,7 @@ class QuantLinear(nn.Module):
             if impl == "packed_bf16" and x.dtype is not torch.bfloat16:
                 y = self.packed(x2.to(torch.bfloat16)).to(x.dtype)
             else:
-                y = self.packed(x2.contiguous())
+                y = self.packed(x2)
             return y.view(*x.shape[:-1], self.out_features)
         if self.scheme.bits == 8:  # per-channel scales commute with the product: scale the (M, N) output
             return F.linear(x, self.int_weight().to(x.dtype)) * self.scales.to(x.dtype)

@@ -93,16 +93,21 @@ def test_int4_layouts_round_trip():
 @pytest.mark.parametrize("name", ["int8", "int4"])
 @pytest.mark.parametrize("impl", ["packed", "packed_bf16", "dequant"])
 @pytest.mark.parametrize("rows", [1, 8, 40])
-def test_every_implementation_equals_dequantise_then_linear(name, impl, dtype, rows):
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_every_implementation_equals_dequantise_then_linear(name, impl, dtype, rows, strided):
     """The quantised product = F.linear on the dequantised weight, for every torch path the choice may pick (in
-    the layout it reads)."""
+    the layout it reads), on contiguous and strided activations (torch's int4 op refuses non-contiguous rows; MLA's
+    attention output reaches o_proj strided)."""
     scheme = Scheme.named(name)
     w = _weight(96, 384, seed=2)
     layer, q, s = _layer(w, scheme, dtype)
     kernel_layout = "r4" if name == "int8" else "k16r4"
     assert layer.layout == (kernel_layout if quant_kernels.available() else "plain" if name == "int8" else "cpu")
     layer.relayout("plain" if name == "int8" else "cpu")
-    x = torch.randn(2, rows, 384, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x = torch.randn(2 * rows, 384, generator=torch.Generator().manual_seed(3)).to(dtype)
+    # strided: the same values column-major (dense, rows 1 apart), as MLA's attention output reaches o_proj
+    x = (x.t().contiguous().t() if strided else x).view(2, rows, 384)
+    assert x.is_contiguous() is not strided or rows == 1
     with torch.inference_mode():
         got = layer.run(x, impl)
         ref = F.linear(x, dequantize(q, s, dtype))
