@@ -62,9 +62,11 @@ class MoEGate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if self.method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
+        self._float_key: tuple | None = None  # which weight `_float` was converted from
+        self._float: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())  # (N, X)
+        logits = F.linear(x.float(), self._float_weight())  # (N, X)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         if self.method == "greedy":
             weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
@@ -81,6 +83,18 @@ class MoEGate(nn.Module):
         if self.top_k > 1 and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * self.scaling
+
+    def _float_weight(self) -> torch.Tensor:
+        """The routing weight in float32, converted once (per decode step and layer the conversion of a bf16
+        weight cost ~3x the product itself) and again when the parameter is replaced (loading, `.to()`) or
+        changed in place."""
+        w = self.weight
+        if w.dtype is torch.float32:
+            return w
+        key = (id(w), w.data_ptr(), w.device, None if w.is_inference() else w._version)  # _version: in-place edits
+        if self._float_key != key:
+            self._float_key, self._float = key, w.detach().float()
+        return self._float
 
     def _expert_mask(self, group_scores: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Keep the experts of the topk_group best groups: (N, X) bool."""

@@ -221,3 +221,22 @@ def test_batched_sampling_draws_what_each_row_draws_alone() -> None:
             want = int(torch.multinomial(probs, 1, generator=gens[n]))
             assert batched[n].get_state().equal(gens[n].get_state()), f"row {n}: generator state"
         assert got[n] == want, f"row {n}: {got[n]} vs {want}"
+
+
+def test_greedy_ids_are_torchs_argmax() -> None:
+    """The two-pass greedy pick (block maxima, then the first block holding the maximum) returns torch's argmax
+    exactly: the first maximal index, ties within and across blocks, a NaN (maximal), rows of -inf, a last partial
+    block, vocabularies too small for blocks, and rows that are a strided view."""
+    from dsvl2.model.sampling import ARGMAX_BLOCK, greedy_ids
+
+    g = torch.Generator().manual_seed(0)
+    for v in (129280, 5 * ARGMAX_BLOCK + 7, 4 * ARGMAX_BLOCK, 4 * ARGMAX_BLOCK - 1, 100):
+        x = torch.randn(4, v, generator=g)
+        top = float(x.max()) + 1
+        x[0, [v // 3, v // 2, v - 1]] = top  # a tie across blocks: the first wins
+        x[1] = float("-inf")
+        x[2, [7, v - 2]] = float("nan")
+        x[3, -1] = top  # the maximum in the last, partial block
+        ties = torch.randint(0, 3, (3, v), generator=g).float()  # many ties in every block
+        for logits in (x, ties, x[:, : v - 1]):
+            assert torch.equal(greedy_ids(logits), logits.argmax(-1)), (v, logits.shape)

@@ -367,3 +367,31 @@ def test_repetition_guard_fires_on_a_loop() -> None:
     assert first is not None, "fixture assumption: the unguarded run repeats a token"
     assert guarded.finish_reason == "repetition" and guarded.n_generated == first
     assert guarded.token_ids == loose.token_ids[:first]
+
+
+def test_a_bf16_gate_routes_with_its_current_weight() -> None:
+    """The gate keeps its bf16 weight converted to float32 between calls: catches routing that uses a stale
+    conversion after the weight is changed in place or replaced (routing must equal the float32 product of the
+    weight as it is now)."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(n_routed_experts=16, num_experts_per_tok=2, hidden_size=32, topk_method="greedy",
+                          scoring_func="softmax", n_group=1, topk_group=1, norm_topk_prob=True,
+                          routed_scaling_factor=1.0)
+    gate = MoEGate(cfg)
+    gate.weight.data = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def expected() -> torch.Tensor:
+        scores = torch.nn.functional.linear(x.float(), gate.weight.float()).softmax(-1)
+        return scores.topk(2, -1).indices.sort(-1).values
+
+    for change in ("none", "in place", "replaced"):
+        if change == "in place":
+            with torch.no_grad():
+                gate.weight.mul_(-1)
+        elif change == "replaced":
+            gate.weight = torch.nn.Parameter(torch.randn(16, 32).to(torch.bfloat16), requires_grad=False)
+        with torch.inference_mode():
+            ids, _ = gate(x)
+        assert torch.equal(ids.sort(-1).values, expected()), change
