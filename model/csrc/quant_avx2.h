@@ -75,6 +75,15 @@ struct Blocked {
   const T* row(int64_t n) const { return base + (n / kRowsPerBlock) * block_bytes + (n % kRowsPerBlock) * W; }
 };
 
+// tile(std::integral_constant<int, MB>, m, n) over the tiles of rows [n0, n1) of y (blocks of 4 weight rows) and
+// every row block of x (`row_blocks<Max>`), a row block's tiles one after another.
+template <int Max, typename Tile>
+void tiles(int64_t M, int64_t n0, int64_t n1, const Tile& tile) {
+  row_blocks<Max>(M, [&](auto mb_tag, int64_t m) {
+    for (int64_t n = n0; n < n1; n += kRowsPerBlock) tile(mb_tag, m, n);
+  });
+}
+
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Weight rows per unit of work handed to a thread: ~kChunkBytes of weight, a multiple of 8 (whole blocks of 4).
@@ -168,10 +177,8 @@ inline void int8_tile(const Int8Rows& q, const S* s, const float* x, int64_t ldx
 template <typename S>
 void int8_span(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
                int64_t n1, int64_t N, int64_t M, int64_t steps) {
-  row_blocks<3>(M, [&](auto mb_tag, int64_t m) {
-    constexpr int mb = decltype(mb_tag)::value;
-    for (int64_t n = n0; n < n1; n += kRowsPerBlock)
-      int8_tile<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
+  tiles<3>(M, n0, n1, [&](auto mb_tag, int64_t m, int64_t n) {
+    int8_tile<decltype(mb_tag)::value>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
   });
 }
 
@@ -288,10 +295,8 @@ void int4_span(const Int4Rows& q, const S* s, int64_t groups, const float* x, in
   if (M == 1) {
     for (int64_t n = n0; n < n1; n += kRowsPerBlock) int4_row(q, s, groups, x, xsum, y, n, N, steps, group_steps);
   } else if (M <= 3) {
-    row_blocks<3>(M, [&](auto mb_tag, int64_t m) {
-      constexpr int mb = decltype(mb_tag)::value;
-      for (int64_t n = n0; n < n1; n += kRowsPerBlock)
-        int4_tile<mb>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);
+    tiles<3>(M, n0, n1, [&](auto mb_tag, int64_t m, int64_t n) {
+      int4_tile<decltype(mb_tag)::value>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);
     });
   } else {
     dequantised_span(M, n0, n1, N, x, ldx, y, ldy,

@@ -90,10 +90,8 @@ inline void int8_tile512(const Int8Rows& q, const S* s, const float* x, int64_t 
 template <typename S>
 void int8_span512(const Int8Rows& q, const S* s, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0,
                   int64_t n1, int64_t N, int64_t M, int64_t steps) {
-  row_blocks<4>(M, [&](auto mb_tag, int64_t m) {
-    constexpr int mb = decltype(mb_tag)::value;
-    for (int64_t n = n0; n < n1; n += kRowsPerBlock)
-      int8_tile512<mb>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
+  tiles<4>(M, n0, n1, [&](auto mb_tag, int64_t m, int64_t n) {
+    int8_tile512<decltype(mb_tag)::value>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
   });
 }
 
@@ -157,10 +155,8 @@ inline void int4_tile512(const Int4Rows& q, const S* s, int64_t groups, const ui
 template <typename S>
 void int4_span512(const Int4Rows& q, const S* s, int64_t groups, const uint16_t* x, int64_t ldx, float* y,
                   int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps, int64_t group_steps) {
-  row_blocks<4>(M, [&](auto mb_tag, int64_t m) {
-    constexpr int mb = decltype(mb_tag)::value;
-    for (int64_t n = n0; n < n1; n += kRowsPerBlock)
-      int4_tile512<mb>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);
+  tiles<4>(M, n0, n1, [&](auto mb_tag, int64_t m, int64_t n) {
+    int4_tile512<decltype(mb_tag)::value>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);
   });
 }
 
