@@ -166,9 +166,10 @@ def measure(layer: QuantLinear, dtype: torch.dtype, prefill_rows: int, *, timer:
     for layout, variant in variants.items():
         for rows in DECODE_ROWS:
             times = time_impls(variant, dtype, rows, timer=timer)
-            for impl in [i for i in KERNEL_ISA if i in times and expert is not None]:
-                fused = time_fused_expert(expert, layout, dtype, rows, impl, timer=timer)
-                times[impl] = times[impl] if fused is None else fused
+            kernels_timed = [impl for impl in KERNEL_ISA if impl in times] if expert is not None else []
+            for impl in kernels_timed:
+                if (fused := time_fused_expert(expert, layout, dtype, rows, impl, timer=timer)) is not None:
+                    times[impl] = fused
             timings.update((_name(impl, layout, rows), t) for impl, t in times.items())
     _, decode_layout = _decode_choice(timings)
     prefill = time_impls(variants[decode_layout], dtype, prefill_rows, timer=timer)
