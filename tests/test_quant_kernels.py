@@ -178,3 +178,19 @@ def test_parity_model_greedy_tokens_equal_on_kernel_and_dequant(kernel_calls, na
     same = (on_kernel[1] == on_dequant[1]).all(dim=1)
     assert bool(same.all()), f"greedy tokens differ in rows {same.logical_not().nonzero().flatten().tolist()}"
     assert_rel(on_kernel[2], on_dequant[2], 1e-4, f"{name} step logits")
+
+
+def test_the_ops_refuse_an_isa_they_cannot_run(quant_kernels_on):
+    """The ops check their `isa` argument before touching memory: an unknown one, or the AVX512 tiles asked for
+    float32 activations (or on a CPU without AVX512-BF16), is a clear error, never a crash or a wrong result."""
+    layer, _, _ = _layer(8, 64, Scheme.named("int4"), torch.float32)
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="isa must be 0"):
+        quant_kernels.int4_linear(x, layer.qweight, layer.scales, layer.group, 2)
+    expected = "bf16 activations" if quant_kernels.avx512_supported() else "lacks AVX512"
+    with pytest.raises(RuntimeError, match=expected):
+        quant_kernels.int4_linear(x, layer.qweight, layer.scales, layer.group, quant_kernels.AVX512)
+    with pytest.raises(RuntimeError, match=expected):
+        quant_kernels.moe(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), ([layer.qweight], [layer.scales]),
+                          ([layer.qweight], [layer.scales]), ([layer.qweight], [layer.scales]), 4, layer.group,
+                          layer.group, quant_kernels.AVX512)
