@@ -45,7 +45,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
               ", K=", K, " (needs (", (N + 3) / 4, ", ", steps * 64, "))");
   const at::Tensor sc = s.contiguous();
   const int64_t ldx = steps * 16;
-  const at::Tensor x = float_rows(x_in, ldx);
+  const at::Tensor x = padded_rows(x_in, ldx);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0) {
     const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
@@ -84,7 +84,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   const at::Tensor sc = s.contiguous();
   const int64_t ldx = steps * 16;
   if (isa == 1) {  // bf16 rows, no per-group sums (the table holds q itself)
-    const at::Tensor xb = bf16_rows(x_in, ldx);
+    const at::Tensor xb = padded_rows(x_in, ldx, at::kBFloat16);
     at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
     if (M > 0 && N > 0 && K > 0) {
       const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
@@ -100,7 +100,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     }
     return y.to(x_in.scalar_type());
   }
-  const at::Tensor x = float_rows(x_in, ldx);
+  const at::Tensor x = padded_rows(x_in, ldx);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0 && K > 0) {
     const at::Tensor xsum = x.view({M, groups, ldx / groups}).sum(2);  // (M, groups), padding included (zeros)

@@ -53,10 +53,11 @@ void with_scales(const at::Tensor& s, const Fn& fn) {
   }
 }
 
-// x (M, K) in float32, rows at stride ldx >= K with zeros past K (int4 reads whole 16-k blocks).
-inline at::Tensor float_rows(const at::Tensor& x, int64_t ldx) {
+// x (M, K) in `dtype` (float32 for these tiles; bf16 for quant_avx512.h's int4), rows at stride ldx >= K with zeros
+// past K (int4 reads whole 16-k blocks).
+inline at::Tensor padded_rows(const at::Tensor& x, int64_t ldx, at::ScalarType dtype = at::kFloat) {
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor xf = at::empty({M, ldx}, x.options().dtype(at::kFloat));
+  at::Tensor xf = at::empty({M, ldx}, x.options().dtype(dtype));
   if (ldx > K) xf.narrow(1, K, ldx - K).zero_();
   xf.narrow(1, 0, K).copy_(x);
   return xf;

@@ -37,15 +37,6 @@ inline void check_isa(const char* op, int64_t isa, const at::Tensor& x) {
   TORCH_CHECK(isa == 0 || x.scalar_type() == at::kBFloat16, op, ": the AVX512 path takes bf16 activations");
 }
 
-// x (M, K) as bf16 bits, rows at stride ldx >= K with zeros past K (whole 16-k steps).
-inline at::Tensor bf16_rows(const at::Tensor& x, int64_t ldx) {
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor xb = at::empty({M, ldx}, x.options().dtype(at::kBFloat16));
-  if (ldx > K) xb.narrow(1, K, ldx - K).zero_();
-  xb.narrow(1, 0, K).copy_(x);
-  return xb;
-}
-
 // The table of the int4 lookup: entry i holds the bf16 bits of i - 8 (i < 16; the rest unused).
 inline const uint16_t* int4_bf16_table() {
   alignas(64) static const auto table = [] {

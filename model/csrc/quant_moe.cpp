@@ -134,7 +134,7 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
 
   // Gathered rows of x (padded to whole 16-k steps with zeros), the gate and up outputs, the gated activations.
   const int64_t R = N * K, ldx = round_up(E, 16), ldh = round_up(I, 16);
-  const at::Tensor xf = float_rows(x_in, ldx);
+  const at::Tensor xf = padded_rows(x_in, ldx);
   std::vector<int64_t> token_of(R);
   for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / K;
   const at::Tensor xg = xf.index_select(0, at::tensor(token_of, ids.options()));
@@ -159,7 +159,7 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
     });
     // The gated activations: float32, rounded to bf16 where the AVX512 int4 product reads them (as a bf16 model
     // rounds every product's output).
-    const at::Tensor h = float_rows(at::silu(gu[0]).mul_(gu[1]), ldh);
+    const at::Tensor h = padded_rows(at::silu(gu[0]).mul_(gu[1]), ldh);
     const at::Tensor hb = bf16_rows_used ? h.to(at::kBFloat16) : at::Tensor();
     const at::Tensor hsum = sums_used ? group_sums(h, I / group_mid) : at::Tensor();
     units.clear();
