@@ -1,6 +1,7 @@
-"""MLA's absorbed decode attention (model/language.py `MLAttention._absorbed`) at Small's widths, against the same
-products with the cache broadcast over the heads (the form before 2026-12-02, kept here as the comparison), in one
-run: ms per layer per decode step, and the largest difference between the two.
+"""MLA's absorbed decode attention (model/language.py `MLAttention._absorbed`) at Small's widths, three ways in one
+run: with the compiled latent-attention kernel (bf16 on AVX512-BF16 CPUs), with torch's products (heads folded into
+the query rows), and with the cache broadcast over the heads (the form before 2026-12-02, kept as the comparison):
+ms per layer per decode step, and the largest difference of each from the torch form.
 
     python bench/mla_decode.py [--batch 3] [--cached 1150] [--dtype float32|bfloat16]
 """
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from dsvl2.model import kernels
 from dsvl2.model.attention import causal_mask
 from dsvl2.model.config import ModelConfig
+from dsvl2.model.kernel_choice import Paths
 from dsvl2.model.language import MLAttention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,16 +66,25 @@ def main() -> None:
     q_pe = torch.randn(B, H, 1, layer.dr, generator=g).to(dtype)
     positions = torch.full((B, 1), S - 1)
     mask = causal_mask(positions, torch.arange(S).expand(B, -1))
+    forms = {"torch": Paths.uniform("torch", "bench")}
+    if kernels.available() and dtype is torch.bfloat16:
+        forms["kernel"] = Paths.uniform("kernel", "bench")
+    else:
+        print(f"no kernel form: {kernels.status().describe() if dtype is torch.bfloat16 else 'float32'}")
+    ms, out = {}, {}
     with torch.inference_mode():
-        now = ms_per_call(lambda: layer._absorbed(q_nope, q_pe, c, k_pe, mask))
-        before = ms_per_call(lambda: broadcast_form(layer, q_nope, q_pe, c, k_pe, mask))
-        diff = (layer._absorbed(q_nope, q_pe, c, k_pe, mask).float()
-                - broadcast_form(layer, q_nope, q_pe, c, k_pe, mask).float()).abs().max()
+        for name, paths in forms.items():
+            layer.paths = paths
+            ms[name] = ms_per_call(lambda: layer._absorbed(q_nope, q_pe, c, k_pe, mask, positions))
+            out[name] = layer._absorbed(q_nope, q_pe, c, k_pe, mask, positions).float()
+        ms["broadcast"] = ms_per_call(lambda: broadcast_form(layer, q_nope, q_pe, c, k_pe, mask))
+        out["broadcast"] = broadcast_form(layer, q_nope, q_pe, c, k_pe, mask).float()
     print(f"Small widths: {H} heads, latent {layer.rank}, rope {layer.dr}; batch {B}, {S} cached tokens, {args.dtype}")
     layers = cfg.num_hidden_layers
-    print(f"absorbed attention per layer: {now:.2f} ms (heads folded into rows) vs {before:.2f} ms (cache "
-          f"broadcast over heads): {before / now:.1f}x; x {layers} layers: {now * layers:.0f} vs "
-          f"{before * layers:.0f} ms per decode step; max difference {float(diff):.2e}")
+    for name, t in ms.items():
+        diff = float((out[name] - out["torch"]).abs().max())
+        print(f"  {name:9s} {t:6.2f} ms per layer ({ms['torch'] / t:4.2f}x torch), x {layers} layers: "
+              f"{t * layers:5.0f} ms per decode step; max difference from torch {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 them): for every family, the model's kernel call and the torch call it falls back to, on the same inputs.
 
 Trials are cheap to make: `Trial.build` allocates inputs and closes over the model's weights only when a family
-has no cached timing. Families a model has no kernel for (MLA's absorbed decode attention) map to the reason.
+has no cached timing. Families a model has no kernel for (quantised experts, chosen by quant_choice.py) map to the
+reason.
 Not responsible for deciding (kernel_choice.py) nor for running the model (language.py, vision.py).
 
-Shape legend: B batch, H heads, Hk key heads, T queries, S cached slots, D / Dv key / value head dims, N tokens.
+Shape legend: B batch, H heads, Hk key heads, T queries, S cached slots, D / Dv key / value head dims, N tokens,
+C / R MLA's latent rank / rotary dim.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dsvl2.model import kernels
-from dsvl2.model.attention import attend, causal_mask
+from dsvl2.model.attention import absorbed_attend, attend, causal_mask
 from dsvl2.model.kernel_choice import Family, Trial
 from dsvl2.model.quant import QuantLinear
 
@@ -51,7 +53,10 @@ def language_trials(lm) -> dict[Family, Trial | str]:
                                    lambda: _causal_attention(H, Hk, D, Dv, scale)),
     }
     if cfg.use_mla:
-        trials["decode_attention"] = "no kernel for MLA's absorbed attention (latent values are part of the keys)"
+        w = layers[0].self_attn.kv_b_proj.weight
+        trials["decode_attention"] = Trial(
+            f"B{DECODE_ROWS} H{H} S{DECODE_CONTEXT} absorbed Dn{cfg.qk_nope_head_dim} R{cfg.qk_rope_head_dim} "
+            f"kv_b {w.shape[0]}x{w.shape[1]}", lambda: _absorbed_attention(cfg, w))
     else:
         trials["decode_attention"] = Trial(f"B{DECODE_ROWS} H{H} Hk{Hk} S{DECODE_CONTEXT} D{D}",
                                            lambda: _cache_attention(H, Hk, D, scale))
@@ -120,6 +125,21 @@ def _cache_attention(H: int, Hk: int, D: int, scale: float) -> Calls:
     mask = causal_mask(positions, torch.arange(S).expand(B, -1))
     _covered(kernels.attend_fits(q, k, v), f"cache attention of {tuple(q.shape)}")
     return lambda: kernels.attend(q, k, v, positions, scale), lambda: attend(q, k, v, mask, scale)
+
+
+def _absorbed_attention(cfg, w_kv_b: torch.Tensor) -> Calls:
+    B, S, H = DECODE_ROWS, DECODE_CONTEXT, cfg.num_attention_heads
+    latent = _bf16(B, S + 32, cfg.kv_lora_rank, seed=11)  # a cache with free slots
+    rotary = _bf16(B, S + 32, cfg.qk_rope_head_dim, seed=12)
+    c, pe = latent[:, :S], rotary[:, :S]
+    q_nope = _bf16(B, 1, H, cfg.qk_nope_head_dim, seed=13).transpose(1, 2)  # (B, H, 1, Dn) as the projection gives it
+    q_pe = _bf16(B, H, 1, cfg.qk_rope_head_dim, seed=14)
+    w = w_kv_b.detach()
+    positions = torch.full((B, 1), S - 1)
+    mask = causal_mask(positions, torch.arange(S).expand(B, -1))
+    _covered(kernels.absorbed_fits(q_nope, q_pe, c, pe, w), f"absorbed attention of {tuple(q_nope.shape)}")
+    return (lambda: kernels.absorbed(q_nope, q_pe, c, pe, w, positions, cfg.softmax_scale),
+            lambda: absorbed_attend(q_nope, q_pe, c, pe, w, mask, cfg.softmax_scale))
 
 
 def _projections(weights: list[torch.Tensor]) -> Calls:

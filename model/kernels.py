@@ -6,6 +6,8 @@ AVX512-BF16 dot products; the decode ones read each weight once for all rows:
                 decode streams each weight once; experts with many rows (prefill) multiply packed weight blocks;
   `attend`      attention of a few new queries over the cache, reading each cached key and value row once, in
                 place (torch's batched products copy the cache's strided views first);
+  `absorbed`    MLA's absorbed decode attention: W_uk and W_uv read once per call, every head's queries over the
+                shared latent cache at once;
   `attention`   attention of many queries (the vision tower's 729-token tiles; prefill chunks, causal over the
                 cache), ~1.6x torch's fused CPU kernel on SigLIP's 72-wide heads.
 Also `linear_fused`, a product with its bias (and GELU) fused through torch's own oneDNN (no build needed), for
@@ -49,7 +51,7 @@ MAX_ROWS = 32
 ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp")]
+_SOURCES = [_CSRC / name for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp", "latent_bf16.cpp")]
 _DEPENDS = [_CSRC / "bf16_common.h", _CSRC / "parallel.h"]  # included by the sources: part of the build key
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
@@ -222,6 +224,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.T
     key head h // (H / Hk). Scores bf16(q . k) * scale and softmax in float32, probabilities rounded to bf16, sums
     of p * v in float32, as the model's short-query path. Returns (B, H, T, Dv). Requires `attend_fits`."""
     return torch.ops.dsvl2_kernels.attend_bf16(q, k, v, positions, scale)
+
+
+def absorbed_fits(q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, pe: torch.Tensor,
+                  w_kv_b: torch.Tensor) -> bool:
+    """Whether `absorbed` covers MLA queries q_nope (B, H, T, Dn), q_pe (B, H, T, R) over the latent cache views
+    c (B, S, C) and pe (B, S, R) with kv_b_proj's weight w_kv_b (H * (Dn + Dv), C), and the kernel is available and
+    switched on."""
+    return (
+        q_nope.ndim == q_pe.ndim == 4 and c.ndim == pe.ndim == 3 and 0 < q_nope.shape[2] <= MAX_ROWS
+        and c.stride(-1) == 1 and c.stride(-2) == c.shape[-1] and pe.stride(-1) == 1 and pe.stride(-2) == pe.shape[-1]
+        and w_kv_b.ndim == 2 and w_kv_b.is_contiguous()
+        and _usable(q_nope, q_pe, c, pe, w_kv_b)
+    )
+
+
+def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, pe: torch.Tensor, w_kv_b: torch.Tensor,
+             positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """MLA's absorbed attention, query (b, h, t) seeing slots 0..positions[b, t] of the latent cache, with the
+    roundings of attention.absorbed_attend: q_lat = bf16(q_nope @ W_uk), scores bf16(bf16(q_lat . c) + bf16(q_pe .
+    pe)) * scale, softmax in float32, probabilities rounded to bf16, bf16 sums of p * c, out = bf16(lat @ W_uv^T).
+    Returns (B, H, T, Dv). Requires `absorbed_fits`."""
+    return torch.ops.dsvl2_kernels.absorbed_bf16(q_nope, q_pe, c, pe, w_kv_b, positions, scale)
 
 
 @functools.cache

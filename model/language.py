@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dsvl2.model import kernel_calibration, kernels
-from dsvl2.model.attention import SDPA_MIN_QUERIES, attend, causal_mask
+from dsvl2.model.attention import SDPA_MIN_QUERIES, absorbed_attend, attend, causal_mask
 from dsvl2.model.config import LanguageConfig, yarn_mscale
 from dsvl2.model.feedforward import MLP, MoE, MoEGate, proj
 from dsvl2.model.kernel_choice import UNCHOSEN, Paths
@@ -228,7 +228,7 @@ class MLAttention(nn.Module):
         mask = causal_mask(positions, k_pos)
         absorb = self.absorb if self.absorb is not None else (cache is not None and T <= self.ABSORB_MAX_TOKENS)
         if absorb:
-            out = self._absorbed(q_nope, q_pe, c, k_pe, mask)
+            out = self._absorbed(q_nope, q_pe, c, k_pe, mask, positions)
         else:
             out = self._expanded(q_nope, q_pe, c, k_pe, mask, positions)
         return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.dv), self.o_proj, self.paths)
@@ -244,24 +244,11 @@ class MLAttention(nn.Module):
             return kernels.attention(q, k, v, self.scale, positions)
         return attend(q, k, v, mask, self.scale)  # (B, H, T, Dv)
 
-    def _absorbed(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
-        B, H, T, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.rank)
-        w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # (H, Dn, C), (H, Dv, C): views of the weight, never copied
-        # Per head, the weights are multiplied as they lie (row-major, heads strided): einsum's
-        # "bhtc,hvc->bhtv" copied w_uv transposed on every call, ~0.5 ms per layer and step at Small's widths.
-        q_lat = (q_nope.transpose(0, 1).reshape(H, B * T, self.dn) @ w_uk).view(H, B, T, -1).transpose(0, 1)
-        # One key "head" shared by all heads: the heads are folded into the query rows, so that each product is one
-        # batched matmul against the cache as it lies. Broadcasting the cache over the heads instead (c[:, None])
-        # made torch copy it once per head for each product: 94% of a float32 decode step of the real-width Small.
-        # The cache is the left operand (scores transposed, (B, S, H * T)): with it transposed on the right, torch's
-        # bf16 batched product ran 5-7x slower (the same sums, bit-identical either way).
-        rows = (q_lat.reshape(B, H * T, -1).transpose(1, 2), q_pe.reshape(B, H * T, -1).transpose(1, 2))
-        scores = (c @ rows[0] + k_pe @ rows[1]).transpose(1, 2)  # (B, H * T, S)
-        scores = (scores.float().reshape(B, H, T, -1) * self.scale).masked_fill(~mask, float("-inf"))  # (B, H, T, S)
-        out_lat = scores.softmax(dim=-1).to(c.dtype).view(B, H * T, -1) @ c  # (B, H * T, C)
-        lat_by_head = out_lat.view(B, H, T, -1).transpose(0, 1).reshape(H, B * T, -1)  # (H, B * T, C)
-        return (w_uv @ lat_by_head.transpose(1, 2)).view(H, self.dv, B, T).permute(2, 0, 3, 1)  # (B, H, T, Dv)
+    def _absorbed(self, q_nope, q_pe, c, k_pe, mask, positions) -> torch.Tensor:
+        w = self.kv_b_proj.weight
+        if self.paths.kernel("decode_attention") and kernels.absorbed_fits(q_nope, q_pe, c, k_pe, w):
+            return kernels.absorbed(q_nope, q_pe, c, k_pe, w, positions, self.scale)
+        return absorbed_attend(q_nope, q_pe, c, k_pe, w, mask, self.scale)
 
 
 class DecoderLayer(nn.Module):

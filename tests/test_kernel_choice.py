@@ -133,15 +133,15 @@ def test_failed_kernels_no_kernel_for_the_shapes_and_a_raising_trial_go_to_torch
         raise RuntimeError("the kernel does not cover attention of (1, 2, 3, 4)\nmore")
 
     trials = {"decode_projections": trial, "vision_gemm": trial, "prefill_attention": Trial("x", raising),
-              "decode_attention": "no kernel for MLA's absorbed attention"}
+              "decode_experts": "quantised experts: quant_choice.py picks their path"}
     paths = decide(trials, machine=ZEN4, status=failed, cache=None, timer=timer)
     assert paths.route("decode_projections").reason == "kernels unavailable: no `ninja` executable"
     assert paths.kernel("vision_gemm")  # torch's own oneDNN op: needs no build
     paths = decide(trials, machine=ZEN4, status=LOADED, cache=None, timer=timer)
     assert paths.route("prefill_attention").reason == (
         "kernel failed in calibration: the kernel does not cover attention of (1, 2, 3, 4)")
-    assert paths.route("decode_attention").reason == "no kernel for MLA's absorbed attention"
-    assert not paths.kernel("decode_attention")
+    assert paths.route("decode_experts").reason == "quantised experts: quant_choice.py picks their path"
+    assert not paths.kernel("decode_experts")
 
 
 def test_the_process_choice_is_decided_once_and_reported(monkeypatch, tmp_path):
@@ -258,7 +258,7 @@ def test_each_family_runs_where_the_paths_say_and_equals_the_torch_path(monkeypa
         prefill_then_decode(lm, ids)
         assert set(fake.ran) == {"linear"}  # nothing but the decode projections (the experts' ones too, now)
         assert len(fake.ran) > decode_linears
-        # Every layer's projections, MLA's included; absorbed MLA decode folds kv_b into per-head products instead.
+        # Every layer's projections, MLA's included; absorbed MLA decode reads kv_b per head (its own kernel).
         projections = {p.data_ptr() for name, p in lm.model.layers.named_parameters()
                        if p.ndim == 2 and ".self_attn." in f".{name}" and "kv_b_proj" not in name}
         assert projections | {lm.lm_head.weight.data_ptr()} <= fake.weights
@@ -269,8 +269,8 @@ def test_each_family_runs_where_the_paths_say_and_equals_the_torch_path(monkeypa
 
 
 def test_language_model_asks_the_process_choice_with_its_own_trials(monkeypatch):
-    """A bf16 forward on the CPU takes the routes from kernels.paths, with trials on this model's shapes (MLA: no
-    decode-attention kernel), and hands them to every module."""
+    """A bf16 forward on the CPU takes the routes from kernels.paths, with trials on this model's shapes (MLA's
+    decode attention: the absorbed form with its own kv_b weight), and hands them to every module."""
     from parity import parity_model
 
     lm = parity_model("small-mla", torch.bfloat16).language
@@ -284,10 +284,10 @@ def test_language_model_asks_the_process_choice_with_its_own_trials(monkeypatch)
     finally:
         lm.use_paths(kernel_choice.UNCHOSEN)
     (trials,) = asked
-    assert isinstance(trials["decode_attention"], str) and "MLA" in trials["decode_attention"]
     rank = lm.cfg.kv_lora_rank
-    assert f"{lm.cfg.num_attention_heads * (lm.cfg.qk_nope_head_dim + lm.cfg.v_head_dim)}x{rank}" in (
-        trials["decode_projections"].shape)  # MLA's kv_b projection is among the timed ones
+    kv_b = f"{lm.cfg.num_attention_heads * (lm.cfg.qk_nope_head_dim + lm.cfg.v_head_dim)}x{rank}"
+    assert "absorbed" in trials["decode_attention"].shape and f"kv_b {kv_b}" in trials["decode_attention"].shape
+    assert kv_b in trials["decode_projections"].shape  # MLA's kv_b projection is among the timed ones
     assert {"prefill_attention", "decode_projections", "decode_experts", "prefill_experts"} <= set(trials)
 
 

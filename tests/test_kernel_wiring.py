@@ -26,7 +26,7 @@ def kernel() -> None:
 def test_model_decode_through_the_kernels_equals_decode_through_f_linear(kernel, kernel_calls, monkeypatch, name):
     """Catches a wrong wiring of the kernels into the model: a bf16 decode step on each parity checkpoint gives the
     same logits (within bf16 noise) with the kernels as with F.linear and torch's attention, and the kernels (the
-    fused experts, and on the MHA checkpoint the cache attention) really ran."""
+    fused experts, and the cache attention: MHA's, or MLA's absorbed one) really ran."""
     from parity import checkpoint_names, parity_model
 
     assert name in checkpoint_names()
@@ -34,7 +34,7 @@ def test_model_decode_through_the_kernels_equals_decode_through_f_linear(kernel,
     ids = torch.randint(3, lm.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     ran = []
     monkeypatch.setattr(kernels, "paths", lambda trials: EVERY_KERNEL)  # whatever this CPU's calibration says
-    for op in ("moe_routed", "attend"):
+    for op in ("moe_routed", "attend", "absorbed"):
         real = getattr(kernels, op)
         monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real: ran.append(op) or real(*a))
 
@@ -48,7 +48,7 @@ def test_model_decode_through_the_kernels_equals_decode_through_f_linear(kernel,
     with_kernel = decode_logits()
     assert kernel_calls, "the decode step never reached the kernel"
     assert "moe_routed" in ran
-    assert ("attend" in ran) == (not lm.cfg.use_mla)
+    assert ("attend" in ran) == (not lm.cfg.use_mla) and ("absorbed" in ran) == lm.cfg.use_mla
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     ran.clear()
     without = decode_logits()

@@ -285,6 +285,54 @@ def test_attention_kernel_rejects_positions_past_the_cache(kernel):
         kernels.attend(q, k, k, torch.tensor([[4]]), 1.0)
 
 
+ABSORBED_SHAPES = [  # (B, H, T, Dn, Dv, C, R, capacity, lengths)
+    (3, 16, 1, 128, 128, 512, 64, 1200, [1150, 3, 700]),  # Small's widths, ragged rows
+    (2, 5, 3, 24, 16, 40, 8, 50, [20, 0]),  # several queries, C no multiple of 64 (the tail columns)
+    (5, 3, 2, 17, 9, 70, 6, 40, [33, 1, 0, 12, 37]),  # odd sizes, more rows than a block of 4
+]
+
+
+def _absorbed_inputs(B, H, T, Dn, Dv, C, R, capacity, lengths):
+    torch.manual_seed(B * 100 + T)
+    latent, rotary = torch.randn(B, capacity, C).to(torch.bfloat16), torch.randn(B, capacity, R).to(torch.bfloat16)
+    q_nope = torch.randn(B, T, H, Dn).to(torch.bfloat16).transpose(1, 2)  # (B, H, T, Dn) as the projection cuts it
+    q_pe = torch.randn(B, H, T, R).to(torch.bfloat16)
+    w = (torch.randn(H * (Dn + Dv), C) * C**-0.5).to(torch.bfloat16)
+    positions = torch.tensor(lengths)[:, None] + torch.arange(T)
+    used = int(positions.max()) + 1
+    return q_nope, q_pe, latent[:, :used], rotary[:, :used], w, positions
+
+
+@pytest.mark.parametrize(("B", "H", "T", "Dn", "Dv", "C", "R", "capacity", "lengths"), ABSORBED_SHAPES)
+def test_absorbed_mla_kernel_equals_the_torch_form(kernel, B, H, T, Dn, Dv, C, R, capacity, lengths):
+    """Over strided views of a latent cache (capacity > used slots), the absorbed-attention kernel equals
+    attention.absorbed_attend: the same bf16 roundings (q_lat, each score product, the score, the probabilities, the
+    latent sums, the output), float32 summation order aside; and it is as close to float32 as the torch form."""
+    from dsvl2.model.attention import absorbed_attend, causal_mask
+
+    q_nope, q_pe, c, pe, w, positions = _absorbed_inputs(B, H, T, Dn, Dv, C, R, capacity, lengths)
+    assert kernels.absorbed_fits(q_nope, q_pe, c, pe, w) and not c.is_contiguous()
+    scale = (Dn + R) ** -0.5
+    mask = causal_mask(positions, torch.arange(c.shape[1]).expand(B, -1))
+    out = kernels.absorbed(q_nope, q_pe, c, pe, w, positions, scale)
+    ref = absorbed_attend(q_nope, q_pe, c, pe, w, mask, scale)
+    assert out.shape == ref.shape == (B, H, T, Dv)
+    diff = (out.float() - ref.float()).abs()
+    assert diff.max() <= 2**-7 * ref.float().abs().max()
+    assert (diff == 0).float().mean() >= 0.95
+    exact = absorbed_attend(*(t.float() for t in (q_nope, q_pe, c, pe, w)), mask, scale)
+    torch_error = (ref.float() - exact).abs().max()
+    assert (out.float() - exact).abs().max() <= 1.5 * torch_error + 1e-6
+
+
+def test_absorbed_mla_kernel_rejects_positions_past_the_cache_and_a_misshapen_weight(kernel):
+    q_nope, q_pe, c, pe, w, positions = _absorbed_inputs(1, 2, 1, 8, 8, 16, 4, 8, [3])
+    with pytest.raises(RuntimeError, match="position past the cache"):
+        kernels.absorbed(q_nope, q_pe, c, pe, w, positions + 1, 1.0)
+    with pytest.raises(RuntimeError, match="kv_b_proj's weight"):
+        kernels.absorbed(q_nope, q_pe, c, pe, w[:-1], positions, 1.0)
+
+
 ATTENTION_SHAPES = [  # (B, H, Lq, Lk, D, Dv): SigLIP tiles (729 tokens, 72-wide heads), odd sizes, more keys
     (2, 16, 729, 729, 72, 72),
     (2, 3, 37, 37, 33, 17),

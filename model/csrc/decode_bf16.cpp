@@ -2,8 +2,8 @@
 // them and decides when to call them.
 //   linear_bf16  skinny product y (M, N) = x (M, K) @ w (N, K)^T with M small (1..32);
 //   attend_bf16  attention of a few new queries over the KV cache, in place.
-// The routed-expert layer (moe_bf16) is in moe_bf16.cpp, the many-query attention in attention_bf16.cpp, shared
-// pieces in bf16_common.h.
+// The routed-expert layer (moe_bf16) is in moe_bf16.cpp, the many-query attention in attention_bf16.cpp, MLA's
+// absorbed decode attention in latent_bf16.cpp, shared pieces in bf16_common.h.
 //
 // Decode is bound by reading the weight, so the weight is read from memory exactly once for all M rows. Threads
 // take chunks of W's rows (~128 KB) from a shared counter, so a thread that starts late (another process on its
@@ -48,17 +48,25 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
 }
 
 // out[0..cols) = bf16(sum over s < n of p[s] * v[s][0..cols)) for v's rows at stride ldv, float32 sums in registers
-// (NV 16-lane columns, cols <= 16 * NV).
-template <int NV>
+// (NV 16-lane columns, cols <= 16 * NV; TAIL where cols < 16 * NV).
+template <int NV, bool TAIL>
 inline void weighted_rows_n(const float* p, int64_t n, const bf16* v, int64_t ldv, bf16* out, int64_t cols) {
   __m512 acc[NV];
   __mmask16 mask[NV];
   for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps(), mask[j] = tail_mask(cols - 16 * j);
   for (int64_t s = 0; s < n; ++s) {
     const __m512 ps = _mm512_set1_ps(p[s]);
-    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(ps, load16_f32(v + s * ldv + 16 * j, mask[j]), acc[j]);
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(ps, load16_f32_of<TAIL>(v + s * ldv + 16 * j, mask[j]), acc[j]);
   }
   for (int j = 0; j < NV; ++j) store_bf16(out + 16 * j, acc[j], mask[j]);
+}
+
+template <int NV>
+inline void weighted_rows_n(const float* p, int64_t n, const bf16* v, int64_t ldv, bf16* out, int64_t cols) {
+  if (cols == 16 * NV)
+    weighted_rows_n<NV, false>(p, n, v, ldv, out, cols);
+  else
+    weighted_rows_n<NV, true>(p, n, v, ldv, out, cols);
 }
 
 // weighted_rows_n for up to 128 columns (any more are the caller's next call).
@@ -119,29 +127,13 @@ at::Tensor attend_bf16(const at::Tensor& q_in, const at::Tensor& k, const at::Te
     bf16* const scores = score_buf.data();
     float* const probs = prob_buf.data();
     span(kb, qb, scores, 0, seen, Q, D, seen);  // scores[r][s] = bf16(q_r . k_s)
-    const __m512 vscale = _mm512_set1_ps(fscale);
     for (int64_t r = 0; r < Q; ++r) {  // softmax over the slots the query sees, probabilities rounded to bf16
       const int64_t n = pp[b * T + r % T] + 1;
-      float* pr = probs + r * seen;
-      __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
       for (int64_t s = 0; s < n; s += 16) {
         const __mmask16 m = tail_mask(n - s);
-        const __m512 x = _mm512_mul_ps(load16_f32(scores + r * seen + s, m), vscale);
-        _mm512_mask_storeu_ps(pr + s, m, x);
-        top = _mm512_mask_max_ps(top, m, top, x);
+        _mm512_mask_storeu_ps(probs + r * seen + s, m, load16_f32(scores + r * seen + s, m));
       }
-      const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-      for (int64_t s = 0; s < n; s += 16) {
-        const __mmask16 m = tail_mask(n - s);
-        const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pr + s), shift)));
-        _mm512_mask_storeu_ps(pr + s, m, e);
-        total = _mm512_add_ps(total, e);
-      }
-      const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total));
-      for (int64_t s = 0; s < n; s += 16) {
-        const __mmask16 m = tail_mask(n - s);
-        _mm512_mask_storeu_ps(pr + s, m, round_bf16(_mm512_div_ps(_mm512_maskz_loadu_ps(m, pr + s), sum)));
-      }
+      softmax_row_bf16(probs + r * seen, n, n, fscale);
     }
     bf16* ob = op + (b * H + h * G) * T * Dv;
     for (int64_t r = 0; r < Q; ++r)  // out row r = sum over its visible slots of p * v, 128 columns at a time
@@ -157,6 +149,7 @@ TORCH_LIBRARY(dsvl2_kernels, m) {
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("moe_bf16(Tensor x, Tensor ids, Tensor weights, Tensor[] gate, Tensor[] up, Tensor[] down) -> Tensor");
   m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor positions, float scale) -> Tensor");
+  m.def("absorbed_bf16(Tensor q_nope, Tensor q_pe, Tensor c, Tensor pe, Tensor w, Tensor positions, float scale) -> Tensor");
   m.def("attention_bf16(Tensor q, Tensor k, Tensor v, Tensor? positions, float scale) -> Tensor");
 }
 
