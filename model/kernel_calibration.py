@@ -53,10 +53,10 @@ def language_trials(lm) -> dict[Family, Trial | str]:
                                    lambda: _causal_attention(H, Hk, D, Dv, scale)),
     }
     if cfg.use_mla:
-        w = layers[0].self_attn.kv_b_proj.weight
+        kv_b = layers[0].self_attn.kv_b_proj.weight  # a name of its own: the lambda reads it when the trial is built
         trials["decode_attention"] = Trial(
             f"B{DECODE_ROWS} H{H} S{DECODE_CONTEXT} absorbed Dn{cfg.qk_nope_head_dim} R{cfg.qk_rope_head_dim} "
-            f"kv_b {w.shape[0]}x{w.shape[1]}", lambda: _absorbed_attention(cfg, w))
+            f"kv_b {kv_b.shape[0]}x{kv_b.shape[1]}", lambda: _absorbed_attention(cfg, kv_b))
     else:
         trials["decode_attention"] = Trial(f"B{DECODE_ROWS} H{H} Hk{Hk} S{DECODE_CONTEXT} D{D}",
                                            lambda: _cache_attention(H, Hk, D, scale))

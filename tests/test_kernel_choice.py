@@ -287,6 +287,9 @@ def test_language_model_asks_the_process_choice_with_its_own_trials(monkeypatch)
     rank = lm.cfg.kv_lora_rank
     kv_b = f"{lm.cfg.num_attention_heads * (lm.cfg.qk_nope_head_dim + lm.cfg.v_head_dim)}x{rank}"
     assert "absorbed" in trials["decode_attention"].shape and f"kv_b {kv_b}" in trials["decode_attention"].shape
+    if kernels.available():  # the trial runs on the model's own kv_b weight (not whatever a later line binds)
+        for call in trials["decode_attention"].build():
+            assert call().shape[-1] == lm.cfg.v_head_dim
     assert kv_b in trials["decode_projections"].shape  # MLA's kv_b projection is among the timed ones
     assert {"prefill_attention", "decode_projections", "decode_experts", "prefill_experts"} <= set(trials)
 
