@@ -325,6 +325,17 @@ def test_absorbed_mla_kernel_equals_the_torch_form(kernel, B, H, T, Dn, Dv, C, R
     assert (out.float() - exact).abs().max() <= 1.5 * torch_error + 1e-6
 
 
+def test_absorbed_mla_kernel_gives_each_row_what_it_gives_the_row_alone(kernel):
+    """Batched = alone, exactly: every step sums each query row on its own, so a row's output cannot depend on the
+    other rows of the batch (a wrong row <-> (batch, head, token) mapping would mix them)."""
+    q_nope, q_pe, c, pe, w, positions = _absorbed_inputs(5, 3, 2, 17, 9, 70, 6, 40, [33, 1, 0, 12, 37])
+    together = kernels.absorbed(q_nope, q_pe, c, pe, w, positions, 0.2)
+    for b in range(5):
+        alone = kernels.absorbed(q_nope[b : b + 1], q_pe[b : b + 1], c[b : b + 1], pe[b : b + 1], w,
+                                 positions[b : b + 1], 0.2)
+        assert torch.equal(alone, together[b : b + 1])
+
+
 def test_absorbed_mla_kernel_rejects_positions_past_the_cache_and_a_misshapen_weight(kernel):
     q_nope, q_pe, c, pe, w, positions = _absorbed_inputs(1, 2, 1, 8, 8, 16, 4, 8, [3])
     with pytest.raises(RuntimeError, match="position past the cache"):
