@@ -75,8 +75,8 @@ def main() -> None:
     with torch.inference_mode():
         for name, paths in forms.items():
             layer.paths = paths
-            ms[name] = ms_per_call(lambda: layer._absorbed(q_nope, q_pe, c, k_pe, mask, positions))
-            out[name] = layer._absorbed(q_nope, q_pe, c, k_pe, mask, positions).float()
+            ms[name] = ms_per_call(lambda: layer._absorbed(q_nope, q_pe, c, k_pe, lambda: mask, positions))
+            out[name] = layer._absorbed(q_nope, q_pe, c, k_pe, lambda: mask, positions).float()
         ms["broadcast"] = ms_per_call(lambda: broadcast_form(layer, q_nope, q_pe, c, k_pe, mask))
         out["broadcast"] = broadcast_form(layer, q_nope, q_pe, c, k_pe, mask).float()
     print(f"Small widths: {H} heads, latent {layer.rank}, rope {layer.dr}; batch {B}, {S} cached tokens, {args.dtype}")

@@ -14,6 +14,7 @@ N tokens (B*T), X routed experts, K experts per token.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -149,10 +150,8 @@ class MHAttention(nn.Module):
         cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        k_pos = positions
         if cache is not None:
             k, v = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, S, D)
-            k_pos = torch.arange(k.shape[2], device=x.device).expand(B, -1)
             decode = T < SDPA_MIN_QUERIES and p.kernel("decode_attention")
             if decode and kernels.attend_fits(q, k, v):  # the cache read once, in place
                 out = kernels.attend(q, k, v, positions, self.scale)
@@ -160,6 +159,7 @@ class MHAttention(nn.Module):
         if _prefill_kernel(q, k, v, p):  # keys by slot = position
             out = kernels.attention(q, k, v, self.scale, positions)
         else:
+            k_pos = positions if cache is None else torch.arange(k.shape[2], device=x.device).expand(B, -1)
             out = attend(q, k, v, causal_mask(positions, k_pos), self.scale)  # (B, H, T, D)
         return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj, p)
 
@@ -221,16 +221,18 @@ class MLAttention(nn.Module):
         cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         q_pe = apply_rope(deinterleave(q_pe), cos, sin)
         k_pe = apply_rope(deinterleave(k_pe)[:, None], cos, sin)[:, 0]  # (B, T, R)
-        k_pos = positions
         if cache is not None:
             c, k_pe = cache.write(layer, positions, c, k_pe)  # (B, S, C), (B, S, R)
-            k_pos = torch.arange(c.shape[1], device=x.device).expand(B, -1)
-        mask = causal_mask(positions, k_pos)
+
+        def mask() -> torch.Tensor:  # the torch forms' mask, made only where one runs (the kernel takes positions)
+            k_pos = positions if cache is None else torch.arange(c.shape[1], device=x.device).expand(B, -1)
+            return causal_mask(positions, k_pos)  # over a cache, key slot s holds position s
+
         absorb = self.absorb if self.absorb is not None else (cache is not None and T <= self.ABSORB_MAX_TOKENS)
         if absorb:
             out = self._absorbed(q_nope, q_pe, c, k_pe, mask, positions)
         else:
-            out = self._expanded(q_nope, q_pe, c, k_pe, mask, positions)
+            out = self._expanded(q_nope, q_pe, c, k_pe, mask(), positions)
         return proj(out.transpose(1, 2).reshape(B, T, self.heads * self.dv), self.o_proj, self.paths)
 
     def _expanded(self, q_nope, q_pe, c, k_pe, mask, positions) -> torch.Tensor:
@@ -244,11 +246,11 @@ class MLAttention(nn.Module):
             return kernels.attention(q, k, v, self.scale, positions)
         return attend(q, k, v, mask, self.scale)  # (B, H, T, Dv)
 
-    def _absorbed(self, q_nope, q_pe, c, k_pe, mask, positions) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, c, k_pe, mask: Callable[[], torch.Tensor], positions) -> torch.Tensor:
         w = self.kv_b_proj.weight
         if self.paths.kernel("decode_attention") and kernels.absorbed_fits(q_nope, q_pe, c, k_pe, w):
             return kernels.absorbed(q_nope, q_pe, c, k_pe, w, positions, self.scale)
-        return absorbed_attend(q_nope, q_pe, c, k_pe, w, mask, self.scale)
+        return absorbed_attend(q_nope, q_pe, c, k_pe, w, mask(), self.scale)
 
 
 class DecoderLayer(nn.Module):
