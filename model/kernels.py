@@ -3,7 +3,8 @@ AVX512-BF16 dot products; the decode ones read each weight once for all rows:
   `linear`      an `F.linear` for bf16 products with few rows;
   `moe_routed`  the routed experts of a MoE layer in one call (two parallel passes over the active experts' weights
                 instead of three separate products per expert, with the token gathering and the weighted sum):
-                decode streams each weight once; experts with many rows (prefill) multiply packed weight blocks;
+                decode streams each weight once; experts with many rows (prefill) multiply packed weight blocks
+                (on AMX's bf16 tiles where the CPU has them, `amx_ready()`);
   `attend`      attention of a few new queries over the cache, reading each cached key and value row once, in
                 place (torch's batched products copy the cache's strided views first);
   `absorbed`    MLA's absorbed decode attention: W_uk and W_uv read once per call, every head's queries over the
@@ -52,7 +53,8 @@ ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp", "latent_bf16.cpp")]
-_DEPENDS = [_CSRC / "bf16_common.h", _CSRC / "parallel.h"]  # included by the sources: part of the build key
+# Included by the sources: part of the build key.
+_DEPENDS = [_CSRC / "bf16_common.h", _CSRC / "parallel.h", _CSRC / "amx_tiles.h"]
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -201,11 +203,19 @@ def moe_fits(x: torch.Tensor, expert_weight: torch.Tensor) -> bool:
 
 
 def moe_routed(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: list[torch.Tensor],
-               up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
+               up: list[torch.Tensor], down: list[torch.Tensor], *, amx: bool = True) -> torch.Tensor:
     """The routed part of a MoE layer, y (N, E) = sum over k of weights[n, k] * expert_{ids[n, k]}(x[n]), where
     expert e is down[e] (silu(gate[e] x) * up[e] x) with the model's bf16 roundings. x (N, E) bf16, ids (N, K)
-    int64, weights (N, K) float32; gate[e], up[e] (I, E) and down[e] (E, I) contiguous bf16. Requires `moe_fits`."""
-    return torch.ops.dsvl2_kernels.moe_bf16(x, ids, weights, gate, up, down)
+    int64, weights (N, K) float32; gate[e], up[e] (I, E) and down[e] (E, I) contiguous bf16. Experts with many
+    rows multiply on AMX's tiles where `amx` and `amx_ready()` (and the widths are multiples of 32), else on the
+    AVX512 micro-kernel. Requires `moe_fits`."""
+    return torch.ops.dsvl2_kernels.moe_bf16(x, ids, weights, gate, up, down, amx)
+
+
+def amx_ready() -> bool:
+    """True when the kernels can use AMX's bf16 tiles here: the CPU has them and the OS lets this process use them
+    (asked once). False where the kernels are not available."""
+    return available() and bool(torch.ops.dsvl2_kernels.amx_ready())
 
 
 def attend_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

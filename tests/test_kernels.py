@@ -200,20 +200,26 @@ MOE_SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: 
     (33, 7, 4, 4, 40),
     (33, 7, 4, 4, 1),  # one token
     (64, 40, 8, 2, 3),
+    (64, 96, 4, 4, 40),  # widths a multiple of 32 (AMX's tiles where present): 40 rows = a block pair and a block
+    (96, 64, 3, 3, 17),  # 17 rows: a block pair whose second block has one row
 ]
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), MOE_SHAPES)
-def test_moe_kernel_equals_the_experts_one_by_one(kernel, hidden, inter, experts, top_k, tokens):
+def test_moe_kernel_equals_the_experts_one_by_one(kernel, hidden, inter, experts, top_k, tokens, amx):
     """The fused routed-expert kernel computes what MoE.dispatch does, expert by expert through F.linear: the same
-    bf16 roundings, so only float32 summation order may differ (one bf16 step on a rare element)."""
+    bf16 roundings, so only float32 summation order may differ (one bf16 step on a rare element). Both ways of
+    multiplying the packed experts: AVX512's micro-kernel, and AMX's tiles on a CPU that has them."""
+    if amx and not kernels.amx_ready():
+        pytest.skip("this CPU has no AMX-BF16 tiles (or the OS does not grant them)")
     moe = _moe(hidden, inter, experts, top_k, seed=tokens)
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     with torch.inference_mode():
         ids, weights = moe.gate(x)
         if experts <= 5:  # crowd every slot onto the first experts: some run many rows, the rest none
             ids = torch.arange(top_k).expand(tokens, -1).contiguous()
-        fused = kernels.moe_routed(x, ids, weights, *moe._expert_weights())
+        fused = kernels.moe_routed(x, ids, weights, *moe._expert_weights(), amx=amx)
         one_by_one = moe.dispatch(x, ids, weights)
     diff = (fused.float() - one_by_one.float()).abs()
     assert diff.max() <= 2**-7 * one_by_one.float().abs().max()

@@ -18,6 +18,7 @@
 // At M >= 8 a core is near its vdpbf16ps issue rate (about one per cycle, ~180 GFLOP/s here).
 
 
+#include "amx_tiles.h"
 #include "bf16_common.h"
 
 namespace {
@@ -147,7 +148,8 @@ at::Tensor attend_bf16(const at::Tensor& q_in, const at::Tensor& k, const at::Te
 
 TORCH_LIBRARY(dsvl2_kernels, m) {
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
-  m.def("moe_bf16(Tensor x, Tensor ids, Tensor weights, Tensor[] gate, Tensor[] up, Tensor[] down) -> Tensor");
+  m.def("moe_bf16(Tensor x, Tensor ids, Tensor weights, Tensor[] gate, Tensor[] up, Tensor[] down, bool amx) -> Tensor");
+  m.def("amx_ready() -> bool", [] { return dsvl2_kernels_detail::amx_ready(); });
   m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor positions, float scale) -> Tensor");
   m.def("absorbed_bf16(Tensor q_nope, Tensor q_pe, Tensor c, Tensor pe, Tensor w, Tensor positions, float scale) -> Tensor");
   m.def("attention_bf16(Tensor q, Tensor k, Tensor v, Tensor? positions, float scale) -> Tensor");
