@@ -189,6 +189,14 @@ def test_status_says_why_without_building(monkeypatch):
     assert kernels.build_error() == unsupported.reason and kernels.build_seconds() == 0.0
 
 
+AMX_OR_NOT = pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+
+
+def _amx_or_skip(amx: bool) -> None:
+    if amx and not kernels.amx_ready():
+        pytest.skip("this CPU has no AMX-BF16 tiles (or the OS does not grant them)")
+
+
 def _moe(hidden: int, inter: int, experts: int, top_k: int, seed: int):
     return random_moe(hidden, inter, experts, top_k, seed, torch.bfloat16)
 
@@ -205,14 +213,13 @@ MOE_SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: 
 ]
 
 
-@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+@AMX_OR_NOT
 @pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), MOE_SHAPES)
 def test_moe_kernel_equals_the_experts_one_by_one(kernel, hidden, inter, experts, top_k, tokens, amx):
     """The fused routed-expert kernel computes what MoE.dispatch does, expert by expert through F.linear: the same
     bf16 roundings, so only float32 summation order may differ (one bf16 step on a rare element). Both ways of
     multiplying the packed experts: AVX512's micro-kernel, and AMX's tiles on a CPU that has them."""
-    if amx and not kernels.amx_ready():
-        pytest.skip("this CPU has no AMX-BF16 tiles (or the OS does not grant them)")
+    _amx_or_skip(amx)
     moe = _moe(hidden, inter, experts, top_k, seed=tokens)
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -357,16 +364,19 @@ ATTENTION_SHAPES = [  # (B, H, Lq, Lk, D, Dv): SigLIP tiles (729 tokens, 72-wide
 ]
 
 
+@AMX_OR_NOT
 @pytest.mark.parametrize(("B", "H", "Lq", "Lk", "D", "Dv"), ATTENTION_SHAPES)
-def test_full_attention_kernel_is_as_close_to_float32_as_torchs_bf16_attention(kernel, B, H, Lq, Lk, D, Dv):
+def test_full_attention_kernel_is_as_close_to_float32_as_torchs_bf16_attention(kernel, B, H, Lq, Lk, D, Dv, amx):
     """The vision tower's attention kernel against float32 attention, on strided views like the tower's (q, k, v
     cut from one projection): its error stays within torch's own bf16 fused attention's (about one bf16 step of
-    the output); a wrong pack, tail or softmax gives errors of the order of the values themselves."""
+    the output); a wrong pack, tail or softmax gives errors of the order of the values themselves. Both ways of
+    multiplying: AVX512's micro-kernel, and AMX's tiles on a CPU that has them."""
+    _amx_or_skip(amx)
     torch.manual_seed(Lq + D)
     fused = (torch.randn(B, max(Lq, Lk), 3, H, max(D, Dv)) * 1.5).to(torch.bfloat16).permute(2, 0, 3, 1, 4)
     q, k, v = fused[0][:, :, :Lq, :D], fused[1][:, :, :Lk, :D], fused[2][:, :, :Lk, :Dv]
     assert kernels.attention_fits(q, k, v)
-    out = kernels.attention(q, k, v, D**-0.5)
+    out = kernels.attention(q, k, v, D**-0.5, amx=amx)
     assert out.shape == (B, H, Lq, Dv) and out.transpose(1, 2).is_contiguous()
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=D**-0.5)
     torch_error = (F.scaled_dot_product_attention(q, k, v, scale=D**-0.5).float() - ref).abs().max()
@@ -380,13 +390,16 @@ CAUSAL_SHAPES = [  # (B, H, Hk, T, D, Dv, capacity, row lengths before the chunk
 ]
 
 
+@AMX_OR_NOT
 @pytest.mark.parametrize(("B", "H", "Hk", "T", "D", "Dv", "capacity", "lengths"), CAUSAL_SHAPES)
 def test_causal_attention_kernel_is_as_close_to_float32_as_the_masked_path(kernel, B, H, Hk, T, D, Dv, capacity,
-                                                                          lengths):
+                                                                          lengths, amx):
     """Prefill through the kernel: over strided cache views, query (b, t) sees slots 0..position; the error
-    against float32 stays within the error of the model's own bf16 path (language.attend with the causal mask)."""
+    against float32 stays within the error of the model's own bf16 path (language.attend with the causal mask).
+    AVX512's micro-kernel, and AMX's tiles where present."""
     from dsvl2.model.language import attend, causal_mask
 
+    _amx_or_skip(amx)
     torch.manual_seed(T + D)
     keys = (torch.randn(B, Hk, capacity, D) * 1.5).to(torch.bfloat16)
     values = torch.randn(B, Hk, capacity, Dv).to(torch.bfloat16)
@@ -395,7 +408,7 @@ def test_causal_attention_kernel_is_as_close_to_float32_as_the_masked_path(kerne
     used = int(positions.max()) + 1
     k, v = keys[..., :used, :], values[..., :used, :]
     assert kernels.attention_fits(q, k, v)
-    out = kernels.attention(q, k, v, D**-0.5, positions)
+    out = kernels.attention(q, k, v, D**-0.5, positions, amx=amx)
     assert out.shape == (B, H, T, Dv)
     mask = causal_mask(positions, torch.arange(used).expand(B, -1))
     G = H // Hk

@@ -2,6 +2,7 @@
 // (declared with the other ops in decode_bf16.cpp): the SigLIP tower's tiles (no mask) and prefill chunks (causal
 // over the KV cache). model/kernels.py builds it and decides when to call it.
 
+#include "amx_tiles.h"
 #include "bf16_common.h"
 
 namespace {
@@ -47,9 +48,10 @@ constexpr int kNR = 5;   // 16-lane output columns per micro-tile (kMR x kNR acc
 // Keys are packed once per (b, key head) into pairs along D ([D/2][Lk][2]) and values into pairs along Lk
 // ([Lk/2][Dv][2]); units of (b, h, kQB queries) compute their score block with the pair-packed micro-kernel
 // (4 queries x 48 keys) up to the furthest key a query of the block sees, the softmax with a vectorised exp, and
-// the output (4 queries x 5 columns at a time).
+// the output (4 queries x 5 columns at a time). With `amx` on a CPU with AMX-BF16 both products run on its tiles
+// (the same packed layouts are their b operands; D padded with zero pairs to a multiple of 32, keys to one of 32).
 at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& positions, double scale) {
+                          const std::optional<at::Tensor>& positions, double scale, bool amx) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_bf16: q, k, v must be 4-D");
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu() && t->stride(3) == 1,
@@ -73,8 +75,9 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::Tensor out = at::empty({B, Lq, H, Dv}, q.options());
   if (B * H * Lq == 0) return out.transpose(1, 2);
   const int64_t G = H / Hk;
-  const int64_t Dp = (D + 1) / 2;            // pairs along D
-  const int64_t Lkp = (Lk + 15) / 16 * 16;   // keys padded to whole 16-lane columns
+  const bool tiles = amx && amx_ready();
+  const int64_t Dp = tiles ? (D + 31) / 32 * 16 : (D + 1) / 2;  // pairs along D (whole tile steps on AMX)
+  const int64_t Lkp = tiles ? (Lk + 31) / 32 * 32 : (Lk + 15) / 16 * 16;  // keys in whole columns (AMX: pairs of them)
   const int64_t Vc = (Dv + 15) / 16;         // 16-lane columns of the output
   const int64_t kpack = Dp * Lkp * 2, vpack = Lkp / 2 * Vc * 32;
 
@@ -82,8 +85,10 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   bf16* const pk = packed.mutable_data_ptr<bf16>();
   run_units(B * Hk, [&](int64_t bh) {
     const int64_t b = bh / Hk, h = bh % Hk;
-    pack_pairs(k.const_data_ptr<bf16>() + b * k.stride(0) + h * k.stride(1), k.stride(2), Lk, D, Lkp,
-              pk + bh * (kpack + vpack));
+    bf16* const keys = pk + bh * (kpack + vpack);
+    pack_pairs(k.const_data_ptr<bf16>() + b * k.stride(0) + h * k.stride(1), k.stride(2), Lk, D, Lkp, keys);
+    const int64_t written = (D + 1) / 2 * Lkp * 2;  // pack_pairs fills the pairs of D; AMX's padding pairs are zero
+    std::fill(keys + written, keys + kpack, bf16(0.0f));
     pack_values(v.const_data_ptr<bf16>() + b * v.stride(0) + h * v.stride(1), v.stride(2), Lk, Dv, Lkp, Vc,
                 pk + bh * (kpack + vpack) + kpack);
   });
@@ -97,7 +102,7 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
     int64_t seen[kQB];  // keys each query of the block sees
     int64_t extent = 0;
     for (int64_t r = 0; r < rows; ++r) extent = std::max(extent, seen[r] = pp ? pp[b * Lq + i0 + r] + 1 : Lk);
-    const int64_t ext = (extent + 15) / 16 * 16;  // keys computed for the block: whole 16-lane columns
+    const int64_t ext = tiles ? (extent + 31) / 32 * 32 : (extent + 15) / 16 * 16;  // keys computed for the block
     const bf16* kp = pk + (b * Hk + h / G) * (kpack + vpack);
     const bf16* vp = kp + kpack;
     // Per-thread scratch, reused unit after unit: filling fresh buffers (bf16 elements one by one) cost as much as
@@ -108,10 +113,24 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
     const bf16* qb = q.const_data_ptr<bf16>() + b * q.stride(0) + h * q.stride(1);
     for (int64_t r = 0; r < rows; ++r) {
       std::copy_n(qb + (i0 + r) * q.stride(2), D, qs.data() + r * Dp * 2);
-      if (Dp * 2 > D) qs[r * Dp * 2 + D] = zero;  // odd D: the last pair's second half
+      std::fill(qs.data() + r * Dp * 2 + D, qs.data() + (r + 1) * Dp * 2, zero);  // odd D, AMX's padding
+    }
+    if (tiles) amx_begin();
+    alignas(64) float sums[4 * 256];
+    const auto nothing = [](int64_t) {};
+    const int mb = rows > 16 ? 2 : 1;  // AMX's blocks of 16 queries (rows past `rows` are computed, not stored)
+    for (int64_t j = 0; tiles && j < ext; j += 32) {
+      const bf16* const a[2] = {qs.data(), qs.data() + 16 * Dp * 2};
+      const bf16* const bk[2] = {kp + j * 2, kp + (j + 16) * 2};
+      amx_block_any(mb, 2, a, Dp * 2, bk, Lkp * 2, Dp / 16, sums, nothing);
+      for (int i = 0; i < mb; ++i)
+        for (int64_t x = 0; x < std::min<int64_t>(16, rows - 16 * i); ++x)
+          for (int c = 0; c < 2; ++c)
+            _mm512_storeu_ps(scores.data() + (16 * i + x) * ext + j + 16 * c,
+                             _mm512_mul_ps(_mm512_load_ps(sums + (2 * i + c) * 256 + 16 * x), _mm512_set1_ps(fscale)));
     }
     __m512 acc[kMR * kNR];
-    for (int64_t j = 0; j < ext; j += 48) {  // a slab of 48 keys stays in L1 while every query block uses it
+    for (int64_t j = 0; !tiles && j < ext; j += 48) {  // a slab of 48 keys stays in L1 while every query block uses it
       const int nr = static_cast<int>(std::min<int64_t>(3, (ext - j) / 16));
       for (int64_t r = 0; r < rows; r += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r));
@@ -142,6 +161,23 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(s + j), inv)));
     }
     bf16* ob = out.mutable_data_ptr<bf16>();
+    for (int64_t c0 = 0; tiles && c0 < Vc; c0 += 2) {
+      const int nb = static_cast<int>(std::min<int64_t>(2, Vc - c0));
+      const bf16* const a[2] = {probs.data(), probs.data() + 16 * ext};
+      const bf16* const bv[2] = {vp + 32 * c0, vp + 32 * (c0 + nb - 1)};
+      amx_block_any(mb, nb, a, ext, bv, Vc * 32, ext / 32, sums, nothing);
+      for (int i = 0; i < mb; ++i)
+        for (int64_t x = 0; x < std::min<int64_t>(16, rows - 16 * i); ++x) {
+          bf16* o = ob + ((b * Lq + i0 + 16 * i + x) * H + h) * Dv;
+          for (int c = 0; c < nb; ++c)
+            store_bf16(o + 16 * (c0 + c), _mm512_load_ps(sums + (i * nb + c) * 256 + 16 * x),
+                       tail_mask(Dv - 16 * (c0 + c)));
+        }
+    }
+    if (tiles) {
+      amx_end();
+      return;
+    }
     for (int64_t r = 0; r < rows; r += kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r));
       for (int64_t c0 = 0; c0 < Vc; c0 += kNR) {

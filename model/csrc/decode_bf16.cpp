@@ -152,7 +152,7 @@ TORCH_LIBRARY(dsvl2_kernels, m) {
   m.def("amx_ready() -> bool", [] { return dsvl2_kernels_detail::amx_ready(); });
   m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor positions, float scale) -> Tensor");
   m.def("absorbed_bf16(Tensor q_nope, Tensor q_pe, Tensor c, Tensor pe, Tensor w, Tensor positions, float scale) -> Tensor");
-  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, Tensor? positions, float scale) -> Tensor");
+  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, Tensor? positions, float scale, bool amx) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsvl2_kernels, CPU, m) {
