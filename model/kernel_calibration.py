@@ -24,6 +24,10 @@ from dsvl2.model.quant import QuantLinear
 
 DECODE_ROWS = 8  # a decode batch: tokens per step in the decode trials
 PREFILL_TOKENS = 256  # a prefill chunk's tokens in the prefill trials (long enough to be bound by the multiplies)
+# A page's prompt (~600-1,500 tokens) in the prefill-attention trial, whose cost grows with the square of the length:
+# at 256 tokens the fixed costs decided it the other way on a Xeon with AMX (torch 1.31x there, the kernel 1.9x at
+# 1,000 tokens).
+PREFILL_ATTENTION_TOKENS = 1024
 DECODE_CONTEXT = 512  # cached slots per row in the decode-attention trial
 PROJECTION_LAYERS = 4  # decode projections read this many layers' attention weights (past the last-level cache)
 
@@ -49,7 +53,7 @@ def language_trials(lm) -> dict[Family, Trial | str]:
         Hk, D, Dv = cfg.kv_heads, cfg.head_dim, cfg.head_dim
     scale = cfg.softmax_scale
     trials: dict[Family, Trial | str] = {
-        "prefill_attention": Trial(f"B1 H{H} Hk{Hk} T{PREFILL_TOKENS} D{D} Dv{Dv}",
+        "prefill_attention": Trial(f"B1 H{H} Hk{Hk} T{PREFILL_ATTENTION_TOKENS} D{D} Dv{Dv}",
                                    lambda: _causal_attention(H, Hk, D, Dv, scale)),
     }
     if cfg.use_mla:
@@ -106,7 +110,7 @@ def _full_attention(heads: int, length: int, dim: int) -> Calls:
 
 
 def _causal_attention(H: int, Hk: int, D: int, Dv: int, scale: float) -> Calls:
-    T = PREFILL_TOKENS
+    T = PREFILL_ATTENTION_TOKENS
     q = _bf16(1, T, H, D, seed=3).transpose(1, 2)  # (B, H, T, D) as the projections give it
     k, v = _bf16(1, Hk, T, D, seed=4), _bf16(1, Hk, T, Dv, seed=5)
     positions = torch.arange(T)[None]
