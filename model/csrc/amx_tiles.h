@@ -19,7 +19,6 @@
 
 #include <c10/util/BFloat16.h>
 
-#include <algorithm>
 #include <cstdint>
 
 namespace dsvl2_kernels_detail {
@@ -100,30 +99,5 @@ inline void amx_block_any(int mb, int nb, const c10::BFloat16* const* a, int64_t
   else if (nb == 2) amx_block<1, 2>(a, lda, b, ldb, steps, c, prefetch);
   else amx_block<1, 1>(a, lda, b, ldb, steps, c, prefetch);
 }
-
-// Prefetches into L2, spread over `calls` calls of `steps` steps, the `rows` rows of `bytes` bytes at each of
-// `regions` (up to 2): call `call`'s step s brings its share of the cache lines.
-struct SpreadPrefetch {
-  const char* region[2];
-  int regions;
-  int64_t rows, row_bytes, stride, per_step, first;
-
-  SpreadPrefetch(const void* r0, const void* r1, int n, int64_t rows_, int64_t row_bytes_, int64_t stride_bytes,
-                 int64_t call, int64_t calls, int64_t steps)
-      : region{static_cast<const char*>(r0), static_cast<const char*>(r1)}, regions(n), rows(rows_),
-        row_bytes(row_bytes_), stride(stride_bytes) {
-    const int64_t lines = regions * rows * ((row_bytes + 63) / 64), total = std::max<int64_t>(calls * steps, 1);
-    per_step = (lines + total - 1) / total;
-    first = call * steps * per_step;
-  }
-
-  void operator()(int64_t s) const {
-    const int64_t per_row = (row_bytes + 63) / 64, per_region = rows * per_row;
-    for (int64_t l = first + s * per_step, end = std::min(l + per_step, regions * per_region); l < end; ++l) {
-      const int64_t in = l % per_region;
-      _mm_prefetch(region[l / per_region] + in / per_row * stride + in % per_row * 64, _MM_HINT_T1);
-    }
-  }
-};
 
 }  // namespace dsvl2_kernels_detail

@@ -56,6 +56,15 @@ inline void prefetch_piece(const bf16* p, int64_t bytes, int64_t part, int64_t p
     _mm_prefetch(c + o, _MM_HINT_T1);
 }
 
+// The prefetch hook of a run of `calls` amx_block calls of `steps` steps each: step s of call `call` brings its share
+// of the `bytes` at each of r0 and r1 into L2 (prefetch_piece).
+inline auto spread_prefetch(const bf16* r0, const bf16* r1, int64_t bytes, int64_t call, int64_t calls, int64_t steps) {
+  return [=](int64_t s) {
+    prefetch_piece(r0, bytes, call * steps + s, calls * steps);
+    prefetch_piece(r1, bytes, call * steps + s, calls * steps);
+  };
+}
+
 struct Unit {
   int64_t expert, n0, n1;  // weight rows [n0, n1)
   bool packed;
@@ -111,9 +120,9 @@ void gate_up_amx(const bf16* wg, const bf16* wu, int64_t K, int64_t rows, const 
     for (int64_t j = 0; j < L; j += 32) {
       const int nb = L - j > 16 ? 2 : 1;
       const bf16* const b[2] = {xk + j * 2, xk + (j + 16) * 2};
-      const SpreadPrefetch prefetch(last ? next_g : a[0] + 16 * K, last ? next_u : a[1] + 16 * K, 2, 16, K * 2,
-                                    K * 2, j / 32, calls, K / 32);
-      amx_block_any(2, nb, a, K, b, L * 2, K / 32, sums, prefetch);
+      amx_block_any(2, nb, a, K, b, L * 2, K / 32, sums,
+                    spread_prefetch(last ? next_g : a[0] + 16 * K, last ? next_u : a[1] + 16 * K, 16 * K * 2, j / 32,
+                                    calls, K / 32));
       for (int jb = 0; jb < nb; ++jb) {  // gate sums in block jb, up sums in block nb + jb
         for (int r = 0; r < 16; ++r)
           v[r] = silu_mul(round_bf16(_mm512_load_ps(sums + jb * 256 + 16 * r)),
@@ -140,8 +149,8 @@ void down_amx(const bf16* wd, int64_t K, int64_t rows, const bf16* gk, int64_t M
     for (int64_t j = 0; j < L; j += 32) {
       const int nb = L - j > 16 ? 2 : 1;
       const bf16* const b[2] = {gk + j * 2, gk + (j + 16) * 2};
-      const SpreadPrefetch prefetch(next, next + 16 * K, 2, 16, K * 2, K * 2, j / 32, calls, K / 32);
-      amx_block_any(mb, nb, a, K, b, L * 2, K / 32, sums, prefetch);
+      amx_block_any(mb, nb, a, K, b, L * 2, K / 32, sums,
+                    spread_prefetch(next, next + 16 * K, 16 * K * 2, j / 32, calls, K / 32));
       for (int i = 0; i < mb; ++i)
         for (int jb = 0; jb < nb; ++jb) {
           for (int r = 0; r < 16; ++r) v[r] = _mm512_load_ps(sums + (i * nb + jb) * 256 + 16 * r);
