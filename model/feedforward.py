@@ -47,7 +47,23 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.paths
-        return proj(F.silu(proj(x, self.gate_proj, p)) * proj(x, self.up_proj, p), self.down_proj, p)
+        flat = x.reshape(-1, x.shape[-1])
+        down = self.down_proj
+        if (flat.shape[0] <= kernels.MAX_ROWS and p.kernel("decode_experts") and not isinstance(down, QuantLinear)
+                and kernels.moe_fits(flat, down.weight)):
+            # A few rows in bf16 on the CPU: the three products and the gating in one call, as the one expert of
+            # every token with weight 1 (exact: the weighted sum rounds the expert's bf16 output to itself).
+            ids, ones = _every_token(flat.shape[0])
+            gate, up = [self.gate_proj.weight], [self.up_proj.weight]
+            return kernels.moe_routed(flat, ids, ones, gate, up, [down.weight]).view(*x.shape[:-1], -1)
+        return proj(F.silu(proj(x, self.gate_proj, p)) * proj(x, self.up_proj, p), down, p)
+
+
+@functools.cache
+def _every_token(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of n tokens all to expert 0 with weight 1: (ids (n, 1) int64, weights (n, 1) float32); made once per n
+    (n <= kernels.MAX_ROWS), never written."""
+    return torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1)
 
 
 class MoEGate(nn.Module):
@@ -64,8 +80,12 @@ class MoEGate(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
         self._float_key: tuple | None = None  # which weight `_float` was converted from
         self._float: torch.Tensor | None = None
+        self.paths = UNCHOSEN
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if (self.method == "greedy" and self.scoring == "softmax" and x.shape[0] <= kernels.MAX_ROWS
+                and self.paths.kernel("layer_glue") and kernels.glue_fits(x)):  # a decode step's few tokens
+            return kernels.route_greedy(x, self._float_weight(), self.top_k, self.norm_topk_prob, self.scaling)
         logits = F.linear(x.float(), self._float_weight())  # (N, X)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         if self.method == "greedy":

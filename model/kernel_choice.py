@@ -21,16 +21,18 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from dsvl2.model.kernel_build import KernelStatus, write_atomic
 
 Family = Literal["vision_gemm", "vision_attention", "prefill_attention", "prefill_experts", "decode_projections",
-                 "decode_experts", "decode_attention"]
+                 "decode_experts", "decode_attention", "layer_glue"]
+# layer_glue: the norms, rotary embedding and cache writes around the products (kernels.rms_norm, rope, store_rows):
+# a few KB each, where one call replaces several torch passes; no trial, the features decide.
 FAMILIES: tuple[Family, ...] = ("vision_gemm", "vision_attention", "prefill_attention", "prefill_experts",
-                                "decode_projections", "decode_experts", "decode_attention")
+                                "decode_projections", "decode_experts", "decode_attention", "layer_glue")
 Use = Literal["kernel", "torch"]
 
 # Bound by the bf16 multiply rate rather than by reading weights: where AMX tiles run torch's oneDNN GEMMs at
@@ -58,6 +60,11 @@ class Paths:
     """The route of every family; `kernel(family)` is what the model asks."""
 
     routes: tuple[Route, ...]
+    # The families that take the kernel: `kernel` is asked several times per layer and decode step.
+    _kernel: frozenset[Family] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_kernel", frozenset(r.family for r in self.routes if r.use == "kernel"))
 
     @classmethod
     def uniform(cls, use: Use, reason: str) -> Paths:
@@ -68,7 +75,7 @@ class Paths:
 
     def kernel(self, family: Family) -> bool:
         """True when `family` should run our kernel where it fits (the kernel's own checks still apply)."""
-        return self.route(family).use == "kernel"
+        return family in self._kernel
 
     def as_dict(self) -> dict[str, dict[str, str]]:
         return {r.family: {"use": r.use, "reason": r.reason} for r in self.routes}
@@ -136,6 +143,8 @@ def prior(family: Family, machine: Machine) -> Route:
     """The route without a timing (no trial for this family, or nowhere to run it)."""
     if machine.amx and family in GEMM_BOUND:
         return Route(family, "torch", "amx")
+    if family == "layer_glue":
+        return Route(family, "kernel", "avx512_bf16: one call for several torch passes")
     return Route(family, "kernel", "avx512_bf16, not calibrated")
 
 

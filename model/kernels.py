@@ -1,4 +1,5 @@
-"""Optional compiled CPU kernels (model/csrc/: decode_bf16.cpp, moe_bf16.cpp, attention_bf16.cpp, bf16_common.h),
+"""Optional compiled CPU kernels (model/csrc/: decode_bf16.cpp, moe_bf16.cpp, attention_bf16.cpp, latent_bf16.cpp,
+glue_bf16.cpp, bf16_common.h),
 AVX512-BF16 dot products; the decode ones read each weight once for all rows:
   `linear`      an `F.linear` for bf16 products with few rows;
   `moe_routed`  the routed experts of a MoE layer in one call (two parallel passes over the active experts' weights
@@ -11,7 +12,10 @@ AVX512-BF16 dot products; the decode ones read each weight once for all rows:
                 shared latent cache at once;
   `attention`   attention of many queries (the vision tower's 729-token tiles; prefill chunks, causal over the
                 cache), ~1.6x torch's fused CPU kernel on SigLIP's 72-wide heads (Zen 4); both products on AMX's
-                tiles where the CPU has them (~2x torch's on a Xeon with AMX).
+                tiles where the CPU has them (~2x torch's on a Xeon with AMX);
+  `rms_norm`, `rope`, `store_rows`, `route_greedy`  the small operations around a layer's products
+                (glue_bf16.cpp): RMSNorm with the residual add fused, the rotary embedding, the KV cache's write,
+                a MoE gate's routing, each one call where torch makes several cold passes.
 Also `linear_fused`, a product with its bias (and GELU) fused through torch's own oneDNN (no build needed), for
 the vision tower's large bf16 products.
 
@@ -35,7 +39,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -53,18 +57,20 @@ MAX_ROWS = 32
 ENV_SWITCH = "DSVL2_KERNELS"  # "0" turns the kernels off for the whole process
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp", "latent_bf16.cpp")]
+_SOURCES = [_CSRC / name for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attention_bf16.cpp", "latent_bf16.cpp",
+                                             "glue_bf16.cpp")]
 # Included by the sources: part of the build key.
 _DEPENDS = [_CSRC / "bf16_common.h", _CSRC / "parallel.h", _CSRC / "amx_tiles.h"]
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+_CPU_FLAG_SET = frozenset(_CPU_FLAGS)
 
 
 def cpu_supported() -> bool:
     """True on an x86 CPU with the AVX512 F/BW/BF16 instructions the kernel is compiled for."""
-    return all(flag in cpu_flags() for flag in _CPU_FLAGS)
+    return cpu_flags() >= _CPU_FLAG_SET
 
 
 def switched_off() -> bool:
@@ -92,7 +98,10 @@ def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
     AVX512-BF16), else the first call builds (seconds to a minute, first run only; `on_build_start` is called
     just before the compiler starts) or loads the cached build, and later calls return that result ("built",
     "loaded" or "failed", with the reason and seconds). Never raises, never prints."""
-    return LIBRARY.status(off=off_reason(), supported=cpu_supported(), on_build_start=on_build_start)
+    off = off_reason()
+    if off is None and (loaded := LIBRARY.loaded) is not None:  # every fits() asks, several times per layer and step
+        return loaded
+    return LIBRARY.status(off=off, supported=cpu_supported(), on_build_start=on_build_start)
 
 
 def available(on_build_start: Callable[[], None] | None = None) -> bool:
@@ -257,6 +266,53 @@ def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, pe: torc
     pe)) * scale, softmax in float32, probabilities rounded to bf16, bf16 sums of p * c, out = bf16(lat @ W_uv^T).
     Returns (B, H, T, Dv). Requires `absorbed_fits`."""
     return torch.ops.dsvl2_kernels.absorbed_bf16(q_nope, q_pe, c, pe, w_kv_b, positions, scale)
+
+
+def glue_fits(*tensors: torch.Tensor) -> bool:
+    """Whether the per-layer glue kernels (`rms_norm`, `rope`, `store_rows`) take these tensors: bf16 on the CPU, no
+    autograd, and the kernels available and switched on."""
+    return _usable(*tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(s), s) over the last dimension, with s = bf16(x + delta) where `delta` is given (the residual add fused
+    into the norm) and s = x where not: bf16(weight * bf16(s * rsqrt(mean(s^2) + eps))), the mean in float32, as
+    language.RMSNorm. Requires `glue_fits`."""
+    normed, total = torch.ops.dsvl2_kernels.rms_norm_bf16(x, delta, weight, eps)
+    return normed, (x if delta is None else total)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
+    """Rotate-half rotary embedding of x (B, T, H, D) (unit feature stride) with the tables cos, sin (B, 1, T, D) of
+    language.Rotary: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), exactly as language.apply_rope; with
+    `interleaved`, of x's features in DeepSeek-V2's pair order (language.deinterleave first). Returns a contiguous
+    (B, T, H, D). Requires `glue_fits`."""
+    return torch.ops.dsvl2_kernels.rope_bf16(x, cos[:, 0], sin[:, 0], interleaved)
+
+
+def route_greedy(x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A MoE gate's greedy routing of a few tokens x (N, E) bf16 by its float32 weight (X, E): softmax of the float32
+    logits, the k best experts in descending order, their scores (divided by their sum where `normalize` and k > 1)
+    times `scaling`. Returns (ids (N, k) int64, weights (N, k) float32), as feedforward.MoEGate's greedy method
+    computes them (the logits' float32 sums in another order). Requires `glue_fits(x)` and a float32 CPU weight."""
+    return torch.ops.dsvl2_kernels.route_greedy_bf16(x, weight, k, normalize, scaling)
+
+
+def store_fits(buffers: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> bool:
+    """Whether `store_rows` covers writing `new` into `buffers`, and the kernels are available and switched on."""
+    return (all(b.is_contiguous() and b.ndim >= 3 and n.ndim == b.ndim and n.stride(-1) == 1
+                for b, n in zip(buffers, new, strict=True))
+            and _usable(*buffers, *new))
+
+
+def store_rows(buffers: Sequence[torch.Tensor], new: Sequence[torch.Tensor], rows: torch.Tensor,
+               positions: torch.Tensor) -> None:
+    """buffer[rows[b], ..., positions[b, t], :] = new[b, t, ..., :] for each contiguous cache buffer (Bc, *heads, S,
+    F) and its new tokens (B, T, *heads, F) (unit feature stride): the KV cache's write as one call. Requires
+    `glue_fits` of them all."""
+    torch.ops.dsvl2_kernels.store_rows_bf16(list(buffers), list(new), rows, positions)
 
 
 @functools.cache

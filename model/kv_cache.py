@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dsvl2.model import kernels
+
 
 def to_device(values: Sequence, device: torch.device | str) -> torch.Tensor:
     """A long tensor of host ints (nested lists allowed) on `device`. To a GPU it goes through pinned memory without
@@ -83,9 +85,12 @@ class KVCache:
         if used > self.capacity:
             raise RuntimeError(f"KV cache overflow: position {used - 1} >= capacity {self.capacity}")
         stored = self.layers[layer]
-        for buf, x in zip(stored, new, strict=True):
-            heads = (slice(None),) * (buf.dim() - 3)
-            buf[(index[:, None], *heads, positions)] = x.to(buf.dtype)  # x: (B, T, *heads, feature)
+        if kernels.store_fits(stored, new):  # bf16 on the CPU: one call, the same copies
+            kernels.store_rows(stored, new, index, positions)
+        else:
+            for buf, x in zip(stored, new, strict=True):
+                heads = (slice(None),) * (buf.dim() - 3)
+                buf[(index[:, None], *heads, positions)] = x.to(buf.dtype)  # x: (B, T, *heads, feature)
         if every_row:
             return tuple(buf[..., :used, :] for buf in stored)  # views, no copy
         return tuple(buf[..., :used, :][index] for buf in stored)

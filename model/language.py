@@ -38,12 +38,28 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
+        self.paths = UNCHOSEN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel(x):
+            return kernels.rms_norm(x, self.weight, self.eps)[0]
         # Reference: normalise in float32, cast back, then scale.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def residual(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta): a residual add and the norm of its result (one kernel call where the layer
+        glue takes the kernel); without delta, (norm(x), x)."""
+        if delta is None:
+            return self(x), x
+        if self._kernel(x, delta):
+            return kernels.rms_norm(x, self.weight, self.eps, delta)
+        x = x + delta
+        return self(x), x
+
+    def _kernel(self, *xs: torch.Tensor) -> bool:
+        return self.paths.kernel("layer_glue") and kernels.glue_fits(*xs, self.weight)
 
 
 class Rotary(nn.Module):
@@ -144,14 +160,20 @@ class MHAttention(nn.Module):
                 rope: Rope | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         p = self.paths
-        q = proj(x, self.q_proj, p).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = proj(x, self.k_proj, p).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = proj(x, self.v_proj, p).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = proj(x, self.q_proj, p).view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
+        k = proj(x, self.k_proj, p).view(B, T, self.kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        v = proj(x, self.v_proj, p).view(B, T, self.kv_heads, self.head_dim)
         cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, S, D)
+        if p.kernel("layer_glue") and kernels.glue_fits(q, k, cos, sin):
+            q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
+        else:
+            q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
+            k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        if cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
+        else:
+            k, v = cache.write(layer, positions, k, v)  # (B, H_kv, S, D)
             decode = T < SDPA_MIN_QUERIES and p.kernel("decode_attention")
             if decode and kernels.attend_fits(q, k, v):  # the cache read once, in place
                 out = kernels.attend(q, k, v, positions, self.scale)
@@ -219,8 +241,12 @@ class MLAttention(nn.Module):
         c, k_pe = latent.split([self.rank, self.dr], dim=-1)  # (B, T, C), (B, T, R)
         c = self.kv_a_layernorm(c)
         cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
-        q_pe = apply_rope(deinterleave(q_pe), cos, sin)
-        k_pe = apply_rope(deinterleave(k_pe)[:, None], cos, sin)[:, 0]  # (B, T, R)
+        if self.paths.kernel("layer_glue") and kernels.glue_fits(q_pe, k_pe, cos, sin):
+            q_pe = kernels.rope(q_pe.transpose(1, 2), cos, sin, interleaved=True).transpose(1, 2)
+            k_pe = kernels.rope(k_pe[:, :, None], cos, sin, interleaved=True)[:, :, 0]
+        else:
+            q_pe = apply_rope(deinterleave(q_pe), cos, sin)
+            k_pe = apply_rope(deinterleave(k_pe)[:, None], cos, sin)[:, 0]  # (B, T, R)
         if cache is not None:
             c, k_pe = cache.write(layer, positions, c, k_pe)  # (B, S, C), (B, S, R)
 
@@ -262,10 +288,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.index = index
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
-                rope: Rope | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache, self.index, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, rope: Rope | None = None,
+                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer over the residual stream x + delta (delta: the previous layer's feed-forward output, whose add is
+        fused into this layer's first norm; None for the first layer). Returns (x, delta) of the next layer's input
+        x + delta, the last add left to the caller."""
+        h, x = self.input_layernorm.residual(x, delta)
+        h, x = self.post_attention_layernorm.residual(x, self.self_attn(h, positions, cache, self.index, rope))
+        return x, self.mlp(h)
 
 
 class Decoder(nn.Module):
@@ -283,9 +313,10 @@ class Decoder(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         # Every layer's rotary is built from the same config: one set of tables serves the whole forward.
         rope = self.layers[0].self_attn.rotary(positions, x.dtype) if len(self.layers) else None
+        delta = None
         for layer in self.layers:
-            x = layer(x, positions, cache, rope)
-        return self.norm(x)
+            x, delta = layer(x, positions, cache, rope, delta)
+        return self.norm.residual(x, delta)[0]
 
 
 def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
@@ -314,7 +345,7 @@ class LanguageModel(nn.Module):
         """Make every module of this model ask `paths` which families run our kernels."""
         if paths is not self.paths:
             for module in self.modules():
-                if isinstance(module, LanguageModel | MHAttention | MLAttention | MLP | MoE):
+                if isinstance(module, LanguageModel | MHAttention | MLAttention | MLP | MoE | MoEGate | RMSNorm):
                     module.paths = paths
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:

@@ -92,7 +92,8 @@ def expert_sets(model, embeds: torch.Tensor) -> list[int]:
             h = x + layer.self_attn(h, positions, None, layer.index)
             ids, _ = layer.mlp.gate(layer.post_attention_layernorm(h)[0])
             counts.append(len({tuple(sorted(r)) for r in ids.tolist()}))
-        x = layer(x, positions, None)
+        x, delta = layer(x, positions, None)  # the residual stream and the feed-forward output not yet added
+        x = x + delta
     return counts
 
 

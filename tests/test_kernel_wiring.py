@@ -34,9 +34,9 @@ def test_model_decode_through_the_kernels_equals_decode_through_f_linear(kernel,
     ids = torch.randint(3, lm.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     ran = []
     monkeypatch.setattr(kernels, "paths", lambda trials: EVERY_KERNEL)  # whatever this CPU's calibration says
-    for op in ("moe_routed", "attend", "absorbed"):
+    for op in ("moe_routed", "attend", "absorbed", "rms_norm", "rope", "store_rows", "route_greedy"):
         real = getattr(kernels, op)
-        monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real: ran.append(op) or real(*a))
+        monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real, **k: ran.append(op) or real(*a, **k))
 
     def decode_logits() -> torch.Tensor:
         with torch.inference_mode():
@@ -49,6 +49,9 @@ def test_model_decode_through_the_kernels_equals_decode_through_f_linear(kernel,
     assert kernel_calls, "the decode step never reached the kernel"
     assert "moe_routed" in ran
     assert ("attend" in ran) == (not lm.cfg.use_mla) and ("absorbed" in ran) == lm.cfg.use_mla
+    assert {"rms_norm", "rope", "store_rows"} <= set(ran)  # the layer glue
+    greedy = lm.cfg.topk_method == "greedy" and lm.cfg.scoring_func == "softmax"
+    assert ("route_greedy" in ran) == greedy
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     ran.clear()
     without = decode_logits()
@@ -70,7 +73,7 @@ def test_model_prefill_through_the_kernels_equals_prefill_through_torch(kernel, 
     ran = []
     for op in ("moe_routed", "attention"):
         real = getattr(kernels, op)
-        monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real: ran.append(op) or real(*a))
+        monkeypatch.setattr(kernels, op, lambda *a, op=op, real=real, **k: ran.append(op) or real(*a, **k))
 
     def prefill_logits(paths: Paths, model=lm) -> torch.Tensor:
         monkeypatch.setattr(kernels, "paths", lambda trials: paths)

@@ -3,7 +3,8 @@
 //   linear_bf16  skinny product y (M, N) = x (M, K) @ w (N, K)^T with M small (1..32);
 //   attend_bf16  attention of a few new queries over the KV cache, in place.
 // The routed-expert layer (moe_bf16) is in moe_bf16.cpp, the many-query attention in attention_bf16.cpp, MLA's
-// absorbed decode attention in latent_bf16.cpp, shared pieces in bf16_common.h.
+// absorbed decode attention in latent_bf16.cpp, the norms, rotary and cache writes in glue_bf16.cpp, shared pieces in
+// bf16_common.h.
 //
 // Decode is bound by reading the weight, so the weight is read from memory exactly once for all M rows. Threads
 // take chunks of W's rows (~128 KB) from a shared counter, so a thread that starts late (another process on its
@@ -153,6 +154,10 @@ TORCH_LIBRARY(dsvl2_kernels, m) {
   m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor positions, float scale) -> Tensor");
   m.def("absorbed_bf16(Tensor q_nope, Tensor q_pe, Tensor c, Tensor pe, Tensor w, Tensor positions, float scale) -> Tensor");
   m.def("attention_bf16(Tensor q, Tensor k, Tensor v, Tensor? positions, float scale, bool amx) -> Tensor");
+  m.def("rms_norm_bf16(Tensor x, Tensor? delta, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("rope_bf16(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
+  m.def("store_rows_bf16(Tensor(a!)[] bufs, Tensor[] new, Tensor rows, Tensor positions) -> ()");
+  m.def("route_greedy_bf16(Tensor x, Tensor w, int k, bool normalize, float scaling) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsvl2_kernels, CPU, m) {
