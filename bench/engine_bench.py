@@ -45,7 +45,9 @@ from machine_limits import (  # noqa: E402,F401
     back_to_back,
     best_time,
     cpu_line,
+    gemm_rate,
     measure_limits,
+    paired_rates,
     read_bandwidth,
     read_probes,
     synchronize,
@@ -143,12 +145,29 @@ class DecodeBytes:
 
 
 # -- sections ------------------------------------------------------------------------------------------
+def _runs(r: dict) -> str:
+    """How a paired ratio was taken: each run's ratio and the rate sampled after it."""
+    pairs = ", ".join(f"{x:.0%} of {g:.0f}" for x, g in zip(r["run_ratios"], r["bf16_gflops_after_runs"], strict=True))
+    return f"median of runs: {pairs} GFLOP/s sampled after each"
+
+
 @torch.inference_mode()
 def bench_vision(model, limits, tiles: int = 8) -> dict:
+    """Seconds per tile (best of 3 runs of `tiles` tiles) and, as the ratio, the median of each run's rate over the
+    bf16 rate sampled right after it."""
     pixels = torch.randn(tiles, 3, 384, 384, device=model.device)
-    seconds = best_time(lambda: model.encode_tiles(pixels), repeat=3, device=model.device) / tiles
+    flops = vision_flops_per_tile(model) * tiles
+    paired = paired_rates(lambda: model.encode_tiles(pixels), flops, bf16_sampler(model), 3, model.device)
+    seconds = paired["seconds"] / tiles
     gflops = vision_flops_per_tile(model) / seconds / 1e9
-    return {"seconds_per_tile": seconds, "gflops": gflops, "of_bf16_rate": gflops / limits["bf16_gflops"]}
+    return {"seconds_per_tile": seconds, "gflops": gflops, "of_bf16_rate": paired["ratio"],
+            "run_ratios": paired["ratios"], "bf16_gflops_after_runs": paired["limits_gflops"],
+            "of_bf16_rate_before": gflops / limits["bf16_gflops"]}
+
+
+def bf16_sampler(model):
+    """A short sample of the bf16 rate on the model's width (the limit's own product, best of 2)."""
+    return lambda: gemm_rate(model.cfg.language.hidden_size, model.device, torch.bfloat16, repeat=2)
 
 
 @torch.inference_mode()
@@ -162,9 +181,10 @@ def bench_prefill(model, limits, tokens: int = 1000) -> dict:
         cache = lm.new_cache(1, tokens)
         lm.logits(lm(x, cache)[:, -1])
 
-    seconds = best_time(run, repeat=2, device=model.device)
     params, pair = lm_token_params(model)
     flops = 2 * params * tokens + pair * tokens * (tokens + 1) / 2 + 2 * nbytes([lm.lm_head.weight]) // 2
+    paired = paired_rates(run, flops, bf16_sampler(model), 3, model.device)
+    seconds = paired["seconds"]
     gflops = flops / seconds / 1e9
     timer = lambda fn: best_time(fn, repeat=3, device=model.device)  # noqa: E731
     dense = prefill_rates.dense_rate(model, tokens, timer)
@@ -172,7 +192,9 @@ def bench_prefill(model, limits, tokens: int = 1000) -> dict:
     grouped_best = max((grouped[k] for k in ("torch", "kernel") if k in grouped), default=None)
     bound = prefill_rates.prefill_bound(model, tokens, total_flops=flops, dense_gflops=dense,
                                         grouped_gflops=grouped_best)
-    return {"tokens_per_s": tokens / seconds, "gflops": gflops, "of_bf16_rate": gflops / limits["bf16_gflops"],
+    return {"tokens_per_s": tokens / seconds, "gflops": gflops, "of_bf16_rate": paired["ratio"],
+            "run_ratios": paired["ratios"], "bf16_gflops_after_runs": paired["limits_gflops"],
+            "of_bf16_rate_before": gflops / limits["bf16_gflops"],
             "dense_gflops": dense, "grouped_gflops": grouped, "bound_tokens_per_s": tokens / bound["seconds"],
             "of_bound": bound["seconds"] / seconds, "routed_gflop": bound["routed_gflop"],
             "other_gflop": bound["other_gflop"]}
@@ -393,13 +415,13 @@ def main() -> None:
     if "vision" in sections:
         limits = limits_before("vision")
         r = results["vision"] = bench_vision(model, limits)
-        print(f"vision: {r['seconds_per_tile']:.3f} s/tile, {r['gflops']:.0f} GFLOP/s = "
-              f"{r['of_bf16_rate']:.0%} of bf16 rate", flush=True)
+        print(f"vision: {r['seconds_per_tile']:.3f} s/tile, {r['gflops']:.0f} GFLOP/s; {r['of_bf16_rate']:.0%} of the "
+              f"bf16 rate ({_runs(r)})", flush=True)
     if "prefill" in sections:
         limits = limits_before("prefill")
         r = results["prefill"] = bench_prefill(model, limits, tokens=args.prompt_tokens)
-        print(f"prefill: {r['tokens_per_s']:.0f} tok/s, {r['gflops']:.0f} GFLOP/s = "
-              f"{r['of_bf16_rate']:.0%} of bf16 rate", flush=True)
+        print(f"prefill: {r['tokens_per_s']:.0f} tok/s, {r['gflops']:.0f} GFLOP/s; {r['of_bf16_rate']:.0%} of the "
+              f"bf16 rate ({_runs(r)})", flush=True)
         g = r["grouped_gflops"]
         grouped = (f"routed experts (grouped GEMMs, {g['rows_per_expert']:.0f} rows x {g['experts']} experts, "
                    f"top-{g['top_k']}) {g['torch']:.0f} GFLOP/s by torch"

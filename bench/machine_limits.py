@@ -54,15 +54,38 @@ def back_to_back(device: torch.device) -> int:
 
 
 # -- limits --------------------------------------------------------------------------------------------
+def gemm_rate(hidden: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, repeat: int = 5) -> float:
+    """GFLOP/s of a model-shaped product (2,048 rows, 8,192 on a GPU, of width `hidden` by a 4 x hidden weight)."""
+    rows = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(rows, hidden, dtype=dtype, device=device)
+    b = torch.randn(4 * hidden, hidden, dtype=dtype, device=device)
+    seconds = best_time(lambda: F.linear(a, b), repeat, device=device, inner=back_to_back(device))
+    return 2 * rows * hidden * b.shape[0] / seconds / 1e9
+
+
+def paired_rates(fn, flops: float, sample, repeat: int, device: torch.device = CPU) -> dict:
+    """`fn` (doing `flops`) timed `repeat` times, each timing followed by a sample of the limit (`sample()`, GFLOP/s):
+    on a shared host whose speed moves by 2x within minutes, a limit measured minutes apart can put a ratio past
+    100%. Returns the best seconds, each run's ratio to the limit sampled right after it, and their median."""
+    fn()
+    synchronize(device)
+    seconds, ratios, limits = [], [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - t)
+        limits.append(sample())
+        ratios.append(flops / seconds[-1] / 1e9 / limits[-1])
+    return {"seconds": min(seconds), "ratios": ratios, "limits_gflops": limits,
+            "ratio": sorted(ratios)[len(ratios) // 2]}
+
+
 def measure_limits(hidden: int, device: torch.device) -> dict:
     out = {}
     cuda, inner = device.type == "cuda", back_to_back(device)
-    rows = 8192 if cuda else 2048
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a = torch.randn(rows, hidden, dtype=dt, device=device)
-        b = torch.randn(4 * hidden, hidden, dtype=dt, device=device)
-        seconds = best_time(lambda a=a, b=b: F.linear(a, b), device=device, inner=inner)
-        out[f"{name}_gflops"] = 2 * rows * hidden * b.shape[0] / seconds / 1e9
+        out[f"{name}_gflops"] = gemm_rate(hidden, device, dt)
     if cuda:
         a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
         out["bf16_peak_gflops"] = 2 * 8192**3 / best_time(lambda: a @ a, device=device, inner=inner) / 1e9
