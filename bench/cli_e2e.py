@@ -14,7 +14,8 @@ random checkpoint at the real deepseek-vl2-tiny dimensions (bench/engine_bench.p
 and uses one truncated to L language and V vision layers (every width real), for hosts where the whole model
 runs too slowly for a benchmark (a float32-only CPU); every ratio stays one of the same model. The bound: vision
 and prefill at the bf16 (or fp32, for a float32 model) rate of a model-shaped GEMM, decode at the read bandwidth
-for the bytes a decode step of this batch touches; each measured in this run.
+for the bytes a decode step of this batch touches; each limit the median of its samples taken after each path and at
+the end of this run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -219,17 +221,23 @@ def main() -> None:
             "fixed_chunks": lambda: through_cli(engine, directory, lengths, chunked=True, batch=args.batch),
             "engine_alone": lambda: engine_alone(engine, paths, lengths),
         }
+        samples = []  # the limits after each path: this shared host's speed moves by 2x within minutes
         for name in args.paths.split(","):
             seconds = runs[name]()
             results[name] = {"seconds": seconds, "pages_per_hour": len(plan) / seconds * 3600}
             print(f"{name}: {seconds:.1f} s, {results[name]['pages_per_hour']:.1f} pages/h", flush=True)
+            if not args.no_bound:
+                samples.append(measure_limits(model.cfg.language.hidden_size, model.device))
         results["peak_rss_gib"] = peak_rss_gib()
     print(f"peak RSS {results['peak_rss_gib']:.2f} GiB = weights {results['peak_rss_gib'] - weights_gib:+.2f} GiB")
     if args.no_bound or set(args.paths.split(",")) != set(runs):
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, default=str))
         return
-    limits = measure_limits(model.cfg.language.hidden_size, model.device)
+    samples.append(measure_limits(model.cfg.language.hidden_size, model.device))
+    limits = {key: statistics.median(s[key] for s in samples) if isinstance(samples[0][key], float) else samples[0][key]
+              for key in samples[0]}  # each limit: the median of its samples after each path and at the end
+    results["limit_samples"] = samples
     decode = bench_decode(model, args.batch)
     bound = page_bound(model, limits, plan, prompt_tokens, decode["bytes_per_step"], args.batch)
     results |= {"limits": limits, "decode": decode, "bound_pages_per_hour": bound}
