@@ -1,8 +1,9 @@
 """The quantised products one by one, every implementation that can run them here side by side, on the model's own
 shapes: per (scheme, shape, rows) the time of "kernel" (AVX2 tiles), "kernel_avx512" (AVX512 tiles, bf16
-activations on an AVX512-BF16 CPU), "packed" (torch's int8/int4 CPU ops) and "dequant" (F.linear on the dequantised
-weight), beside the unquantised bf16 product (torch's F.linear, and our bf16 kernel where it is built), each as a
-share of its own bandwidth bound (the bytes it reads / the read bandwidth measured in the same run).
+activations on an AVX512-BF16 CPU), "kernel_amx" (those, or from 6 rows AMX's tiles on a Xeon with AMX), "packed"
+(torch's int8/int4 CPU ops) and "dequant" (F.linear on the dequantised weight), beside the unquantised bf16
+product (torch's F.linear, and our bf16 kernel where it is built), each as a share of its own bandwidth bound (the
+bytes it reads / the read bandwidth measured in the same run).
 
     python bench/quant_tiles.py [--rows 1 2 4 8 32 256] [--mib 256] [--schemes int8 int4]
 
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 32, 256])
     ap.add_argument("--mib", type=int, default=256, help="bf16 MiB of distinct weights per shape")
     ap.add_argument("--schemes", nargs="+", default=["int8", "int4"], choices=("int8", "int4"))
-    ap.add_argument("--impls", nargs="+", default=["kernel", "kernel_avx512", "packed", "dequant"])
+    ap.add_argument("--impls", nargs="+", default=["kernel", "kernel_avx512", "kernel_amx", "packed", "dequant"])
     args = ap.parse_args()
     print(f"cpu: {cpu_line()}; {torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
     gbs, pattern = read_bandwidth(512 * 2**20, CPU)

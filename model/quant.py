@@ -8,7 +8,8 @@
 Scales are rounded to bf16 before q is computed, so q * s is exactly the weight the kernels multiply by.
 Activations are never quantised: products run in the activation dtype (bf16 or float32) with the implementation
 quant_choice.py picks per machine ("kernel": our AVX2 kernels, quant_kernels.py, float32 sums, output in that
-dtype; "kernel_avx512": their AVX512 tiles, bf16 activations on an AVX512-BF16 CPU; "packed": torch's int8/int4
+dtype; "kernel_avx512": their AVX512 tiles, bf16 activations on an AVX512-BF16 CPU; "kernel_amx": the same tiles
+for a few rows and AMX's tiles for more, on a Xeon with AMX-BF16; "packed": torch's int8/int4
 CPU ops in that dtype; "packed_bf16": the same ops in bf16, the input cast down and the output back up; "dequant":
 F.linear on the dequantised weight, the always-correct fallback on every device).
 Not responsible for reading or writing checkpoints (quant_checkpoint.py).
@@ -36,7 +37,7 @@ from torch import nn
 from dsvl2.model import quant_kernels, torch_int4
 from dsvl2.model.errors import ConfigError
 
-Impl = Literal["kernel", "kernel_avx512", "packed", "packed_bf16", "dequant"]
+Impl = Literal["kernel", "kernel_avx512", "kernel_amx", "packed", "packed_bf16", "dequant"]
 Layout = Literal["plain", "r4", "nibbles", "cpu", "k16r4"]
 # Quantised linears by how their products run (quant_choice.py decides each apart): the routed experts ("experts":
 # a few rows each per prefill chunk, decode in one MoE call) and every other one ("dense").
@@ -47,7 +48,8 @@ INT4_GROUP_SIZE = 128
 PACKED_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU op takes
 UNQUANTISED = ("kv_b_proj",)  # linear names kept in floating point (see the module docstring)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation and scale dtypes quant_kernels takes
-KERNEL_ISA: dict[Impl, int] = {"kernel": quant_kernels.AVX2, "kernel_avx512": quant_kernels.AVX512}
+KERNEL_ISA: dict[Impl, int] = {"kernel": quant_kernels.AVX2, "kernel_avx512": quant_kernels.AVX512,
+                                "kernel_amx": quant_kernels.AMX}
 KERNEL_LAYOUT: dict[int, Layout] = {8: "r4", 4: "k16r4"}  # the layout the kernels read, by bits
 
 
@@ -229,12 +231,14 @@ class QuantLinear(nn.Module):
                 and x.numel() > 0 and self.layout in ("plain", "cpu"))
 
     def kernel_fits(self, x: torch.Tensor, impl: Impl = "kernel") -> bool:
-        """Whether our compiled kernel `impl` ("kernel" or "kernel_avx512") covers x with this weight (and is
-        available and switched on). Asked on every product: the cheap checks come first."""
+        """Whether our compiled kernel `impl` ("kernel", "kernel_avx512" or "kernel_amx") covers x with this weight
+        (and is available and switched on). Asked on every product: the cheap checks come first."""
         if (x.dtype not in KERNEL_DTYPES or not x.is_cpu or x.numel() == 0
                 or self.layout != KERNEL_LAYOUT[self.scheme.bits]):
             return False
         if impl != "kernel" and (x.dtype is not torch.bfloat16 or not quant_kernels.avx512_supported()):
+            return False
+        if impl == "kernel_amx" and not quant_kernels.amx_supported():
             return False
         q, s = self._buffers["qweight"], self._buffers["scales"]
         return (q.is_cpu and s.dtype in KERNEL_DTYPES

@@ -1,19 +1,20 @@
 """Which implementation the quantised products run on this machine, per family of layers, scheme, activation
 dtype and row count, and so which runtime layout their weights take: our kernels ("kernel": AVX2 tiles;
-"kernel_avx512": AVX512 tiles for bf16 activations where the CPU has AVX512-BF16; both in the "r4" / "k16r4"
-layouts, where quant_kernels is available), torch's packed int8/int4 CPU ops in the activation dtype
-("packed", in the "plain" / torch's "cpu" layout), the same ops in bf16 with the activations cast ("packed_bf16",
-float32 models only), or F.linear on the dequantised weight ("dequant", any layout, every device).
+"kernel_avx512": AVX512 tiles for bf16 activations where the CPU has AVX512-BF16; "kernel_amx": those, and AMX's
+tiles from 6 rows on a Xeon with AMX-BF16; all in the "r4" / "k16r4" layouts, where quant_kernels is available),
+torch's packed int8/int4 CPU ops in the activation dtype ("packed", in the "plain" / torch's "cpu" layout), the
+same ops in bf16 with the activations cast ("packed_bf16", float32 models only), or F.linear on the dequantised
+weight ("dequant", any layout, every device).
 
 Two families, decided apart because their products differ in shape and in how they run: "experts" (the routed
 experts: a prefill chunk sends each ~T * top_k / n_experts tokens, and decode runs an expert's three products in
 one quant_kernels.moe call) and "dense" (every other quantised linear: attention, dense MLP, shared experts,
 lm_head: a prefill chunk sends them all T tokens). Each family is timed on one of its own layers (`representatives`)
-with kernel_choice's `best_time`: decode at every row count of DECODE_ROWS (one row and a batch; the winner has the
-least slowdown against the fastest at each, summed), in every layout the layer can take; the decode winner fixes
-the layout; prefill (PREFILL_ROWS of the family) takes the fastest candidate that reads that layout. Then every
-layer of the family is repacked into it, one at a time (never two copies of the model's weights). Off the CPU
-only "dequant" exists.
+with kernel_choice's `best_time`: decode at every row count of its DECODE_ROWS (what its products see at decode
+batches of 1 and 8; the winner has the least slowdown against the fastest at each, summed), in every layout the
+layer can take; the decode winner fixes the layout; prefill (PREFILL_ROWS of the family) takes the fastest candidate
+that reads that layout. Then every layer of the family is repacked into it, one at a time (never two copies of the
+model's weights). Off the CPU only "dequant" exists.
 
 Decided once per process per (machine, family shape), and the timings are kept in a JSON file beside the
 quantised kernels' build (`kernel_choice`'s timings format, file quant-choice-<machine key>.json, one entry per
@@ -36,7 +37,11 @@ from dsvl2.model.kernel_choice import Timer, best_time, cache_file, read_timings
 from dsvl2.model.kernels import machine
 from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantLinear, family_of
 
-DECODE_ROWS = (1, 8)
+# Rows per product at decode batches 1 and 8: every token for a dense layer; for a routed expert the tokens routed
+# to it, 8 x top-6 of 64 (Tiny, Small; Base: of 72) being 0.75 per expert, 1-2 where an expert is active (timing
+# 8 rows on one expert took torch's op for the experts on a Xeon with AMX, where the kernel's one-call MoE path
+# was the faster at the 1-2 rows a real batch of 8 sends).
+DECODE_ROWS: dict[Family, tuple[int, ...]] = {"experts": (1, 2), "dense": (1, 8)}
 PREFILL_ROWS: dict[Family, int] = {"experts": 64, "dense": 256}
 CACHE_PREFIX = "quant-choice-"
 
@@ -132,10 +137,10 @@ def _parsed(timings: Timings, rows: int) -> dict[tuple[Impl, Layout], float]:
     return out
 
 
-def _decode_choice(timings: Timings) -> tuple[Impl, Layout] | None:
-    """The decode winner: among the (impl, layout) pairs timed at every row count of DECODE_ROWS, the least
+def _decode_choice(timings: Timings, decode_rows: tuple[int, ...]) -> tuple[Impl, Layout] | None:
+    """The decode winner: among the (impl, layout) pairs timed at every row count of `decode_rows`, the least
     slowdown against the fastest at each row count, summed; None when no pair was timed at all of them."""
-    per_rows = [_parsed(timings, rows) for rows in DECODE_ROWS]
+    per_rows = [_parsed(timings, rows) for rows in decode_rows]
     both = sorted(set.intersection(*(set(t) for t in per_rows)))
     if not both:
         return None
@@ -143,9 +148,10 @@ def _decode_choice(timings: Timings) -> tuple[Impl, Layout] | None:
     return min(both, key=lambda c: sum(t[c] / b for t, b in zip(per_rows, best, strict=True)))
 
 
-def from_timings(timings: Timings, prefill_rows: int) -> Decision | None:
-    """The decision the timings make (see the module docstring), or None where they lack one it needs."""
-    if (decode := _decode_choice(timings)) is None:
+def from_timings(timings: Timings, family: Family) -> Decision | None:
+    """The decision the timings of `family` make (see the module docstring), or None where they lack one it needs."""
+    prefill_rows = PREFILL_ROWS[family]
+    if (decode := _decode_choice(timings, DECODE_ROWS[family])) is None:
         return None
     impl, layout = decode
     prefill = {i: s for (i, lay), s in _parsed(timings, prefill_rows).items() if lay == layout}
@@ -154,26 +160,26 @@ def from_timings(timings: Timings, prefill_rows: int) -> Decision | None:
     return Decision(impl, min(prefill, key=prefill.__getitem__), layout)
 
 
-def measure(layer: QuantLinear, dtype: torch.dtype, prefill_rows: int, *, timer: Timer = best_time,
+def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Timer = best_time,
             expert: tuple[QuantLinear, ...] | None = None) -> Timings:
-    """Decode timings of every candidate in every layout `layer` can take, at each of DECODE_ROWS, then prefill
-    timings (`prefill_rows`) in the layout the decode winner reads. Where `layer` is a routed expert's (`expert`
-    its three layers), the kernel's decode time is that of the one-call MoE path decode takes with it
-    (`time_fused_expert`): a product timed alone would not show the per-call costs that path saves. `layer`
-    itself is not changed (others are timed on copies)."""
+    """Decode timings of every candidate in every layout `layer` can take, at each of the family's DECODE_ROWS,
+    then prefill timings (its PREFILL_ROWS) in the layout the decode winner reads. Where `layer` is a routed
+    expert's (`expert` its three layers), the kernel's decode time is that of the one-call MoE path decode takes
+    with it (`time_fused_expert`): a product timed alone would not show the per-call costs that path saves.
+    `layer` itself is not changed (others are timed on copies)."""
     variants = {layout: layer if layout == layer.layout else layer.copy_as(layout) for layout in layer.layouts()}
     timings: Timings = {}
     for layout, variant in variants.items():
-        for rows in DECODE_ROWS:
+        for rows in DECODE_ROWS[family]:
             times = time_impls(variant, dtype, rows, timer=timer)
             kernels_timed = [impl for impl in KERNEL_ISA if impl in times] if expert is not None else []
             for impl in kernels_timed:
                 if (fused := time_fused_expert(expert, layout, dtype, rows, impl, timer=timer)) is not None:
                     times[impl] = fused
             timings.update((_name(impl, layout, rows), t) for impl, t in times.items())
-    _, decode_layout = _decode_choice(timings)
-    prefill = time_impls(variants[decode_layout], dtype, prefill_rows, timer=timer)
-    timings.update((_name(impl, decode_layout, prefill_rows), t) for impl, t in prefill.items())
+    _, decode_layout = _decode_choice(timings, DECODE_ROWS[family])
+    prefill = time_impls(variants[decode_layout], dtype, PREFILL_ROWS[family], timer=timer)
+    timings.update((_name(impl, decode_layout, PREFILL_ROWS[family]), t) for impl, t in prefill.items())
     return timings
 
 
@@ -181,7 +187,7 @@ def shape_key(family: Family, layer: QuantLinear, expert: tuple[QuantLinear, ...
     """What a family's timings depend on besides the machine: scheme, group, shapes, dtype, layouts, rows."""
     shapes = " ".join(f"{m.out_features}x{m.in_features}" for m in (expert or (layer,)))
     return (f"{family}|{layer.scheme.name} g{layer.group} {shapes}|{str(dtype).removeprefix('torch.')}|"
-            f"{','.join(layer.layouts())}|{layer.qweight.device}|rows {','.join(map(str, DECODE_ROWS))} "
+            f"{','.join(layer.layouts())}|{layer.qweight.device}|rows {','.join(map(str, DECODE_ROWS[family]))} "
             f"{PREFILL_ROWS[family]}")
 
 
@@ -205,11 +211,11 @@ def decide(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, ca
         key = shape_key(family, layer, expert, dtype)
         memo = (here, key, layer.layout, timer)
         if (found := _decided.get(memo)) is None:
-            found = from_timings(known.get(key, {}), PREFILL_ROWS[family])
+            found = from_timings(known.get(key, {}), family)
             if found is None:
                 with torch.inference_mode():
-                    fresh[key] = measure(layer, dtype, PREFILL_ROWS[family], timer=timer, expert=expert)
-                found = from_timings(fresh[key], PREFILL_ROWS[family])
+                    fresh[key] = measure(layer, dtype, family, timer=timer, expert=expert)
+                found = from_timings(fresh[key], family)
             _decided[memo] = found
         decisions[family] = found
     if fresh and path is not None:

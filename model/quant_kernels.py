@@ -5,7 +5,9 @@
 x is float32 or bf16 (sums in float32, y in x's dtype); each weight byte is read once for all rows (decode).
 Each op takes `isa`: AVX2 (the tiles of quant_avx2.h) or, for bf16 activations on a CPU with AVX512-BF16
 (`avx512_supported()`), AVX512 (quant_avx512.h: int4 by table lookup into bf16 and VDPBF16PS, int8 in 16-lane
-FMAs). The library is built with the AVX2 flags either way; the AVX512 tiles are compiled for their target alone.
+FMAs) or, on a Xeon with AMX-BF16 (`amx_supported()`), AMX (quant_amx.h: products of 6 rows or more dequantise
+each 16 weight rows once into bf16 and multiply them on AMX's tiles; fewer rows run the AVX512 tiles). The library
+is built with the AVX2 flags either way; the AVX512 and AMX code is compiled for its target alone.
 
 Built on first use by model/kernel_build.py, as model/kernels.py builds the bf16 library, into
 <cache root>/dsvl2_quant-<key>/ (a failed build is remembered there: delete `status().directory` to retry). Nothing
@@ -41,7 +43,10 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
-AVX2, AVX512 = 0, 1  # the ops' `isa`: which tiles run (AVX512 takes bf16 activations only)
+AMX_FLAGS = ("amx_tile", "amx_bf16")
+# The ops' `isa`: which tiles run (AVX512 and AMX take bf16 activations only; AMX: the AVX512 tiles for fewer than
+# 6 rows, AMX's tiles from there on where K and the int4 groups are multiples of 32 and Linux grants the tiles).
+AVX2, AVX512, AMX = 0, 1, 2
 K16 = 16  # k values per step of the layouts
 BLOCK_ROWS = 4  # weight rows interleaved per block of the layouts
 
@@ -56,6 +61,12 @@ def avx512_supported() -> bool:
     return cpu_flags().issuperset(_CPU_FLAGS + AVX512_FLAGS)
 
 
+def amx_supported() -> bool:
+    """True where the CPU also has AMX-BF16's tiles (quant_amx.h; Linux must still grant them, which the ops check
+    and, where it does not, run the AVX512 tiles)."""
+    return avx512_supported() and cpu_flags().issuperset(AMX_FLAGS)
+
+
 def _registered() -> None:
     """Raises unless the loaded library registered the ops (the build's check)."""
     torch.ops.dsvl2_quant.int8_linear  # noqa: B018 - attribute access raises if the op is missing
@@ -64,7 +75,8 @@ def _registered() -> None:
 
 
 # Included by the sources: part of the build key.
-_HEADERS = [_CSRC / "parallel.h", _CSRC / "quant_avx2.h", _CSRC / "quant_avx512.h"]
+_HEADERS = [_CSRC / "parallel.h", _CSRC / "quant_avx2.h", _CSRC / "quant_avx512.h", _CSRC / "quant_amx.h",
+            _CSRC / "amx_tiles.h"]
 LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
                                cpu_flags=_CPU_FLAGS, depends=_HEADERS)
 
@@ -128,13 +140,14 @@ def k16r4_unpack(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, isa: int = AVX2) -> torch.Tensor:
     """y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T, q in the "r4" layout; requires `available()`. x float32
-    or bf16 (bf16 only with `isa` AVX512, which needs `avx512_supported()`), any strides."""
+    or bf16 (bf16 only with `isa` AVX512 or AMX, which need `avx512_supported()` / `amx_supported()`), any
+    strides."""
     return torch.ops.dsvl2_quant.int8_linear(x, q, s, isa)
 
 
 def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, isa: int = AVX2) -> torch.Tensor:
     """y (M, N) = x (M, K) @ (q4 * s per group of `group` along K)^T, q in the "k16r4" layout and s (N, K/G);
-    requires `available()`. x float32 or bf16 (bf16 only with `isa` AVX512), any strides."""
+    requires `available()`. x float32 or bf16 (bf16 only with `isa` AVX512 or AMX), any strides."""
     return torch.ops.dsvl2_quant.int4_linear(x, q, s, group, isa)
 
 

@@ -84,3 +84,12 @@ def quant_avx512_on(quant_kernels_on):
 
     if not quant_kernels.avx512_supported():
         pytest.skip("this CPU lacks AVX512F/BW/VL/DQ or AVX512-BF16 (the AVX512 tiles)")
+
+
+@pytest.fixture
+def quant_amx_on(quant_avx512_on):
+    """`quant_avx512_on`, and a CPU with AMX-BF16's tiles (quant_amx.h); a skip only where it has none."""
+    from dsvl2.model import quant_kernels
+
+    if not quant_kernels.amx_supported():
+        pytest.skip("this CPU lacks AMX-TILE / AMX-BF16 (the quantised products' AMX path)")

@@ -152,6 +152,7 @@ def test_the_choice_takes_the_fastest_candidate_per_row_count():
     assert quant_choice.candidates(layer, torch.bfloat16) == ["packed", "dequant"]  # no cast for bf16
     if quant_kernels.available():
         wide = ["kernel_avx512"] if quant_kernels.avx512_supported() else []  # bf16 activations only
+        wide += ["kernel_amx"] if quant_kernels.amx_supported() else []
         assert quant_choice.candidates(layer.copy_as("r4"), torch.bfloat16) == ["kernel", *wide, "dequant"]
         assert quant_choice.candidates(layer.copy_as("r4"), torch.float32) == ["kernel", "dequant"]
 

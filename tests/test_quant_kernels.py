@@ -31,6 +31,9 @@ SHAPES = ((37, 100), (33, 6848), (65, 384))
 AVX512_SHAPES = (*SHAPES, (20, 48), (1280, 1280))
 
 
+SUFFIX = {quant_kernels.AVX2: "", quant_kernels.AVX512: " avx512", quant_kernels.AMX: " amx"}  # by `isa`
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch, quant_kernels_on) -> list[str]:
     """Records the scheme of every product handed to the compiled kernels."""
@@ -39,7 +42,7 @@ def kernel_calls(monkeypatch, quant_kernels_on) -> list[str]:
         real = getattr(quant_kernels, name)
 
         def spy(*args, real=real, name=name):
-            calls.append(name if args[-1] == quant_kernels.AVX2 else f"{name} avx512")
+            calls.append(name + SUFFIX[args[-1]])
             return real(*args)
 
         monkeypatch.setattr(quant_kernels, name, spy)
@@ -86,6 +89,30 @@ def test_avx512_tiles_equal_dequantise_then_linear(quant_avx512_on, kernel_calls
     with torch.inference_mode():  # float32 activations are not the AVX512 tiles': the AVX2 ones run them
         layer.run(torch.randn(2, k), "kernel_avx512")
     assert kernel_calls[-1] == f"{name}_linear"
+
+
+# AMX's path needs K and the int4 groups in multiples of 32: 6848 has groups of 64, 1280 and 384 of 128, 64 one
+# group of 64; 100 and 48 (groups of 16) fall back to the AVX512 tiles.
+AMX_SHAPES = ((33, 6848), (65, 384), (20, 64), (1280, 1280), (37, 100), (20, 48))
+AMX_ROWS = (1, 5, 6, 7, 8, 16, 17, 32, 33, 100)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize(("n", "k"), AMX_SHAPES, ids=[f"{n}x{k}" for n, k in AMX_SHAPES])
+def test_amx_path_equals_dequantise_then_linear(quant_amx_on, kernel_calls, name, n, k):
+    """"kernel_amx" on bf16 activations: the AVX512 tiles below 6 rows, AMX's tiles from there on (one step at a
+    time up to 32 rows, int8's whole strip past them; int4 group by group): catches a wrong strip row, padded
+    block, tile lane, pair of x, group scale or second block of 16 rows of x."""
+    scheme = Scheme.named(name)
+    layer, q, s = _layer(n, k, scheme, torch.bfloat16, seed=n + 2)
+    w = dequantize(q, s)
+    for rows in AMX_ROWS:
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        with torch.inference_mode():
+            got = layer.run(x, "kernel_amx")
+        assert got.shape == (rows, n) and got.dtype is torch.bfloat16
+        assert_rel(got, F.linear(x.float(), w), TOL[torch.bfloat16], f"{name} {n}x{k} amx rows {rows}")
+    assert kernel_calls == [f"{name}_linear amx"] * len(AMX_ROWS)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
@@ -186,7 +213,7 @@ def test_the_ops_refuse_an_isa_they_cannot_run(quant_kernels_on):
     layer, _, _ = _layer(8, 64, Scheme.named("int4"), torch.float32)
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="isa must be 0"):
-        quant_kernels.int4_linear(x, layer.qweight, layer.scales, layer.group, 2)
+        quant_kernels.int4_linear(x, layer.qweight, layer.scales, layer.group, 3)
     expected = "bf16 activations" if quant_kernels.avx512_supported() else "lacks AVX512"
     with pytest.raises(RuntimeError, match=expected):
         quant_kernels.int4_linear(x, layer.qweight, layer.scales, layer.group, quant_kernels.AVX512)

@@ -64,16 +64,20 @@ def test_moe_kernel_equals_the_experts_one_by_one(quant_kernels_on, scheme, dtyp
     assert_rel(fused, one_by_one, TOL[dtype], f"{scheme} {dtype} {hidden}x{inter} {tokens} tokens")
 
 
+@pytest.mark.parametrize("impl", ["kernel_avx512", "kernel_amx"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), SHAPES)
 def test_moe_avx512_tiles_equal_the_experts_one_by_one(quant_avx512_on, scheme, hidden, inter, experts, top_k,
-                                                       tokens):
+                                                       tokens, impl):
     """The one-call path on the AVX512 tiles (bf16 activations; int4 reads the gated activations rounded to bf16,
-    as the bf16 model's own products do): catches a wrong row pointer or bf16 copy of the gathered rows."""
+    as the bf16 model's own products do), also where the experts chose "kernel_amx" (an expert's few decode rows
+    run the same tiles): catches a wrong row pointer or bf16 copy of the gathered rows."""
+    if impl == "kernel_amx" and not quant_kernels.amx_supported():
+        pytest.skip("this CPU lacks AMX-TILE / AMX-BF16")
     moe = _moe(hidden, inter, experts, top_k, scheme, torch.bfloat16, seed=tokens + hidden)
     for expert in moe.experts:
         for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(expert, name).impls = ("kernel_avx512", "kernel_avx512")
+            getattr(expert, name).impls = (impl, impl)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
     calls = []
     real = quant_kernels.moe
@@ -82,7 +86,7 @@ def test_moe_avx512_tiles_equal_the_experts_one_by_one(quant_avx512_on, scheme, 
         ids, weights = _routing(moe, x, experts, top_k)
         fused = moe._quant_experts.run(moe.experts, x, ids, weights)
         one_by_one = moe.dispatch(x, ids, weights)
-    assert calls == [quant_kernels.AVX512]
+    assert calls == [{"kernel_avx512": quant_kernels.AVX512, "kernel_amx": quant_kernels.AMX}[impl]]
     assert fused is not None and fused.dtype is torch.bfloat16
     assert_rel(fused, one_by_one, TOL[torch.bfloat16], f"{scheme} avx512 {hidden}x{inter} {tokens} tokens")
 

@@ -25,7 +25,7 @@
 
 #include <torch/library.h>
 
-#include "quant_avx512.h"
+#include "quant_amx.h"
 
 namespace {
 
@@ -44,6 +44,18 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   TORCH_CHECK(q.size(0) == (N + 3) / 4 && q.size(1) == steps * 64, "int8_linear: q is ", q.sizes(), " for N=", N,
               ", K=", K, " (needs (", (N + 3) / 4, ", ", steps * 64, "))");
   const at::Tensor sc = s.contiguous();
+  if (isa == 2 && N > 0 && amx_takes(M, K, 1, 0)) {
+    const at::Tensor xk = amx_pairs(x_in);
+    at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+    const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
+    float* yp = y.mutable_data_ptr<float>();
+    with_scales(sc, [&](const auto* sp) {
+      run_strips(N, K, [&](int64_t n0, int64_t n1) {
+        amx_int8_span(n0, n1, N, K, xk, M, yp, N, Int8Tiles(rows, sp, q.size(0)));
+      });
+    });
+    return y.to(x_in.scalar_type());
+  }
   const int64_t ldx = steps * 16;
   const at::Tensor x = padded_rows(x_in, ldx);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -53,7 +65,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     float* yp = y.mutable_data_ptr<float>();
     with_scales(sc, [&](const auto* sp) {
       run_rows(N, ldx, [&](int64_t n0, int64_t n1) {
-        if (isa == 1) {
+        if (isa >= 1) {
           int8_span512(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps);
         } else {
           int8_span(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps);
@@ -82,8 +94,20 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   TORCH_CHECK(groups == 1 || group % 16 == 0, "int4_linear: G=", group, " must be a multiple of 16 or K");
   const int64_t group_steps = int4_group_steps(groups, group, steps);
   const at::Tensor sc = s.contiguous();
+  if (isa == 2 && N > 0 && amx_takes(M, K, groups, group)) {
+    const at::Tensor xk = amx_pairs(x_in);
+    at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+    const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
+    float* yp = y.mutable_data_ptr<float>();
+    with_scales(sc, [&](const auto* sp) {
+      run_strips(N, K / 2, [&](int64_t n0, int64_t n1) {
+        amx_int4_span(n0, n1, N, K, xk, M, yp, N, rows, q.size(0), sp, groups);
+      });
+    });
+    return y.to(x_in.scalar_type());
+  }
   const int64_t ldx = steps * 16;
-  if (isa == 1) {  // bf16 rows, no per-group sums (the table holds q itself)
+  if (isa >= 1) {  // bf16 rows, no per-group sums (the table holds q itself)
     const at::Tensor xb = padded_rows(x_in, ldx, at::kBFloat16);
     at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
     if (M > 0 && N > 0 && K > 0) {

@@ -30,11 +30,12 @@ inline bool avx512_ready() {
   return ready;
 }
 
-// The ops' `isa` argument: 1 runs the tiles below (bf16 x only), 0 quant_avx2.h's.
+// The ops' `isa` argument: 0 runs quant_avx2.h's tiles, 1 the tiles below (bf16 x only), 2 those or, for
+// products with rows enough where the CPU and Linux grant AMX-BF16's tiles, quant_amx.h's.
 inline void check_isa(const char* op, int64_t isa, const at::Tensor& x) {
-  TORCH_CHECK(isa == 0 || isa == 1, op, ": isa must be 0 (AVX2) or 1 (AVX512)");
+  TORCH_CHECK(isa >= 0 && isa <= 2, op, ": isa must be 0 (AVX2), 1 (AVX512) or 2 (AMX)");
   TORCH_CHECK(isa == 0 || avx512_ready(), op, ": this CPU lacks AVX512F/BW/VL/DQ or AVX512-BF16");
-  TORCH_CHECK(isa == 0 || x.scalar_type() == at::kBFloat16, op, ": the AVX512 path takes bf16 activations");
+  TORCH_CHECK(isa == 0 || x.scalar_type() == at::kBFloat16, op, ": the AVX512 and AMX paths take bf16 activations");
 }
 
 // The table of the int4 lookup: entry i holds the bf16 bits of i - 8 (i < 16; the rest unused).

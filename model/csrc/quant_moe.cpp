@@ -56,7 +56,7 @@ void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t gro
   const int64_t steps = (K + 15) / 16;
   if (bits == 8) {
     const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
-    if (isa == 1) {
+    if (isa >= 1) {  // AVX512 tiles (an expert's few decode rows: the AMX path's strips would not pay)
       int8_span512(rows, s, x.f, x.ld, y, ldy, n0, n1, N, M, steps);
     } else {
       int8_span(rows, s, x.f, x.ld, y, ldy, n0, n1, N, M, steps);
@@ -64,7 +64,7 @@ void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t gro
   } else {
     const int64_t groups = K / group, group_steps = int4_group_steps(groups, group, steps);
     const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
-    if (isa == 1) {
+    if (isa >= 1) {
       int4_span512(rows, s, groups, x.b, x.ld, y, ldy, n0, n1, N, M, steps, group_steps);
     } else {
       int4_span(rows, s, groups, x.f, x.ld, x.sums, y, ldy, n0, n1, N, M, steps, group_steps);
@@ -138,7 +138,7 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   std::vector<int64_t> token_of(R);
   for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / K;
   const at::Tensor xg = xf.index_select(0, at::tensor(token_of, ids.options()));
-  const bool bf16_rows_used = bits == 4 && isa == 1, sums_used = bits == 4 && isa == 0;
+  const bool bf16_rows_used = bits == 4 && isa >= 1, sums_used = bits == 4 && isa == 0;
   const at::Tensor xb = bf16_rows_used ? xg.to(at::kBFloat16) : at::Tensor();  // exact: x_in is bf16 there
   const at::Tensor xsum = sums_used ? group_sums(xg, E / group_in) : at::Tensor();
   at::Tensor gu = at::empty({2, R, I}, xf.options()), out = at::empty({R, E}, xf.options());

@@ -1,0 +1,280 @@
+// AMX variants of the int8 / int4 products for several rows of bf16 x (decode batches, prefill), on Xeons with
+// AMX-BF16 (the ops' `isa` 2). The AVX512 tiles (quant_avx512.h) spend one FMA or bf16 dot product per 16 or 32
+// weights per row of x, which bounds a decode batch on the arithmetic, not on reading the weight (8 rows: ~1.2x
+// the bf16 model's step on a Xeon, against 2x one row); AMX's TDPBF16PS takes 16 weight rows x 32 k x 16 rows of
+// x in one instruction. So from kAmxMinRows rows, weight rows go 16 at a time (a strip): their q are written as bf16
+// into an L1 buffer, 16 x 32 per tile step, and multiplied there by x, packed once per call into pairs along K
+// (AMX's VNNI layout for the b operand, 16 rows of x per tile). Fewer rows keep the AVX512 tiles (one row streams
+// the weight at memory speed; the tiles' loads and products would only add to it).
+//   int8  q is exact in bf16 (|q| <= 128 has 8 significant bits); the sums are scaled per output channel after
+//         the product, as the AVX512 tile does. Up to 32 rows each step is dequantised just before its product;
+//         more (prefill) dequantise the strip's whole K once for every 32 rows of x.
+//   int4  q - 8 by a 16-entry table lookup into bf16 (exact), one group at a time; each group's sums are scaled
+//         by the group's scales and added in float32, as the AVX512 int4 tile does.
+// Products are exact (bf16 x bf16 into float32), so results equal the dequantised product up to the order of the
+// float32 sums. Taken where K and int4's groups are multiples of 32 (whole tile steps) and Linux grants the tiles
+// (`amx_takes`); otherwise isa 2 runs the AVX512 tiles.
+#pragma once
+
+#include "amx_tiles.h"
+#include "quant_avx512.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <vector>
+
+namespace dsvl2_quant_detail {
+
+using dsvl2_kernels_detail::amx_ready;
+
+constexpr int64_t kAmxMinRows = 6;  // rows of x from which isa 2 multiplies on the tiles (fewer: AVX512 tiles; 4 ran even)
+constexpr int64_t kStripRows = 16;  // weight rows per strip: one tile's rows
+
+// Whether the AMX path takes a product of M rows, K input features and int4 groups of `group` (0: int8).
+inline bool amx_takes(int64_t M, int64_t K, int64_t groups, int64_t group) {
+  return M >= kAmxMinRows && K > 0 && K % 32 == 0 && (groups <= 1 || group % 32 == 0) && amx_ready();
+}
+
+// x (M, K) bf16 -> pairs along K for 16-lane blocks of rows: pair p of row m at (p * L + m) * 2, L = M rounded up
+// to 16, zeros past M (one transpose of x's (M, K/2) 32-bit pairs).
+inline at::Tensor amx_pairs(const at::Tensor& x) {
+  const int64_t M = x.size(0), L = round_up(M, 16);
+  const at::Tensor b = x.to(at::kBFloat16).contiguous().view(at::kInt);  // (M, K/2) pairs
+  at::Tensor out = at::zeros({b.size(1), L}, b.options());
+  out.narrow(1, 0, M).copy_(b.t());
+  return out;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+// int8 ("r4", whole pairs of 16-k steps): `step(n, t, out, ld)` writes weight rows n .. n + 16, k 32t .. 32t + 32
+// as 16 rows of bf16 q at out (row stride ld): each row's two steps widened to float32 and joined into one 64-byte
+// store (exact: |q| <= 128 has 8 significant bits). Rows past the layout's padded rows (`blocks`: its count of
+// blocks of 4) are zeros. The sums are scaled per output channel afterwards (`row_scale`), as the AVX512 tile does.
+template <typename S>
+class Int8Tiles {
+ public:
+  Int8Tiles(const Int8Rows& q, const S* s, int64_t blocks) : q_(q), s_(s), blocks_(blocks) {}
+  float row_scale(int64_t n) const { return scale_at(s_, n); }
+  void step(int64_t n, int64_t t, uint16_t* out, int64_t ld) const {
+    for (int b = 0; b < 4; ++b) {
+      uint16_t* o = out + 4 * b * ld;
+      if (n / kRowsPerBlock + b >= blocks_) {
+        for (int j = 0; j < 4; ++j) _mm512_storeu_si512(o + j * ld, _mm512_setzero_si512());
+        continue;
+      }
+      const int8_t* r = q_.row(n + 4 * b) + 2 * t * Int8Rows::kStep;
+      prefetch(r + kPrefetchBytes);
+      prefetch(r + kPrefetchBytes + 64);
+      for (int j = 0; j < 4; ++j) {
+        const __m512bh w = _mm512_cvtne2ps_pbh(widen(r + Int8Rows::kStep + j * 16), widen(r + j * 16));
+        _mm512_storeu_si512(o + j * ld, (__m512i)w);
+      }
+    }
+  }
+
+ private:
+  static __m512 widen(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  Int8Rows q_;
+  const S* s_;
+  int64_t blocks_;
+};
+
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")
+
+// int4 ("k16r4"): one group of G k (a multiple of 32, or the whole row) of weight rows n .. n + 16 at a time, as the
+// bf16 values q (exact: small integers; the scales apply to each group's sums, as the AVX512 int4 tile does). Per
+// block and pair of 16-k steps (64 bytes: per step the 4 rows' 8 bytes), each row's 32 k come from one byte
+// permutation (its 16 bytes into the low bytes of 32 words, in k order: each byte twice), a shift of the words that
+// take the high nibble, a mask and a 16-entry table lookup of q + 8 -> bf16 q: five instructions per 32 weights.
+class Int4Groups {
+ public:
+  Int4Groups(const Int4Rows& q, int64_t blocks) : q_(q), blocks_(blocks) {
+    for (int j = 0; j < 4; ++j) {
+      alignas(64) uint8_t idx[64];
+      for (int w = 0; w < 32; ++w) {  // word w of row j: k = w; bytes of step 2u at 32u, row j's at 8j
+        const int u = w / 16, byte = (w % 16) % 8;
+        idx[2 * w] = static_cast<uint8_t>(32 * u + 8 * j + byte), idx[2 * w + 1] = 0;
+      }
+      index_[j] = _mm512_load_si512(idx);
+    }
+  }
+  // Weight rows n .. n + 16, k [32 t0, 32 t1) into out (row stride ld bf16 values).
+  void dequant(int64_t n, int64_t t0, int64_t t1, uint16_t* out, int64_t ld) const {
+    const __m512i table = _mm512_load_si512(int4_bf16_table()), nibble = _mm512_set1_epi16(0x0F);
+    constexpr __mmask64 kLowBytes = 0x5555555555555555ull;
+    constexpr __mmask32 kHighNibble = 0xFF00FF00u;  // words 8-15 and 24-31: the high nibbles
+    for (int b = 0; b < 4; ++b) {
+      uint16_t* o = out + 4 * b * ld;
+      if (n / kRowsPerBlock + b >= blocks_) {
+        for (int j = 0; j < 4; ++j)
+          for (int64_t t = t0; t < t1; ++t) _mm512_storeu_si512(o + j * ld + 32 * (t - t0), _mm512_setzero_si512());
+        continue;
+      }
+      const uint8_t* r = q_.row(n + 4 * b);
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* rt = r + 2 * t * Int4Rows::kStep;
+        prefetch(rt + kPrefetchBytes);
+        const __m512i v = _mm512_loadu_si512(rt);
+        for (int j = 0; j < 4; ++j) {
+          __m512i x = _mm512_maskz_permutexvar_epi8(kLowBytes, index_[j], v);
+          x = _mm512_and_si512(_mm512_mask_srli_epi16(x, kHighNibble, x, 4), nibble);
+          _mm512_storeu_si512(o + j * ld + 32 * (t - t0), _mm512_permutexvar_epi16(x, table));
+        }
+      }
+    }
+  }
+
+ private:
+  Int4Rows q_;
+  int64_t blocks_;
+  __m512i index_[4];
+};
+
+// The float32 sums of 16 weight rows with nb (1 or 2) blocks of 16 rows of x over `steps` steps of 32 k, into
+// sums[j * 256 + i * 16 + lane] (weight row i, row 16j + lane of x). Step t's weights are the 16 x 32 bf16 at `a(t)`
+// (which may write them first; row stride sa bytes), its pairs of x at b + t * step_b (block j 32 values on, row
+// stride sb bytes). Even and odd steps add into different tiles and load their weights into different tiles, so a
+// product waits neither on the previous one's sum (TDPBF16PS's latency is several times its throughput) nor on a
+// tile register it still reads.
+template <typename A>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16"))) inline void
+tile_sums(int nb, int64_t steps, const A& a, int64_t sa, const uint16_t* b, int64_t step_b, int64_t sb, float* sums) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t t = 0; t < steps; t += 2) {
+    const uint16_t* bt = b + t * step_b;
+    const void* even = a(t);
+    asm volatile("" ::: "memory");  // the tile loads' asm does not say it reads memory: a's stores land first
+    _tile_loadd(4, even, sa);
+    _tile_loadd(6, bt, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (nb == 2) {
+      _tile_loadd(7, bt + 32, sb);
+      _tile_dpbf16ps(2, 4, 7);
+    }
+    if (t + 1 == steps) break;
+    const void* odd = a(t + 1);
+    asm volatile("" ::: "memory");
+    _tile_loadd(5, odd, sa);
+    if (nb == 1) {
+      _tile_loadd(7, bt + step_b, sb);
+      _tile_dpbf16ps(1, 5, 7);
+    } else {
+      _tile_loadd(6, bt + step_b, sb);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_loadd(7, bt + step_b + 32, sb);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float part[4][256];
+  _tile_stored(0, part[0], 64);
+  _tile_stored(1, part[1], 64);
+  _tile_stored(2, part[2], 64);
+  _tile_stored(3, part[3], 64);
+  for (int j = 0; j < nb; ++j)
+    for (int i = 0; i < 256; i += 16)
+      _mm512_storeu_ps(sums + j * 256 + i,
+                       _mm512_add_ps(_mm512_load_ps(part[2 * j] + i), _mm512_load_ps(part[2 * j + 1] + i)));
+}
+
+// Rows [n0, n1) of y (n0 a multiple of 16) for all M rows of x (pairs `xk` from amx_pairs, L lanes) with an int8
+// weight: y[m][n] = the sums of weight row n with x's row m, times the row's scale. Up to 32 rows of x (decode)
+// each step's 16 x 32 weights are dequantised into an L1 buffer just before their product (the tiles work while the
+// vector units dequantise the next step); more rows (prefill) dequantise the strip's whole K once and run the tiles
+// over it for every 32 rows of x.
+template <typename S>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"))) void amx_int8_span(
+    int64_t n0, int64_t n1, int64_t N, int64_t K, const at::Tensor& xk, int64_t M, float* y, int64_t ldy,
+    const Int8Tiles<S>& w) {
+  const int64_t L = xk.size(1), steps = K / 32, step_b = 16 * L * 2, sb = L * 4;
+  const auto* xp = reinterpret_cast<const uint16_t*>(xk.const_data_ptr<int32_t>());
+  alignas(64) uint16_t buf[2][kStripRows * 32];
+  alignas(64) float sums[2 * 256];
+  thread_local std::vector<uint16_t> strip;
+  const bool per_step = M <= 32;
+  if (!per_step) strip.resize(kStripRows * K);
+  dsvl2_kernels_detail::amx_begin();
+  for (int64_t n = n0; n < n1; n += kStripRows) {
+    if (!per_step)
+      for (int64_t t = 0; t < steps; ++t) w.step(n, t, strip.data() + 32 * t, K);
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const int nb = M - m0 > 16 ? 2 : 1;
+      if (per_step) {
+        tile_sums(nb, steps, [&](int64_t t) { return w.step(n, t, buf[t & 1], 32), buf[t & 1]; }, 64, xp, step_b,
+                  sb, sums);
+      } else {
+        tile_sums(nb, steps, [&](int64_t t) { return strip.data() + 32 * t; }, K * 2, xp + m0 * 2, step_b, sb, sums);
+      }
+      for (int j = 0; j < nb; ++j)
+        for (int64_t i = 0; i < kStripRows && n + i < N; ++i) {
+          const float sc = w.row_scale(n + i);
+          for (int64_t m = m0 + 16 * j; m < std::min(M, m0 + 16 * j + 16); ++m)
+            y[m * ldy + n + i] = sums[j * 256 + i * 16 + (m - m0 - 16 * j)] * sc;
+        }
+    }
+  }
+  dsvl2_kernels_detail::amx_end();
+}
+
+// Rows [n0, n1) of y (n0 a multiple of 16) for all M rows of x (pairs `xk`, L lanes) with an int4 weight in `groups`
+// groups of G = K / groups: per strip and group, the group's 16 x G weights dequantised into an L1 buffer (two, by
+// the group's parity, so that one group's dequantising need not wait for the last group's tile loads), the tiles'
+// sums of each 32 rows of x over the group, and those sums times the group's scales added up in float32.
+template <typename S>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16"))) void
+amx_int4_span(int64_t n0, int64_t n1, int64_t N, int64_t K, const at::Tensor& xk, int64_t M, float* y, int64_t ldy,
+              const Int4Rows& q, int64_t blocks, const S* s, int64_t groups) {
+  const int64_t L = xk.size(1), G = K / groups, group_tiles = G / 32, step_b = 16 * L * 2, sb = L * 4;
+  const auto* xp = reinterpret_cast<const uint16_t*>(xk.const_data_ptr<int32_t>());
+  thread_local std::vector<uint16_t> buf;
+  thread_local std::vector<float> acc;  // 16 weight rows x L rows of x
+  buf.resize(2 * kStripRows * G);
+  acc.resize(kStripRows * L);
+  alignas(64) float sums[2 * 256];
+  const Int4Groups w(q, blocks);
+  dsvl2_kernels_detail::amx_begin();
+  for (int64_t n = n0; n < n1; n += kStripRows) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t g = 0; g < groups; ++g) {
+      uint16_t* bg = buf.data() + (g & 1) * kStripRows * G;
+      w.dequant(n, g * group_tiles, (g + 1) * group_tiles, bg, G);
+      __m512 scale[kStripRows];
+      for (int64_t i = 0; i < kStripRows; ++i) scale[i] = _mm512_set1_ps(group_scale(s, groups, n + i, g, N));
+      for (int64_t m0 = 0; m0 < L; m0 += 32) {
+        const int nb = L - m0 > 16 ? 2 : 1;
+        tile_sums(nb, group_tiles, [&](int64_t t) { return bg + 32 * t; }, G * 2, xp + (g * (G / 2) * L + m0) * 2,
+                  step_b, sb, sums);
+        for (int j = 0; j < nb; ++j)
+          for (int64_t i = 0; i < kStripRows; ++i) {
+            float* ai = acc.data() + i * L + m0 + 16 * j;
+            _mm512_storeu_ps(ai, _mm512_fmadd_ps(_mm512_load_ps(sums + j * 256 + i * 16), scale[i],
+                                                 _mm512_loadu_ps(ai)));
+          }
+      }
+    }
+    for (int64_t i = 0; i < kStripRows && n + i < N; ++i)
+      for (int64_t m = 0; m < M; ++m) y[m * ldy + n + i] = acc[i * L + m];
+  }
+  dsvl2_kernels_detail::amx_end();
+}
+
+#pragma GCC pop_options
+
+// Units of work of whole strips: ~kChunkBytes of weight each, over the rows [0, round_up(N, 16)).
+template <typename Span>
+void run_strips(int64_t N, int64_t row_bytes, const Span& span) {
+  const int64_t padded = round_up(N, kStripRows);
+  const int64_t per_unit = std::max<int64_t>(kStripRows, kChunkBytes / std::max<int64_t>(row_bytes, 1) / 16 * 16);
+  run_units((padded + per_unit - 1) / per_unit,
+            [&](int64_t u) { span(u * per_unit, std::min(padded, (u + 1) * per_unit)); });
+}
+
+}  // namespace dsvl2_quant_detail
