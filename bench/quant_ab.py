@@ -6,12 +6,12 @@ minutes apart, which suits peak RSS but not ratios).
     python bench/quant_ab.py [--model DIR | --config tiny --layers 3] [--batches 1 8] [--rounds 6] [--steps 4]
                              [--impls kernel_avx512 kernel_amx]
 
-Per scheme the model loads as `load_model(quantize=...)` loads it (the choice runs and is printed), then for each
-of --impls that its layers can run, every quantised layer is set to that implementation for decode (relaid out into
-the kernels' layout first). Each round runs --steps decode steps (context 32) of every variant at every batch size,
-one variant after another, then samples the read bandwidth. Printed per variant and batch: the median over rounds of
-the step time, bytes read per step (bench/quant_bench.py's count), the share of its own bandwidth bound, and its
-speedup over the unquantised model as the median of the per-round ratios.
+Per scheme the model loads as `load_model(quantize=...)` loads it (the choice runs and is printed: variant
+"chosen"), and once more for each of --impls that its layers can run: every quantised layer set to that
+implementation for decode (relaid out into the kernels' layout first). Each round runs --steps decode steps (context
+32) of every variant at every batch size, one variant after another, then samples the read bandwidth. Printed per
+variant and batch: the median over rounds of the step time, bytes read per step (bench/quant_bench.py's count), the
+share of its own bandwidth bound, and its speedup over the unquantised model as the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -85,16 +85,17 @@ def main() -> None:
     models = {"none": load_model(path, dtype=torch.bfloat16)}
     variants: list[tuple[str, str, torch.nn.Module]] = [("none", "-", models["none"])]
     for scheme in args.schemes:
+        chosen = load_model(path, dtype=torch.bfloat16, quantize=scheme)
+        print(f"{scheme}: the choice took {sorted({(*m.impls, m.layout) for m in quant_layers(chosen)})}")
+        variants.append((scheme, "chosen", chosen))
         model = models[scheme] = load_model(path, dtype=torch.bfloat16, quantize=scheme)
-        chosen = sorted({(*layer.impls, layer.layout) for layer in quant_layers(model)})
-        print(f"{scheme}: the choice took {chosen}")
         variants += [(scheme, impl, model) for impl in args.impls if set_decode_impl(model, impl)]
     times = {(s, i, b): [] for s, i, _ in variants for b in args.batches}
     nbytes, bandwidths = {}, []
     with torch.inference_mode():
         for _ in range(args.rounds):
             for scheme, impl, model in variants:
-                if impl != "-":
+                if impl not in ("-", "chosen"):
                     set_decode_impl(model, impl)
                 for batch in args.batches:
                     seconds, nbytes[scheme, impl, batch] = steps_of(model, batch, args.steps)
