@@ -45,6 +45,30 @@ inline at::Tensor amx_pairs(const at::Tensor& x) {
   return out;
 }
 
+// The weight bytes of the strip after rows n .. n + 16 (whole blocks of 4, within the layout), prefetched into L2
+// a slice at a time while this strip's tiles multiply, so that reading the weight overlaps the products instead of
+// stalling the next strip's dequantising (prefetches issued only there, a cache line each, filled the core's line
+// buffers and waited on memory while the tiles sat idle; the products waited likewise in turn).
+class NextStrip {
+ public:
+  NextStrip(const uint8_t* base, int64_t block_bytes, int64_t blocks, int64_t n, int64_t slices)
+      : slices_(std::max<int64_t>(slices, 1)) {
+    const int64_t b0 = std::min(blocks, (n + kStripRows) / kRowsPerBlock);
+    const int64_t b1 = std::min(blocks, b0 + kStripRows / kRowsPerBlock);
+    p_ = base + b0 * block_bytes;
+    bytes_ = (b1 - b0) * block_bytes;
+  }
+  void touch(int64_t i) const {  // slice i of `slices`
+    const int64_t per = round_up((bytes_ + slices_ - 1) / slices_, 64);
+    for (int64_t o = i * per; o < std::min(bytes_, (i + 1) * per); o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p_ + o), _MM_HINT_T1);
+  }
+
+ private:
+  const uint8_t* p_;
+  int64_t bytes_, slices_;
+};
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
@@ -57,6 +81,9 @@ class Int8Tiles {
  public:
   Int8Tiles(const Int8Rows& q, const S* s, int64_t blocks) : q_(q), s_(s), blocks_(blocks) {}
   float row_scale(int64_t n) const { return scale_at(s_, n); }
+  const uint8_t* base() const { return reinterpret_cast<const uint8_t*>(q_.base); }
+  int64_t block_bytes() const { return q_.block_bytes; }
+  int64_t blocks() const { return blocks_; }
   void step(int64_t n, int64_t t, uint16_t* out, int64_t ld) const {
     for (int b = 0; b < 4; ++b) {
       uint16_t* o = out + 4 * b * ld;
@@ -65,8 +92,6 @@ class Int8Tiles {
         continue;
       }
       const int8_t* r = q_.row(n + 4 * b) + 2 * t * Int8Rows::kStep;
-      prefetch(r + kPrefetchBytes);
-      prefetch(r + kPrefetchBytes + 64);
       for (int j = 0; j < 4; ++j) {
         const __m512bh w = _mm512_cvtne2ps_pbh(widen(r + Int8Rows::kStep + j * 16), widen(r + j * 16));
         _mm512_storeu_si512(o + j * ld, (__m512i)w);
@@ -119,7 +144,6 @@ class Int4Groups {
       const uint8_t* r = q_.row(n + 4 * b);
       for (int64_t t = t0; t < t1; ++t) {
         const uint8_t* rt = r + 2 * t * Int4Rows::kStep;
-        prefetch(rt + kPrefetchBytes);
         const __m512i v = _mm512_loadu_si512(rt);
         for (int j = 0; j < 4; ++j) {
           __m512i x = _mm512_maskz_permutexvar_epi8(kLowBytes, index_[j], v);
@@ -205,11 +229,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,am
   for (int64_t n = n0; n < n1; n += kStripRows) {
     if (!per_step)
       for (int64_t t = 0; t < steps; ++t) w.step(n, t, strip.data() + 32 * t, K);
+    const NextStrip next(w.base(), w.block_bytes(), w.blocks(), n, steps);
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
       const int nb = M - m0 > 16 ? 2 : 1;
       if (per_step) {
-        tile_sums(nb, steps, [&](int64_t t) { return w.step(n, t, buf[t & 1], 32), buf[t & 1]; }, 64, xp, step_b,
-                  sb, sums);
+        const auto a = [&](int64_t t) { return next.touch(t), w.step(n, t, buf[t & 1], 32), buf[t & 1]; };
+        tile_sums(nb, steps, a, 64, xp, step_b, sb, sums);
       } else {
         tile_sums(nb, steps, [&](int64_t t) { return strip.data() + 32 * t; }, K * 2, xp + m0 * 2, step_b, sb, sums);
       }
@@ -243,7 +268,9 @@ amx_int4_span(int64_t n0, int64_t n1, int64_t N, int64_t K, const at::Tensor& xk
   dsvl2_kernels_detail::amx_begin();
   for (int64_t n = n0; n < n1; n += kStripRows) {
     std::fill(acc.begin(), acc.end(), 0.0f);
+    const NextStrip next(q.base, q.block_bytes, blocks, n, groups);
     for (int64_t g = 0; g < groups; ++g) {
+      next.touch(g);
       uint16_t* bg = buf.data() + (g & 1) * kStripRows * G;
       w.dequant(n, g * group_tiles, (g + 1) * group_tiles, bg, G);
       __m512 scale[kStripRows];
