@@ -5,7 +5,7 @@ activations on an AVX512-BF16 CPU), "kernel_amx" (those, or from 6 rows AMX's ti
 product (torch's F.linear, and our bf16 kernel where it is built), each as a share of its own bandwidth bound (the
 bytes it reads / the read bandwidth measured in the same run).
 
-    python bench/quant_tiles.py [--rows 1 2 4 8 32 256] [--mib 256] [--schemes int8 int4]
+    python bench/quant_tiles.py [--rows 1 2 4 8 32 256] [--mib 256] [--schemes int8 int4] [--shapes 1280x1280 ...]
 
 Each timed call multiplies the same activations by enough distinct weights of the shape (--mib of bf16 weight in
 all) that they cannot stay in the last-level cache, as a decode step reads its layers; activations are bf16, as
@@ -60,6 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 32, 256])
     ap.add_argument("--mib", type=int, default=256, help="bf16 MiB of distinct weights per shape")
+    ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES],
+                    help="N x K of each product (the lm_head's: 129280x1280)")
     ap.add_argument("--schemes", nargs="+", default=["int8", "int4"], choices=("int8", "int4"))
     ap.add_argument("--impls", nargs="+", default=["kernel", "kernel_avx512", "kernel_amx", "packed", "dequant"])
     args = ap.parse_args()
@@ -67,7 +69,7 @@ def main() -> None:
     gbs, pattern = read_bandwidth(512 * 2**20, CPU)
     print(f"read bandwidth {gbs:.1f} GB/s ({pattern})", flush=True)
     print(f"{'shape':<11} {'rows':>4} {'impl':<16} {'ms':>8} {'MB':>7} {'% of bound':>10} {'vs bf16':>8}")
-    for n, k in SHAPES:
+    for n, k in (tuple(map(int, shape.split("x"))) for shape in args.shapes):
         count = max(1, args.mib * 2**20 // (2 * n * k))
         dense = [torch.randn(n, k, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
                  for i in range(count)]
