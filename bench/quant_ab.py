@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
 
-from quant_bench import ByteCounter, cpu_line, read_bandwidth  # noqa: E402
+from quant_bench import cpu_line, decode_steps, read_bandwidth  # noqa: E402
 
 
 def set_decode_impl(model: torch.nn.Module, impl: str) -> bool:
@@ -41,24 +40,6 @@ def set_decode_impl(model: torch.nn.Module, impl: str) -> bool:
             return False
         layer.impls = (impl, layer.impls[1])
     return True
-
-
-def steps_of(model: torch.nn.Module, batch: int, steps: int) -> tuple[float, int]:
-    """Median seconds per decode step of `batch` rows after a 32-token prompt, and the bytes a step read."""
-    lm = model.language
-    cache = lm.new_cache(batch, 32 + steps + 1)
-    ids = torch.randint(3, 1000, (batch, 32), generator=torch.Generator().manual_seed(batch))
-    lm(lm.embed(ids), cache)
-    cache.advance(32)
-    tok, times, counter = ids[:, -1:], [], ByteCounter(lm)
-    for _ in range(steps):
-        counter.start()
-        begin = time.perf_counter()
-        tok = lm.logits(lm(lm.embed(tok), cache)[:, -1]).argmax(-1)[:, None]
-        cache.advance(1)
-        times.append(time.perf_counter() - begin)
-    counter.close()
-    return statistics.median(times), counter.bytes
 
 
 def main() -> None:
@@ -98,7 +79,7 @@ def main() -> None:
                 if impl not in ("-", "chosen"):
                     set_decode_impl(model, impl)
                 for batch in args.batches:
-                    seconds, nbytes[scheme, impl, batch] = steps_of(model, batch, args.steps)
+                    seconds, nbytes[scheme, impl, batch] = decode_steps(model, batch, args.steps)
                     times[scheme, impl, batch].append(seconds)
             bandwidths.append(read_bandwidth())
     bandwidth = statistics.median(bandwidths)

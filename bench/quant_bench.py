@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import statistics
 import subprocess
 import sys
 import time
@@ -89,6 +90,24 @@ class ByteCounter:
             h.remove()
 
 
+def decode_steps(model: nn.Module, batch: int, steps: int) -> tuple[float, int]:
+    """Median seconds per decode step of `batch` rows after a 32-token prompt, and the bytes a step read."""
+    lm = model.language
+    cache = lm.new_cache(batch, 32 + steps + 1)
+    ids = torch.randint(3, 1000, (batch, 32), generator=torch.Generator().manual_seed(batch))
+    lm(lm.embed(ids), cache)
+    cache.advance(32)
+    tok, times, counter = ids[:, -1:], [], ByteCounter(lm)
+    for _ in range(steps):
+        counter.start()
+        begin = time.perf_counter()
+        tok = lm.logits(lm(lm.embed(tok), cache)[:, -1]).argmax(-1)[:, None]
+        cache.advance(1)
+        times.append(time.perf_counter() - begin)
+    counter.close()
+    return statistics.median(times), counter.bytes
+
+
 def run_scheme(path: str, scheme: str, dtype: str, batches: list[int], steps: int, queue) -> None:
     """In a child process: load, then per batch size the median decode step and the bytes it read."""
     from engine_bench import peak_rss_gib
@@ -100,24 +119,10 @@ def run_scheme(path: str, scheme: str, dtype: str, batches: list[int], steps: in
     model = load_model(path, dtype=getattr(torch, dtype), quantize=scheme)
     load_s, rss = time.perf_counter() - start, peak_rss_gib()
     impls = sorted({(*layer.impls, layer.layout) for layer in quant_layers(model)})
-    lm = model.language
     results = []
     with torch.inference_mode():
         for batch in batches:
-            cache = lm.new_cache(batch, 64 + steps + 1)
-            ids = torch.randint(3, 1000, (batch, 32), generator=torch.Generator().manual_seed(batch))
-            lm(lm.embed(ids), cache)
-            cache.advance(32)
-            tok = ids[:, -1:]
-            times, counter = [], ByteCounter(lm)
-            for _ in range(steps):
-                counter.start()
-                begin = time.perf_counter()
-                tok = lm.logits(lm(lm.embed(tok), cache)[:, -1]).argmax(-1)[:, None]
-                cache.advance(1)
-                times.append(time.perf_counter() - begin)
-            counter.close()
-            results.append((batch, sorted(times)[len(times) // 2], counter.bytes, read_bandwidth()))
+            results.append((batch, *decode_steps(model, batch, steps), read_bandwidth()))
     queue.put({"scheme": scheme, "load_s": load_s, "peak_rss_gib": rss, "impls": impls, "decode": results})
 
 
