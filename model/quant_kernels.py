@@ -43,7 +43,7 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
-AMX_FLAGS = ("amx_tile", "amx_bf16")
+AMX_FLAGS = ("amx_tile", "amx_bf16", "avx512vbmi")  # VBMI: int4 strips by byte permutation
 # The ops' `isa`: which tiles run (AVX512 and AMX take bf16 activations only; AMX: the AVX512 tiles for fewer than
 # 6 rows, AMX's tiles from there on where K and the int4 groups are multiples of 32 and Linux grants the tiles).
 AVX2, AVX512, AMX = 0, 1, 2

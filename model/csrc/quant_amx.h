@@ -30,9 +30,11 @@ using dsvl2_kernels_detail::amx_ready;
 constexpr int64_t kAmxMinRows = 6;  // rows of x from which isa 2 multiplies on the tiles (fewer: AVX512 tiles; 4 ran even)
 constexpr int64_t kStripRows = 16;  // weight rows per strip: one tile's rows
 
-// Whether the AMX path takes a product of M rows, K input features and int4 groups of `group` (0: int8).
+// Whether the AMX path takes a product of M rows, K input features and int4 groups of `group` (0: int8): the
+// tiles granted, and AVX512-VBMI for int4's byte permutation (every AMX CPU so far has it; checked all the same).
 inline bool amx_takes(int64_t M, int64_t K, int64_t groups, int64_t group) {
-  return M >= kAmxMinRows && K > 0 && K % 32 == 0 && (groups <= 1 || group % 32 == 0) && amx_ready();
+  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
+  return M >= kAmxMinRows && K > 0 && K % 32 == 0 && (groups <= 1 || group % 32 == 0) && amx_ready() && vbmi;
 }
 
 // x (M, K) bf16 -> pairs along K for 16-lane blocks of rows: pair p of row m at (p * L + m) * 2, L = M rounded up
