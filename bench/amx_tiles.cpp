@@ -1,0 +1,132 @@
+// What AMX's tile instructions cost on this CPU, one thread, for the kernels that use them (model/csrc/amx_tiles.h,
+// moe_bf16.cpp, attention_bf16.cpp, quant_amx.h):
+//   1. a TDPBF16PS alone, with a tile load of a or b before each, and with both, for a operands of 16, 8, 4 and 1
+//      rows (the quantised path's decode batches use 16-row a tiles whatever the rows of x, so this says whether
+//      fewer rows would be cheaper: on the AMX Xeon of 2026-12-03 they were not, ~9-16 ns a product, ~5 ns a load);
+//   2. the routed experts' 2 x 2 blocks (2 a tiles of weight rows as they lie, 2 b tiles of packed activations, 4
+//      products per step) with the operands in L2 (an expert's real widths: K 1,280, 96 tokens) or small enough for
+//      L1 (K 256 or 512, 32 tokens): what blocking the experts' loops for L1 could gain at most.
+// Operands are zeros: the figures are speeds, not results.
+//
+//   g++ -O2 -mamx-tile -mamx-bf16 bench/amx_tiles.cpp -o /tmp/amx_tiles && lscpu | grep 'Model name' && /tmp/amx_tiles
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+
+namespace {
+
+// Palette 1: tiles 0-3 the sums and 4-5 the a operands (`a_rows` rows of 64 bytes), 6-7 the b operands (16 rows).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+using Clock = std::chrono::steady_clock;
+
+double ns_per(Clock::time_point a, Clock::time_point b, long n) {
+  return std::chrono::duration<double, std::nano>(b - a).count() / static_cast<double>(n);
+}
+
+alignas(64) uint16_t A[2][512], B[2][512];
+
+void single_products() {
+  for (int rows : {16, 8, 4, 1}) {
+    TileConfig config;
+    for (int t = 0; t < 6; ++t) config.rows[t] = static_cast<uint8_t>(rows);
+    _tile_loadconfig(&config);
+    const long n = 2000000;
+    _tile_loadd(4, A[0], 64);
+    _tile_loadd(5, A[1], 64);
+    _tile_loadd(6, B[0], 64);
+    _tile_loadd(7, B[1], 64);
+    const auto t0 = Clock::now();
+    for (long i = 0; i < n; i += 2) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 7);
+    }
+    const auto t1 = Clock::now();
+    for (long i = 0; i < n; ++i) {
+      _tile_loadd(4, A[i & 1], 64);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    const auto t2 = Clock::now();
+    for (long i = 0; i < n; ++i) {
+      _tile_loadd(6, B[i & 1], 64);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    const auto t3 = Clock::now();
+    for (long i = 0; i < n; ++i) {
+      _tile_loadd(4, A[i & 1], 64);
+      _tile_loadd(6, B[i & 1], 64);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    const auto t4 = Clock::now();
+    std::printf("a of %2d rows: ns per product %.2f, with a load of a %.2f, of b %.2f, of both %.2f\n", rows,
+                ns_per(t0, t1, n), ns_per(t1, t2, n), ns_per(t2, t3, n), ns_per(t3, t4, n));
+    _tile_release();
+  }
+}
+
+// GFLOP/s of 2 x 2 blocks over K (32 weight rows as they lie, row stride K) and L packed tokens, `reps` times.
+double blocks(int K, int L, int reps) {
+  auto* a = static_cast<uint16_t*>(std::aligned_alloc(64, 32L * K * 2));
+  auto* b = static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<long>(K) / 2 * L * 4));
+  std::memset(a, 0, 32L * K * 2);
+  std::memset(b, 0, static_cast<long>(K) / 2 * L * 4);
+  alignas(64) float c[4 * 256];
+  const TileConfig config;
+  _tile_loadconfig(&config);
+  long products = 0;
+  const auto t0 = Clock::now();
+  for (int r = 0; r < reps; ++r)
+    for (int j = 0; j < L; j += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int s = 0; s < K / 32; ++s) {
+        _tile_loadd(4, a + 32 * s, K * 2);
+        _tile_loadd(5, a + 16L * K + 32 * s, K * 2);
+        _tile_loadd(6, b + (16L * s * L + j) * 2, L * 4);
+        _tile_loadd(7, b + (16L * s * L + j + 16) * 2, L * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        products += 4;
+      }
+      _tile_stored(0, c, 64);
+      _tile_stored(1, c + 256, 64);
+      _tile_stored(2, c + 512, 64);
+      _tile_stored(3, c + 768, 64);
+    }
+  const auto t1 = Clock::now();
+  _tile_release();
+  std::free(a);
+  std::free(b);
+  return static_cast<double>(products) * 16 * 16 * 32 * 2 / std::chrono::duration<double>(t1 - t0).count() / 1e9;
+}
+
+}  // namespace
+
+int main() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux grants the tile data state
+  if (syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) != 0) {
+    std::printf("this CPU or Linux does not grant AMX's tiles\n");
+    return 1;
+  }
+  single_products();
+  for (int round = 0; round < 2; ++round)
+    std::printf("2 x 2 blocks: K 1280, 96 tokens (operands in L2) %.0f GFLOP/s; K 256, 96 tokens %.0f; "
+                "K 256, 32 tokens (L1) %.0f; K 512, 32 tokens %.0f\n",
+                blocks(1280, 96, 2000), blocks(256, 96, 10000), blocks(256, 32, 30000), blocks(512, 32, 15000));
+  return 0;
+}
