@@ -38,9 +38,9 @@ from dsvl2.model.kernels import machine
 from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantLinear, family_of
 
 # Rows per product at decode batches 1 and 8: every token for a dense layer; for a routed expert the tokens routed
-# to it, 8 x top-6 of 64 (Tiny, Small; Base: of 72) being 0.75 per expert, 1-2 where an expert is active (timing
-# 8 rows on one expert took torch's op for the experts on a Xeon with AMX, where the kernel's one-call MoE path
-# was the faster at the 1-2 rows a real batch of 8 sends).
+# to it, 8 x top-6 of 64 (Tiny, Small; Base: of 72) being 0.75 per expert, 1-2 where an expert is active (8 rows on
+# one expert, as timed before, is a load no expert sees at decode: on a Xeon with AMX it took torch's int4 op for
+# the experts, whose speed at 8 rows says little about the 1-2 a real batch sends).
 DECODE_ROWS: dict[Family, tuple[int, ...]] = {"experts": (1, 2), "dense": (1, 8)}
 PREFILL_ROWS: dict[Family, int] = {"experts": 64, "dense": 256}
 CACHE_PREFIX = "quant-choice-"
