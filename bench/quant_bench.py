@@ -3,7 +3,8 @@ bandwidth bound, plus load peak RSS, and (--agreement) the bf16 / int8 / int4 ag
 parity checkpoint and case.
 
     python bench/quant_bench.py [--model DIR | --config tiny|small|base [--layers L]] [--dtype float32|bfloat16]
-                                [--batches 1 8] [--steps 8] [--agreement] [--cases a,b]
+                                [--batches 1 8] [--steps 8] [--agreement [--agreement-dtype bfloat16]] [--cases a,b]
+                                [--checkpoints tiny-mha,small-mla]
 
 The model defaults to a random bf16 checkpoint of the real deepseek-vl2-tiny dimensions (bench/engine_bench.py's
 ensure_model; --layers L keeps its first L decoder layers). Each scheme loads in its own child process, so its peak
@@ -126,20 +127,24 @@ def run_scheme(path: str, scheme: str, dtype: str, batches: list[int], steps: in
     queue.put({"scheme": scheme, "load_s": load_s, "peak_rss_gib": rss, "impls": impls, "decode": results})
 
 
-def agreement(cases_wanted: set[str] | None, steps: int = 12) -> None:
+def agreement(cases_wanted: set[str] | None, steps: int = 12, quant_dtype: torch.dtype = torch.float32,
+              checkpoints: set[str] | None = None) -> None:
     from parity import checkpoint_dir, checkpoint_names, load_cases, parity_processor
     from quant_agreement import compare, run_case
 
     from dsvl2.model.weights import load_model
 
-    print("\nagreement with float32: min/mean logits cosine, greedy tokens matched before the first difference")
+    print("\nagreement with float32: min/mean logits cosine, greedy tokens matched before the first difference"
+          f" (int8 / int4 with {str(quant_dtype).removeprefix('torch.')} activations)")
     print(f"{'checkpoint':<11} {'case':<17} {'bf16':>22} {'int8':>22} {'int4':>22}")
     for name in checkpoint_names():
+        if checkpoints and name not in checkpoints:
+            continue
         eos = parity_processor(name).tokenizer.eos_id
         ref_model = load_model(checkpoint_dir(name))
         variants = {"bf16": load_model(checkpoint_dir(name), dtype=torch.bfloat16),
-                    "int8": load_model(checkpoint_dir(name), quantize="int8"),
-                    "int4": load_model(checkpoint_dir(name), quantize="int4")}
+                    "int8": load_model(checkpoint_dir(name), dtype=quant_dtype, quantize="int8"),
+                    "int4": load_model(checkpoint_dir(name), dtype=quant_dtype, quantize="int4")}
         for case in load_cases():
             if cases_wanted and case.name not in cases_wanted:
                 continue
@@ -162,6 +167,10 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--agreement", action="store_true", help="print the parity agreement table")
     parser.add_argument("--cases", default="", help="comma-separated parity cases for --agreement (default all)")
+    parser.add_argument("--agreement-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="activations of the int8 / int4 models in --agreement (bfloat16: the kernels' bf16 "
+                             "paths, AVX512 / AMX where the CPU has them)")
+    parser.add_argument("--checkpoints", default="", help="comma-separated parity checkpoints for --agreement")
     args = parser.parse_args()
     from engine_bench import ensure_model
 
@@ -186,7 +195,8 @@ def main() -> None:
                   f"{bound * 1e3:>9.2f} {step / bound:>6.2f} {out['load_s']:>7.1f} {out['peak_rss_gib']:>13.2f}  "
                   f"{out['impls'] or '-'}", flush=True)
     if args.agreement:
-        agreement(set(filter(None, args.cases.split(","))) or None)
+        agreement(set(filter(None, args.cases.split(","))) or None, quant_dtype=getattr(torch, args.agreement_dtype),
+                  checkpoints=set(filter(None, args.checkpoints.split(","))) or None)
 
 
 if __name__ == "__main__":
