@@ -37,11 +37,14 @@ from dsvl2.model.kernel_choice import Timer, best_time, cache_file, read_timings
 from dsvl2.model.kernels import machine
 from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantLinear, family_of
 
-# Rows per product at decode batches 1 and 8: every token for a dense layer; for a routed expert the tokens routed
-# to it, 8 x top-6 of 64 (Tiny, Small; Base: of 72) being 0.75 per expert, 1-2 where an expert is active (8 rows on
-# one expert, as timed before, is a load no expert sees at decode: on a Xeon with AMX it took torch's int4 op for
-# the experts, whose speed at 8 rows says little about the 1-2 a real batch sends).
-DECODE_ROWS: dict[Family, tuple[int, ...]] = {"experts": (1, 2), "dense": (1, 8)}
+# Rows per product timed for decode, batches 1 and 8. A routed expert sees 1-2 of a batch of 8 (8 x top-6 of 64),
+# but timing it at 1 and 2 rows took torch's per-product op for Small's experts on a Xeon with AMX (123 / 155 us
+# against the kernel's 150 / 139 per product): a per-product timing leaves out what that path costs in the model,
+# the per-expert calls (~100 per layer and step at batch 8) and a prefill that dequantises every expert's weight at
+# once (+1.2 GiB on 4 layers of Small; the whole Small in int8 was killed for memory at 21.6 GiB). 8 rows on one
+# expert keeps the one-call kernel ahead wherever it is, as measured before; timing the experts' paths as the model
+# runs them (every expert, several routings) is what should replace it.
+DECODE_ROWS: dict[Family, tuple[int, ...]] = {"experts": (1, 8), "dense": (1, 8)}
 PREFILL_ROWS: dict[Family, int] = {"experts": 64, "dense": 256}
 CACHE_PREFIX = "quant-choice-"
 

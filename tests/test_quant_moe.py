@@ -165,29 +165,3 @@ def test_the_choice_times_an_experts_kernel_as_decode_runs_it(quant_kernels_on):
     assert (decisions["dense"].decode, decisions["dense"].layout) == ("packed", "plain")
     expert, dense = model.mlp.experts[0].gate_proj, model.dense.gate_proj
     assert (expert.impls[0], expert.layout, dense.impls[0], dense.layout) == ("kernel", "r4", "packed", "plain")
-
-
-def test_each_family_is_timed_at_the_rows_its_decode_products_see(quant_kernels_on):
-    """A decode batch of 8 sends every dense product 8 rows but an active routed expert 1-2 (8 tokens x top-6 of 64
-    experts): catches the experts' decode being timed (and so decided) at 8 rows on one expert, which took torch's
-    op for the experts on a Xeon with AMX where the kernel was the faster at the rows decode sends."""
-    from dsvl2.model import quant_choice
-
-    model, holder = torch.nn.Module(), torch.nn.Module()
-    holder.add_module("experts", torch.nn.ModuleList([_moe(64, 48, 1, 1, "int8", torch.float32, seed=4).experts[0]]))
-    model.add_module("mlp", holder)
-    model.add_module("dense", _moe(64, 48, 1, 1, "int8", torch.float32, seed=5).experts[0])
-    timed: dict[str, set[int]] = {"experts": set(), "dense": set()}
-    gate = model.mlp.experts[0].gate_proj
-
-    def timer(fn):
-        impl, layer, rows = fn.__defaults__
-        family = "experts" if layer.scales is gate.scales else "dense"  # copies in other layouts share the scales
-        timed[family].add(rows)
-        return 1.0 if impl == "dequant" else 2.0
-
-    quant_choice._decided.clear()
-    quant_choice.choose(model, torch.float32, timer=timer)
-    assert quant_choice.DECODE_ROWS == {"experts": (1, 2), "dense": (1, 8)}
-    assert timed["experts"] == {1, 2, quant_choice.PREFILL_ROWS["experts"]}
-    assert timed["dense"] == {1, 8, quant_choice.PREFILL_ROWS["dense"]}
