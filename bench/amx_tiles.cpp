@@ -5,7 +5,9 @@
 //      fewer rows would be cheaper: on the AMX Xeon of 2026-12-03 they were not, ~9-16 ns a product, ~5 ns a load);
 //   2. the routed experts' 2 x 2 blocks (2 a tiles of weight rows as they lie, 2 b tiles of packed activations, 4
 //      products per step) with the operands in L2 (an expert's real widths: K 1,280, 96 tokens) or small enough for
-//      L1 (K 256 or 512, 32 tokens): what blocking the experts' loops for L1 could gain at most.
+//      L1 (K 256 or 512, 32 tokens): what blocking the experts' loops for L1 could gain at most;
+//   3. those blocks streaming 64 experts' gate and up weights from memory, with and without the next block
+//      prefetched into L2 a slice per step (moe_bf16.cpp), alternated.
 // Operands are zeros: the figures are speeds, not results.
 //
 //   g++ -O2 -mamx-tile -mamx-bf16 bench/amx_tiles.cpp -o /tmp/amx_tiles && lscpu | grep 'Model name' && /tmp/amx_tiles
@@ -115,6 +117,68 @@ double blocks(int K, int L, int reps) {
   return static_cast<double>(products) * 16 * 16 * 32 * 2 / std::chrono::duration<double>(t1 - t0).count() / 1e9;
 }
 
+// GFLOP/s of the experts' gate and up products as gate_up_amx runs them, weights streamed from memory: 64 experts'
+// gate and up weights (896 x 1,280 each, 294 MB, past the L3 cache), per block of 16 rows the 2 x 2 blocks over 96
+// packed tokens (3 runs of K / 32 steps); with `prefetch`, each step brings its share of the next block's rows into
+// L2 (moe_bf16.cpp's spread_prefetch, through an asm volatile prefetcht1 as model/csrc/prefetch.h does).
+double streamed(bool prefetch) {
+  constexpr long kExperts = 64, kRows = 896, K = 1280, L = 96, kSteps = K / 32, kCalls = L / 32;
+  static uint16_t* w = [] {
+    auto* p = static_cast<uint16_t*>(std::aligned_alloc(64, kExperts * 2 * kRows * K * 2));
+    std::memset(p, 0, kExperts * 2 * kRows * K * 2);
+    return p;
+  }();
+  static uint16_t* b = [] {
+    auto* p = static_cast<uint16_t*>(std::aligned_alloc(64, K / 2 * L * 4));
+    std::memset(p, 0, K / 2 * L * 4);
+    return p;
+  }();
+  alignas(64) float c[4 * 256];
+  const TileConfig config;
+  _tile_loadconfig(&config);
+  long products = 0;
+  const auto t0 = Clock::now();
+  for (long e = 0; e < kExperts; ++e)
+    for (long n = 0; n < kRows; n += 16) {
+      const uint16_t* a0 = w + (e * 2 * kRows + n) * K;  // gate rows n..n+16, then the up rows
+      const uint16_t* a1 = a0 + kRows * K;
+      const bool last = n + 16 >= kRows && e + 1 < kExperts;
+      const char* next0 = reinterpret_cast<const char*>(last ? w + (e + 1) * 2 * kRows * K : a0 + 16 * K);
+      const char* next1 = reinterpret_cast<const char*>(last ? w + ((e + 1) * 2 + 1) * kRows * K : a1 + 16 * K);
+      for (long j = 0; j < L; j += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (long s = 0; s < kSteps; ++s) {
+          if (prefetch) {
+            const long part = j / 32 * kSteps + s, parts = kCalls * kSteps, bytes = 16 * K * 2;
+            for (long o = bytes * part / parts / 64 * 64; o < bytes * (part + 1) / parts; o += 64) {
+              asm volatile("prefetcht1 %0" : : "m"(next0[o]));
+              asm volatile("prefetcht1 %0" : : "m"(next1[o]));
+            }
+          }
+          _tile_loadd(4, a0 + 32 * s, K * 2);
+          _tile_loadd(5, a1 + 32 * s, K * 2);
+          _tile_loadd(6, b + (16L * s * L + j) * 2, L * 4);
+          _tile_loadd(7, b + (16L * s * L + j + 16) * 2, L * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+          products += 4;
+        }
+        _tile_stored(0, c, 64);
+        _tile_stored(1, c + 256, 64);
+        _tile_stored(2, c + 512, 64);
+        _tile_stored(3, c + 768, 64);
+      }
+    }
+  const auto t1 = Clock::now();
+  _tile_release();
+  return static_cast<double>(products) * 16 * 16 * 32 * 2 / std::chrono::duration<double>(t1 - t0).count() / 1e9;
+}
+
 }  // namespace
 
 int main() {
@@ -128,5 +192,10 @@ int main() {
     std::printf("2 x 2 blocks: K 1280, 96 tokens (operands in L2) %.0f GFLOP/s; K 256, 96 tokens %.0f; "
                 "K 256, 32 tokens (L1) %.0f; K 512, 32 tokens %.0f\n",
                 blocks(1280, 96, 2000), blocks(256, 96, 10000), blocks(256, 32, 30000), blocks(512, 32, 15000));
+  for (int round = 0; round < 8; ++round) {
+    const double with = streamed(true), without = streamed(false);
+    std::printf("experts' gate and up, weights from memory: next block prefetched into L2 %.0f GFLOP/s, not %.0f\n",
+                with, without);
+  }
   return 0;
 }

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "parallel.h"
+#include "prefetch.h"
 #include <torch/types.h>
 
 #include <algorithm>
@@ -64,7 +65,7 @@ inline void tile(const bf16* w, const bf16* x, int64_t ldx, bf16* y, int64_t K, 
     __m512bh wv[NB];
     for (int i = 0; i < NB; ++i) {
       wv[i] = load_bf16(w + i * K + k);
-      if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(w + (kNB + i) * K + k), _MM_HINT_T1);
+      if (PREFETCH) dsvl2_prefetch::to_l2(w + (kNB + i) * K + k);
     }
     for (int j = 0; j < MB; ++j) {
       const __m512bh xv = load_bf16(x + j * ldx + k);
@@ -309,7 +310,7 @@ inline void pack_pairs(const bf16* k, int64_t ldk, int64_t Lk, int64_t D, int64_
           continue;
         }
         const bf16* src = k + (j + i) * ldk + 2 * p;
-        _mm_prefetch(reinterpret_cast<const char*>(src + 4 * 32), _MM_HINT_T0);  // 4 blocks ahead in the row
+        dsvl2_prefetch::to_l1(src + 4 * 32);  // 4 blocks ahead in the row
         r[i] = _mm512_maskz_loadu_epi16(m, src);
       }
       transpose16(r);

@@ -53,7 +53,7 @@ inline void gate_in_place(bf16* g, const bf16* u, int64_t n) {
 inline void prefetch_piece(const bf16* p, int64_t bytes, int64_t part, int64_t parts) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t o = bytes * part / parts / 64 * 64; o < bytes * (part + 1) / parts; o += 64)
-    _mm_prefetch(c + o, _MM_HINT_T1);
+    dsvl2_prefetch::to_l2(c + o);
 }
 
 // The prefetch hook of a run of `calls` amx_block calls of `steps` steps each: step s of call `call` brings its share

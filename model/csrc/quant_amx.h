@@ -63,7 +63,7 @@ class NextStrip {
   void touch(int64_t i) const {  // slice i of `slices`
     const int64_t per = round_up((bytes_ + slices_ - 1) / slices_, 64);
     for (int64_t o = i * per; o < std::min(bytes_, (i + 1) * per); o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(p_ + o), _MM_HINT_T1);
+      dsvl2_prefetch::to_l2(p_ + o);
   }
 
  private:

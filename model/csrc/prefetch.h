@@ -1,0 +1,19 @@
+// Software prefetches that the compiler keeps, for both compiled libraries (no vector instructions here).
+//
+// GCC (12 here) deletes a helper made only of _mm_prefetch / __builtin_prefetch where it reaches it through a call
+// it analyses apart (a lambda handed to a template, an inline function not inlined yet): the builtin counts as no
+// side effect, so the helper is found const, and a call to a const function whose result is unused is dead code.
+// That silently removed the routed experts' L2 prefetches on AMX (moe_bf16.cpp's spread_prefetch) and the quantised
+// AMX path's next-strip prefetch (quant_amx.h), while the same instruction written inline in a loop survived. An
+// `asm volatile` statement is never deleted, so every software prefetch goes through these.
+#pragma once
+
+namespace dsvl2_prefetch {
+
+// The cache line at p into L1 (and L2): prefetcht0. Never faults; p need not be valid.
+inline void to_l1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+
+// The cache line at p into L2: prefetcht1. Never faults; p need not be valid.
+inline void to_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
+
+}  // namespace dsvl2_prefetch
