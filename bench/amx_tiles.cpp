@@ -77,44 +77,67 @@ void single_products() {
   }
 }
 
-// GFLOP/s of 2 x 2 blocks over K (32 weight rows as they lie, row stride K) and L packed tokens, `reps` times.
-double blocks(int K, int L, int reps) {
-  auto* a = static_cast<uint16_t*>(std::aligned_alloc(64, 32L * K * 2));
-  auto* b = static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<long>(K) / 2 * L * 4));
-  std::memset(a, 0, 32L * K * 2);
-  std::memset(b, 0, static_cast<long>(K) / 2 * L * 4);
+// One 2 x 2 block into c (4 tiles of sums, 256 floats each): weight rows a0 and a1 as they lie (row stride K), packed
+// tokens j .. j + 32 of b (L tokens a step), over K / 32 steps; before(s) runs ahead of step s's loads. Returns the
+// products it ran.
+template <typename Before>
+long block2x2(const uint16_t* a0, const uint16_t* a1, long K, const uint16_t* b, long L, long j, float* c,
+              const Before& before) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (long s = 0; s < K / 32; ++s) {
+    before(s);
+    _tile_loadd(4, a0 + 32 * s, K * 2);
+    _tile_loadd(5, a1 + 32 * s, K * 2);
+    _tile_loadd(6, b + (16 * s * L + j) * 2, L * 4);
+    _tile_loadd(7, b + (16 * s * L + j + 16) * 2, L * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+  return 4 * (K / 32);
+}
+
+// Zeroed memory of `bytes` (a multiple of 64), 64-byte aligned.
+uint16_t* zeroed(long bytes) {
+  auto* p = static_cast<uint16_t*>(std::aligned_alloc(64, bytes));
+  std::memset(p, 0, bytes);
+  return p;
+}
+
+// GFLOP/s of body(c), which runs 2 x 2 blocks into c with the tiles configured and returns their count of products.
+template <typename Body>
+double timed(const Body& body) {
   alignas(64) float c[4 * 256];
   const TileConfig config;
   _tile_loadconfig(&config);
-  long products = 0;
   const auto t0 = Clock::now();
-  for (int r = 0; r < reps; ++r)
-    for (int j = 0; j < L; j += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int s = 0; s < K / 32; ++s) {
-        _tile_loadd(4, a + 32 * s, K * 2);
-        _tile_loadd(5, a + 16L * K + 32 * s, K * 2);
-        _tile_loadd(6, b + (16L * s * L + j) * 2, L * 4);
-        _tile_loadd(7, b + (16L * s * L + j + 16) * 2, L * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        products += 4;
-      }
-      _tile_stored(0, c, 64);
-      _tile_stored(1, c + 256, 64);
-      _tile_stored(2, c + 512, 64);
-      _tile_stored(3, c + 768, 64);
-    }
+  const long products = body(c);
   const auto t1 = Clock::now();
   _tile_release();
+  return static_cast<double>(products) * 16 * 16 * 32 * 2 / std::chrono::duration<double>(t1 - t0).count() / 1e9;
+}
+
+// GFLOP/s of 2 x 2 blocks over K (32 weight rows as they lie, row stride K) and L packed tokens, `reps` times.
+double blocks(int K, int L, int reps) {
+  uint16_t* a = zeroed(32L * K * 2);
+  uint16_t* b = zeroed(static_cast<long>(K) / 2 * L * 4);
+  const double rate = timed([&](float* c) {
+    long products = 0;
+    for (int r = 0; r < reps; ++r)
+      for (int j = 0; j < L; j += 32) products += block2x2(a, a + 16L * K, K, b, L, j, c, [](long) {});
+    return products;
+  });
   std::free(a);
   std::free(b);
-  return static_cast<double>(products) * 16 * 16 * 32 * 2 / std::chrono::duration<double>(t1 - t0).count() / 1e9;
+  return rate;
 }
 
 // GFLOP/s of the experts' gate and up products as gate_up_amx runs them, weights streamed from memory: 64 experts'
@@ -123,60 +146,29 @@ double blocks(int K, int L, int reps) {
 // L2 (moe_bf16.cpp's spread_prefetch, through an asm volatile prefetcht1 as model/csrc/prefetch.h does).
 double streamed(bool prefetch) {
   constexpr long kExperts = 64, kRows = 896, K = 1280, L = 96, kSteps = K / 32, kCalls = L / 32;
-  static uint16_t* w = [] {
-    auto* p = static_cast<uint16_t*>(std::aligned_alloc(64, kExperts * 2 * kRows * K * 2));
-    std::memset(p, 0, kExperts * 2 * kRows * K * 2);
-    return p;
-  }();
-  static uint16_t* b = [] {
-    auto* p = static_cast<uint16_t*>(std::aligned_alloc(64, K / 2 * L * 4));
-    std::memset(p, 0, K / 2 * L * 4);
-    return p;
-  }();
-  alignas(64) float c[4 * 256];
-  const TileConfig config;
-  _tile_loadconfig(&config);
-  long products = 0;
-  const auto t0 = Clock::now();
-  for (long e = 0; e < kExperts; ++e)
-    for (long n = 0; n < kRows; n += 16) {
-      const uint16_t* a0 = w + (e * 2 * kRows + n) * K;  // gate rows n..n+16, then the up rows
-      const uint16_t* a1 = a0 + kRows * K;
-      const bool last = n + 16 >= kRows && e + 1 < kExperts;
-      const char* next0 = reinterpret_cast<const char*>(last ? w + (e + 1) * 2 * kRows * K : a0 + 16 * K);
-      const char* next1 = reinterpret_cast<const char*>(last ? w + ((e + 1) * 2 + 1) * kRows * K : a1 + 16 * K);
-      for (long j = 0; j < L; j += 32) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (long s = 0; s < kSteps; ++s) {
-          if (prefetch) {
+  static uint16_t* const w = zeroed(kExperts * 2 * kRows * K * 2);
+  static uint16_t* const b = zeroed(K / 2 * L * 4);
+  return timed([&](float* c) {
+    long products = 0;
+    for (long e = 0; e < kExperts; ++e)
+      for (long n = 0; n < kRows; n += 16) {
+        const uint16_t* a0 = w + (e * 2 * kRows + n) * K;  // gate rows n..n+16, then the up rows
+        const uint16_t* a1 = a0 + kRows * K;
+        const bool last = n + 16 >= kRows && e + 1 < kExperts;
+        const char* next0 = reinterpret_cast<const char*>(last ? w + (e + 1) * 2 * kRows * K : a0 + 16 * K);
+        const char* next1 = reinterpret_cast<const char*>(last ? w + ((e + 1) * 2 + 1) * kRows * K : a1 + 16 * K);
+        for (long j = 0; j < L; j += 32)
+          products += block2x2(a0, a1, K, b, L, j, c, [&](long s) {
+            if (!prefetch) return;
             const long part = j / 32 * kSteps + s, parts = kCalls * kSteps, bytes = 16 * K * 2;
             for (long o = bytes * part / parts / 64 * 64; o < bytes * (part + 1) / parts; o += 64) {
               asm volatile("prefetcht1 %0" : : "m"(next0[o]));
               asm volatile("prefetcht1 %0" : : "m"(next1[o]));
             }
-          }
-          _tile_loadd(4, a0 + 32 * s, K * 2);
-          _tile_loadd(5, a1 + 32 * s, K * 2);
-          _tile_loadd(6, b + (16L * s * L + j) * 2, L * 4);
-          _tile_loadd(7, b + (16L * s * L + j + 16) * 2, L * 4);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-          products += 4;
-        }
-        _tile_stored(0, c, 64);
-        _tile_stored(1, c + 256, 64);
-        _tile_stored(2, c + 512, 64);
-        _tile_stored(3, c + 768, 64);
+          });
       }
-    }
-  const auto t1 = Clock::now();
-  _tile_release();
-  return static_cast<double>(products) * 16 * 16 * 32 * 2 / std::chrono::duration<double>(t1 - t0).count() / 1e9;
+    return products;
+  });
 }
 
 }  // namespace
