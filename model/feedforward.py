@@ -211,18 +211,24 @@ class MoE(nn.Module):
         return _combine(torch._grouped_mm(h, down.transpose(-2, -1), offs=ends), order, weights)
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Experts one by one, each over all of its tokens (any dtype, device, token count and expert kind, quantised
-        included); reads the per-expert counts back to the host."""
-        order = ids.flatten().argsort(stable=True)  # token-slot indices grouped by expert
-        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-        tokens = x[order // ids.shape[1]]
-        out = torch.empty_like(tokens)
-        start = 0
-        for expert, n in zip(self.experts, counts, strict=True):
-            if n:
-                out[start : start + n] = expert(tokens[start : start + n])
-                start += n
-        return _combine(out, order, weights)
+        """`dispatch` over this layer's experts."""
+        return dispatch(self.experts, x, ids, weights)
+
+
+def dispatch(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Experts one by one, each over all of its tokens (any dtype, device, token count and expert kind, quantised
+    included): tokens x (N, E) routed to `ids` (N, K), indices into the sequence `experts`, with `weights` (N, K).
+    Reads the per-expert counts back to the host."""
+    order = ids.flatten().argsort(stable=True)  # token-slot indices grouped by expert
+    counts = torch.bincount(ids.flatten(), minlength=len(experts)).tolist()
+    tokens = x[order // ids.shape[1]]
+    out = torch.empty_like(tokens)
+    start = 0
+    for expert, n in zip(experts, counts, strict=True):
+        if n:
+            out[start : start + n] = expert(tokens[start : start + n])
+            start += n
+    return _combine(out, order, weights)
 
 
 def _combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

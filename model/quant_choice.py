@@ -7,14 +7,19 @@ same ops in bf16 with the activations cast ("packed_bf16", float32 models only),
 weight ("dequant", any layout, every device).
 
 Two families, decided apart because their products differ in shape and in how they run: "experts" (the routed
-experts: a prefill chunk sends each ~T * top_k / n_experts tokens, and decode runs an expert's three products in
-one quant_kernels.moe call) and "dense" (every other quantised linear: attention, dense MLP, shared experts,
-lm_head: a prefill chunk sends them all T tokens). Each family is timed on one of its own layers (`representatives`)
-with kernel_choice's `best_time`: decode at every row count of its DECODE_ROWS (what its products see at decode
-batches of 1 and 8; the winner has the least slowdown against the fastest at each, summed), in every layout the
-layer can take; the decode winner fixes the layout; prefill (PREFILL_ROWS of the family) takes the fastest candidate
-that reads that layout. Then every layer of the family is repacked into it, one at a time (never two copies of the
-model's weights). Off the CPU only "dequant" exists.
+experts: a prefill chunk sends each ~T * top_k / n_experts tokens, and decode runs a layer's experts in one
+quant_kernels.moe call or, on torch's ops, one expert after another) and "dense" (every other quantised linear:
+attention, dense MLP, shared experts, lm_head: a prefill chunk sends them all T tokens). Decode is timed with
+kernel_choice's `best_time` at every row count of the family's DECODE_ROWS (decode batches of 1 and 8), every
+candidate in every layout the layers can take; the winner has the least slowdown against the fastest at each
+row count, summed, and fixes the layout. "dense" times its products on one of its layers (`representatives`).
+"experts" times what a decode step runs (`time_routed`): the first ROUTED_LAYERS MoE layers, each over the
+experts its own gate picks for random tokens, through the model's own code (quant.QuantExperts, else
+feedforward.dispatch), so the per-expert calls of torch's ops and the weights read from memory, not cache, are in
+the timings; the experts those routings touch are repacked in place into each layout timed and back (no copies:
+Base in int4 must stay under 20 GiB). Prefill (PREFILL_ROWS of the family) takes the fastest candidate that reads
+the decode winner's layout, timed per product on one layer. Then every layer of the family is repacked into that
+layout, one at a time (never two copies of the model's weights). Off the CPU only "dequant" exists.
 
 Decided once per process per (machine, family shape), and the timings are kept in a JSON file beside the
 quantised kernels' build (`kernel_choice`'s timings format, file quant-choice-<machine key>.json, one entry per
@@ -25,30 +30,31 @@ the products themselves (quant.py) nor for the bf16 families (kernel_choice.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dsvl2.model import quant_kernels
+from dsvl2.model import allocator, quant_kernels
+from dsvl2.model.feedforward import MoE, dispatch
 from dsvl2.model.kernel_choice import Timer, best_time, cache_file, read_timings, write_timings
 from dsvl2.model.kernels import machine
-from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantLinear, family_of
+from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantExperts, QuantLinear, family_of
 
-# Rows per product timed for decode, batches 1 and 8. A routed expert sees 1-2 of a batch of 8 (8 x top-6 of 64),
-# but timing it at 1 and 2 rows took torch's per-product op for Small's experts on a Xeon with AMX (123 / 155 us
-# against the kernel's 150 / 139 per product): a per-product timing leaves out what that path costs in the model,
-# the per-expert calls (~100 per layer and step at batch 8) and a prefill that dequantises every expert's weight at
-# once (+1.2 GiB on 4 layers of Small; the whole Small in int8 was killed for memory at 21.6 GiB). 8 rows on one
-# expert keeps the one-call kernel ahead wherever it is, as measured before; timing the experts' paths as the model
-# runs them (every expert, several routings) is what should replace it.
+# Rows timed for decode, batches 1 and 8: per product for "dense"; for "experts" tokens per decode step, each
+# routed by its layer's gate (a routed expert sees 1-2 of a batch of 8: 8 x top-6 of 64). Timing the experts per
+# product instead (one expert, the same rows) took torch's op for Tiny's int4 experts on a Xeon with AMX where
+# the kernel's one call per layer was 1.24x / 1.32x faster in the model: the per-expert calls were left out.
 DECODE_ROWS: dict[Family, tuple[int, ...]] = {"experts": (1, 8), "dense": (1, 8)}
+ROUTED_LAYERS = 4  # MoE layers a routed timing runs: more weights than a cache holds, as a decode step reads
 PREFILL_ROWS: dict[Family, int] = {"experts": 64, "dense": 256}
 CACHE_PREFIX = "quant-choice-"
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
-Timings = dict[str, float]  # "<impl>@<layout>@<rows>" -> seconds per product
+Timings = dict[str, float]  # "<impl>@<layout>@<rows>" -> seconds per product (the routed experts: per decode step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,46 +79,83 @@ def candidates(layer: QuantLinear, dtype: torch.dtype) -> list[Impl]:
     return [*found, "dequant"]
 
 
-def representatives(model: nn.Module) -> dict[Family, tuple[QuantLinear, tuple[QuantLinear, ...] | None]]:
-    """The layer each family is timed on: for "experts" the first routed expert's gate_proj (the bytes decode reads
-    most) with that expert's (gate, up, down) layers; for "dense" the layer with the most weights other than the
-    lm_head (the same products, but ~100x an attention projection: timing its dequantised candidates and its
-    copies in other layouts took a minute and 0.3 GiB on Tiny), and None. Families without quantised layers are
-    left out."""
-    found: dict[Family, tuple[QuantLinear, tuple[QuantLinear, ...] | None]] = {}
+def representatives(model: nn.Module) -> dict[Family, tuple[QuantLinear, tuple[MoE, ...] | None]]:
+    """What each family is timed on: for "experts" the first routed expert's gate_proj (prefill's products) and
+    the first ROUTED_LAYERS MoE layers whose experts are all quantised (decode's); for "dense" the layer with the
+    most weights other than the lm_head (the same products, but ~100x an attention projection: timing its
+    dequantised candidates and its copies in other layouts took a minute and 0.3 GiB on Tiny), and None. Families
+    without quantised layers are left out."""
+    found: dict[Family, tuple[QuantLinear, tuple[MoE, ...] | None]] = {}
     largest: dict[Family, tuple[tuple[bool, int], QuantLinear]] = {}
+    routed: list[MoE] = []
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             family, rank = family_of(name), (not name.endswith("lm_head"), m.in_features * m.out_features)
             if family not in largest or rank > largest[family][0]:
                 largest[family] = (rank, m)
-        elif ("experts" not in found and f".{name}".endswith(".experts.0")
-              and all(isinstance(getattr(m, p, None), QuantLinear) for p in ("gate_proj", "up_proj", "down_proj"))):
-            found["experts"] = (m.gate_proj, (m.gate_proj, m.up_proj, m.down_proj))
+        elif (isinstance(m, MoE) and len(routed) < ROUTED_LAYERS
+              and all(isinstance(getattr(e, p), QuantLinear) for e in m.experts for p in PROJECTIONS)):
+            routed.append(m)
+    if routed:
+        found["experts"] = (routed[0].experts[0].gate_proj, tuple(routed))
     for family, (_, layer) in largest.items():
         found.setdefault(family, (layer, None))
     return {f: found[f] for f in FAMILIES if f in found}
 
 
-def time_fused_expert(expert: tuple[QuantLinear, ...], layout: Layout, dtype: torch.dtype, rows: int,
-                      impl: Impl = "kernel", *, timer: Timer = best_time) -> float | None:
-    """Seconds per product of `rows` rows when an expert's three products run as decode runs them on the kernel
-    `impl`: in one quant_kernels.moe call (QuantExperts) for the three, timed here on `expert` in `layout` (copies
-    where it is in another) and divided by 3. None where that kernel does not take these layers."""
-    layers = [m if m.layout == layout else m.copy_as(layout) for m in expert]
-    gate, up, down = layers
-    x = torch.randn(rows, gate.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
-    if not (gate.kernel_fits(x, impl) and down.layout == gate.layout and up.layout == gate.layout):
-        return None
-    ids, weights = torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1)
-    lists = [([m.qweight], [m.scales]) for m in layers]
-    bits, isa = gate.scheme.bits, KERNEL_ISA[impl]
+Step = list[tuple[list[nn.Module], torch.Tensor, torch.Tensor, torch.Tensor]]  # per layer: experts, x, ids, weights
 
-    def call(impl=impl, layer=gate, rows=rows):  # the defaults name what is timed, as time_impls' calls do
-        return quant_kernels.moe(x, ids, weights, *lists, bits, gate.group or 0, down.group or 0, isa)
+
+def routed_step(layers: Sequence[MoE], dtype: torch.dtype, tokens: int) -> Step:
+    """A decode step of `tokens` random tokens through `layers`' routed experts: per layer the experts its gate
+    picks (as a list, `ids` indexing it), the tokens and the routing weights."""
+    step = []
+    for i, moe in enumerate(layers):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(tokens, moe.gate.weight.shape[1], generator=g).to(dtype)
+        ids, weights = moe.gate.forward(x)  # not a forward of the model: the gate's hooks must not see it
+        touched, local = ids.unique(return_inverse=True)
+        step.append(([moe.experts[e] for e in touched.tolist()], x, local, weights))
+    return step
+
+
+@contextmanager
+def laid_out(experts: Iterable[nn.Module], layout: Layout):
+    """The experts' quantised layers repacked in place into `layout` (where they can take it), their own layout
+    and implementations restored after."""
+    layers = [getattr(e, p) for e in experts for p in PROJECTIONS]
+    saved = [(m.layout, m.impls) for m in layers]
+    try:
+        with allocator.while_loading():  # each weight its own mapping: the replaced ones leave no heap holes
+            for m in layers:
+                if layout in m.layouts():
+                    m.relayout(layout)
+        yield
+    finally:
+        with allocator.while_loading():
+            for m, (own, impls) in zip(layers, saved, strict=True):
+                m.relayout(own)
+                m.impls = impls
+
+
+def time_routed(step: Step, impl: Impl, *, timer: Timer = best_time) -> float:
+    """Seconds for `step`'s routed experts with every product's decode on `impl`, as the model runs them: the
+    quantised MoE kernel's one call per layer (QuantExperts) where it takes them, else one expert after another
+    (feedforward.dispatch)."""
+    for experts, *_ in step:
+        for e in experts:
+            for p in PROJECTIONS:
+                getattr(e, p).impls = (impl, impl)
+    runners = [QuantExperts() for _ in step]
+    first, tokens = step[0][0][0].gate_proj, step[0][1].shape[0]
+
+    def call(impl=impl, layer=first, rows=tokens):  # the defaults name what is timed, as time_impls' calls do
+        for runner, (experts, x, ids, weights) in zip(runners, step, strict=True):
+            if runner.run(experts, x, ids, weights) is None:
+                dispatch(experts, x, ids, weights)
 
     with torch.inference_mode():
-        return timer(call) / 3
+        return timer(call)
 
 
 def time_impls(layer: QuantLinear, dtype: torch.dtype, rows: int, *, timer: Timer = best_time) -> dict[Impl, float]:
@@ -164,31 +207,50 @@ def from_timings(timings: Timings, family: Family) -> Decision | None:
 
 
 def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Timer = best_time,
-            expert: tuple[QuantLinear, ...] | None = None) -> Timings:
+            routed: tuple[MoE, ...] | None = None) -> Timings:
     """Decode timings of every candidate in every layout `layer` can take, at each of the family's DECODE_ROWS,
-    then prefill timings (its PREFILL_ROWS) in the layout the decode winner reads. Where `layer` is a routed
-    expert's (`expert` its three layers), the kernel's decode time is that of the one-call MoE path decode takes
-    with it (`time_fused_expert`): a product timed alone would not show the per-call costs that path saves.
-    `layer` itself is not changed (others are timed on copies)."""
-    variants = {layout: layer if layout == layer.layout else layer.copy_as(layout) for layout in layer.layouts()}
+    then prefill timings (its PREFILL_ROWS) of `layer` in the layout the decode winner reads. Where `routed` is
+    given (the experts family), decode is timed on those MoE layers as a decode step runs them (`time_routed`);
+    "dequant" there only where nothing else runs (it dequantises every expert's weights per step, never faster
+    than a product on the quantised weights, and took seconds to time). The model is left as it was: `layer` is
+    timed in other layouts on copies, the routed experts are repacked and restored."""
     timings: Timings = {}
-    for layout, variant in variants.items():
-        for rows in DECODE_ROWS[family]:
-            times = time_impls(variant, dtype, rows, timer=timer)
-            kernels_timed = [impl for impl in KERNEL_ISA if impl in times] if expert is not None else []
-            for impl in kernels_timed:
-                if (fused := time_fused_expert(expert, layout, dtype, rows, impl, timer=timer)) is not None:
-                    times[impl] = fused
-            timings.update((_name(impl, layout, rows), t) for impl, t in times.items())
+    if routed is None:
+        for layout in layer.layouts():
+            variant = layer if layout == layer.layout else layer.copy_as(layout)
+            for rows in DECODE_ROWS[family]:
+                times = time_impls(variant, dtype, rows, timer=timer)
+                timings.update((_name(impl, layout, rows), t) for impl, t in times.items())
+    else:
+        steps = {rows: routed_step(routed, dtype, rows) for rows in DECODE_ROWS[family]}
+        touched = {id(e): e for step in steps.values() for experts, *_ in step for e in experts}
+        per_layout = {layout: candidates(layer if layout == layer.layout else layer.copy_as(layout), dtype)
+                      for layout in layer.layouts()}
+        runs = any(impl != "dequant" for impls in per_layout.values() for impl in impls)
+        for layout, impls in per_layout.items():
+            impls = [impl for impl in impls if impl != "dequant" or not runs]
+            if not impls:
+                continue
+            with laid_out(touched.values(), layout):
+                for rows, step in steps.items():
+                    timings.update((_name(impl, layout, rows), time_routed(step, impl, timer=timer))
+                                   for impl in impls)
     _, decode_layout = _decode_choice(timings, DECODE_ROWS[family])
-    prefill = time_impls(variants[decode_layout], dtype, PREFILL_ROWS[family], timer=timer)
+    variant = layer if decode_layout == layer.layout else layer.copy_as(decode_layout)
+    prefill = time_impls(variant, dtype, PREFILL_ROWS[family], timer=timer)
     timings.update((_name(impl, decode_layout, PREFILL_ROWS[family]), t) for impl, t in prefill.items())
     return timings
 
 
-def shape_key(family: Family, layer: QuantLinear, expert: tuple[QuantLinear, ...] | None, dtype: torch.dtype) -> str:
-    """What a family's timings depend on besides the machine: scheme, group, shapes, dtype, layouts, rows."""
-    shapes = " ".join(f"{m.out_features}x{m.in_features}" for m in (expert or (layer,)))
+def shape_key(family: Family, layer: QuantLinear, routed: tuple[MoE, ...] | None, dtype: torch.dtype) -> str:
+    """What a family's timings depend on besides the machine: scheme, group, shapes, dtype, layouts, rows, and
+    for the routed experts how a decode step over them was timed."""
+    shapes = f"{layer.out_features}x{layer.in_features}"
+    if routed is not None:
+        moe = routed[0]
+        shapes = (" ".join(f"{getattr(moe.experts[0], p).out_features}x{getattr(moe.experts[0], p).in_features}"
+                           for p in PROJECTIONS) + f" routed {len(routed)} layers top{moe.gate.top_k} of "
+                  f"{len(moe.experts)}")
     return (f"{family}|{layer.scheme.name} g{layer.group} {shapes}|{str(dtype).removeprefix('torch.')}|"
             f"{','.join(layer.layouts())}|{layer.qweight.device}|rows {','.join(map(str, DECODE_ROWS[family]))} "
             f"{PREFILL_ROWS[family]}")
@@ -210,14 +272,14 @@ def decide(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, ca
     known = (read_timings(path, here) or {}) if path is not None else {}
     fresh: dict[str, Timings] = {}
     decisions: dict[Family, Decision] = {}
-    for family, (layer, expert) in representatives(model).items():
-        key = shape_key(family, layer, expert, dtype)
+    for family, (layer, routed) in representatives(model).items():
+        key = shape_key(family, layer, routed, dtype)
         memo = (here, key, layer.layout, timer)
         if (found := _decided.get(memo)) is None:
             found = from_timings(known.get(key, {}), family)
             if found is None:
                 with torch.inference_mode():
-                    fresh[key] = measure(layer, dtype, family, timer=timer, expert=expert)
+                    fresh[key] = measure(layer, dtype, family, timer=timer, routed=routed)
                 found = from_timings(fresh[key], family)
             _decided[memo] = found
         decisions[family] = found
@@ -231,9 +293,10 @@ def choose(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, ca
     """`decide`, then make every quantised layer of `model` run its family's decision: repacked, one layer at a
     time, into the layout the decision reads where the layer can take it, and its `impls` set."""
     decisions = decide(model, dtype, timer=timer, cache=cache)
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear) and (d := decisions.get(family_of(name))) is not None:
-            if d.layout in m.layouts():
-                m.relayout(d.layout)
-            m.impls = (d.decode, d.prefill)
+    with allocator.while_loading():  # as `laid_out`
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear) and (d := decisions.get(family_of(name))) is not None:
+                if d.layout in m.layouts():
+                    m.relayout(d.layout)
+                m.impls = (d.decode, d.prefill)
     return decisions

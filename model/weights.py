@@ -159,6 +159,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
             else:
                 state[RENAMES.get(key, key)] = t
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the tensors now: a weight the choice repacks must be freed with its old form
     if layers:
         from dsvl2.model import quant_choice  # imported here: it times products, which a float model never needs
 

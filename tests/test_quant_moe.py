@@ -141,27 +141,51 @@ def test_moe_kernel_lists_follow_replaced_weights(quant_kernels_on):
         assert g is e.gate_proj.qweight and u is e.up_proj.qweight and d is e.down_proj.qweight
 
 
-def test_the_choice_times_an_experts_kernel_as_decode_runs_it(quant_kernels_on):
-    """The routed experts and the other layers are decided apart. A routed expert's kernel is timed as the
-    one-call MoE path (its three products in one call, a third each): it wins the experts' decode here although
-    the product timed alone loses to torch's packed op; a dense layer of the same shape in the same model, timed
-    alone, keeps torch's op and its layout."""
+def test_the_experts_choice_times_a_decode_step_as_the_model_runs_it(quant_kernels_on, monkeypatch):
+    """The routed experts and the other layers are decided apart, the experts on what a decode step runs: every
+    timed call sends random tokens through each MoE layer's own gate and runs the experts it picks through the
+    model's code (the quantised MoE kernel's one call per layer, else one product per expert and projection).
+    The timer here charges each product and kernel call a fixed cost: per product torch's op is faster (1.0
+    against the kernel's 1.5, and 1.1 a product in the kernel's one call of 3.3 for an expert's three), per decode
+    step the kernel's one call per layer is, at 1 and at 8 tokens. Timed per product on one expert, as before,
+    the experts took torch's op; a dense layer of the same shape in the same model, timed per product, keeps it.
+    The timing leaves the experts as they were; `choose` then repacks them."""
     from dsvl2.model import quant_choice
+    from dsvl2.model.quant import QuantLinear
 
-    model, holder = torch.nn.Module(), torch.nn.Module()
-    holder.add_module("experts", torch.nn.ModuleList([_moe(64, 48, 1, 1, "int8", torch.float32, seed=2).experts[0]]))
-    model.add_module("mlp", holder)
+    model = torch.nn.Module()
+    model.add_module("mlp", _moe(64, 48, 8, 2, "int8", torch.float32, seed=2))
     model.add_module("dense", _moe(64, 48, 1, 1, "int8", torch.float32, seed=3).experts[0])
+    runs, moe_calls, tokens_seen = [], [], set()
+    run, moe_kernel = QuantLinear.run, quant_kernels.moe
 
-    def timer(fn):  # packed 1.0 per product; the kernel alone 1.5; the kernel's one call for three products 2.4
-        impl = fn.__defaults__[0]
-        if impl == "kernel":
-            return 2.4 if fn.__name__ == "call" else 1.5
-        return {"packed": 1.0, "packed_bf16": 1.2, "dequant": 2.0}[impl]
+    def counted_run(self, x, impl):
+        runs.append(impl)
+        return run(self, x, impl)
 
+    def counted_moe(x, *args):
+        moe_calls.append(x.shape[0])
+        return moe_kernel(x, *args)
+
+    monkeypatch.setattr(QuantLinear, "run", counted_run)
+    monkeypatch.setattr(quant_kernels, "moe", counted_moe)
+    cost = {"kernel": 1.5, "packed": 1.0, "packed_bf16": 1.2, "dequant": 2.0}
+
+    def timer(fn):
+        runs.clear(), moe_calls.clear()
+        fn()
+        tokens_seen.update(moe_calls)
+        return sum(cost[impl] for impl in runs) + 3.3 * len(moe_calls)
+
+    experts = [getattr(e, p) for e in model.mlp.experts for p in ("gate_proj", "up_proj", "down_proj")]
+    before = [(m.layout, m.impls, m.qweight.clone()) for m in experts]
     quant_choice._decided.clear()
-    decisions = quant_choice.choose(model, torch.float32, timer=timer)
+    decisions = quant_choice.decide(model, torch.float32, timer=timer)
+    for m, (layout, impls, qweight) in zip(experts, before, strict=True):  # timed in place, restored
+        assert (m.layout, m.impls) == (layout, impls) and torch.equal(m.qweight, qweight)
+    assert tokens_seen == {1, 8}  # a decode step of 1 and of 8 tokens, each layer's experts in one call
     assert (decisions["experts"].decode, decisions["experts"].layout) == ("kernel", "r4")
     assert (decisions["dense"].decode, decisions["dense"].layout) == ("packed", "plain")
+    assert quant_choice.choose(model, torch.float32, timer=timer) == decisions
     expert, dense = model.mlp.experts[0].gate_proj, model.dense.gate_proj
     assert (expert.impls[0], expert.layout, dense.impls[0], dense.layout) == ("kernel", "r4", "packed", "plain")
