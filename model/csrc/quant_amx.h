@@ -9,10 +9,13 @@
 //   int8  q is exact in bf16 (|q| <= 128 has 8 significant bits); the sums are scaled per output channel after
 //         the product, as the AVX512 tile does. Up to 32 rows each step is dequantised just before its product;
 //         more (prefill) dequantise the strip's whole K once for every 32 rows of x.
-//   int4  q - 8 by a 16-entry table lookup into bf16 (exact), one group at a time; each group's sums are scaled
-//         by the group's scales and added in float32, as the AVX512 int4 tile does.
-// Products are exact (bf16 x bf16 into float32), so results equal the dequantised product up to the order of the
-// float32 sums. Taken where K and int4's groups are multiples of 32 (whole tile steps) and Linux grants the tiles
+//   int4  q * s by a lookup in a 16-entry table per weight row and group of bf16((q - 8) * s), the weight
+//         dequantize(q, s, bf16) gives, so the tiles sum the whole K with nothing to scale per group (scaling each
+//         group's 128 k apart stored and reloaded the tiles every 4 products, whose chains never filled: the
+//         tiles' form 1.5x faster at 8 rows). Equal to F.linear on the bf16-dequantised weight up to the order of
+//         the float32 sums; against the float32 one (the AVX512 tiles' exact q, scaled in float32) the weights
+//         differ by bf16's rounding, as an unquantised bf16 model's do.
+// Products are exact (bf16 x bf16 into float32), so results equal those products' sums up to their order. Taken where K and int4's groups are multiples of 32 (whole tile steps) and Linux grants the tiles
 // (`amx_takes`); otherwise isa 2 runs the AVX512 tiles.
 #pragma once
 
@@ -31,7 +34,8 @@ constexpr int64_t kAmxMinRows = 6;  // rows of x from which isa 2 multiplies on 
 constexpr int64_t kStripRows = 16;  // weight rows per strip: one tile's rows
 
 // Whether the AMX path takes a product of M rows, K input features and int4 groups of `group` (0: int8): the
-// tiles granted, and AVX512-VBMI for int4's byte permutation (every AMX CPU so far has it; checked all the same).
+// tiles granted, and AVX512-VBMI for int4's byte permutation (every AMX CPU so far has it; checked all the same,
+// for int8 too: the one span is compiled for both).
 inline bool amx_takes(int64_t M, int64_t K, int64_t groups, int64_t group) {
   static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
   return M >= kAmxMinRows && K > 0 && K % 32 == 0 && (groups <= 1 || group % 32 == 0) && amx_ready() && vbmi;
@@ -114,14 +118,18 @@ class Int8Tiles {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")
 
-// int4 ("k16r4"): one group of G k (a multiple of 32, or the whole row) of weight rows n .. n + 16 at a time, as the
-// bf16 values q (exact: small integers; the scales apply to each group's sums, as the AVX512 int4 tile does). Per
-// block and pair of 16-k steps (64 bytes: per step the 4 rows' 8 bytes), each row's 32 k come from one byte
-// permutation (its 16 bytes into the low bytes of 32 words, in k order: each byte twice), a shift of the words that
-// take the high nibble, a mask and a 16-entry table lookup of q + 8 -> bf16 q: five instructions per 32 weights.
-class Int4Groups {
+// int4 ("k16r4"): step t (32 k, inside one group: G is a multiple of 32 or the whole row) of weight rows n .. n + 16
+// as bf16 values of q * s, the weight `dequantize(q, s, bf16)` gives (each rounded to nearest even), so that the
+// tiles sum the whole K at once with nothing to scale per group. Per block and pair of 16-k steps (64 bytes: per
+// step the 4 rows' 8 bytes), each row's 32 k come from one byte permutation (its 16 bytes into the low bytes of 32
+// words, in k order: each byte twice), a shift of the words that take the high nibble, a mask and a lookup in the
+// row's table of the group's 16 values (i - 8) * s: five instructions per 32 weights. The 16 tables are made again
+// when a step starts another strip or group (once per 16 x G weights), so an object serves one thread.
+template <typename S>
+class Int4Tiles {
  public:
-  Int4Groups(const Int4Rows& q, int64_t blocks) : q_(q), blocks_(blocks) {
+  Int4Tiles(const Int4Rows& q, const S* s, int64_t groups, int64_t K, int64_t N, int64_t blocks)
+      : q_(q), s_(s), groups_(groups), group_tiles_(K / groups / 32), N_(N), blocks_(blocks) {
     for (int j = 0; j < 4; ++j) {
       alignas(64) uint8_t idx[64];
       for (int w = 0; w < 32; ++w) {  // word w of row j: k = w; bytes of step 2u at 32u, row j's at 8j
@@ -131,35 +139,45 @@ class Int4Groups {
       index_[j] = _mm512_load_si512(idx);
     }
   }
-  // Weight rows n .. n + 16, k [32 t0, 32 t1) into out (row stride ld bf16 values).
-  void dequant(int64_t n, int64_t t0, int64_t t1, uint16_t* out, int64_t ld) const {
-    const __m512i table = _mm512_load_si512(int4_bf16_table()), nibble = _mm512_set1_epi16(0x0F);
+  float row_scale(int64_t) const { return 1.0f; }  // in the weights already
+  const uint8_t* base() const { return q_.base; }
+  int64_t block_bytes() const { return q_.block_bytes; }
+  int64_t blocks() const { return blocks_; }
+  void step(int64_t n, int64_t t, uint16_t* out, int64_t ld) {
+    if (n != n_ || t / group_tiles_ != g_) tables(n, t / group_tiles_);
+    const __m512i nibble = _mm512_set1_epi16(0x0F);
     constexpr __mmask64 kLowBytes = 0x5555555555555555ull;
     constexpr __mmask32 kHighNibble = 0xFF00FF00u;  // words 8-15 and 24-31: the high nibbles
     for (int b = 0; b < 4; ++b) {
       uint16_t* o = out + 4 * b * ld;
       if (n / kRowsPerBlock + b >= blocks_) {
-        for (int j = 0; j < 4; ++j)
-          for (int64_t t = t0; t < t1; ++t) _mm512_storeu_si512(o + j * ld + 32 * (t - t0), _mm512_setzero_si512());
+        for (int j = 0; j < 4; ++j) _mm512_storeu_si512(o + j * ld, _mm512_setzero_si512());
         continue;
       }
-      const uint8_t* r = q_.row(n + 4 * b);
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* rt = r + 2 * t * Int4Rows::kStep;
-        const __m512i v = _mm512_loadu_si512(rt);
-        for (int j = 0; j < 4; ++j) {
-          __m512i x = _mm512_maskz_permutexvar_epi8(kLowBytes, index_[j], v);
-          x = _mm512_and_si512(_mm512_mask_srli_epi16(x, kHighNibble, x, 4), nibble);
-          _mm512_storeu_si512(o + j * ld + 32 * (t - t0), _mm512_permutexvar_epi16(x, table));
-        }
+      const __m512i v = _mm512_loadu_si512(q_.row(n + 4 * b) + 2 * t * Int4Rows::kStep);
+      for (int j = 0; j < 4; ++j) {
+        __m512i x = _mm512_maskz_permutexvar_epi8(kLowBytes, index_[j], v);
+        x = _mm512_and_si512(_mm512_mask_srli_epi16(x, kHighNibble, x, 4), nibble);
+        _mm512_storeu_si512(o + j * ld, _mm512_permutexvar_epi16(x, table_[4 * b + j]));
       }
     }
   }
 
  private:
+  void tables(int64_t n, int64_t g) {
+    const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t i = 0; i < kStripRows; ++i) {
+      const __m512 w = _mm512_mul_ps(q, _mm512_set1_ps(group_scale(s_, groups_, n + i, g, N_)));
+      table_[i] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(w));
+    }
+    n_ = n, g_ = g;
+  }
   Int4Rows q_;
-  int64_t blocks_;
+  const S* s_;
+  int64_t groups_, group_tiles_, N_, blocks_;
+  int64_t n_ = -1, g_ = -1;
   __m512i index_[4];
+  __m512i table_[kStripRows];
 };
 
 // The float32 sums of 16 weight rows with nb (1 or 2) blocks of 16 rows of x over `steps` steps of 32 k, into
@@ -211,15 +229,15 @@ tile_sums(int nb, int64_t steps, const A& a, int64_t sa, const uint16_t* b, int6
                        _mm512_add_ps(_mm512_load_ps(part[2 * j] + i), _mm512_load_ps(part[2 * j + 1] + i)));
 }
 
-// Rows [n0, n1) of y (n0 a multiple of 16) for all M rows of x (pairs `xk` from amx_pairs, L lanes) with an int8
-// weight: y[m][n] = the sums of weight row n with x's row m, times the row's scale. Up to 32 rows of x (decode)
+// Rows [n0, n1) of y (n0 a multiple of 16) for all M rows of x (pairs `xk` from amx_pairs, L lanes) with the weight
+// `w` gives (Int8Tiles, Int4Tiles: its own copy, a thread's): y[m][n] = the sums of weight row n with x's row m,
+// times the row's scale. Up to 32 rows of x (decode)
 // each step's 16 x 32 weights are dequantised into an L1 buffer just before their product (the tiles work while the
 // vector units dequantise the next step); more rows (prefill) dequantise the strip's whole K once and run the tiles
 // over it for every 32 rows of x.
-template <typename S>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"))) void amx_int8_span(
-    int64_t n0, int64_t n1, int64_t N, int64_t K, const at::Tensor& xk, int64_t M, float* y, int64_t ldy,
-    const Int8Tiles<S>& w) {
+template <typename Tiles>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16"))) void amx_span(
+    int64_t n0, int64_t n1, int64_t N, int64_t K, const at::Tensor& xk, int64_t M, float* y, int64_t ldy, Tiles w) {
   const int64_t L = xk.size(1), steps = K / 32, step_b = 16 * L * 2, sb = L * 4;
   const auto* xp = reinterpret_cast<const uint16_t*>(xk.const_data_ptr<int32_t>());
   alignas(64) uint16_t buf[2][kStripRows * 32];
@@ -247,50 +265,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,am
             y[m * ldy + n + i] = sums[j * 256 + i * 16 + (m - m0 - 16 * j)] * sc;
         }
     }
-  }
-  dsvl2_kernels_detail::amx_end();
-}
-
-// Rows [n0, n1) of y (n0 a multiple of 16) for all M rows of x (pairs `xk`, L lanes) with an int4 weight in `groups`
-// groups of G = K / groups: per strip and group, the group's 16 x G weights dequantised into an L1 buffer (two, by
-// the group's parity, so that one group's dequantising need not wait for the last group's tile loads), the tiles'
-// sums of each 32 rows of x over the group, and those sums times the group's scales added up in float32.
-template <typename S>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16"))) void
-amx_int4_span(int64_t n0, int64_t n1, int64_t N, int64_t K, const at::Tensor& xk, int64_t M, float* y, int64_t ldy,
-              const Int4Rows& q, int64_t blocks, const S* s, int64_t groups) {
-  const int64_t L = xk.size(1), G = K / groups, group_tiles = G / 32, step_b = 16 * L * 2, sb = L * 4;
-  const auto* xp = reinterpret_cast<const uint16_t*>(xk.const_data_ptr<int32_t>());
-  thread_local std::vector<uint16_t> buf;
-  thread_local std::vector<float> acc;  // 16 weight rows x L rows of x
-  buf.resize(2 * kStripRows * G);
-  acc.resize(kStripRows * L);
-  alignas(64) float sums[2 * 256];
-  const Int4Groups w(q, blocks);
-  dsvl2_kernels_detail::amx_begin();
-  for (int64_t n = n0; n < n1; n += kStripRows) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    const NextStrip next(q.base, q.block_bytes, blocks, n, groups);
-    for (int64_t g = 0; g < groups; ++g) {
-      next.touch(g);
-      uint16_t* bg = buf.data() + (g & 1) * kStripRows * G;
-      w.dequant(n, g * group_tiles, (g + 1) * group_tiles, bg, G);
-      __m512 scale[kStripRows];
-      for (int64_t i = 0; i < kStripRows; ++i) scale[i] = _mm512_set1_ps(group_scale(s, groups, n + i, g, N));
-      for (int64_t m0 = 0; m0 < L; m0 += 32) {
-        const int nb = L - m0 > 16 ? 2 : 1;
-        tile_sums(nb, group_tiles, [&](int64_t t) { return bg + 32 * t; }, G * 2, xp + (g * (G / 2) * L + m0) * 2,
-                  step_b, sb, sums);
-        for (int j = 0; j < nb; ++j)
-          for (int64_t i = 0; i < kStripRows; ++i) {
-            float* ai = acc.data() + i * L + m0 + 16 * j;
-            _mm512_storeu_ps(ai, _mm512_fmadd_ps(_mm512_load_ps(sums + j * 256 + i * 16), scale[i],
-                                                 _mm512_loadu_ps(ai)));
-          }
-      }
-    }
-    for (int64_t i = 0; i < kStripRows && n + i < N; ++i)
-      for (int64_t m = 0; m < M; ++m) y[m * ldy + n + i] = acc[i * L + m];
   }
   dsvl2_kernels_detail::amx_end();
 }

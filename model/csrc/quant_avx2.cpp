@@ -51,7 +51,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     float* yp = y.mutable_data_ptr<float>();
     with_scales(sc, [&](const auto* sp) {
       run_strips(N, K, [&](int64_t n0, int64_t n1) {
-        amx_int8_span(n0, n1, N, K, xk, M, yp, N, Int8Tiles(rows, sp, q.size(0)));
+        amx_span(n0, n1, N, K, xk, M, yp, N, Int8Tiles(rows, sp, q.size(0)));
       });
     });
     return y.to(x_in.scalar_type());
@@ -101,7 +101,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     float* yp = y.mutable_data_ptr<float>();
     with_scales(sc, [&](const auto* sp) {
       run_strips(N, K / 2, [&](int64_t n0, int64_t n1) {
-        amx_int4_span(n0, n1, N, K, xk, M, yp, N, rows, q.size(0), sp, groups);
+        amx_span(n0, n1, N, K, xk, M, yp, N, Int4Tiles(rows, sp, groups, K, N, q.size(0)));
       });
     });
     return y.to(x_in.scalar_type());
