@@ -8,7 +8,7 @@
 // the weight at memory speed; the tiles' loads and products would only add to it).
 //   int8  q is exact in bf16 (|q| <= 128 has 8 significant bits); the sums are scaled per output channel after
 //         the product, as the AVX512 tile does. Up to 32 rows each step is dequantised just before its product;
-//         more (prefill) dequantise the strip's whole K once for every 32 rows of x.
+//         more (prefill) dequantise the strip a chunk of K at a time, once for every 32 rows of x (`amx_span`).
 //   int4  q * s by a lookup in a 16-entry table per weight row and group of bf16((q - 8) * s), the weight
 //         dequantize(q, s, bf16) gives, so the tiles sum the whole K with nothing to scale per group (scaling each
 //         group's 128 k apart stored and reloaded the tiles every 4 products, whose chains never filled: the
@@ -231,39 +231,67 @@ tile_sums(int nb, int64_t steps, const A& a, int64_t sa, const uint16_t* b, int6
 
 // Rows [n0, n1) of y (n0 a multiple of 16) for all M rows of x (pairs `xk` from amx_pairs, L lanes) with the weight
 // `w` gives (Int8Tiles, Int4Tiles: its own copy, a thread's): y[m][n] = the sums of weight row n with x's row m,
-// times the row's scale. Up to 32 rows of x (decode)
-// each step's 16 x 32 weights are dequantised into an L1 buffer just before their product (the tiles work while the
-// vector units dequantise the next step); more rows (prefill) dequantise the strip's whole K once and run the tiles
-// over it for every 32 rows of x.
+// times the row's scale. Up to 32 rows of x (decode) each step's 16 x 32 weights are dequantised into an L1 buffer
+// just before their product, the tiles summing the whole K. More rows (prefill) dequantise the strip a chunk of K
+// at a time (step after step) and run the chunk's tiles for every 32 rows of x: the whole K where x (L x K bf16)
+// fits in kXBytes, so each 32 rows' tile chains run over all of K; else chunks of 4 steps, their sums added up in
+// float32, so that each chunk of x (64 KB at 256 rows) stays near the core for all its rows instead of x being
+// swept from the last-level cache once per 32 rows. Alternated at 64 and 256 rows on this project's AMX Xeon
+// (bench/RESULTS.md): on K = 6,848 chunks of 4 steps ran best and the whole K or 16 steps fell to 0.5-0.8x; on
+// K = 1,280 the whole K ran best.
 template <typename Tiles>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16"))) void amx_span(
     int64_t n0, int64_t n1, int64_t N, int64_t K, const at::Tensor& xk, int64_t M, float* y, int64_t ldy, Tiles w) {
+  constexpr int64_t kStep = kStripRows * 32;  // bf16 values of one tile step: 16 weight rows x 32 k, 1 KB
+  constexpr int64_t kXBytes = int64_t{1} << 20;
   const int64_t L = xk.size(1), steps = K / 32, step_b = 16 * L * 2, sb = L * 4;
+  const int64_t chunk_steps = L * K * 2 <= kXBytes ? steps : 4;
   const auto* xp = reinterpret_cast<const uint16_t*>(xk.const_data_ptr<int32_t>());
-  alignas(64) uint16_t buf[2][kStripRows * 32];
+  alignas(64) uint16_t buf[2][kStep];
   alignas(64) float sums[2 * 256];
-  thread_local std::vector<uint16_t> strip;
+  thread_local std::vector<uint16_t> chunk;
+  thread_local std::vector<float> acc;  // prefill: 16 weight rows x L rows of x
   const bool per_step = M <= 32;
-  if (!per_step) strip.resize(kStripRows * K);
+  if (!per_step) chunk.resize(kStep * chunk_steps), acc.resize(kStripRows * L);
+  // sums (tile_sums' layout) of the rows m0 .. m0 + 32 into acc (`add`) or y.
+  const auto take = [&](int64_t n, int64_t m0, int nb, bool add) {
+    for (int j = 0; j < nb; ++j)
+      for (int64_t i = 0; i < kStripRows; ++i) {
+        const float* si = sums + j * 256 + i * 16;
+        const int64_t m1 = std::min(M, m0 + 16 * j + 16);
+        if (per_step) {
+          if (n + i >= N) continue;
+          const float sc = w.row_scale(n + i);
+          for (int64_t m = m0 + 16 * j; m < m1; ++m) y[m * ldy + n + i] = si[m - m0 - 16 * j] * sc;
+        } else {
+          float* ai = acc.data() + i * L + m0 + 16 * j;
+          _mm512_storeu_ps(ai, add ? _mm512_add_ps(_mm512_loadu_ps(ai), _mm512_load_ps(si)) : _mm512_load_ps(si));
+        }
+      }
+  };
   dsvl2_kernels_detail::amx_begin();
   for (int64_t n = n0; n < n1; n += kStripRows) {
-    if (!per_step)
-      for (int64_t t = 0; t < steps; ++t) w.step(n, t, strip.data() + 32 * t, K);
     const NextStrip next(w.base(), w.block_bytes(), w.blocks(), n, steps);
-    for (int64_t m0 = 0; m0 < M; m0 += 32) {
-      const int nb = M - m0 > 16 ? 2 : 1;
-      if (per_step) {
-        const auto a = [&](int64_t t) { return next.touch(t), w.step(n, t, buf[t & 1], 32), buf[t & 1]; };
-        tile_sums(nb, steps, a, 64, xp, step_b, sb, sums);
-      } else {
-        tile_sums(nb, steps, [&](int64_t t) { return strip.data() + 32 * t; }, K * 2, xp + m0 * 2, step_b, sb, sums);
+    if (per_step) {
+      const int nb = M > 16 ? 2 : 1;
+      const auto a = [&](int64_t t) { return next.touch(t), w.step(n, t, buf[t & 1], 32), buf[t & 1]; };
+      tile_sums(nb, steps, a, 64, xp, step_b, sb, sums);
+      take(n, 0, nb, false);
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < steps; c0 += chunk_steps) {
+      const int64_t c1 = std::min(steps, c0 + chunk_steps);
+      for (int64_t t = c0; t < c1; ++t) next.touch(t), w.step(n, t, chunk.data() + kStep * (t - c0), 32);
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int nb = M - m0 > 16 ? 2 : 1;
+        tile_sums(nb, c1 - c0, [&](int64_t t) { return chunk.data() + kStep * t; }, 64, xp + c0 * step_b + m0 * 2,
+                  step_b, sb, sums);
+        take(n, m0, nb, c0 > 0);
       }
-      for (int j = 0; j < nb; ++j)
-        for (int64_t i = 0; i < kStripRows && n + i < N; ++i) {
-          const float sc = w.row_scale(n + i);
-          for (int64_t m = m0 + 16 * j; m < std::min(M, m0 + 16 * j + 16); ++m)
-            y[m * ldy + n + i] = sums[j * 256 + i * 16 + (m - m0 - 16 * j)] * sc;
-        }
+    }
+    for (int64_t i = 0; i < kStripRows && n + i < N; ++i) {
+      const float sc = w.row_scale(n + i);
+      for (int64_t m = 0; m < M; ++m) y[m * ldy + n + i] = acc[i * L + m] * sc;
     }
   }
   dsvl2_kernels_detail::amx_end();
