@@ -141,7 +141,7 @@ def laid_out(experts: Iterable[nn.Module], layout: Layout):
 def time_routed(step: Step, impl: Impl, *, timer: Timer = best_time) -> float:
     """Seconds for `step`'s routed experts with every product's decode on `impl`, as the model runs them: the
     quantised MoE kernel's one call per layer (QuantExperts) where it takes them, else one expert after another
-    (feedforward.dispatch)."""
+    (feedforward.dispatch). Sets the experts' `impls`: run it inside `laid_out`, which restores them."""
     for experts, *_ in step:
         for e in experts:
             for p in PROJECTIONS:
