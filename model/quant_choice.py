@@ -122,9 +122,9 @@ def routed_step(layers: Sequence[MoE], dtype: torch.dtype, tokens: int) -> Step:
 @contextmanager
 def laid_out(experts: Iterable[nn.Module], layout: Layout):
     """The experts' quantised layers repacked in place into `layout` (where they can take it), their own layout
-    and implementations restored after."""
+    restored after."""
     layers = [getattr(e, p) for e in experts for p in PROJECTIONS]
-    saved = [(m.layout, m.impls) for m in layers]
+    saved = [m.layout for m in layers]
     try:
         with allocator.while_loading():  # each weight its own mapping: the replaced ones leave no heap holes
             for m in layers:
@@ -133,19 +133,16 @@ def laid_out(experts: Iterable[nn.Module], layout: Layout):
         yield
     finally:
         with allocator.while_loading():
-            for m, (own, impls) in zip(layers, saved, strict=True):
+            for m, own in zip(layers, saved, strict=True):
                 m.relayout(own)
-                m.impls = impls
 
 
 def time_routed(step: Step, impl: Impl, *, timer: Timer = best_time) -> float:
     """Seconds for `step`'s routed experts with every product's decode on `impl`, as the model runs them: the
     quantised MoE kernel's one call per layer (QuantExperts) where it takes them, else one expert after another
-    (feedforward.dispatch). Sets the experts' `impls`: run it inside `laid_out`, which restores them."""
-    for experts, *_ in step:
-        for e in experts:
-            for p in PROJECTIONS:
-                getattr(e, p).impls = (impl, impl)
+    (feedforward.dispatch). The experts' own `impls` are set for the timing and restored after."""
+    layers = [getattr(e, p) for experts, *_ in step for e in experts for p in PROJECTIONS]
+    saved = [m.impls for m in layers]
     runners = [QuantExperts() for _ in step]
     first, tokens = step[0][0][0].gate_proj, step[0][1].shape[0]
 
@@ -154,8 +151,14 @@ def time_routed(step: Step, impl: Impl, *, timer: Timer = best_time) -> float:
             if runner.run(experts, x, ids, weights) is None:
                 dispatch(experts, x, ids, weights)
 
-    with torch.inference_mode():
-        return timer(call)
+    try:
+        for m in layers:
+            m.impls = (impl, impl)
+        with torch.inference_mode():
+            return timer(call)
+    finally:
+        for m, impls in zip(layers, saved, strict=True):
+            m.impls = impls
 
 
 def time_impls(layer: QuantLinear, dtype: torch.dtype, rows: int, *, timer: Timer = best_time) -> dict[Impl, float]:
