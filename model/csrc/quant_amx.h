@@ -250,23 +250,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,
   alignas(64) uint16_t buf[2][kStep];
   alignas(64) float sums[2 * 256];
   thread_local std::vector<uint16_t> chunk;
-  thread_local std::vector<float> acc;  // prefill: 16 weight rows x L rows of x
+  thread_local std::vector<float> acc;  // a strip's sums: 16 weight rows x L rows of x
   const bool per_step = M <= 32;
-  if (!per_step) chunk.resize(kStep * chunk_steps), acc.resize(kStripRows * L);
-  // sums (tile_sums' layout) of the rows m0 .. m0 + 32 into acc (`add`) or y.
-  const auto take = [&](int64_t n, int64_t m0, int nb, bool add) {
+  acc.resize(kStripRows * L);
+  if (!per_step) chunk.resize(kStep * chunk_steps);
+  // sums (tile_sums' layout) of the rows m0 .. m0 + 32 into acc, added to what is there where `add`.
+  const auto collect = [&](int64_t m0, int nb, bool add) {
     for (int j = 0; j < nb; ++j)
       for (int64_t i = 0; i < kStripRows; ++i) {
-        const float* si = sums + j * 256 + i * 16;
-        const int64_t m1 = std::min(M, m0 + 16 * j + 16);
-        if (per_step) {
-          if (n + i >= N) continue;
-          const float sc = w.row_scale(n + i);
-          for (int64_t m = m0 + 16 * j; m < m1; ++m) y[m * ldy + n + i] = si[m - m0 - 16 * j] * sc;
-        } else {
-          float* ai = acc.data() + i * L + m0 + 16 * j;
-          _mm512_storeu_ps(ai, add ? _mm512_add_ps(_mm512_loadu_ps(ai), _mm512_load_ps(si)) : _mm512_load_ps(si));
-        }
+        const __m512 si = _mm512_load_ps(sums + j * 256 + i * 16);
+        float* ai = acc.data() + i * L + m0 + 16 * j;
+        _mm512_storeu_ps(ai, add ? _mm512_add_ps(_mm512_loadu_ps(ai), si) : si);
       }
   };
   dsvl2_kernels_detail::amx_begin();
@@ -276,17 +270,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,
       const int nb = M > 16 ? 2 : 1;
       const auto a = [&](int64_t t) { return next.touch(t), w.step(n, t, buf[t & 1], 32), buf[t & 1]; };
       tile_sums(nb, steps, a, 64, xp, step_b, sb, sums);
-      take(n, 0, nb, false);
-      continue;
-    }
-    for (int64_t c0 = 0; c0 < steps; c0 += chunk_steps) {
-      const int64_t c1 = std::min(steps, c0 + chunk_steps);
-      for (int64_t t = c0; t < c1; ++t) next.touch(t), w.step(n, t, chunk.data() + kStep * (t - c0), 32);
-      for (int64_t m0 = 0; m0 < M; m0 += 32) {
-        const int nb = M - m0 > 16 ? 2 : 1;
-        tile_sums(nb, c1 - c0, [&](int64_t t) { return chunk.data() + kStep * t; }, 64, xp + c0 * step_b + m0 * 2,
-                  step_b, sb, sums);
-        take(n, m0, nb, c0 > 0);
+      collect(0, nb, false);
+    } else {
+      for (int64_t c0 = 0; c0 < steps; c0 += chunk_steps) {
+        const int64_t c1 = std::min(steps, c0 + chunk_steps);
+        for (int64_t t = c0; t < c1; ++t) next.touch(t), w.step(n, t, chunk.data() + kStep * (t - c0), 32);
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+          const int nb = M - m0 > 16 ? 2 : 1;
+          tile_sums(nb, c1 - c0, [&](int64_t t) { return chunk.data() + kStep * t; }, 64,
+                    xp + c0 * step_b + m0 * 2, step_b, sb, sums);
+          collect(m0, nb, c0 > 0);
+        }
       }
     }
     for (int64_t i = 0; i < kStripRows && n + i < N; ++i) {
