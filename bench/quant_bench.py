@@ -93,6 +93,8 @@ class ByteCounter:
 
 def decode_steps(model: nn.Module, batch: int, steps: int) -> tuple[float, int]:
     """Median seconds per decode step of `batch` rows after a 32-token prompt, and the bytes a step read."""
+    from dsvl2.model.sampling import greedy_ids
+
     lm = model.language
     cache = lm.new_cache(batch, 32 + steps + 1)
     ids = torch.randint(3, 1000, (batch, 32), generator=torch.Generator().manual_seed(batch))
@@ -102,7 +104,7 @@ def decode_steps(model: nn.Module, batch: int, steps: int) -> tuple[float, int]:
     for _ in range(steps):
         counter.start()
         begin = time.perf_counter()
-        tok = lm.logits(lm(lm.embed(tok), cache)[:, -1]).argmax(-1)[:, None]
+        tok = greedy_ids(lm.logits(lm(lm.embed(tok), cache)[:, -1]))[:, None]  # as the engine samples greedy rows
         cache.advance(1)
         times.append(time.perf_counter() - begin)
     counter.close()

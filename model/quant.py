@@ -6,12 +6,14 @@
         G is the scheme's group size (128) or, where it does not divide K, the largest of 64, 32, 16 that does
         (Tiny's dense down_proj has K = 6848 = 64 x 107); a K none of them divides is one group per row.
 Scales are rounded to bf16 before q is computed, so q * s is exactly the weight the kernels multiply by.
-Activations are never quantised: products run in the activation dtype (bf16 or float32) with the implementation
-quant_choice.py picks per machine ("kernel": our AVX2 kernels, quant_kernels.py, float32 sums, output in that
-dtype; "kernel_avx512": their AVX512 tiles, bf16 activations on an AVX512-BF16 CPU; "kernel_amx": the same tiles
-for a few rows and AMX's tiles for more, on a Xeon with AMX-BF16; "packed": torch's int8/int4
-CPU ops in that dtype; "packed_bf16": the same ops in bf16, the input cast down and the output back up; "dequant":
-F.linear on the dequantised weight, the always-correct fallback on every device).
+Activations are never quantised to 8 or 4 bits: products run in the activation dtype (bf16 or float32) with the
+implementation quant_choice.py picks per machine ("kernel": our AVX2 kernels, quant_kernels.py, float32 sums, output
+in that dtype; "kernel_avx512": their AVX512 tiles, bf16 activations on an AVX512-BF16 CPU; "kernel_amx": the same
+tiles for a few rows and AMX's tiles for more, on a Xeon with AMX-BF16; "kernel_vnni" / "kernel_amx_vnni": those two
+with int4's few-row tiles on AVX512-VNNI, which multiply x as 15-bit fixed point per block of up to 128 k (exact for
+values within 2^-6 of the block's largest, others rounded by at most 2^-14 of it: quant_kernels.fixed_point);
+"packed": torch's int8/int4 CPU ops in that dtype; "packed_bf16": the same ops in bf16, the input cast down and the
+output back up; "dequant": F.linear on the dequantised weight, the always-correct fallback on every device).
 Not responsible for reading or writing checkpoints (quant_checkpoint.py).
 
 Runtime layouts of qweight: int8 "plain" (N, K) (stored; torch's op and "dequant" read it) or "r4" (the kernel's,
@@ -37,7 +39,8 @@ from torch import nn
 from dsvl2.model import quant_kernels, torch_int4
 from dsvl2.model.errors import ConfigError
 
-Impl = Literal["kernel", "kernel_avx512", "kernel_amx", "packed", "packed_bf16", "dequant"]
+Impl = Literal["kernel", "kernel_avx512", "kernel_amx", "kernel_vnni", "kernel_amx_vnni", "packed", "packed_bf16",
+               "dequant"]
 Layout = Literal["plain", "r4", "nibbles", "cpu", "k16r4"]
 # Quantised linears by how their products run (quant_choice.py decides each apart): the routed experts ("experts":
 # a few rows each per prefill chunk, decode in one MoE call) and every other one ("dense").
@@ -49,7 +52,9 @@ PACKED_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU op takes
 UNQUANTISED = ("kv_b_proj",)  # linear names kept in floating point (see the module docstring)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation and scale dtypes quant_kernels takes
 KERNEL_ISA: dict[Impl, int] = {"kernel": quant_kernels.AVX2, "kernel_avx512": quant_kernels.AVX512,
-                                "kernel_amx": quant_kernels.AMX}
+                                "kernel_amx": quant_kernels.AMX,
+                                "kernel_vnni": quant_kernels.AVX512 | quant_kernels.VNNI,
+                                "kernel_amx_vnni": quant_kernels.AMX | quant_kernels.VNNI}
 KERNEL_LAYOUT: dict[int, Layout] = {8: "r4", 4: "k16r4"}  # the layout the kernels read, by bits
 
 
@@ -238,7 +243,10 @@ class QuantLinear(nn.Module):
             return False
         if impl != "kernel" and (x.dtype is not torch.bfloat16 or not quant_kernels.avx512_supported()):
             return False
-        if impl == "kernel_amx" and not quant_kernels.amx_supported():
+        isa = KERNEL_ISA[impl]
+        if isa & quant_kernels.AMX and not quant_kernels.amx_supported():
+            return False
+        if isa & quant_kernels.VNNI and (self.scheme.bits != 4 or not quant_kernels.vnni_supported()):
             return False
         q, s = self._buffers["qweight"], self._buffers["scales"]
         return (q.is_cpu and s.dtype in KERNEL_DTYPES
@@ -273,9 +281,10 @@ class QuantLinear(nn.Module):
         packed = impl in ("packed", "packed_bf16") and self.packable(x)
         if impl != "dequant" and not packed:
             kernel: Impl = impl if impl in KERNEL_ISA else "kernel"
-            if kernel != "kernel" and not self.kernel_fits(x, kernel):
-                kernel = "kernel"
-            if self.kernel_fits(x, kernel):
+            fits = self.kernel_fits(x, kernel)  # asked once per product where it holds (~8 us a question)
+            if not fits and kernel != "kernel":
+                kernel, fits = "kernel", self.kernel_fits(x, "kernel")
+            if fits:
                 y = self.kernel(x.reshape(-1, self.in_features), kernel)
                 return y.view(*x.shape[:-1], self.out_features)
         if packed:

@@ -1,7 +1,8 @@
 """Which implementation the quantised products run on this machine, per family of layers, scheme, activation
 dtype and row count, and so which runtime layout their weights take: our kernels ("kernel": AVX2 tiles;
 "kernel_avx512": AVX512 tiles for bf16 activations where the CPU has AVX512-BF16; "kernel_amx": those, and AMX's
-tiles from 6 rows on a Xeon with AMX-BF16; all in the "r4" / "k16r4" layouts, where quant_kernels is available),
+tiles from 6 rows on a Xeon with AMX-BF16; "kernel_vnni" / "kernel_amx_vnni": those two with int4's few-row tiles on
+AVX512-VNNI; all in the "r4" / "k16r4" layouts, where quant_kernels is available),
 torch's packed int8/int4 CPU ops in the activation dtype ("packed", in the "plain" / torch's "cpu" layout), the
 same ops in bf16 with the activations cast ("packed_bf16", float32 models only), or F.linear on the dequantised
 weight ("dequant", any layout, every device).

@@ -44,9 +44,12 @@ _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 AMX_FLAGS = ("amx_tile", "amx_bf16", "avx512vbmi")  # VBMI: int4 strips by byte permutation
+VNNI_FLAGS = ("avx512_vnni",)
 # The ops' `isa`: which tiles run (AVX512 and AMX take bf16 activations only; AMX: the AVX512 tiles for fewer than
 # 6 rows, AMX's tiles from there on where K and the int4 groups are multiples of 32 and Linux grants the tiles).
-AVX2, AVX512, AMX = 0, 1, 2
+# VNNI is a flag added to AVX512 or AMX: int4's AVX512 tiles multiply on VPDPBUSD, x in fixed point (quant_vnni.h:
+# `fixed_point` below gives the x they multiply), where the groups are whole pairs of 16-k steps; int8 ignores it.
+AVX2, AVX512, AMX, VNNI = 0, 1, 2, 4
 K16 = 16  # k values per step of the layouts
 BLOCK_ROWS = 4  # weight rows interleaved per block of the layouts
 
@@ -67,6 +70,27 @@ def amx_supported() -> bool:
     return avx512_supported() and cpu_flags().issuperset(AMX_FLAGS)
 
 
+def vnni_supported() -> bool:
+    """True where the CPU also has AVX512-VNNI (int4's VPDPBUSD tiles, the VNNI flag of the ops' `isa`)."""
+    return avx512_supported() and cpu_flags().issuperset(VNNI_FLAGS)
+
+
+def fixed_point(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (M, K) bf16 as the VNNI tiles multiply it, in float32: per block of `block` k (the last one padded with
+    zeros), 2^E = 2^(e - 14) for the block's largest |x| in [2^(e-1), 2^e), and each x rounded to the nearest multiple
+    of 2^E (half to even; bf16 denormals are zero; a block with an Inf or NaN is all NaN). For tests and accuracy
+    studies: the ops compute this inside (quant_vnni.h), where `block` = 16 * gcd(G / 16, 8) for groups of G k
+    (G = K where the row is one group: then K / 16 whole steps)."""
+    m, k = x.shape
+    xf = F.pad(x.float(), (0, -k % block)).view(m, -1, block)
+    xf = torch.where(xf.abs() < torch.finfo(torch.bfloat16).tiny, torch.zeros_like(xf), xf)  # denormals: zero
+    top = xf.abs().amax(-1, keepdim=True)
+    step = torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent - 14)
+    out = torch.where(top > 0, torch.round(xf / step) * step, torch.zeros_like(xf))
+    out = torch.where(torch.isfinite(top), out, torch.full_like(out, float("nan")))
+    return out.view(m, -1)[:, :k]
+
+
 def _registered() -> None:
     """Raises unless the loaded library registered the ops (the build's check)."""
     torch.ops.dsvl2_quant.int8_linear  # noqa: B018 - attribute access raises if the op is missing
@@ -76,7 +100,7 @@ def _registered() -> None:
 
 # Included by the sources: part of the build key.
 _HEADERS = [_CSRC / "parallel.h", _CSRC / "prefetch.h", _CSRC / "quant_avx2.h", _CSRC / "quant_avx512.h",
-            _CSRC / "quant_amx.h", _CSRC / "amx_tiles.h"]
+            _CSRC / "quant_amx.h", _CSRC / "quant_vnni.h", _CSRC / "amx_tiles.h"]
 LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
                                cpu_flags=_CPU_FLAGS, depends=_HEADERS)
 

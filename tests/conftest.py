@@ -93,3 +93,13 @@ def quant_amx_on(quant_avx512_on):
 
     if not quant_kernels.amx_supported():
         pytest.skip("this CPU lacks AMX-TILE / AMX-BF16 (the quantised products' AMX path)")
+
+
+@pytest.fixture
+def quant_vnni_on(quant_avx512_on):
+    """`quant_avx512_on`, and a CPU with AVX512-VNNI (int4's VPDPBUSD tiles, quant_vnni.h); a skip only where it
+    has none."""
+    from dsvl2.model import quant_kernels
+
+    if not quant_kernels.vnni_supported():
+        pytest.skip("this CPU lacks AVX512-VNNI (int4's VPDPBUSD tiles)")

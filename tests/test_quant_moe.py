@@ -17,7 +17,7 @@ from quant_layers import assert_rel, quant_layer
 
 from dsvl2.model import quant_kernels
 from dsvl2.model.kernels import ENV_SWITCH
-from dsvl2.model.quant import QuantLinear, Scheme
+from dsvl2.model.quant import KERNEL_ISA, QuantLinear, Scheme
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6}
 SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: every slot crowded onto the first ones
@@ -64,16 +64,20 @@ def test_moe_kernel_equals_the_experts_one_by_one(quant_kernels_on, scheme, dtyp
     assert_rel(fused, one_by_one, TOL[dtype], f"{scheme} {dtype} {hidden}x{inter} {tokens} tokens")
 
 
-@pytest.mark.parametrize("impl", ["kernel_avx512", "kernel_amx"])
+@pytest.mark.parametrize("impl", ["kernel_avx512", "kernel_amx", "kernel_vnni", "kernel_amx_vnni"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), SHAPES)
 def test_moe_avx512_tiles_equal_the_experts_one_by_one(quant_avx512_on, scheme, hidden, inter, experts, top_k,
                                                        tokens, impl):
     """The one-call path on the AVX512 tiles (bf16 activations; int4 reads the gated activations rounded to bf16,
     as the bf16 model's own products do), also where the experts chose "kernel_amx" (an expert's few decode rows
-    run the same tiles): catches a wrong row pointer or bf16 copy of the gathered rows."""
-    if impl == "kernel_amx" and not quant_kernels.amx_supported():
+    run the same tiles), and with int4's tiles on VNNI (x and the gated activations in fixed point, as the experts'
+    own products take them one by one): catches a wrong row pointer, bf16 copy or fixed-point row of the gathered
+    rows."""
+    if "amx" in impl and not quant_kernels.amx_supported():
         pytest.skip("this CPU lacks AMX-TILE / AMX-BF16")
+    if "vnni" in impl and not quant_kernels.vnni_supported():
+        pytest.skip("this CPU lacks AVX512-VNNI")
     moe = _moe(hidden, inter, experts, top_k, scheme, torch.bfloat16, seed=tokens + hidden)
     for expert in moe.experts:
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -86,7 +90,10 @@ def test_moe_avx512_tiles_equal_the_experts_one_by_one(quant_avx512_on, scheme, 
         ids, weights = _routing(moe, x, experts, top_k)
         fused = moe._quant_experts.run(moe.experts, x, ids, weights)
         one_by_one = moe.dispatch(x, ids, weights)
-    assert calls == [{"kernel_avx512": quant_kernels.AVX512, "kernel_amx": quant_kernels.AMX}[impl]]
+    if "vnni" in impl and scheme == "int8":  # int8 offers no VNNI impl: the experts go one by one
+        assert fused is None and calls == []
+        return
+    assert calls == [KERNEL_ISA[impl]]
     assert fused is not None and fused.dtype is torch.bfloat16
     assert_rel(fused, one_by_one, TOL[torch.bfloat16], f"{scheme} avx512 {hidden}x{inter} {tokens} tokens")
 

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "quant_amx.h"
+#include "quant_vnni.h"
 
 namespace {
 
@@ -44,7 +45,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   TORCH_CHECK(q.size(0) == (N + 3) / 4 && q.size(1) == steps * 64, "int8_linear: q is ", q.sizes(), " for N=", N,
               ", K=", K, " (needs (", (N + 3) / 4, ", ", steps * 64, "))");
   const at::Tensor sc = s.contiguous();
-  if (isa == 2 && N > 0 && amx_takes(M, K, 1, 0)) {
+  if (isa_base(isa) == 2 && N > 0 && amx_takes(M, K, 1, 0)) {
     const at::Tensor xk = amx_pairs(x_in);
     at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
     const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
@@ -65,7 +66,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     float* yp = y.mutable_data_ptr<float>();
     with_scales(sc, [&](const auto* sp) {
       run_rows(N, ldx, [&](int64_t n0, int64_t n1) {
-        if (isa >= 1) {
+        if (isa_base(isa) >= 1) {
           int8_span512(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps);
         } else {
           int8_span(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps);
@@ -94,7 +95,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   TORCH_CHECK(groups == 1 || group % 16 == 0, "int4_linear: G=", group, " must be a multiple of 16 or K");
   const int64_t group_steps = int4_group_steps(groups, group, steps);
   const at::Tensor sc = s.contiguous();
-  if (isa == 2 && N > 0 && amx_takes(M, K, groups, group)) {
+  if (isa_base(isa) == 2 && N > 0 && amx_takes(M, K, groups, group)) {
     const at::Tensor xk = amx_pairs(x_in);
     at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
     const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
@@ -107,16 +108,22 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     return y.to(x_in.scalar_type());
   }
   const int64_t ldx = steps * 16;
-  if (isa >= 1) {  // bf16 rows, no per-group sums (the table holds q itself)
+  if (isa_base(isa) >= 1) {  // bf16 rows, no per-group sums (the table holds q itself)
     const at::Tensor xb = padded_rows(x_in, ldx, at::kBFloat16);
     at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
     if (M > 0 && N > 0 && K > 0) {
       const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
       const auto* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
       float* yp = y.mutable_data_ptr<float>();
+      const bool vnni = (isa & kIsaVnni) && vnni_fits(group_steps);
+      const FixedRows fixed = vnni ? fixed_rows(xp, ldx, M, steps, vnni_block_steps(group_steps)) : FixedRows{};
       with_scales(sc, [&](const auto* sp) {
         run_rows(N, steps * 8, [&](int64_t n0, int64_t n1) {
-          int4_span512(rows, sp, groups, xp, ldx, yp, N, n0, n1, N, M, steps, group_steps);
+          if (vnni) {
+            int4_span_vnni(rows, sp, groups, fixed, 0, yp, N, n0, n1, N, M, group_steps);
+          } else {
+            int4_span512(rows, sp, groups, xp, ldx, yp, N, n0, n1, N, M, steps, group_steps);
+          }
         });
       });
     } else if (K == 0) {

@@ -30,12 +30,24 @@ inline bool avx512_ready() {
   return ready;
 }
 
-// The ops' `isa` argument: 0 runs quant_avx2.h's tiles, 1 the tiles below (bf16 x only), 2 those or, for
-// products with rows enough where the CPU and Linux grant AMX-BF16's tiles, quant_amx.h's.
+// The ops' `isa`: 0 runs quant_avx2.h's tiles, 1 the tiles below (bf16 x only), 2 those or, for products with
+// rows enough where the CPU and Linux grant AMX-BF16's tiles, quant_amx.h's; 1 or 2 with the flag kIsaVnni runs
+// int4's AVX512 tiles on VPDPBUSD instead where the weight's groups allow (quant_vnni.h; int8 ignores the flag).
+constexpr int64_t kIsaVnni = 4;
+inline int64_t isa_base(int64_t isa) { return isa & 3; }
+
+inline bool vnni_ready() {
+  static const bool ready = avx512_ready() && __builtin_cpu_supports("avx512vnni");
+  return ready;
+}
+
 inline void check_isa(const char* op, int64_t isa, const at::Tensor& x) {
-  TORCH_CHECK(isa >= 0 && isa <= 2, op, ": isa must be 0 (AVX2), 1 (AVX512) or 2 (AMX)");
-  TORCH_CHECK(isa == 0 || avx512_ready(), op, ": this CPU lacks AVX512F/BW/VL/DQ or AVX512-BF16");
-  TORCH_CHECK(isa == 0 || x.scalar_type() == at::kBFloat16, op, ": the AVX512 and AMX paths take bf16 activations");
+  const int64_t base = isa_base(isa);
+  TORCH_CHECK((isa & ~(kIsaVnni | 3)) == 0 && base <= 2 && (base >= 1 || !(isa & kIsaVnni)), op,
+              ": isa must be 0 (AVX2), 1 (AVX512) or 2 (AMX), the last two optionally with flag 4 (VNNI)");
+  TORCH_CHECK(base == 0 || avx512_ready(), op, ": this CPU lacks AVX512F/BW/VL/DQ or AVX512-BF16");
+  TORCH_CHECK(!(isa & kIsaVnni) || vnni_ready(), op, ": this CPU lacks AVX512-VNNI");
+  TORCH_CHECK(base == 0 || x.scalar_type() == at::kBFloat16, op, ": the AVX512 and AMX paths take bf16 activations");
 }
 
 // The table of the int4 lookup: entry i holds the bf16 bits of i - 8 (i < 16; the rest unused).

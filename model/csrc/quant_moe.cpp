@@ -12,8 +12,9 @@
 
 #include <torch/library.h>
 
-#include "quant_avx512.h"
+#include "quant_vnni.h"
 
+#include <optional>
 #include <type_traits>
 
 namespace {
@@ -47,6 +48,8 @@ struct Rows {
   const uint16_t* b;
   const float* sums;
   int64_t ld;
+  const FixedRows* fixed;  // int4 on VNNI: every row of b as fixed point (rows from `first`), else null
+  int64_t first;
 };
 
 // One product of rows [n0, n1) of weight q (scales s) for M rows of x: int8 or int4 (steps of 16 k over K).
@@ -56,7 +59,7 @@ void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t gro
   const int64_t steps = (K + 15) / 16;
   if (bits == 8) {
     const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
-    if (isa >= 1) {  // AVX512 tiles (an expert's few decode rows: the AMX path's strips would not pay)
+    if (isa_base(isa) >= 1) {  // AVX512 tiles (an expert's few decode rows: the AMX path's strips would not pay)
       int8_span512(rows, s, x.f, x.ld, y, ldy, n0, n1, N, M, steps);
     } else {
       int8_span(rows, s, x.f, x.ld, y, ldy, n0, n1, N, M, steps);
@@ -64,7 +67,9 @@ void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t gro
   } else {
     const int64_t groups = K / group, group_steps = int4_group_steps(groups, group, steps);
     const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
-    if (isa >= 1) {
+    if (x.fixed != nullptr) {
+      int4_span_vnni(rows, s, groups, *x.fixed, x.first, y, ldy, n0, n1, N, M, group_steps);
+    } else if (isa_base(isa) >= 1) {
       int4_span512(rows, s, groups, x.b, x.ld, y, ldy, n0, n1, N, M, steps, group_steps);
     } else {
       int4_span(rows, s, groups, x.f, x.ld, x.sums, y, ldy, n0, n1, N, M, steps, group_steps);
@@ -72,12 +77,21 @@ void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t gro
   }
 }
 
-// `Rows` over r0.. of float32 rows `f` (and their bf16 copy `b` / group sums `sums` where defined).
-Rows rows_from(const at::Tensor& f, const at::Tensor& b, const at::Tensor& sums, int64_t r0) {
+// `Rows` over r0.. of float32 rows `f` (and their bf16 copy `b` / group sums `sums` / fixed point where defined).
+Rows rows_from(const at::Tensor& f, const at::Tensor& b, const at::Tensor& sums, const FixedRows* fixed, int64_t r0) {
   const int64_t ld = f.size(1);
   return {f.const_data_ptr<float>() + r0 * ld,
           b.defined() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()) + r0 * ld : nullptr,
-          sums.defined() ? sums.const_data_ptr<float>() + r0 * sums.size(1) : nullptr, ld};
+          sums.defined() ? sums.const_data_ptr<float>() + r0 * sums.size(1) : nullptr, ld, fixed, r0};
+}
+
+// bf16 rows b (ldx each) as fixed point where the VNNI tiles run a weight of K in groups of `group` (else null).
+std::optional<FixedRows> fixed_if(bool vnni, const at::Tensor& b, int64_t K, int64_t group) {
+  if (!vnni) return std::nullopt;
+  const int64_t steps = (K + 15) / 16, group_steps = int4_group_steps(K / group, group, steps);
+  if (!vnni_fits(group_steps)) return std::nullopt;
+  return fixed_rows(reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()), b.size(1), b.size(0), steps,
+                    vnni_block_steps(group_steps));
 }
 
 void check_weights(const char* what, at::TensorList q, at::TensorList s, int bits, int64_t N, int64_t K,
@@ -138,8 +152,10 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   std::vector<int64_t> token_of(R);
   for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / K;
   const at::Tensor xg = xf.index_select(0, at::tensor(token_of, ids.options()));
-  const bool bf16_rows_used = bits == 4 && isa >= 1, sums_used = bits == 4 && isa == 0;
+  const bool bf16_rows_used = bits == 4 && isa_base(isa) >= 1, sums_used = bits == 4 && isa == 0;
+  const bool vnni = bf16_rows_used && (isa & kIsaVnni);
   const at::Tensor xb = bf16_rows_used ? xg.to(at::kBFloat16) : at::Tensor();  // exact: x_in is bf16 there
+  const std::optional<FixedRows> xfixed = fixed_if(vnni, xb, E, group_in);
   const at::Tensor xsum = sums_used ? group_sums(xg, E / group_in) : at::Tensor();
   at::Tensor gu = at::empty({2, R, I}, xf.options()), out = at::empty({R, E}, xf.options());
   float* gup = gu.mutable_data_ptr<float>();
@@ -154,21 +170,23 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
       const int64_t r0 = start[u.expert];
       const at::Tensor& q = (u.which == 0 ? gate_q : up_q)[u.expert];
       const S* s = (u.which == 0 ? gate_s : up_s)[u.expert].template const_data_ptr<S>();
-      product(bits, isa, q, s, group_in, rows_from(xg, xb, xsum, r0), gup + (u.which * R + r0) * I, I, u.n0, u.n1,
-              I, count[u.expert], E);
+      product(bits, isa, q, s, group_in, rows_from(xg, xb, xsum, xfixed ? &*xfixed : nullptr, r0),
+              gup + (u.which * R + r0) * I, I, u.n0, u.n1, I, count[u.expert], E);
     });
     // The gated activations: float32, rounded to bf16 where the AVX512 int4 product reads them (as a bf16 model
     // rounds every product's output).
     const at::Tensor h = padded_rows(at::silu(gu[0]).mul_(gu[1]), ldh);
     const at::Tensor hb = bf16_rows_used ? h.to(at::kBFloat16) : at::Tensor();
     const at::Tensor hsum = sums_used ? group_sums(h, I / group_mid) : at::Tensor();
+    const std::optional<FixedRows> hfixed = fixed_if(vnni, hb, I, group_mid);
     units.clear();
     plan(units, active, E, bits == 8 ? ldh : ldh / 2, {2});
     run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
       const Unit& u = units[i];
       const int64_t r0 = start[u.expert];
       product(bits, isa, down_q[u.expert], down_s[u.expert].template const_data_ptr<S>(), group_mid,
-              rows_from(h, hb, hsum, r0), op + r0 * E, E, u.n0, u.n1, E, count[u.expert], I);
+              rows_from(h, hb, hsum, hfixed ? &*hfixed : nullptr, r0), op + r0 * E, E, u.n0, u.n1, E,
+              count[u.expert], I);
     });
   });
 
