@@ -100,7 +100,8 @@ def _registered() -> None:
 
 # Included by the sources: part of the build key.
 _HEADERS = [_CSRC / "parallel.h", _CSRC / "prefetch.h", _CSRC / "quant_avx2.h", _CSRC / "quant_avx512.h",
-            _CSRC / "quant_amx.h", _CSRC / "quant_vnni.h", _CSRC / "amx_tiles.h"]
+            _CSRC / "quant_amx.h", _CSRC / "quant_vnni.h", _CSRC / "amx_tiles.h",
+            _CSRC / "transpose.h"]
 LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
                                cpu_flags=_CPU_FLAGS, depends=_HEADERS)
 

@@ -10,6 +10,7 @@
 
 #include "parallel.h"
 #include "prefetch.h"
+#include "transpose.h"
 #include <torch/types.h>
 
 #include <algorithm>
@@ -264,31 +265,6 @@ inline void pair_tile_any(int mr, int nr, const bf16* a, int64_t lda, const bf16
     case 3: pair_tile_cols<3>(nr, a, lda, b, ldb, pairs, acc); break;
     case 2: pair_tile_cols<2>(nr, a, lda, b, ldb, pairs, acc); break;
     default: pair_tile_cols<1>(nr, a, lda, b, ldb, pairs, acc); break;
-  }
-}
-
-// Transposes 16 rows of 16 32-bit elements in place: r[i] lane j becomes r[j] lane i (unpacks within 128-bit
-// lanes, then 128-bit lane shuffles; 64 shuffles).
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
-    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
-    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
   }
 }
 

@@ -21,6 +21,7 @@
 
 #include "amx_tiles.h"
 #include "quant_avx512.h"
+#include "transpose.h"
 
 #include <c10/util/BFloat16.h>
 
@@ -230,32 +231,15 @@ tile_sums(int nb, int64_t steps, const A& a, int64_t sa, const uint16_t* b, int6
 }
 
 // out[c * ldo + r] = in[r * 16 + c] for a 16 x 16 block of float32 (rows of `in` contiguous), added to what out
-// holds where `add`: three rounds of lane shuffles, then 16 row stores.
-__attribute__((target("avx512f"))) inline void transpose16(const float* in, float* out, int64_t ldo, bool add) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + 16 * i);
-  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved: 2 x 2 blocks
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+// holds where `add`.
+__attribute__((target("avx512f"))) inline void transposed_to(const float* in, float* out, int64_t ldo, bool add) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(in + 16 * i));
+  dsvl2_kernels_detail::transpose16(r);
+  for (int c = 0; c < 16; ++c) {
+    const __m512 v = _mm512_castsi512_ps(r[c]);
+    _mm512_storeu_ps(out + c * ldo, add ? _mm512_add_ps(_mm512_loadu_ps(out + c * ldo), v) : v);
   }
-  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks within each 128-bit lane
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-  // r[4b + q] now holds, in 128-bit lane l, column 4l + q of rows 4b .. 4b + 3: gather the lanes across the 4 b's.
-  for (int q = 0; q < 4; ++q) {
-    const __m512 a = _mm512_shuffle_f32x4(r[q], r[4 + q], 0x44), b = _mm512_shuffle_f32x4(r[q], r[4 + q], 0xEE);
-    const __m512 c = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0x44);
-    const __m512 d = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0xEE);
-    t[q] = _mm512_shuffle_f32x4(a, c, 0x88);       // column q:      lane 0 of each b
-    t[4 + q] = _mm512_shuffle_f32x4(a, c, 0xDD);   // column 4 + q:  lane 1
-    t[8 + q] = _mm512_shuffle_f32x4(b, d, 0x88);   // column 8 + q:  lane 2
-    t[12 + q] = _mm512_shuffle_f32x4(b, d, 0xDD);  // column 12 + q: lane 3
-  }
-  for (int c = 0; c < 16; ++c)
-    _mm512_storeu_ps(out + c * ldo, add ? _mm512_add_ps(_mm512_loadu_ps(out + c * ldo), t[c]) : t[c]);
 }
 
 // Rows [n0, n1) of y (n0 a multiple of 16) for all M rows of x (pairs `xk` from amx_pairs, L lanes) with the weight
@@ -286,7 +270,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,
   // sums (tile_sums' layout: weight row x row of x) of the rows m0 .. m0 + 32 into acc, transposed, added to what is
   // there where `add`.
   const auto collect = [&](int64_t m0, int nb, bool add) {
-    for (int j = 0; j < nb; ++j) transpose16(sums + j * 256, acc.data() + (m0 + 16 * j) * kStripRows, kStripRows, add);
+    for (int j = 0; j < nb; ++j)
+      transposed_to(sums + j * 256, acc.data() + (m0 + 16 * j) * kStripRows, kStripRows, add);
   };
   dsvl2_kernels_detail::amx_begin();
   for (int64_t n = n0; n < n1; n += kStripRows) {
