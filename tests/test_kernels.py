@@ -67,8 +67,10 @@ def test_availability_follows_the_machine(built):
         assert torch.equal(kernels.linear(x, w), F.linear(x, w))
 
 
-SHAPES = [  # (M, N, K): full tiles, every M and N remainder of the 4 x 4 tiles, K tails and odd K
+SHAPES = [  # (M, N, K): full tiles, every M and N remainder of the 4 x 4 tiles, K tails and odd K; on an AMX CPU
+    # 2-32 rows with K a multiple of 32 take AMX's tiles for N rounded down to 16 and stream the rest (1795: 3 rows)
     (1, 896, 1280),
+    (6, 1795, 1280),
     (2, 1792, 1280),
     (3, 1280, 896),
     (4, 17, 64),
@@ -202,8 +204,8 @@ def _moe(hidden: int, inter: int, experts: int, top_k: int, seed: int):
 
 
 MOE_SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: all slots crowded onto the first ones
-    (1280, 896, 64, 6, 8),  # Tiny's layer at batch 8: every expert streams its weight (few rows)
-    (1280, 896, 64, 6, 160),  # prefill-sized: experts with >= 16 rows packed, the others streamed, in one call
+    (1280, 896, 64, 6, 8),  # Tiny's layer at batch 8: one-row experts stream their weight, 2+ rows on AMX's tiles
+    (1280, 896, 64, 6, 160),  # prefill-sized: experts with >= 16 rows (2 on AMX) packed, the others streamed
     (97, 31, 5, 3, 32),  # odd sizes, crowded: packed with odd K on both passes and a partial column block
     (33, 7, 4, 4, 40),
     (33, 7, 4, 4, 1),  # one token

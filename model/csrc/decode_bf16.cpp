@@ -19,12 +19,22 @@
 // At M >= 8 a core is near its vdpbf16ps issue rate (about one per cycle, ~180 GFLOP/s here).
 
 
+#include "amx_rows.h"
 #include "amx_tiles.h"
 #include "bf16_common.h"
 
 namespace {
 
 using namespace dsvl2_kernels_detail;
+
+// Rows of x from which linear_bf16 multiplies on AMX's tiles where the CPU has them (up to 32, K a multiple of 32;
+// the last N % 16 weight rows stream through the dot products): at 8 rows those are bound by VDPBF16PS's issue rate
+// on a Xeon (~0.4 a cycle: Tiny's lm_head 30-35 ms, 52% of the read bandwidth), where the tiles take 16 weight rows
+// x 32 k x 16 rows of x per instruction and stream 32 weight rows at a time, the next 32 prefetched into L2: 14-18
+// ms at 8 rows, 15-19 at 2-6 (bench/RESULTS.md); at one row the two ran even. Units of up to 256 weight rows: the
+// prefetch reaches the thread's own next block (units of 32 rows prefetched the unit the other core then took, into
+// this core's L2: 30 ms at 8 rows).
+constexpr int64_t kAmxRows = 2;
 
 at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "linear_bf16: x (M, K) and w (N, K) must be 2-D");
@@ -42,9 +52,25 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
   const bf16* xp = x.const_data_ptr<bf16>();
   const bf16* wp = w.const_data_ptr<bf16>();
   bf16* yp = y.mutable_data_ptr<bf16>();
-  const int64_t per_unit = rows_per_unit(K * 2);
-  run_units((N + per_unit - 1) / per_unit, [&](int64_t u) {
-    span(wp, xp, yp, u * per_unit, std::min(N, (u + 1) * per_unit), M, K, N);
+  // Weight rows [0, tiled) on AMX's tiles (x packed once into pairs), the rest streamed through the dot products.
+  const int64_t tiled = M >= kAmxRows && M <= 32 && K % 32 == 0 && amx_ready() ? N / 16 * 16 : 0;
+  at::Tensor xk;
+  if (tiled > 0) {
+    xk = at::empty({padded_tokens(M) * K}, x.options());
+    pack_pairs(xp, K, M, K, padded_tokens(M), xk.mutable_data_ptr<bf16>());
+  }
+  const bf16* xkp = tiled > 0 ? xk.const_data_ptr<bf16>() : nullptr;
+  const int64_t per_tiled = std::max<int64_t>(32, std::min<int64_t>(256, tiled / 16) / 32 * 32);
+  const int64_t tiled_units = (tiled + per_tiled - 1) / per_tiled;
+  const int64_t per_unit = rows_per_unit(K * 2), rest = N - tiled;
+  run_units(tiled_units + (rest + per_unit - 1) / per_unit, [&](int64_t u) {
+    if (u < tiled_units) {
+      const int64_t n0 = u * per_tiled, n1 = std::min(tiled, n0 + per_tiled);
+      rows_amx(wp + n0 * K, K, n1 - n0, xkp, M, yp + n0, N, wp + (n1 < tiled ? n1 : n0) * K);
+    } else {
+      const int64_t n0 = tiled + (u - tiled_units) * per_unit;
+      span(wp, xp, yp, n0, std::min(N, n0 + per_unit), M, K, N);
+    }
   });
   return y;
 }

@@ -12,15 +12,18 @@
 //   many rows (prefill) the unit's 48 weight rows are packed into pairs along K (`pack_pairs`, L2-resident) and
 //                       multiplied by the outer-product micro-kernel (`pair_tile`, 8 rows x 48 columns), which
 //                       needs no reductions; the next unit's weight rows are prefetched meanwhile;
-//   many rows on AMX    (Xeons with AMX-BF16, when asked) the weights are the tiles' a operand as they lie (nothing
+//   2+ rows on AMX      (Xeons with AMX-BF16, when asked) the weights are the tiles' a operand as they lie (nothing
 //                       packed per unit) and each expert's activations are packed once into pairs as the b operand
-//                       (amx_tiles.h); the next block of weight rows is prefetched while a block multiplies.
+//                       (amx_tiles.h, amx_rows.h); the next block of weight rows is prefetched while a block
+//                       multiplies. From 2 rows: the tiles streamed Tiny's decode experts and projections faster
+//                       than the dot products there (decode_bf16.cpp's kAmxRows).
 // Measured on the 2-core Zen 4 (1,000-token prefill of the real-dimension Tiny): the layer's experts at ~310 GFLOP/s
 // with cold weights (~340-370 on warm ones), and the whole prefill 12% faster than torch's per-expert products
 // (oneDNN reorders every expert's weight for each small product) with their gather, scatter and float32 combine.
 // On a 2-core Xeon with AMX (bench/moe_grouped.py, Tiny's widths): 1,000 tokens 2.2-2.5x and 2,048 tokens 1.5-2.0x
 // torch's grouped product; the AVX512 micro-kernel reaches only a third of torch there.
 
+#include "amx_rows.h"
 #include "amx_tiles.h"
 #include "bf16_common.h"
 
@@ -29,6 +32,7 @@ namespace {
 using namespace dsvl2_kernels_detail;
 
 constexpr int64_t kPackedMinRows = 16;  // an expert with at least this many rows takes the packed path
+constexpr int64_t kAmxMinRows = 2;      // on AMX, from this many (decode_bf16.cpp's kAmxRows: the tiles stream faster)
 constexpr int kPR = 8;                  // activation rows per packed micro-tile
 constexpr int kPC = 3;                  // 16-lane weight columns per packed unit and micro-tile: 48 weight rows
 
@@ -47,24 +51,6 @@ inline void gate_in_place(bf16* g, const bf16* u, int64_t n) {
   }
 }
 
-// Prefetches piece `part` of `parts` of the bytes [p, p + bytes) into L2. Spread over a packed unit's row blocks, it
-// brings in the weight rows of the unit this thread will likely take next while this one computes (cold expert
-// weights otherwise stall the packing).
-inline void prefetch_piece(const bf16* p, int64_t bytes, int64_t part, int64_t parts) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t o = bytes * part / parts / 64 * 64; o < bytes * (part + 1) / parts; o += 64)
-    dsvl2_prefetch::to_l2(c + o);
-}
-
-// The prefetch hook of a run of `calls` amx_block calls of `steps` steps each: step s of call `call` brings its share
-// of the `bytes` at each of r0 and r1 into L2 (prefetch_piece).
-inline auto spread_prefetch(const bf16* r0, const bf16* r1, int64_t bytes, int64_t call, int64_t calls, int64_t steps) {
-  return [=](int64_t s) {
-    prefetch_piece(r0, bytes, call * steps + s, calls * steps);
-    prefetch_piece(r1, bytes, call * steps + s, calls * steps);
-  };
-}
-
 struct Unit {
   int64_t expert, n0, n1;  // weight rows [n0, n1)
   bool packed;
@@ -73,10 +59,10 @@ struct Unit {
 // Units covering `rows` weight rows of every active expert: kPC * 16 rows where the expert takes the packed path,
 // `streamed` rows (about kChunkBytes of weight) where it streams.
 std::vector<Unit> plan(const std::vector<int64_t>& active, const std::vector<int64_t>& count, int64_t rows,
-                       int64_t streamed) {
+                       int64_t streamed, int64_t min_packed) {
   std::vector<Unit> units;
   for (int64_t e : active) {
-    const bool packed = count[e] >= kPackedMinRows;
+    const bool packed = count[e] >= min_packed;
     const int64_t step = packed ? kPC * 16 : streamed;
     for (int64_t n0 = 0; n0 < rows; n0 += step) units.push_back({e, n0, std::min(rows, n0 + step), packed});
   }
@@ -90,16 +76,6 @@ int pack_unit(const bf16* w, int64_t K, int64_t n0, int64_t n1, std::vector<bf16
   pk.resize((K + 1) / 2 * cols * 32);
   pack_pairs(w + n0 * K, K, n1 - n0, K, cols * 16, pk.data());
   return cols;
-}
-
-// Tokens of an expert's packed activations, a multiple of 16 (AMX's b blocks; the rows past M are zero).
-inline int64_t padded_tokens(int64_t M) { return (M + 15) / 16 * 16; }
-
-// Writes the 16 x 16 float32 block v (v[r] lane t: weight row r, token t), transposed and rounded to bf16, into rows
-// t < tokens of out (row stride ldo), 16 columns each.
-inline void store_transposed(__m512* v, int64_t tokens, bf16* out, int64_t ldo) {
-  transpose16(reinterpret_cast<__m512i*>(v));
-  for (int64_t t = 0; t < std::min<int64_t>(16, tokens); ++t) store_bf16(out + t * ldo, v[t], 0xFFFF);
 }
 
 // On AMX the weights are the a operand as they lie (rows of 16 output features, no packing) and the expert's
@@ -134,33 +110,6 @@ void gate_up_amx(const bf16* wg, const bf16* wu, int64_t K, int64_t rows, const 
   amx_end();
 }
 
-// Down rows [0, rows) (row stride K, rows a multiple of 16) of one expert times its packed gated activations gk
-// (M tokens) into out (row stride ldo) at the unit's first column; see gate_up_amx (next_d: the next unit's rows).
-void down_amx(const bf16* wd, int64_t K, int64_t rows, const bf16* gk, int64_t M, bf16* out, int64_t ldo,
-              const bf16* next_d) {
-  const int64_t L = padded_tokens(M), calls = (L + 31) / 32;
-  alignas(64) float sums[4 * 256];
-  __m512 v[16];
-  amx_begin();
-  for (int64_t n = 0; n < rows; n += 32) {
-    const int mb = rows - n > 16 ? 2 : 1;
-    const bf16* const a[2] = {wd + n * K, wd + (n + 16) * K};
-    const bf16* const next = n + 32 >= rows ? next_d : wd + (n + 32) * K;
-    for (int64_t j = 0; j < L; j += 32) {
-      const int nb = L - j > 16 ? 2 : 1;
-      const bf16* const b[2] = {gk + j * 2, gk + (j + 16) * 2};
-      amx_block_any(mb, nb, a, K, b, L * 2, K / 32, sums,
-                    spread_prefetch(next, next + 16 * K, 16 * K * 2, j / 32, calls, K / 32));
-      for (int i = 0; i < mb; ++i)
-        for (int jb = 0; jb < nb; ++jb) {
-          for (int r = 0; r < 16; ++r) v[r] = _mm512_load_ps(sums + (i * nb + jb) * 256 + 16 * r);
-          store_transposed(v, M - j - 16 * jb, out + (j + 16 * jb) * ldo + n + 16 * i, ldo);
-        }
-    }
-  }
-  amx_end();
-}
-
 at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                     at::TensorList gate, at::TensorList up, at::TensorList down, bool amx) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu(),
@@ -186,12 +135,15 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     row_of[s] = fill[idp[s]]++;
     slot_of[row_of[s]] = s;
   }
+  // On AMX, each packed expert's rows of x (and later of g) are packed into pairs for the tiles (below).
+  const bool use_amx = amx && amx_fits(E) && amx_fits(I) && amx_ready();
+  const int64_t min_packed = use_amx ? kAmxMinRows : kPackedMinRows;
   std::vector<int64_t> active;
   bool any_streamed = false;
   for (int64_t e = 0; e < X; ++e) {
     if (!count[e]) continue;
     active.push_back(e);
-    any_streamed |= count[e] < kPackedMinRows;
+    any_streamed |= count[e] < min_packed;
     for (const at::Tensor* w : {&gate[e], &up[e], &down[e]})
       TORCH_CHECK(w->scalar_type() == at::kBFloat16 && w->device().is_cpu() && w->is_contiguous() && w->dim() == 2,
                   "moe_bf16: expert weights must be contiguous 2-D bfloat16 CPU tensors");
@@ -218,11 +170,10 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     }
   });
 
-  // On AMX, each packed expert's rows of x (and later of g) packed into pairs for the tiles, at token offset tok0[e].
-  const bool use_amx = amx && amx_fits(E) && amx_fits(I) && amx_ready();
+  // Each packed expert's rows packed for AMX's tiles at token offset tok0[e].
   std::vector<int64_t> tok0(X + 1, 0), packed_experts;
   for (int64_t e = 0; e < X; ++e) {
-    const bool p = use_amx && count[e] >= kPackedMinRows;
+    const bool p = use_amx && count[e] >= min_packed;
     tok0[e + 1] = tok0[e] + (p ? padded_tokens(count[e]) : 0);
     if (p) packed_experts.push_back(e);
   }
@@ -239,7 +190,7 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
 
   const int64_t workers = at::get_num_threads();
   // Pass 1: gate and up rows [n0, n1) of one expert for all its rows, gated into g.
-  const std::vector<Unit> units1 = plan(active, count, I, rows_per_unit(2 * E * 2));
+  const std::vector<Unit> units1 = plan(active, count, I, rows_per_unit(2 * E * 2), min_packed);
   run_units(static_cast<int64_t>(units1.size()), [&](int64_t i) {
     const Unit& t = units1[i];
     const int64_t r0 = start[t.expert], M = count[t.expert];
@@ -281,7 +232,7 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
   pack_rows(gp, Ix, I, gkp);
 
   // Pass 2: down rows [n0, n1) of one expert for all its rows.
-  const std::vector<Unit> units2 = plan(active, count, E, rows_per_unit(I * 2));
+  const std::vector<Unit> units2 = plan(active, count, E, rows_per_unit(I * 2), min_packed);
   run_units(static_cast<int64_t>(units2.size()), [&](int64_t i) {
     const Unit& t = units2[i];
     const int64_t r0 = start[t.expert], M = count[t.expert];
@@ -292,7 +243,7 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     }
     if (use_amx) {
       const Unit& next = units2[std::min<int64_t>(i + workers, units2.size() - 1)];
-      down_amx(wd + t.n0 * I, I, t.n1 - t.n0, gkp + tok0[t.expert] * I, M, op + r0 * E + t.n0, E,
+      rows_amx(wd + t.n0 * I, I, t.n1 - t.n0, gkp + tok0[t.expert] * I, M, op + r0 * E + t.n0, E,
                down[next.expert].const_data_ptr<bf16>() + next.n0 * I);
       return;
     }
