@@ -236,7 +236,8 @@ class QuantLinear(nn.Module):
                 and x.numel() > 0 and self.layout in ("plain", "cpu"))
 
     def kernel_fits(self, x: torch.Tensor, impl: Impl = "kernel") -> bool:
-        """Whether our compiled kernel `impl` ("kernel", "kernel_avx512" or "kernel_amx") covers x with this weight
+        """Whether our compiled kernel `impl` (one of KERNEL_ISA's: "kernel", "kernel_avx512", "kernel_amx" or their
+        VNNI variants) covers x with this weight
         (and is available and switched on). Asked on every product: the cheap checks come first."""
         if (x.dtype not in KERNEL_DTYPES or not x.is_cpu or x.numel() == 0
                 or self.layout != KERNEL_LAYOUT[self.scheme.bits]):

@@ -101,3 +101,19 @@ def test_vnni_impls_are_int4_only(quant_vnni_on):
     int8, _, _ = quant_layer(torch.randn(16, 64), Scheme(8), torch.bfloat16)
     int4, _, _ = quant_layer(torch.randn(16, 64), Scheme(4, 32), torch.bfloat16)
     assert not int8.kernel_fits(probe, "kernel_vnni") and int4.kernel_fits(probe, "kernel_vnni")
+
+
+def test_vnni_tiles_read_denormals_as_zero_and_spread_a_nan(quant_vnni_on):
+    """The kernel's own handling of x's edge values, as quant_vnni.h states it: a bf16 denormal multiplies as zero
+    (as VDPBF16PS reads it), and a block with an Inf makes every output NaN (not a finite number)."""
+    layer, _, _ = quant_layer(torch.randn(16, 256, generator=torch.Generator().manual_seed(3)), Scheme(4, 128),
+                              torch.bfloat16)
+    x = _wide_x(1, 256, 4)
+    tiny = x.clone()
+    tiny[0, 5] = torch.finfo(torch.bfloat16).tiny / 4  # a denormal
+    zeroed = x.clone()
+    zeroed[0, 5] = 0.0
+    with torch.inference_mode():
+        assert torch.equal(layer.run(tiny, "kernel_vnni"), layer.run(zeroed, "kernel_vnni"))
+        x[0, 200] = float("inf")
+        assert bool(layer.run(x, "kernel_vnni").isnan().all())
