@@ -2,7 +2,7 @@
 // "k16r4" layout as it lies. quant_avx512.h's int4 tile looks each nibble up as bf16 and multiplies it on
 // VDPBF16PS; on a Xeon with AMX that instruction issues at ~0.4 a cycle (a quarter of the FMAs' rate), which bounds
 // one row of x at ~15 G weights a second a core from cache. VPDPBUSD (u8 x s8 -> int32, 4 products a 32-bit lane)
-// issues ~1.9x as often there and needs no lookup: the nibbles are the u8 operand after one AND (low) or a shift
+// issues 2-4x as often there (bench/isa_rates.cpp) and needs no lookup: the nibbles are the u8 operand after one AND (low) or a shift
 // and an AND (high).
 //
 // x therefore goes in as fixed point: per block of B k (B = 16 * gcd(G / 16, 8) k: 128 for G = 128), a power of two
@@ -30,7 +30,8 @@
 
 namespace dsvl2_quant_detail {
 
-// Whether the VNNI tiles cover a weight of `steps` 16-k steps in groups of `group_steps` (whole pairs of steps).
+// Whether the VNNI tiles cover a weight in groups of `group_steps` 16-k steps (whole pairs of steps), and the
+// steps of x's fixed-point blocks for it (at most 8: 128 k).
 inline bool vnni_fits(int64_t group_steps) { return group_steps % 2 == 0; }
 inline int64_t vnni_block_steps(int64_t group_steps) { return std::gcd(group_steps, int64_t{8}); }
 
