@@ -19,10 +19,12 @@ from dsvl2.model import quant_kernels
 from dsvl2.model.quant import Scheme, dequantize
 
 # (N, K, int4 group): Tiny's width (blocks of 128 k), the dense down_proj's groups of 64 over K = 6848, groups of
-# 32 (a block of 2 steps), one group of all K = 96 (6 steps: blocks of 2), odd N; K = 48 in groups of 16 and K = 40
-# (one group, 3 steps) do not fit (odd steps per group): the bf16 tiles run them.
-SHAPES = ((1280, 1280, 128), (33, 6848, 64), (37, 96, 32), (21, 96, 96), (20, 48, 16), (9, 40, 40))
-ROWS = (1, 2, 3, 4, 5, 8)
+# 32 (a block of 2 steps; 301 rows: passes of 128 weight rows and a part one), one group of all K = 96 (6 steps:
+# blocks of 2), odd N; K = 48 in groups of 16 and K = 40 (one group, 3 steps) do not fit (odd steps per group): the
+# bf16 tiles run them. Rows: 1-2 stream the whole K per weight block, more go block by block of x in passes of 16
+# rows of x (19: two) and tiles of up to 8.
+SHAPES = ((1280, 1280, 128), (33, 6848, 64), (301, 96, 32), (21, 96, 96), (20, 48, 16), (9, 40, 40))
+ROWS = (1, 2, 3, 4, 5, 8, 19)
 AMX_MIN_ROWS = 6  # "kernel_amx_vnni" multiplies this many rows or more on AMX's tiles (x as it is, the weights'
 # q * s rounded to bf16: tests/test_quant_kernels.py's bound) where K and the groups are multiples of 32
 

@@ -35,6 +35,8 @@ namespace dsvl2_quant_detail {
 inline bool vnni_fits(int64_t group_steps) { return group_steps % 2 == 0; }
 inline int64_t vnni_block_steps(int64_t group_steps) { return std::gcd(group_steps, int64_t{8}); }
 
+constexpr int64_t kVnniStreamRows = 2;  // rows of x up to which a tile runs the whole K (int4_span_vnni)
+
 // M rows of x as the VNNI tiles read them (see the top): per row, pairs * 4 vectors, and per block its scale 2^E
 // and 8 * sum(x_q). Owns its memory.
 struct FixedRows {
@@ -179,12 +181,103 @@ inline void int4_tile_vnni(const Int4Rows& q, const S* s, int64_t groups, const 
   }
 }
 
+// Block b of x's fixed point (weight group g) for MB rows of x from row m, under the nb blocks of 4 weight rows from
+// row n0: per weight block, the int32 sums per part (the low and high nibbles' products share a chain: exact), then
+// one float32 FMA per row of x into its sums, acc + j * 16 + i * ld_acc for weight block j and row m + i (16 lanes:
+// lane d holds weight row (d % 8) / 2's). The next block of x's weight bytes (the same rows) are prefetched where
+// `ahead`. PAIRS (x's block_pairs) a constant: the block's loop unrolled keeps its sums in registers.
+template <int MB, int PAIRS, typename S>
+inline void int4_blocks_vnni(const Int4Rows& q, const S* s, int64_t groups, int64_t g, int64_t n0, int64_t nb,
+                             int64_t N, const FixedRows& x, int64_t m, int64_t b, float* acc, int64_t ld_acc,
+                             bool ahead) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i row_of_lane = _mm512_set_epi32(3, 3, 2, 2, 1, 1, 0, 0, 3, 3, 2, 2, 1, 1, 0, 0);
+  constexpr __mmask16 kFirstLanes = 0x0055;
+  constexpr int64_t kBlockBytes = PAIRS * 64;
+  const int8_t* xr[MB];
+  for (int i = 0; i < MB; ++i) xr[i] = x.row(m + i) + b * PAIRS * 256;
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t n = n0 + j * kRowsPerBlock;
+    const uint8_t* rp = q.row(n) + b * kBlockBytes;
+    if (ahead)
+      for (int o = 0; o < kBlockBytes; o += 64) dsvl2_prefetch::to_l1(rp + kBlockBytes + o);
+    __m512i lo[MB], hi[MB];
+#pragma GCC unroll 8  // unrolled, not a memset of the arrays and reloads (what GCC made of MB 6-8: 2x slower)
+    for (int i = 0; i < MB; ++i) lo[i] = hi[i] = _mm512_setzero_si512();
+#pragma GCC unroll 4  // the whole block: its sums stay in the same registers (a loop copied them each pair)
+    for (int p = 0; p < PAIRS; ++p) {
+      const __m512i v = _mm512_loadu_si512(rp + p * 64);
+      const __m512i wl = _mm512_and_si512(v, low), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xv = xr[i] + p * 256;
+        lo[i] = _mm512_dpbusd_epi32(lo[i], wl, _mm512_loadu_si512(xv));
+        hi[i] = _mm512_dpbusd_epi32(hi[i], wl, _mm512_loadu_si512(xv + 64));
+        lo[i] = _mm512_dpbusd_epi32(lo[i], wh, _mm512_loadu_si512(xv + 128));
+        hi[i] = _mm512_dpbusd_epi32(hi[i], wh, _mm512_loadu_si512(xv + 192));
+      }
+    }
+    const __m128 s4 = _mm_setr_ps(group_scale(s, groups, n, g, N), group_scale(s, groups, n + 1, g, N),
+                                  group_scale(s, groups, n + 2, g, N), group_scale(s, groups, n + 3, g, N));
+    const __m512 sw = _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(s4));
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi[i], 7), lo[i]);
+      sum = _mm512_mask_sub_epi32(sum, kFirstLanes, sum, _mm512_set1_epi32(x.offset(m + i)[b]));
+      float* a = acc + j * 16 + i * ld_acc;
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                                          _mm512_mul_ps(sw, _mm512_set1_ps(x.scale(m + i)[b])), _mm512_loadu_ps(a)));
+    }
+  }
+}
+
+// Rows [n0, n1) of y for M rows of x from row m0. One or two rows stream each block of 4 weight rows over the whole
+// K (int4_tile_vnni: the weight read once, at memory speed). More go block of x by block of x, a pass of up to
+// kPassBlocks weight blocks under each, the rows of x 16 at a time (sums and x near the core: 32 + 16 KB): x's
+// vectors (4 x 64 bytes per 32 k and row, 4x its bf16 bytes) came from L2 once per 4 weight rows when each tile ran
+// the whole K, and that bounded the tiles from 3 rows on (8 rows: 2.9 G weights a second a core from cache, 4.5-5.4
+// now; Tiny's lm_head from memory at 4 / 5 / 8 rows 14.2 / 20.2 / 27.7 -> 11.6 / 13.9 / 18.5 ms: bench/RESULTS.md).
 template <typename S>
 void int4_span_vnni(const Int4Rows& q, const S* s, int64_t groups, const FixedRows& x, int64_t m0, float* y,
                     int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t group_steps) {
-  tiles<4>(M, n0, n1, [&](auto mb_tag, int64_t m, int64_t n) {
-    int4_tile_vnni<decltype(mb_tag)::value>(q, s, groups, x, m0 + m, y + m * ldy, ldy, n, N, group_steps);
-  });
+  if (M <= kVnniStreamRows) {
+    tiles<kVnniStreamRows>(M, n0, n1, [&](auto mb_tag, int64_t m, int64_t n) {
+      int4_tile_vnni<decltype(mb_tag)::value>(q, s, groups, x, m0 + m, y + m * ldy, ldy, n, N, group_steps);
+    });
+    return;
+  }
+  constexpr int64_t kPassBlocks = 32, kPassRows = 16;
+  const int64_t pairs = x.block_pairs, block_steps = 2 * pairs;
+  thread_local std::vector<float> acc;
+  for (int64_t mc = 0; mc < M; mc += kPassRows)
+    for (int64_t c0 = n0; c0 < n1; c0 += kPassBlocks * kRowsPerBlock) {
+      const int64_t rows = std::min(kPassRows, M - mc);
+      const int64_t nb = (std::min(n1, c0 + kPassBlocks * kRowsPerBlock) - c0 + 3) / kRowsPerBlock;
+      acc.assign(rows * nb * 16, 0.0f);
+      for (int64_t b = 0; b < x.blocks; ++b) {
+        const int64_t g = groups == 1 ? 0 : b * block_steps / group_steps;
+        row_blocks<8>(rows, [&](auto mb_tag, int64_t m) {
+          constexpr int MB = decltype(mb_tag)::value;
+          float* a = acc.data() + m * nb * 16;
+          const int64_t first = m0 + mc + m;
+          const bool ahead = m == 0 && b + 1 < x.blocks;
+          if (pairs == 4) {
+            int4_blocks_vnni<MB, 4>(q, s, groups, g, c0, nb, N, x, first, b, a, nb * 16, ahead);
+          } else if (pairs == 2) {
+            int4_blocks_vnni<MB, 2>(q, s, groups, g, c0, nb, N, x, first, b, a, nb * 16, ahead);
+          } else {
+            int4_blocks_vnni<MB, 1>(q, s, groups, g, c0, nb, N, x, first, b, a, nb * 16, ahead);
+          }
+        });
+      }
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < nb; ++j) {
+          const float* l = acc.data() + (m * nb + j) * 16;
+          float* out = y + (mc + m) * ldy + c0 + kRowsPerBlock * j;
+          for (int r = 0; r < kRowsPerBlock && c0 + kRowsPerBlock * j + r < N; ++r)
+            out[r] = (l[2 * r] + l[2 * r + 1]) + (l[8 + 2 * r] + l[9 + 2 * r]);
+        }
+    }
 }
 
 #pragma GCC pop_options
