@@ -158,7 +158,9 @@ class _Session:
                                level=1)
         if (quant := getattr(runtime, "quant_paths", None)) is not None:
             self.reporter.info(f"{quant['scheme']} products: " + "; ".join(
-                f"{family} decode {p['decode']}, prefill {p['prefill']}, {p['layout']} layout"
+                f"{family} decode {p['decode']}, prefill {p['prefill']}, {p['layout']} layout" + "".join(
+                    f" ({o['layers']} layers: decode {o['decode']}, prefill {o['prefill']}, {o['layout']} layout)"
+                    for o in p.get("others", ()))
                 for family, p in quant["families"].items()), level=1)
         return runtime
 

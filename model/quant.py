@@ -380,12 +380,25 @@ def quant_layers(model: nn.Module) -> list[QuantLinear]:
 
 def quant_paths(model: nn.Module) -> dict | None:
     """What `model`'s quantised products run, for -v and the run manifest: the scheme and, per family of layers
-    (quant_choice's "experts" / "dense", which sets them for all of a family), the decode and prefill
-    implementations and the weights' layout; None when nothing is quantised."""
-    families: dict[str, dict[str, str]] = {}
+    (quant_choice's "experts" / "dense"), the decode and prefill implementations and the weights' layout that most
+    of its weights run, with "others" listing any other combination and its count of layers (layers the family's
+    layout does not fit keep theirs: quant_choice's `Decision.others`); None when nothing is quantised."""
+    weights: dict[str, dict[tuple[str, str, str], list[int]]] = {}
     scheme = None
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             scheme = scheme or m.scheme.name
-            families.setdefault(family_of(name), {"decode": m.impls[0], "prefill": m.impls[1], "layout": m.layout})
-    return None if scheme is None else {"scheme": scheme, "families": families}
+            seen = weights.setdefault(family_of(name), {}).setdefault((*m.impls, m.layout), [0, 0])
+            seen[0] += m.in_features * m.out_features
+            seen[1] += 1
+    if scheme is None:
+        return None
+    families: dict[str, dict] = {}
+    for family, combos in weights.items():
+        ranked = sorted(combos.items(), key=lambda kv: -kv[1][0])
+        (decode, prefill, layout), _ = ranked[0]
+        families[family] = {"decode": decode, "prefill": prefill, "layout": layout}
+        if len(ranked) > 1:
+            families[family]["others"] = [{"decode": d, "prefill": p, "layout": lay, "layers": n}
+                                          for (d, p, lay), (_, n) in ranked[1:]]
+    return {"scheme": scheme, "families": families}

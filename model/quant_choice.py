@@ -61,11 +61,20 @@ Timings = dict[str, float]  # "<impl>@<layout>@<rows>" -> seconds per product (t
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What a family's products run: `decode` for up to QuantLinear.DECODE_ROWS rows, `prefill` for more, and the
-    layout their weights take."""
+    layout their weights take; `others`: for a layer that cannot take that layout (a shape torch's int4 layout does
+    not cover), the decode timings' fastest impl in each other layout timed, which it runs for both."""
 
     decode: Impl
     prefill: Impl
     layout: Layout
+    others: tuple[tuple[Layout, Impl], ...] = ()
+
+    def impls_for(self, layout: Layout) -> tuple[Impl, Impl]:
+        """(decode, prefill) for a layer in `layout`."""
+        if layout == self.layout:
+            return self.decode, self.prefill
+        impl = dict(self.others).get(layout)
+        return (impl, impl) if impl is not None else (self.decode, self.prefill)
 
 
 _decided: dict[tuple, Decision] = {}
@@ -187,11 +196,13 @@ def _parsed(timings: Timings, rows: int) -> dict[tuple[Impl, Layout], float]:
     return out
 
 
-def _decode_choice(timings: Timings, decode_rows: tuple[int, ...]) -> tuple[Impl, Layout] | None:
-    """The decode winner: among the (impl, layout) pairs timed at every row count of `decode_rows`, the least
-    slowdown against the fastest at each row count, summed; None when no pair was timed at all of them."""
+def _decode_choice(timings: Timings, decode_rows: tuple[int, ...], layout: Layout | None = None
+                   ) -> tuple[Impl, Layout] | None:
+    """The decode winner: among the (impl, layout) pairs timed at every row count of `decode_rows` (in `layout`
+    only, where given), the least slowdown against the fastest at each row count, summed; None when no pair was
+    timed at all of them."""
     per_rows = [_parsed(timings, rows) for rows in decode_rows]
-    both = sorted(set.intersection(*(set(t) for t in per_rows)))
+    both = sorted(c for c in set.intersection(*(set(t) for t in per_rows)) if layout in (None, c[1]))
     if not both:
         return None
     best = [min(t[c] for c in both) for t in per_rows]
@@ -207,7 +218,9 @@ def from_timings(timings: Timings, family: Family) -> Decision | None:
     prefill = {i: s for (i, lay), s in _parsed(timings, prefill_rows).items() if lay == layout}
     if not prefill:
         return None
-    return Decision(impl, min(prefill, key=prefill.__getitem__), layout)
+    timed = sorted({lay for name in timings for lay in [name.split("@")[1]] if lay != layout})
+    others = tuple((lay, pick[0]) for lay in timed if (pick := _decode_choice(timings, DECODE_ROWS[family], lay)))
+    return Decision(impl, min(prefill, key=prefill.__getitem__), layout, others)
 
 
 def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Timer = best_time,
@@ -295,12 +308,13 @@ def decide(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, ca
 def choose(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, cache: Path | None = None
            ) -> dict[Family, Decision]:
     """`decide`, then make every quantised layer of `model` run its family's decision: repacked, one layer at a
-    time, into the layout the decision reads where the layer can take it, and its `impls` set."""
+    time, into the layout the decision reads where the layer can take it, and its `impls` set (for a layer that
+    cannot, the fastest timed in the layout it keeps: not the AVX2 kernel that a decision's impl falls back to)."""
     decisions = decide(model, dtype, timer=timer, cache=cache)
     with allocator.while_loading():  # as `laid_out`
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear) and (d := decisions.get(family_of(name))) is not None:
                 if d.layout in m.layouts():
                     m.relayout(d.layout)
-                m.impls = (d.decode, d.prefill)
+                m.impls = d.impls_for(m.layout)
     return decisions

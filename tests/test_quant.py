@@ -147,7 +147,8 @@ def test_the_choice_takes_the_fastest_candidate_per_row_count():
     assert min(times, key=times.get) == "packed_bf16"
     quant_choice._decided.clear()
     decisions = quant_choice.choose(model, torch.float32, timer=timer)
-    assert decisions == {"dense": quant_choice.Decision("packed", "dequant", "plain")}
+    assert list(decisions) == ["dense"] and decisions["dense"].impls_for("plain") == ("packed", "dequant")
+    assert decisions["dense"].layout == "plain"
     assert layer.impls == ("packed", "dequant") and layer.layout == "plain"  # the layout the decode winner reads
     assert quant_choice.candidates(layer, torch.bfloat16) == ["packed", "dequant"]  # no cast for bf16
     if quant_kernels.available():
@@ -211,6 +212,36 @@ def test_the_int4_choice_leaves_every_layer_in_the_layout_it_reads(fastest, layo
         for layer, q, s in ((big, q_big, s_big), (odd, q_odd, s_odd)):
             assert torch.equal(layer.int_weight(), q)
             assert_rel(layer(x), F.linear(x, dequantize(q, s)), TOL[torch.float32], f"{layer.layout} {layer.impls}")
+
+
+def test_a_layer_that_keeps_another_layout_runs_the_fastest_timed_in_it(quant_kernels_on):
+    """Catches a layer the chosen layout does not fit left with the decision's impl, which cannot read its layout
+    and falls back to the AVX2 kernel: here "packed" wins in "cpu", and in "k16r4" (where the odd layer stays)
+    "dequant" was timed faster than the kernel, so the odd layer runs "dequant"."""
+    model = torch.nn.Module()
+    scheme = Scheme.named("int4")
+    big, _, _ = _layer(_weight(64, 256, seed=14), scheme, torch.float32)
+    odd, q, s = _layer(_weight(48, 256, seed=15), scheme, torch.float32)
+    model.add_module("big", big)
+    model.add_module("odd", odd)
+    quant_choice._decided.clear()
+    speeds = {("packed", "cpu"): 0.5, ("dequant", "k16r4"): 0.7}
+
+    def timer(fn):
+        return speeds.get((fn.__defaults__[0], fn.__defaults__[1].layout), 1.0)
+
+    decisions = quant_choice.choose(model, torch.float32, timer=timer)
+    assert decisions["dense"].layout == "cpu" and big.impls == ("packed", "packed")
+    assert odd.layout == "k16r4" and odd.impls == ("dequant", "dequant")
+    assert dict(decisions["dense"].others)["k16r4"] == "dequant"
+    from dsvl2.model.quant import quant_paths
+
+    assert quant_paths(model)["families"]["dense"] == {  # what -v and the manifest show: the odd layer too
+        "decode": "packed", "prefill": "packed", "layout": "cpu",
+        "others": [{"decode": "dequant", "prefill": "dequant", "layout": "k16r4", "layers": 1}]}
+    x = torch.randn(2, 256)
+    with torch.inference_mode():
+        assert_rel(odd(x), F.linear(x, dequantize(q, s)), TOL[torch.float32], "odd layer")
 
 
 def test_loading_keeps_the_timings_and_a_second_load_reads_them(monkeypatch, tmp_path):
