@@ -186,19 +186,26 @@ def test_the_timings_are_kept_in_the_cache_directory_and_read_back(tmp_path):
     assert len(calls) == 2 * timed and len(json.loads(files[0].read_text())["timings"]) == 2
 
 
+def _big_and_odd(seed: int) -> tuple[torch.nn.Module, tuple, tuple]:
+    """A model of two int4 layers, K = 256: "big" (N = 64) and "odd" (N = 48, which torch's "cpu" layout does not
+    fit), each as (layer, q, s); the in-process decisions forgotten."""
+    model = torch.nn.Module()
+    scheme = Scheme.named("int4")
+    big = _layer(_weight(64, 256, seed=seed), scheme, torch.float32)
+    odd = _layer(_weight(48, 256, seed=seed + 1), scheme, torch.float32)
+    model.add_module("big", big[0])
+    model.add_module("odd", odd[0])
+    quant_choice._decided.clear()
+    return model, big, odd
+
+
 @pytest.mark.parametrize(("fastest", "layout"), [("packed", "cpu"), ("kernel", "k16r4"), ("dequant", "nibbles")])
 def test_the_int4_choice_leaves_every_layer_in_the_layout_it_reads(fastest, layout):
     """Catches a choice whose implementation cannot read the layers' layout (the int4 products would all fall back
     to dequantising). A layer the chosen layout does not fit (N = 48) keeps its own and still computes."""
     if layout == "k16r4" and not quant_kernels.available():
         pytest.skip(f"quantised kernels unavailable: {quant_kernels.status().reason}")
-    model = torch.nn.Module()
-    scheme = Scheme.named("int4")
-    big, q_big, s_big = _layer(_weight(64, 256, seed=12), scheme, torch.float32)
-    odd, q_odd, s_odd = _layer(_weight(48, 256, seed=13), scheme, torch.float32)
-    model.add_module("big", big)
-    model.add_module("odd", odd)
-    quant_choice._decided.clear()
+    model, (big, q_big, s_big), (odd, q_odd, s_odd) = _big_and_odd(seed=12)
 
     def timer(fn):  # "dequant" is fastest in nibbles, slower elsewhere
         impl, reads = fn.__defaults__[0], fn.__defaults__[1].layout
@@ -218,13 +225,7 @@ def test_a_layer_that_keeps_another_layout_runs_the_fastest_timed_in_it(quant_ke
     """Catches a layer the chosen layout does not fit left with the decision's impl, which cannot read its layout
     and falls back to the AVX2 kernel: here "packed" wins in "cpu", and in "k16r4" (where the odd layer stays)
     "dequant" was timed faster than the kernel, so the odd layer runs "dequant"."""
-    model = torch.nn.Module()
-    scheme = Scheme.named("int4")
-    big, _, _ = _layer(_weight(64, 256, seed=14), scheme, torch.float32)
-    odd, q, s = _layer(_weight(48, 256, seed=15), scheme, torch.float32)
-    model.add_module("big", big)
-    model.add_module("odd", odd)
-    quant_choice._decided.clear()
+    model, (big, _, _), (odd, q, s) = _big_and_odd(seed=14)
     speeds = {("packed", "cpu"): 0.5, ("dequant", "k16r4"): 0.7}
 
     def timer(fn):
