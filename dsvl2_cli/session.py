@@ -157,11 +157,9 @@ class _Session:
             self.reporter.info("kernel paths: " + ", ".join(f"{r.family} {r.use} ({r.reason})" for r in paths.routes),
                                level=1)
         if (quant := getattr(runtime, "quant_paths", None)) is not None:
-            self.reporter.info(f"{quant['scheme']} products: " + "; ".join(
-                f"{family} decode {p['decode']}, prefill {p['prefill']}, {p['layout']} layout" + "".join(
-                    f" ({o['layers']} layers: decode {o['decode']}, prefill {o['prefill']}, {o['layout']} layout)"
-                    for o in p.get("others", ()))
-                for family, p in quant["families"].items()), level=1)
+            from dsvl2.model.quant import describe_paths
+
+            self.reporter.info(describe_paths(quant), level=1)
         return runtime
 
     @staticmethod

@@ -402,3 +402,14 @@ def quant_paths(model: nn.Module) -> dict | None:
             families[family]["others"] = [{"decode": d, "prefill": p, "layout": lay, "layers": n}
                                           for (d, p, lay), (_, n) in ranked[1:]]
     return {"scheme": scheme, "families": families}
+
+
+def describe_paths(paths: dict) -> str:
+    """`quant_paths`' report as the one line -v prints."""
+    def combo(p: dict) -> str:
+        return f"decode {p['decode']}, prefill {p['prefill']}, {p['layout']} layout"
+
+    return f"{paths['scheme']} products: " + "; ".join(
+        f"{family} {combo(p)}" + "".join(f" ({o['layers']} layer{'s' * (o['layers'] != 1)}: {combo(o)})"
+                                         for o in p.get("others", ()))
+        for family, p in paths["families"].items())

@@ -235,11 +235,14 @@ def test_a_layer_that_keeps_another_layout_runs_the_fastest_timed_in_it(quant_ke
     assert decisions["dense"].layout == "cpu" and big.impls == ("packed", "packed")
     assert odd.layout == "k16r4" and odd.impls == ("dequant", "dequant")
     assert dict(decisions["dense"].others)["k16r4"] == "dequant"
-    from dsvl2.model.quant import quant_paths
+    from dsvl2.model.quant import describe_paths, quant_paths
 
-    assert quant_paths(model)["families"]["dense"] == {  # what -v and the manifest show: the odd layer too
+    paths = quant_paths(model)
+    assert paths["families"]["dense"] == {  # what -v and the manifest show: the odd layer too
         "decode": "packed", "prefill": "packed", "layout": "cpu",
         "others": [{"decode": "dequant", "prefill": "dequant", "layout": "k16r4", "layers": 1}]}
+    assert describe_paths(paths) == ("int4 products: dense decode packed, prefill packed, cpu layout (1 layer: "
+                                     "decode dequant, prefill dequant, k16r4 layout)")
     x = torch.randn(2, 256)
     with torch.inference_mode():
         assert_rel(odd(x), F.linear(x, dequantize(q, s)), TOL[torch.float32], "odd layer")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import dsvl2
 from dsvl2 import backend, quantize_cmd
 from dsvl2.model.errors import ConfigError, WeightsError
-from dsvl2.model.quant import QuantLinear, Scheme, pack_nibbles, quantize
+from dsvl2.model.quant import QuantLinear, Scheme, describe_paths, pack_nibbles, quantize
 from dsvl2.model.quant_checkpoint import CONFIG_KEY, quantize_stored, write_quantized
 from dsvl2.model.weights import checkpoint_files, load_model, read_headers
 
@@ -184,4 +184,5 @@ def test_the_cli_reports_what_the_quantised_products_run(monkeypatch, tmp_path):
     assert all(p["layout"] in ("plain", "r4") for p in families.values())
     line = "int8 products: " + "; ".join(f"{family} decode {p['decode']}, prefill {p['prefill']}, {p['layout']} layout"
                                          for family, p in families.items())
+    assert line == describe_paths(quant["paths"])
     assert line in result.stderr.splitlines(), result.stderr
