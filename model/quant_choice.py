@@ -19,8 +19,9 @@ experts its own gate picks for random tokens, through the model's own code (quan
 feedforward.dispatch), so the per-expert calls of torch's ops and the weights read from memory, not cache, are in
 the timings; the experts those routings touch are repacked in place into each layout timed and back (no copies:
 Base in int4 must stay under 20 GiB). Prefill (PREFILL_ROWS of the family) takes the fastest candidate that reads
-the decode winner's layout, timed per product on one layer. Then every layer of the family is repacked into that
-layout, one at a time (never two copies of the model's weights). Off the CPU only "dequant" exists.
+the decode winner's layout, timed per product on one layer (in every layout decode was timed in: a layer that cannot
+take the winner's layout runs the fastest decode and prefill timed in its own). Then every layer of the family is
+repacked into that layout, one at a time (never two copies of the model's weights). Off the CPU only "dequant" exists.
 
 Decided once per process per (machine, family shape), and the timings are kept in a JSON file beside the
 quantised kernels' build (`kernel_choice`'s timings format, file quant-choice-<machine key>.json, one entry per
@@ -61,20 +62,21 @@ Timings = dict[str, float]  # "<impl>@<layout>@<rows>" -> seconds per product (t
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What a family's products run: `decode` for up to QuantLinear.DECODE_ROWS rows, `prefill` for more, and the
-    layout their weights take; `others`: for a layer that cannot take that layout (a shape torch's int4 layout does
-    not cover), the decode timings' fastest impl in each other layout timed, which it runs for both."""
+    layout their weights take; `others`: (layout, decode, prefill) for a layer that cannot take that layout (a shape
+    torch's int4 layout does not cover): the timings' fastest in each other layout timed (prefill timed there too;
+    timings kept from before that was, without it: the decode impl for both)."""
 
     decode: Impl
     prefill: Impl
     layout: Layout
-    others: tuple[tuple[Layout, Impl], ...] = ()
+    others: tuple[tuple[Layout, Impl, Impl], ...] = ()
 
     def impls_for(self, layout: Layout) -> tuple[Impl, Impl]:
         """(decode, prefill) for a layer in `layout`."""
         if layout == self.layout:
             return self.decode, self.prefill
-        impl = dict(self.others).get(layout)
-        return (impl, impl) if impl is not None else (self.decode, self.prefill)
+        found = {lay: (decode, prefill) for lay, decode, prefill in self.others}
+        return found.get(layout, (self.decode, self.prefill))
 
 
 _decided: dict[tuple, Decision] = {}
@@ -218,15 +220,18 @@ def from_timings(timings: Timings, family: Family) -> Decision | None:
     prefill = {i: s for (i, lay), s in _parsed(timings, prefill_rows).items() if lay == layout}
     if not prefill:
         return None
-    timed = sorted({lay for name in timings for lay in [name.split("@")[1]] if lay != layout})
-    others = tuple((lay, pick[0]) for lay in timed if (pick := _decode_choice(timings, DECODE_ROWS[family], lay)))
-    return Decision(impl, min(prefill, key=prefill.__getitem__), layout, others)
+    others = []
+    for lay in sorted({name.split("@")[1] for name in timings} - {layout}):
+        if (pick := _decode_choice(timings, DECODE_ROWS[family], lay)) is not None:
+            there = {i: t for (i, at), t in _parsed(timings, prefill_rows).items() if at == lay}
+            others.append((lay, pick[0], min(there, key=there.__getitem__) if there else pick[0]))
+    return Decision(impl, min(prefill, key=prefill.__getitem__), layout, tuple(others))
 
 
 def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Timer = best_time,
             routed: tuple[MoE, ...] | None = None) -> Timings:
     """Decode timings of every candidate in every layout `layer` can take, at each of the family's DECODE_ROWS,
-    then prefill timings (its PREFILL_ROWS) of `layer` in the layout the decode winner reads. Where `routed` is
+    then prefill timings (its PREFILL_ROWS) of `layer` in every layout decode was timed in. Where `routed` is
     given (the experts family), decode is timed on those MoE layers as a decode step runs them (`time_routed`);
     "dequant" there only where nothing else runs (it dequantises every expert's weights per step, never faster
     than a product on the quantised weights, and took seconds to time). The model is left as it was: `layer` is
@@ -252,10 +257,10 @@ def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Ti
                 for rows, step in steps.items():
                     timings.update((_name(impl, layout, rows), time_routed(step, impl, timer=timer))
                                    for impl in impls)
-    _, decode_layout = _decode_choice(timings, DECODE_ROWS[family])
-    variant = layer if decode_layout == layer.layout else layer.copy_as(decode_layout)
-    prefill = time_impls(variant, dtype, PREFILL_ROWS[family], timer=timer)
-    timings.update((_name(impl, decode_layout, PREFILL_ROWS[family]), t) for impl, t in prefill.items())
+    for layout in sorted({name.split("@")[1] for name in timings}):
+        variant = layer if layout == layer.layout else layer.copy_as(layout)
+        prefill = time_impls(variant, dtype, PREFILL_ROWS[family], timer=timer)
+        timings.update((_name(impl, layout, PREFILL_ROWS[family]), t) for impl, t in prefill.items())
     return timings
 
 

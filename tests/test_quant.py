@@ -222,27 +222,30 @@ def test_the_int4_choice_leaves_every_layer_in_the_layout_it_reads(fastest, layo
 
 
 def test_a_layer_that_keeps_another_layout_runs_the_fastest_timed_in_it(quant_kernels_on):
-    """Catches a layer the chosen layout does not fit left with the decision's impl, which cannot read its layout
-    and falls back to the AVX2 kernel: here "packed" wins in "cpu", and in "k16r4" (where the odd layer stays)
-    "dequant" was timed faster than the kernel, so the odd layer runs "dequant"."""
+    """Catches a layer the chosen layout does not fit left with the decision's impls, which cannot read its layout
+    (they fall back to the AVX2 kernel), or given one impl for decode and prefill alike: "packed" wins in "cpu"; in
+    "k16r4", where the odd layer stays, "dequant" was timed fastest for decode and the kernel for prefill."""
     model, (big, _, _), (odd, q, s) = _big_and_odd(seed=14)
-    speeds = {("packed", "cpu"): 0.5, ("dequant", "k16r4"): 0.7}
 
     def timer(fn):
-        return speeds.get((fn.__defaults__[0], fn.__defaults__[1].layout), 1.0)
+        impl, layer, rows = fn.__defaults__
+        if layer.layout == "cpu":
+            return 0.5 if impl == "packed" else 1.0
+        fastest = "kernel" if rows > max(quant_choice.DECODE_ROWS["dense"]) else "dequant"
+        return 0.7 if layer.layout == "k16r4" and impl == fastest else 1.0
 
     decisions = quant_choice.choose(model, torch.float32, timer=timer)
     assert decisions["dense"].layout == "cpu" and big.impls == ("packed", "packed")
-    assert odd.layout == "k16r4" and odd.impls == ("dequant", "dequant")
-    assert dict(decisions["dense"].others)["k16r4"] == "dequant"
+    assert odd.layout == "k16r4" and odd.impls == ("dequant", "kernel")
+    assert ("k16r4", "dequant", "kernel") in decisions["dense"].others
     from dsvl2.model.quant import describe_paths, quant_paths
 
     paths = quant_paths(model)
     assert paths["families"]["dense"] == {  # what -v and the manifest show: the odd layer too
         "decode": "packed", "prefill": "packed", "layout": "cpu",
-        "others": [{"decode": "dequant", "prefill": "dequant", "layout": "k16r4", "layers": 1}]}
+        "others": [{"decode": "dequant", "prefill": "kernel", "layout": "k16r4", "layers": 1}]}
     assert describe_paths(paths) == ("int4 products: dense decode packed, prefill packed, cpu layout (1 layer: "
-                                     "decode dequant, prefill dequant, k16r4 layout)")
+                                     "decode dequant, prefill kernel, k16r4 layout)")
     x = torch.randn(2, 256)
     with torch.inference_mode():
         assert_rel(odd(x), F.linear(x, dequantize(q, s)), TOL[torch.float32], "odd layer")
