@@ -211,21 +211,27 @@ def _decode_choice(timings: Timings, decode_rows: tuple[int, ...], layout: Layou
     return min(both, key=lambda c: sum(t[c] / b for t, b in zip(per_rows, best, strict=True)))
 
 
+def _layouts(timings: Timings) -> list[Layout]:
+    """The layouts `timings` hold any timing in."""
+    return sorted({name.split("@")[1] for name in timings})
+
+
 def from_timings(timings: Timings, family: Family) -> Decision | None:
     """The decision the timings of `family` make (see the module docstring), or None where they lack one it needs."""
-    prefill_rows = PREFILL_ROWS[family]
     if (decode := _decode_choice(timings, DECODE_ROWS[family])) is None:
         return None
     impl, layout = decode
-    prefill = {i: s for (i, lay), s in _parsed(timings, prefill_rows).items() if lay == layout}
-    if not prefill:
+    prefill_times = _parsed(timings, PREFILL_ROWS[family])
+
+    def fastest_prefill(where: Layout) -> Impl | None:
+        there = {i: t for (i, at), t in prefill_times.items() if at == where}
+        return min(there, key=there.__getitem__) if there else None
+
+    if (prefill := fastest_prefill(layout)) is None:
         return None
-    others = []
-    for lay in sorted({name.split("@")[1] for name in timings} - {layout}):
-        if (pick := _decode_choice(timings, DECODE_ROWS[family], lay)) is not None:
-            there = {i: t for (i, at), t in _parsed(timings, prefill_rows).items() if at == lay}
-            others.append((lay, pick[0], min(there, key=there.__getitem__) if there else pick[0]))
-    return Decision(impl, min(prefill, key=prefill.__getitem__), layout, tuple(others))
+    others = tuple((lay, pick[0], fastest_prefill(lay) or pick[0]) for lay in _layouts(timings)
+                   if lay != layout and (pick := _decode_choice(timings, DECODE_ROWS[family], lay)) is not None)
+    return Decision(impl, prefill, layout, others)
 
 
 def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Timer = best_time,
@@ -257,7 +263,7 @@ def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Ti
                 for rows, step in steps.items():
                     timings.update((_name(impl, layout, rows), time_routed(step, impl, timer=timer))
                                    for impl in impls)
-    for layout in sorted({name.split("@")[1] for name in timings}):
+    for layout in _layouts(timings):
         variant = layer if layout == layer.layout else layer.copy_as(layout)
         prefill = time_impls(variant, dtype, PREFILL_ROWS[family], timer=timer)
         timings.update((_name(impl, layout, PREFILL_ROWS[family]), t) for impl, t in prefill.items())
