@@ -14,7 +14,7 @@
 //        staying in L1. Against the int4 line, per 1,024 weights: twice its figures.
 // Nanoseconds a step; operands are arbitrary (the figures are speeds). bench/RESULTS.md has this host's figures.
 //
-//     g++ -O2 -march=sapphirerapids bench/amx_strips.cpp -o /tmp/amx_strips && /tmp/amx_strips
+//     g++ -O2 -march=sapphirerapids bench/amx_strips.cpp -o /tmp/strips && lscpu | grep 'Model name' && /tmp/strips
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>

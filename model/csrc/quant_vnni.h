@@ -184,8 +184,8 @@ inline void int4_tile_vnni(const Int4Rows& q, const S* s, int64_t groups, const 
 // Block b of x's fixed point (weight group g) for MB rows of x from row m, under the nb blocks of 4 weight rows from
 // row n0: per weight block, the int32 sums per part (the low and high nibbles' products share a chain: exact), then
 // one float32 FMA per row of x into its sums, acc + j * 16 + i * ld_acc for weight block j and row m + i (16 lanes:
-// lane d holds weight row (d % 8) / 2's). The next block of x's weight bytes (the same rows) are prefetched where
-// `ahead`. PAIRS (x's block_pairs) a constant: the block's loop unrolled keeps its sums in registers.
+// lane d holds weight row (d % 8) / 2's). Where `ahead`, each weight block's bytes for x's next block (the same
+// rows, K further) are prefetched. PAIRS (x's block_pairs) a constant: the block's loop unrolled keeps its sums in registers.
 template <int MB, int PAIRS, typename S>
 inline void int4_blocks_vnni(const Int4Rows& q, const S* s, int64_t groups, int64_t g, int64_t n0, int64_t nb,
                              int64_t N, const FixedRows& x, int64_t m, int64_t b, float* acc, int64_t ld_acc,
