@@ -440,7 +440,7 @@ def main() -> None:
             low, high = r["read_gbs_range"]
             print(f"decode batch {batch}: {r['step_ms']:.0f} ms/step, {r['tokens_per_s']:.1f} tok/s, "
                   f"{r['bytes_per_step'] / 1e9:.2f} GB/step; read {r['read_gbs']:.1f} GB/s ({low:.0f}-{high:.0f}) "
-                  f"between steps, bound {r['bound_ms']:.0f} ms; {r['of_bandwidth_bound']:.0%} of bandwidth bound "
+                  f"between steps, bound {r['bound_ms']:.3g} ms; {r['of_bandwidth_bound']:.0%} of bandwidth bound "
                   f"(median of the steps); cache {r['cache_bytes_per_token']} B/token", flush=True)
     if "e2e" in sections:
         limits = limits_before("e2e")
@@ -450,7 +450,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         batched = bench_e2e(model, processor, limits, pages=args.e2e_pages, new_tokens=args.e2e_tokens, batch=8)
-        batch8_peak = peak_rss_gib() if section_peak else None  # the batch-8 job's own peak
+        # The batch-8 job's own peak; on a GPU the weights are not in the host's RSS, which says nothing then.
+        batch8_peak = peak_rss_gib() if section_peak and device.type == "cpu" else None
         if device.type == "cuda":
             results["batch8_gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             print(f"peak GPU memory of the batch-8 job: {results['batch8_gpu_peak_gib']:.2f} GiB "
@@ -479,7 +480,8 @@ def main() -> None:
             print(f"peak RSS of the batch-8 job: {batch8_peak:.2f} GiB = weights + {batch8_peak - weights_gib:.2f} GiB "
                   f"(RSS at its start {e2e_start_rss:.2f} GiB)", flush=True)
     results["peak_rss_gib"] = peak_rss_gib()
-    print(f"peak RSS {results['peak_rss_gib']:.2f} GiB (weights {weights_gib:.2f} GiB)")
+    where = "on the GPU" if device.type == "cuda" else f"{weights_gib:.2f} GiB"
+    print(f"peak RSS {results['peak_rss_gib']:.2f} GiB (weights {where})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -194,7 +194,7 @@ def processor_for(name: str) -> Processor:
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} vs reference {tuple(ref.shape)}"
-    got = got.cpu()
+    got, ref = got.cpu(), ref.cpu()  # either may be the model's, on DSVL2_TEST_DEVICE
     diff = (got.float() - ref.float()).abs()
     worst = float(diff.max()) if diff.numel() else 0.0
     if not worst <= tol:  # also catches NaN
