@@ -119,11 +119,82 @@ inline void rows(const bf16* w, const bf16* x, int64_t ldx, bf16* y, int64_t n0,
       tile_rows<NB, false>(w + n * K, x + m * ldx, ldx, y + m * N + n, std::min<int64_t>(M - m, kMB), K, N);
 }
 
-// y[:, n0:n1] for any span: tiles of kNB weight rows, then the last (n1 - n0) % kNB rows one by one. x's rows are K
-// long at stride ldx (K unless given), y's stride is N.
+// Read-once prefetches (prefetchnta: nothing reads the weight again) kStreamAhead bytes ahead of a forward read of
+// [start, end), running on past `end` into what the thread reads next (its share's next unit, parallel.h).
+constexpr int64_t kStreamAhead = 4096;
+struct StreamAhead {
+  const char* next;
+  const char* stop;
+  StreamAhead(const void* start, const void* end)
+      : next(static_cast<const char*>(start) + kStreamAhead), stop(static_cast<const char*>(end) + kStreamAhead) {}
+  // Prefetches up to kStreamAhead bytes past `read_to`, where the reads are about to go.
+  void before(const void* read_to) {
+    for (const char* to = std::min(static_cast<const char*>(read_to) + kStreamAhead, stop); next < to; next += 64)
+      dsvl2_prefetch::streamed(next);
+  }
+};
+
+// y[n0:n1] = x . w[n] for one row of x: the weight rows read one after another as a single forward stream (they are
+// contiguous), read-once prefetches ahead, two accumulators per row. On a 2-core Zen 5 this read a weight at 1.17x
+// (with an L2 prefetch) to 1.31x (read-once) the rate of the 3-row tiles' three interleaved streams, 92% of a plain
+// sum's rate (bench/stream_rows.cpp).
+inline void stream_one(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, int64_t K) {
+  StreamAhead ahead(w + n0 * K, w + n1 * K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const bf16* r = w + n * K;
+    ahead.before(r + K);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      a0 = _mm512_dpbf16_ps(a0, load_bf16(r + k), load_bf16(x + k));
+      a1 = _mm512_dpbf16_ps(a1, load_bf16(r + k + 32), load_bf16(x + k + 32));
+    }
+    for (; k < K; k += 32) {  // a last 32 and the masked tail
+      const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+      a0 = _mm512_dpbf16_ps(a0, load_bf16_masked(r + k, mask), load_bf16_masked(x + k, mask));
+    }
+    y[n] = bf16(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+  }
+}
+
+// `stream_one` for MB (2..kMB) rows of x at stride ldx, y's row stride ldy: one accumulator per row of x. At 2-6
+// rows 1.2-1.35x the tiles on the Zen 5, even at 8.
+template <int MB>
+inline void stream_few(const bf16* w, const bf16* x, int64_t ldx, bf16* y, int64_t ldy, int64_t n0, int64_t n1,
+                       int64_t K) {
+  StreamAhead ahead(w + n0 * K, w + n1 * K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const bf16* r = w + n * K;
+    ahead.before(r + K);
+    __m512 acc[MB];
+    for (int j = 0; j < MB; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+      const __m512bh wv = load_bf16_masked(r + k, mask);
+      for (int j = 0; j < MB; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], wv, load_bf16_masked(x + j * ldx + k, mask));
+    }
+    for (int j = 0; j < MB; ++j) y[j * ldy + n] = bf16(_mm512_reduce_add_ps(acc[j]));
+  }
+}
+
+// y[:, n0:n1] for any span: one to kMB rows of x stream the weight (`stream_one`, `stream_few`); more take
+// tiles of kNB weight rows, then the last (n1 - n0) % kNB rows one by one. x's rows are K long at stride ldx (K
+// unless given), y's stride is N.
 inline void span(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N,
                  int64_t ldx = -1) {
   if (ldx < 0) ldx = K;
+  static_assert(kMB == 8, "one case per row count up to kMB");
+  switch (M) {
+    case 1: return stream_one(w, x, y, n0, n1, K);
+    case 2: return stream_few<2>(w, x, ldx, y, N, n0, n1, K);
+    case 3: return stream_few<3>(w, x, ldx, y, N, n0, n1, K);
+    case 4: return stream_few<4>(w, x, ldx, y, N, n0, n1, K);
+    case 5: return stream_few<5>(w, x, ldx, y, N, n0, n1, K);
+    case 6: return stream_few<6>(w, x, ldx, y, N, n0, n1, K);
+    case 7: return stream_few<7>(w, x, ldx, y, N, n0, n1, K);
+    case 8: return stream_few<8>(w, x, ldx, y, N, n0, n1, K);
+    default: break;
+  }
   const int64_t full = n0 + (n1 - n0) / kNB * kNB;
   rows<kNB>(w, x, ldx, y, n0, full, M, K, N);
   rows<1>(w, x, ldx, y, full, n1, M, K, N);

@@ -7,15 +7,18 @@
 // bf16_common.h.
 //
 // Decode is bound by reading the weight, so the weight is read from memory exactly once for all M rows. Threads
-// take chunks of W's rows (~128 KB) from a shared counter, so a thread that starts late (another process on its
-// core) does not hold up the product. Within a chunk, tiles of kNB weight rows x kMB activation rows accumulate
-// in registers: the first block of kMB activation rows streams the chunk in from memory, prefetching one tile
-// ahead into L2, and later blocks (M > kMB) find it in L2. Products use AVX512-BF16 (vdpbf16ps: 32 bf16 pairs
+// take chunks of W's rows (~128 KB), each from its own contiguous share first (parallel.h), so a thread that starts
+// late (another process on its core) does not hold up the product. Up to kMB (8) rows of x, the chunk's weight rows
+// are read one after another as one forward stream with read-once prefetches ahead (bf16_common.h's stream_one and
+// stream_few): on a 2-core Zen 5 this took Tiny's decode step from 26.4 to 21.5 ms at batch 1 and 81 to 69 ms at
+// batch 8 (bench/RESULTS.md). More rows take tiles: within a chunk, tiles of kNB weight rows x kMB activation rows
+// accumulate in registers: the first block of kMB activation rows streams the chunk in from memory, prefetching one
+// tile ahead into L2, and later blocks (M > kMB) find it in L2. Products use AVX512-BF16 (vdpbf16ps: 32 bf16 pairs
 // -> 16 float32 lanes); sums stay float32 until the final round-to-nearest-even store.
 //
 // Tile shape and prefetch were chosen by bench/gemv.py-style runs on a 2-core Zen 4 (AVX512-BF16, no AMX):
 // 3 x 8 tiles with an L2 prefetch one tile ahead beat 4 x 4 and 8 x 2 tiles and L1 or longer prefetches by
-// 10-40% at M = 8 and tie at M = 1; chunk-by-chunk row blocks beat tile-by-tile ones by ~40% at M = 16.
+// 10-40% at M = 8; chunk-by-chunk row blocks beat tile-by-tile ones by ~40% at M = 16.
 // At M >= 8 a core is near its vdpbf16ps issue rate (about one per cycle, ~180 GFLOP/s here).
 
 
