@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from engine_bench import CONFIGS, ensure_model
 from machine_limits import cpu_line, synchronize
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from dsvl2.model import kernels
@@ -61,8 +62,8 @@ def profile_batch(model, batch: int, context: int, n: int, rows: int) -> None:
         print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=48), flush=True)
         launch_calls = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
         launches = sum(e.count for e in events if e.key in launch_calls)
-        # Microseconds of kernels -> seconds (`self_cuda_time_total` in torch before 2.4).
-        busy = sum(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total for e in events) / 1e6
+        # The kernels' own events (an op's row repeats its kernels' time), microseconds -> seconds.
+        busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
         wall = sum(profiled)
         print(f"kernels launched: {launches / n:.0f} a step; device busy {busy / n * 1e3:.2f} ms of "
               f"{wall / n * 1e3:.2f} ms a step ({busy / wall:.0%})", flush=True)
