@@ -91,6 +91,26 @@ def test_kernel_matches_float32_reference(kernel, m, n, k):
     assert_close_to_float32(kernels.linear_bf16(x, w), x, w)
 
 
+@pytest.mark.parametrize("m", [1, 3, 9])  # one forward stream, a few rows streamed, tiles
+def test_every_unit_runs_once_whatever_the_thread_count(kernel, m):
+    """model/csrc/parallel.h: threads own contiguous shares of the units and take what is left of the others'; any
+    thread count (more than the units, fewer, not dividing them) must compute every output once and alike (each
+    output row is one unit's, so the result is bit for bit the one-thread result)."""
+    torch.manual_seed(m)
+    x = torch.randn(m, 1280, dtype=torch.bfloat16)
+    w = torch.randn(1003, 1280, dtype=torch.bfloat16)  # ~20 units of ~128 KB, the last one short
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = kernels.linear_bf16(x, w)
+        for n in (2, 3, 7, 64):
+            torch.set_num_threads(n)
+            assert torch.equal(kernels.linear_bf16(x, w), alone), f"{n} threads"
+    finally:
+        torch.set_num_threads(threads)
+    assert_close_to_float32(alone, x, w)
+
+
 def test_kernel_reads_strided_activations(kernel):
     torch.manual_seed(0)
     w = torch.randn(37, 300, dtype=torch.bfloat16)
