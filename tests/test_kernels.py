@@ -77,6 +77,7 @@ SHAPES = [  # (M, N, K): full tiles, every M and N remainder of the 4 x 4 tiles,
     (5, 7, 31),
     (7, 130, 33),
     (8, 1795, 1283),
+    (5, 67, 2600),  # few rows whose x outgrows the streamed path's L1 budget: tiles, with a K tail
     (16, 1, 1),
     (31, 9, 95),
     (32, 128, 2048),

@@ -177,14 +177,20 @@ inline void stream_few(const bf16* w, const bf16* x, int64_t ldx, bf16* y, int64
   }
 }
 
-// y[:, n0:n1] for any span: one to kMB rows of x stream the weight (`stream_one`, `stream_few`); more take
-// tiles of kNB weight rows, then the last (n1 - n0) % kNB rows one by one. x's rows are K long at stride ldx (K
-// unless given), y's stride is N.
+// The most bytes of x that `stream_few` streams against: every weight line meets all M rows of x, so they must stay
+// in L1 beside the stream (half of a 48 KB L1D). Past it the tiles, which load x once per kNB weight lines, win: on
+// the Zen 5, Small's lm_head (K = 2,048) at 8 rows (32 KB of x) streamed at 20-25 GB/s against the tiles' 30-31,
+// while 6 rows (24 KB) streamed at 58-60 against 40-43, and Tiny's 8 rows (K = 1,280, 20 KB) ran even.
+constexpr int64_t kStreamXBytes = 24 << 10;
+
+// y[:, n0:n1] for any span: one row of x, or up to kMB rows of at most kStreamXBytes, stream the weight
+// (`stream_one`, `stream_few`); more take tiles of kNB weight rows, then the last (n1 - n0) % kNB rows one by one.
+// x's rows are K long at stride ldx (K unless given), y's stride is N.
 inline void span(const bf16* w, const bf16* x, bf16* y, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N,
                  int64_t ldx = -1) {
   if (ldx < 0) ldx = K;
   static_assert(kMB == 8, "one case per row count up to kMB");
-  switch (M) {
+  switch (M * K * static_cast<int64_t>(sizeof(bf16)) <= kStreamXBytes || M == 1 ? M : 0) {
     case 1: return stream_one(w, x, y, n0, n1, K);
     case 2: return stream_few<2>(w, x, ldx, y, N, n0, n1, K);
     case 3: return stream_few<3>(w, x, ldx, y, N, n0, n1, K);
