@@ -8,12 +8,13 @@
 //
 // Decode is bound by reading the weight, so the weight is read from memory exactly once for all M rows. Threads
 // take chunks of W's rows (~128 KB), each from its own contiguous share first (parallel.h), so a thread that starts
-// late (another process on its core) does not hold up the product. Up to kMB (8) rows of x, the chunk's weight rows
-// are read one after another as one forward stream with read-once prefetches ahead (bf16_common.h's stream_one and
-// stream_few): on a 2-core Zen 5 this took Tiny's decode step from 26.4 to 21.5 ms at batch 1 and 81 to 69 ms at
-// batch 8 (bench/RESULTS.md). More rows take tiles: within a chunk, tiles of kNB weight rows x kMB activation rows
-// accumulate in registers: the first block of kMB activation rows streams the chunk in from memory, prefetching one
-// tile ahead into L2, and later blocks (M > kMB) find it in L2. Products use AVX512-BF16 (vdpbf16ps: 32 bf16 pairs
+// late (another process on its core) does not hold up the product. For one row of x, or up to kMB (8) rows whose x
+// fits in L1 beside the stream (kStreamXBytes), the chunk's weight rows are read one after another as one forward
+// stream with read-once prefetches ahead (bf16_common.h's stream_one and stream_few): on a 2-core Zen 5 this took
+// Tiny's decode step from 26.4 to 21.5 ms at batch 1 and 81 to 69 ms at batch 8 (bench/RESULTS.md). Other products
+// take tiles: within a chunk, tiles of kNB weight rows x kMB activation rows accumulate in registers: the first
+// block of kMB activation rows streams the chunk in from memory, prefetching one tile ahead into L2, and later
+// blocks (M > kMB) find it in L2. Products use AVX512-BF16 (vdpbf16ps: 32 bf16 pairs
 // -> 16 float32 lanes); sums stay float32 until the final round-to-nearest-even store.
 //
 // Tile shape and prefetch were chosen by bench/gemv.py-style runs on a 2-core Zen 4 (AVX512-BF16, no AMX):

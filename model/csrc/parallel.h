@@ -32,7 +32,9 @@ void run_units(int64_t units, const Work& work) {
     shares[t].end = units * (t + 1) / workers;
   }
   at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t)  // one t per thread (grain 1, no more workers than threads)
+    // One t per thread (grain 1, no more workers than threads), or every t on one thread where parallel_for runs
+    // inline (called from inside a parallel region): each t's loop then still covers every share.
+    for (int64_t t = first; t < last; ++t)
       for (int64_t s = 0; s < workers; ++s) {
         Share& share = shares[(t + s) % workers];
         for (int64_t u = share.next.fetch_add(1, std::memory_order_relaxed); u < share.end;
