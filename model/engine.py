@@ -324,16 +324,23 @@ class Engine:
 
     def _ensure_cache(self, cache: KVCache | None, rows: list[_Sequence | None]) -> KVCache:
         """A cache with room for every running row's prompt plus its token budget (grown by copying when a new
-        admission needs more slots or rows; rows keep their contents). Capacity grows by doubling and the rows
-        to `len(rows)`, as far as `cache_budget` allows."""
+        admission needs more slots or rows; rows keep their contents), the rows up to `len(rows)` and the slots
+        up to the model's context as far as `cache_budget` allows. On a GPU the capacity grows by doubling
+        (memory there is taken when allocated); on a CPU it starts at the most the budget allows for every row,
+        because slots nothing has written take no memory there (kv_cache.py), and then never has to grow."""
         batch, need = self._shape_for([(s.row, s) for s in rows if s is not None], None)
         if cache is not None and cache.capacity >= need and cache.batch >= batch:
             return cache
         batch = max(batch, cache.batch if cache is not None else 0)
-        capacity = max(need, 2 * cache.capacity if cache is not None else 0)
-        capacity = min(capacity, max(need, self.model.cfg.language.max_position_embeddings))
+        context = self.model.cfg.language.max_position_embeddings
+        lazy = self.model.device.type == "cpu"
+        capacity = max(need, context if lazy else 2 * cache.capacity if cache is not None else 0)
+        capacity = min(capacity, max(need, context))
         if self.cache_budget is None:
             batch = len(rows)
+        elif lazy:  # rows first (each at its need), then slots
+            batch = max(batch, min(len(rows), self.cache_budget // (need * self._token_bytes)))
+            capacity = max(need, min(capacity, self.cache_budget // (batch * self._token_bytes)))
         else:
             capacity = max(need, min(capacity, self.cache_budget // (batch * self._token_bytes)))
             batch = max(batch, min(len(rows), self.cache_budget // (capacity * self._token_bytes)))

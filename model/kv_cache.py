@@ -21,6 +21,12 @@ Tensors go in and out token-major as (B, T, *heads, feature) for writes and come
 The lengths live on the host (Python ints moved by `advance` and `reset`), so the slots a forward reads and the
 overflow check need no read from the device; positions go to the device once per forward.
 The cache stores and hands out tensors; it never computes attention.
+
+Memory: the buffers are allocated empty and zeroed lazily, slots [0, covered) of every row, `covered` rising in
+blocks of ZERO_BLOCK slots just ahead of the furthest slot a forward reads (a masked slot must still be finite: a
+zero probability times a NaN is NaN). On a CPU, pages nothing has touched take no memory, so a cache costs what its
+rows have used, not its capacity: a capacity sized for the longest answer the budget allows (2,048 tokens for OCR)
+is free until answers get that long, and growing one copies only the covered slots.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from collections.abc import Sequence
 import torch
 
 from dsvl2.model import kernels
+
+ZERO_BLOCK = 256  # slots zeroed at a time ahead of the reads (one write per layer every ZERO_BLOCK decode steps)
 
 
 def to_device(values: Sequence, device: torch.device | str) -> torch.Tensor:
@@ -49,8 +57,9 @@ class KVCache:
         self.device = torch.device(device)
         self._lengths = [0] * batch
         self._all = torch.arange(batch, device=self.device)
+        self.covered = 0  # slots [0, covered) of every row hold zeros or written tokens; past it, whatever was there
         self.layers = [
-            tuple(torch.zeros(batch, *shape[:-1], capacity, shape[-1], dtype=dtype, device=device) for shape in shapes)
+            tuple(torch.empty(batch, *shape[:-1], capacity, shape[-1], dtype=dtype, device=device) for shape in shapes)
             for _ in range(n_layers)
         ]
 
@@ -84,6 +93,7 @@ class KVCache:
         used = max(lengths, default=0) + positions.shape[-1]
         if used > self.capacity:
             raise RuntimeError(f"KV cache overflow: position {used - 1} >= capacity {self.capacity}")
+        self._cover(used)
         stored = self.layers[layer]
         if kernels.store_fits(stored, new):  # bf16 on the CPU: one call, the same copies
             kernels.store_rows(stored, new, index, positions)
@@ -94,6 +104,16 @@ class KVCache:
         if every_row:
             return tuple(buf[..., :used, :] for buf in stored)  # views, no copy
         return tuple(buf[..., :used, :][index] for buf in stored)
+
+    def _cover(self, used: int) -> None:
+        """Zero every row's slots from `covered` to at least `used` (a block ahead, within the capacity)."""
+        if used <= self.covered:
+            return
+        upto = min(self.capacity, max(used, self.covered + ZERO_BLOCK))
+        for layer in self.layers:
+            for buf in layer:
+                buf[..., self.covered : upto, :].zero_()
+        self.covered = upto
 
     def advance(self, n: torch.Tensor | Sequence[int] | int) -> None:
         """Count `n` more real tokens in each row (one count per row, or one number for every row). Host ints keep
@@ -110,20 +130,21 @@ class KVCache:
 
     def grown(self, capacity: int, batch: int | None = None) -> KVCache:
         """A cache of `capacity` slots per row and `batch` rows (at least this one's of each) holding this one's
-        contents and lengths; new rows start empty."""
+        contents and lengths; new rows start empty. Only the covered slots are copied (new rows' zeroed)."""
         capacity, batch = max(capacity, self.capacity), max(batch or 0, self.batch)
         if capacity == self.capacity and batch == self.batch:
             return self
         bigger = KVCache.__new__(KVCache)
-        bigger.capacity, bigger.device = capacity, self.device
+        bigger.capacity, bigger.device, bigger.covered = capacity, self.device, self.covered
         bigger._lengths = self._lengths + [0] * (batch - self.batch)
         bigger._all = torch.arange(batch, device=self.device)
         bigger.layers = []
         for layer in self.layers:
             new = []
             for buf in layer:
-                grown = buf.new_zeros(batch, *buf.shape[1:-2], capacity, buf.shape[-1])
-                grown[: self.batch, ..., : self.capacity, :] = buf
+                grown = buf.new_empty(batch, *buf.shape[1:-2], capacity, buf.shape[-1])
+                grown[: self.batch, ..., : self.covered, :] = buf[..., : self.covered, :]
+                grown[self.batch :, ..., : self.covered, :] = 0
                 new.append(grown)
             bigger.layers.append(tuple(new))
         return bigger
