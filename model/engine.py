@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsvl2.model.errors import InputError
-from dsvl2.model.kv_cache import KVCache, to_device
+from dsvl2.model.kv_cache import KVCache, lazily_mapped, to_device
 from dsvl2.model.processor import Prepared, Processor
 from dsvl2.model.requests import Completion, Request, Timings
 from dsvl2.model.sampling import SeenTokens, find_stop, make_generator, repeats_ngram, sample_tokens
@@ -333,7 +333,7 @@ class Engine:
             return cache
         batch = max(batch, cache.batch if cache is not None else 0)
         context = self.model.cfg.language.max_position_embeddings
-        lazy = self.model.device.type == "cpu"
+        lazy = lazily_mapped(self.model.device)
         capacity = max(need, context if lazy else 2 * cache.capacity if cache is not None else 0)
         capacity = min(capacity, max(need, context))
         if self.cache_budget is None:

@@ -48,6 +48,12 @@ def to_device(values: Sequence, device: torch.device | str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
+def lazily_mapped(device: torch.device) -> bool:
+    """Whether memory on `device` is taken only where it is written (a CPU's pages), so a cache's unused capacity
+    costs nothing there."""
+    return device.type == "cpu"
+
+
 class KVCache:
     def __init__(self, shapes: list[tuple[int, ...]], *, batch: int, capacity: int, n_layers: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):

@@ -46,67 +46,6 @@ def incremental_logits(model: DeepseekVL2, x: torch.Tensor, chunks: list[int]) -
     return torch.cat(out, dim=1)
 
 
-def _filled_cache(lengths: list[int], capacity: int):
-    """A float32 cache of two layers whose rows hold `lengths` random tokens, written as the model writes them."""
-    from dsvl2.model.kv_cache import KVCache
-
-    cache = KVCache([(2, 3), (4,)], batch=len(lengths), capacity=capacity, n_layers=2, dtype=torch.float32)
-    t = max(lengths)
-    for layer in range(2):
-        cache.write(layer, cache.positions(t), torch.randn(len(lengths), t, 2, 3), torch.randn(len(lengths), t, 4))
-    cache.advance(lengths)
-    return cache
-
-
-def test_grown_cache_keeps_every_row_and_adds_empty_ones() -> None:
-    """Catches a cache growth that loses or shifts contents: growing slots and rows keeps each row's tensors and
-    length where they were, new rows start empty (zero wherever a forward may read), and the cache it came from is
-    untouched."""
-    cache = _filled_cache([3, 5], capacity=5)
-    assert cache.covered == 5
-    before = [tuple(buf.clone() for buf in layer) for layer in cache.layers]
-    bigger = cache.grown(9, batch=4)
-    assert (bigger.capacity, bigger.batch, bigger.covered) == (9, 4, 5) and bigger.lengths.tolist() == [3, 5, 0, 0]
-    for old, new in zip(before, bigger.layers, strict=True):
-        for a, b in zip(old, new, strict=True):
-            assert torch.equal(b[:2, ..., :5, :], a)
-            assert not b[2:, ..., :5, :].any()
-    assert all(torch.equal(a, b) for old, layer in zip(before, cache.layers, strict=True)
-               for a, b in zip(old, layer, strict=True))
-    assert cache.grown(5) is cache and cache.grown(4, batch=1) is cache
-    assert cache.nbytes() == 2 * 5 * (2 * 3 + 4) * 4 * 2
-
-
-def test_a_cache_shows_only_written_tokens_and_zeros_never_what_its_memory_held() -> None:
-    """Catches a lazily zeroed cache letting stale memory into attention (a NaN there times a zero probability is
-    NaN): in buffers that held NaN, every slot a write hands back is a written token or zero, the zeroing runs a
-    block ahead of the reads (not once per step) and never past the capacity, and a grown cache zeroes its new rows
-    over the covered slots."""
-    from dsvl2.model.kv_cache import ZERO_BLOCK, KVCache
-
-    capacity = ZERO_BLOCK + 40
-    cache = KVCache([(2, 3), (4,)], batch=3, capacity=capacity, n_layers=1, dtype=torch.float32)
-    for buf in cache.layers[0]:
-        buf.fill_(float("nan"))
-    lengths = [0, 0, 0]
-    steps = [(5, [0, 1, 2], ZERO_BLOCK), (3, [1], ZERO_BLOCK), (ZERO_BLOCK, [0, 1, 2], capacity), (20, [2], capacity)]
-    for t, rows, covered in steps:
-        part = cache.rows(rows)
-        k, v = torch.randn(len(rows), t, 2, 3), torch.randn(len(rows), t, 4)
-        seen_k, seen_v = part.write(0, part.positions(t), k, v)
-        used = max(lengths[r] for r in rows) + t
-        assert seen_k.shape[-2] == used and torch.isfinite(seen_k).all() and torch.isfinite(seen_v).all()
-        for i, r in enumerate(rows):
-            assert torch.equal(seen_k[i, :, lengths[r] : lengths[r] + t], k[i].transpose(0, 1))
-            assert torch.equal(seen_v[i, lengths[r] : lengths[r] + t], v[i])
-        part.advance(t)
-        for r in rows:
-            lengths[r] += t
-        assert cache.covered == covered
-    bigger = cache.grown(capacity + 8, batch=5)
-    assert torch.isfinite(bigger.layers[0][0][..., :capacity, :]).all() and not bigger.layers[0][1][3:, :capacity].any()
-
-
 @pytest.mark.parametrize("ckpt", CHECKPOINTS)
 @torch.inference_mode()
 def test_cached_decode_equals_full_forward(ckpt: str) -> None:
