@@ -4,7 +4,7 @@ moves (this project's shared hosts: 2x within minutes; bench/quant_bench.py runs
 minutes apart, which suits peak RSS but not ratios).
 
     python bench/quant_ab.py [--model DIR | --config tiny --layers 3] [--batches 1 8] [--rounds 6] [--steps 4]
-                             [--impls kernel_avx512 kernel_amx]
+                             [--impls [kernel_avx512 kernel_amx ...]]
 
 Per scheme the model loads as `load_model(quantize=...)` loads it (the choice runs and is printed: variant
 "chosen"), and once more for each of --impls that its layers can run: every quantised layer set to that
@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--schemes", nargs="+", default=["int8", "int4"], choices=("int8", "int4"))
-    parser.add_argument("--impls", nargs="+", default=["kernel_avx512", "kernel_amx"])
+    parser.add_argument("--impls", nargs="*", default=["kernel_avx512", "kernel_amx"],
+                        help="kernel paths to time besides the chosen one (none: only the choice, one copy per scheme)")
     args = parser.parse_args()
     from engine_bench import ensure_model
 
@@ -69,8 +70,9 @@ def main() -> None:
         chosen = load_model(path, dtype=torch.bfloat16, quantize=scheme)
         print(f"{scheme}: the choice took {sorted({(*m.impls, m.layout) for m in quant_layers(chosen)})}")
         variants.append((scheme, "chosen", chosen))
-        model = models[scheme] = load_model(path, dtype=torch.bfloat16, quantize=scheme)
-        variants += [(scheme, impl, model) for impl in args.impls if set_decode_impl(model, impl)]
+        if args.impls:  # a second copy, its layers set to each implementation in turn
+            model = models[scheme] = load_model(path, dtype=torch.bfloat16, quantize=scheme)
+            variants += [(scheme, impl, model) for impl in args.impls if set_decode_impl(model, impl)]
     times = {(s, i, b): [] for s, i, _ in variants for b in args.batches}
     nbytes, bandwidths = {}, []
     with torch.inference_mode():

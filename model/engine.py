@@ -323,11 +323,9 @@ class Engine:
         return batch * capacity * self._token_bytes <= self.cache_budget
 
     def _ensure_cache(self, cache: KVCache | None, rows: list[_Sequence | None]) -> KVCache:
-        """A cache with room for every running row's prompt plus its token budget (grown by copying when a new
-        admission needs more slots or rows; rows keep their contents), the rows up to `len(rows)` and the slots
-        up to the model's context as far as `cache_budget` allows. On a GPU the capacity grows by doubling
-        (memory there is taken when allocated); on a CPU it starts at the most the budget allows for every row,
-        because slots nothing has written take no memory there (kv_cache.py), and then never has to grow."""
+        """A cache with room for every running row's prompt plus its token budget, rows up to `len(rows)` and
+        slots up to the context as far as `cache_budget` allows: on a CPU all of it at once (unwritten slots take
+        no memory there, kv_cache.py), elsewhere grown by copying, the slots doubling, when an admission needs it."""
         batch, need = self._shape_for([(s.row, s) for s in rows if s is not None], None)
         if cache is not None and cache.capacity >= need and cache.batch >= batch:
             return cache
