@@ -74,8 +74,9 @@ def test_kernel_equals_dequantise_then_linear(kernel_calls, name, n, k, dtype):
 @pytest.mark.parametrize("name", ["int8", "int4"])
 @pytest.mark.parametrize(("n", "k"), AVX512_SHAPES, ids=[f"{n}x{k}" for n, k in AVX512_SHAPES])
 def test_avx512_tiles_equal_dequantise_then_linear(quant_avx512_on, kernel_calls, name, n, k):
-    """The AVX512 tiles (int4 by table lookup and bf16 dot products, int8 in 16-lane FMAs) on bf16 activations:
-    catches a wrong lane, row, nibble half, group scale or tail; row counts cover 1-4-row tiles and their mixes."""
+    """The AVX512 tiles (int4 by table lookup and bf16 dot products; int8 in 16-lane FMAs for one row, from two
+    rows widened to bf16 pairs of rows on VDPBF16PS) on bf16 activations: catches a wrong lane, row, nibble half,
+    row pair, group scale or tail; row counts cover 1-8-row tiles and their mixes."""
     scheme = Scheme.named(name)
     layer, q, s = _layer(n, k, scheme, torch.bfloat16, seed=n + 1)
     w = dequantize(q, s)

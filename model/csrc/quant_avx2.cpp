@@ -58,18 +58,22 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     return y.to(x_in.scalar_type());
   }
   const int64_t ldx = steps * 16;
-  const at::Tensor x = padded_rows(x_in, ldx);
-  at::Tensor y = at::empty({M, N}, x.options());
+  // Several rows on AVX512 go as bf16 (x_in is bf16 there: exact) to the tiles that widen each weight once.
+  const bool bf16_rows = isa_base(isa) >= 1 && M >= 2;
+  const at::Tensor x = padded_rows(x_in, ldx, bf16_rows ? at::kBFloat16 : at::kFloat);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M > 0 && N > 0) {
     const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
-    const float* xp = x.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
     with_scales(sc, [&](const auto* sp) {
       run_rows(N, ldx, [&](int64_t n0, int64_t n1) {
-        if (isa_base(isa) >= 1) {
-          int8_span512(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps);
+        if (bf16_rows) {
+          const auto* xb = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
+          int8_span512_bf16(rows, sp, xb, ldx, yp, N, n0, n1, N, M, steps);
+        } else if (isa_base(isa) >= 1) {
+          int8_span512(rows, sp, x.const_data_ptr<float>(), ldx, yp, N, n0, n1, N, M, steps);
         } else {
-          int8_span(rows, sp, xp, ldx, yp, N, n0, n1, N, M, steps);
+          int8_span(rows, sp, x.const_data_ptr<float>(), ldx, yp, N, n0, n1, N, M, steps);
         }
       });
     });

@@ -108,6 +108,58 @@ void int8_span512(const Int8Rows& q, const S* s, const float* x, int64_t ldx, fl
   });
 }
 
+// The sum of 8 float32 lanes: HIGH picks lanes 8-15 of v, else lanes 0-7.
+template <bool HIGH>
+inline float half_sum(__m512 v) {
+  const __m256 h = HIGH ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)) : _mm512_castps512_ps256(v);
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// y[m][n0 .. n0 + 4) for MB rows of bf16 x (several rows: decode batches): per step, each pair of the block's rows
+// (2p, 2p + 1) widened once into 32 bf16 (exact: |q| <= 127 has 7 significant bits), row 2p's 16 k in the low half
+// and row 2p + 1's in the high, and multiplied by VDPBF16PS against each row of x's 16 k repeated in both halves:
+// lanes 0-7 sum row 2p, 8-15 row 2p + 1, 2 * MB sums for the 4 rows. Against int8_tile512 (float32 FMAs on float32
+// x, 4 rows of x a pass) each weight is widened once for all MB rows and the products take half the instructions,
+// and 8 rows of bf16 x fit L1 (8 of float32 x at K = 1,280 are 40 KB). Tiny's int8 lm_head at 8 rows in
+// bench/int8_rows.cpp: 2.4x the float32 form on a Zen 5, 2x at 4 rows, even at 2.
+template <int MB, typename S>
+inline void int8_tile512_bf16(const Int8Rows& q, const S* s, const uint16_t* x, int64_t ldx, float* y, int64_t ldy,
+                              int64_t n0, int64_t N, int64_t steps) {
+  __m512 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_setzero_ps(), acc[m][1] = _mm512_setzero_ps();
+  const int8_t* r = q.row(n0);
+  const auto widen = [](const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  for (int64_t t = 0; t < steps; ++t, r += Int8Rows::kStep) {
+    if (MB <= kPrefetchRows) prefetch(r + kPrefetchBytes512);
+    const __m512bh w0 = _mm512_cvtne2ps_pbh(widen(r + 16), widen(r));
+    const __m512bh w1 = _mm512_cvtne2ps_pbh(widen(r + 48), widen(r + 32));
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_broadcast_i32x8(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ldx + t * 16)));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    const float sums[kRowsPerBlock] = {half_sum<false>(acc[m][0]), half_sum<true>(acc[m][0]),
+                                       half_sum<false>(acc[m][1]), half_sum<true>(acc[m][1])};
+    for (int j = 0; j < kRowsPerBlock && n0 + j < N; ++j) y[m * ldy + n0 + j] = sums[j] * scale_at(s, n0 + j);
+  }
+}
+
+// int8_span512 for rows of bf16 x (ldx each, zeros past K): up to 8 rows a tile.
+template <typename S>
+void int8_span512_bf16(const Int8Rows& q, const S* s, const uint16_t* x, int64_t ldx, float* y, int64_t ldy,
+                       int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps) {
+  tiles<8>(M, n0, n1, [&](auto mb_tag, int64_t m, int64_t n) {
+    int8_tile512_bf16<decltype(mb_tag)::value>(q, s, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps);
+  });
+}
+
 // y[m][n0 .. n0 + 4) for MB rows of bf16 x (see the top): per group, two float32 sums per row of x (low and high
 // halves, so neither waits on the other), scaled once per group by the 4 rows' scales.
 template <int MB, typename S>

@@ -41,8 +41,8 @@ at::Tensor group_sums(const at::Tensor& x, int64_t groups) {
   return x.view({x.size(0), groups, x.size(1) / groups}).sum(2).contiguous();
 }
 
-// Rows of x as a product reads them: float32 (AVX2, and int8 on AVX512) or bf16 bits (int4 on AVX512), and int4's
-// per-group sums of the float32 rows (AVX2).
+// Rows of x as a product reads them: float32 (AVX2, and int8's one-row tiles on AVX512) or bf16 bits (on AVX512:
+// int4, and int8 from 2 rows where given), and int4's per-group sums of the float32 rows (AVX2).
 struct Rows {
   const float* f;
   const uint16_t* b;
@@ -59,7 +59,9 @@ void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t gro
   const int64_t steps = (K + 15) / 16;
   if (bits == 8) {
     const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
-    if (isa_base(isa) >= 1) {  // AVX512 tiles (an expert's few decode rows: the AMX path's strips would not pay)
+    if (isa_base(isa) >= 1 && x.b != nullptr && M >= 2) {  // several rows of bf16 x: each weight widened once
+      int8_span512_bf16(rows, s, x.b, x.ld, y, ldy, n0, n1, N, M, steps);
+    } else if (isa_base(isa) >= 1) {  // AVX512 tiles (an expert's few decode rows: AMX's strips would not pay)
       int8_span512(rows, s, x.f, x.ld, y, ldy, n0, n1, N, M, steps);
     } else {
       int8_span(rows, s, x.f, x.ld, y, ldy, n0, n1, N, M, steps);
@@ -154,7 +156,10 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   const at::Tensor xg = xf.index_select(0, at::tensor(token_of, ids.options()));
   const bool bf16_rows_used = bits == 4 && isa_base(isa) >= 1, sums_used = bits == 4 && isa == 0;
   const bool vnni = bf16_rows_used && (isa & kIsaVnni);
-  const at::Tensor xb = bf16_rows_used ? xg.to(at::kBFloat16) : at::Tensor();  // exact: x_in is bf16 there
+  // bf16 rows of x (exact: x_in is bf16 on AVX512) for int4's tiles and int8's several-row ones; the gated
+  // activations (float32) go to int8's down products as they are.
+  const bool int8_bf16 = bits == 8 && isa_base(isa) >= 1;
+  const at::Tensor xb = bf16_rows_used || int8_bf16 ? xg.to(at::kBFloat16) : at::Tensor();
   const std::optional<FixedRows> xfixed = fixed_if(vnni, xb, E, group_in);
   const at::Tensor xsum = sums_used ? group_sums(xg, E / group_in) : at::Tensor();
   at::Tensor gu = at::empty({2, R, I}, xf.options()), out = at::empty({R, E}, xf.options());
