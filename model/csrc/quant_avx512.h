@@ -71,7 +71,11 @@ inline const uint16_t* int4_bf16_table() {
 // Likewise for two rows (a routed expert's usual share of a decode batch of 8): the hardware prefetcher alone left
 // them 11-13% slower (Tiny's lm_head and 60 experts' gate 896 x 1,280 at 2 rows from memory, int8 and int4 on VNNI,
 // seven alternated pairs of processes: medians 14.7 -> 13.0, 7.8 -> 7.1, 9.3 -> 8.2, 6.2 -> 5.5 ms).
-constexpr int64_t kPrefetchBytes512 = 2048;
+// On a Zen 5 farther is faster (Tiny's lm_head, nine alternated rounds in one process, twice; speed against 2 KB):
+// 8 KB: int8 1.26-1.28x at one row and 1.15x at two, int4 1.06-1.07x, int4 on VNNI 1.12-1.13x; 4 KB: 1.13-1.14x,
+// 1.05-1.10x, 1.05-1.11x; 16 KB no better than 8. So 8 KB, which the Xeon's runs above (4 KB even with 2 KB) do not
+// argue against; not yet timed there.
+constexpr int64_t kPrefetchBytes512 = 8192;
 constexpr int kPrefetchRows = 2;
 
 #pragma GCC push_options
