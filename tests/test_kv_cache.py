@@ -3,7 +3,8 @@ takes memory for the slots used, not for its capacity (the engine sizes it once 
 
 from __future__ import annotations
 
-import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,29 +77,40 @@ def test_a_cache_shows_only_written_tokens_and_zeros_never_what_its_memory_held(
     assert torch.isfinite(bigger.layers[0][0][..., :capacity, :]).all() and not bigger.layers[0][1][3:, :capacity].any()
 
 
-def _resident_bytes() -> int:
-    """This process's resident memory now (Linux: /proc/self/statm's second field, in pages)."""
+# Run in a fresh interpreter: in a process that has freed memory before, the buffers may land on pages that are
+# resident already, and then neither a lazy cache nor a zero-filled one moves the resident size.
+_MEMORY_PROBE = """
+import resource, sys
+from pathlib import Path
+import torch
+from dsvl2.model.kv_cache import ZERO_BLOCK, KVCache
+
+def resident():
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+before = resident()
+cache = KVCache([(4, 128), (4, 128)], batch=8, capacity=4096, n_layers=8, dtype=torch.bfloat16)
+made = resident()
+used = 3 * ZERO_BLOCK
+for layer in range(8):
+    new = torch.ones(8, used, 4, 128, dtype=torch.bfloat16)
+    cache.write(layer, cache.positions(used), new, new)
+print(cache.nbytes(), made - before, resident() - before)
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux's /proc")
 def test_a_cpu_cache_takes_memory_for_the_slots_used_not_its_capacity() -> None:
-    """Catches a cache that touches its whole capacity (a zero fill, a copy) on a CPU: a cache of 512 MiB of
-    capacity raises the resident memory by a small part of that until its slots are used, and by about what was
-    used after."""
+    """Catches a cache that touches its whole capacity (a zero fill, a copy) on a CPU: in a fresh process, a cache of
+    512 MiB of capacity raises the resident memory by a small part of that until its slots are used, and by about
+    what was used after."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True, check=True).stdout
+    nbytes, made, written = (int(v) for v in out.split())
     token_bytes = 2 * 4 * 128 * 2  # per layer: k and v, 4 heads of 128, bf16
-    capacity, batch, layers = 4096, 8, 8
-    before = _resident_bytes()
-    cache = KVCache([(4, 128), (4, 128)], batch=batch, capacity=capacity, n_layers=layers, dtype=torch.bfloat16)
-    assert cache.nbytes() == batch * capacity * layers * token_bytes == 512 << 20
-    assert _resident_bytes() - before < 32 << 20
-    used = 3 * ZERO_BLOCK
-    for layer in range(layers):
-        new = torch.ones(batch, used, 4, 128, dtype=torch.bfloat16)
-        cache.write(layer, cache.positions(used), new, new)
-    grown = _resident_bytes() - before
-    expected = batch * used * layers * token_bytes  # 96 MiB
-    assert 0.9 * expected < grown < expected + (48 << 20), (grown, expected)
+    expected = 8 * 3 * ZERO_BLOCK * 8 * token_bytes  # 96 MiB
+    assert nbytes == 8 * 4096 * 8 * token_bytes == 512 << 20
+    assert made < 32 << 20, made
+    assert 0.9 * expected < written < expected + (48 << 20), (written, expected)
 
 
 @pytest.mark.parametrize("ckpt", CHECKPOINTS[:1])
