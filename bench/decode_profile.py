@@ -1,7 +1,8 @@
 """Where a decode step's time goes: torch's profiler over a few decode steps of the engine's language model, per op.
 
     python bench/decode_profile.py [--model DIR | --config tiny|small|base [--layers L]] [--device cpu|cuda]
-                                   [--batches 1,8] [--context 1000] [--steps 10] [--rows 20]
+                                   [--quantize none|int8|int4] [--batches 1,8] [--context 1000] [--steps 10]
+                                   [--rows 20]
 
 Each row of a batch is prefilled with `--context` random tokens, then `--steps` greedy decode steps run under the
 profiler (after three unprofiled ones). Printed per batch: the step time without and with the profiler, the ops by
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, help="keep the first L decoder layers of --config's random checkpoint")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--quantize", default="none", choices=("none", "int8", "int4"), help="weight-only quantisation")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--context", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=10)
@@ -85,10 +87,11 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     path = ensure_model(args.model, args.config, args.layers)
-    model = load_model(path, dtype=getattr(torch, args.dtype), device=device)
+    model = load_model(path, dtype=getattr(torch, args.dtype), device=device, quantize=args.quantize)
     print(f"cpu: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads; device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
-    print(f"model: {path.name}, {args.dtype}; kernels: {kernels.status().describe()}", flush=True)
+    print(f"model: {path.name}, {args.dtype}, quantize {args.quantize}; kernels: {kernels.status().describe()}",
+          flush=True)
     with torch.inference_mode():
         for batch in (int(b) for b in args.batches.split(",")):
             profile_batch(model, batch, args.context, args.steps, args.rows)

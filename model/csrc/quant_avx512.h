@@ -65,7 +65,7 @@ inline const uint16_t* int4_bf16_table() {
   return table.v;
 }
 
-// How far ahead of a one-row AVX512 tile its weight is prefetched: 2 KB ran 7-10% faster than the AVX2 tiles' 1 KB
+// How far ahead of an AVX512 tile its weight is prefetched: 2 KB ran 7-10% faster than the AVX2 tiles' 1 KB
 // on the AMX Xeon (the lm_head at one row, six alternated rounds in one process: int8 10.6 / 11.7 ms, int4 7.6 /
 // 8.2; 4 KB even with 2 KB, 4 KB into L2 between, 16 KB into L2 no better than 1 KB): its reads waited on memory.
 // Likewise for two rows (a routed expert's usual share of a decode batch of 8): the hardware prefetcher alone left
@@ -74,9 +74,11 @@ inline const uint16_t* int4_bf16_table() {
 // On a Zen 5 farther is faster (Tiny's lm_head, nine alternated rounds in one process, twice; speed against 2 KB):
 // 8 KB: int8 1.26-1.28x at one row and 1.15x at two, int4 1.06-1.07x, int4 on VNNI 1.12-1.13x; 4 KB: 1.13-1.14x,
 // 1.05-1.10x, 1.05-1.11x; 16 KB no better than 8. So 8 KB, which the Xeon's runs above (4 KB even with 2 KB) do not
-// argue against; not yet timed there.
+// argue against; not yet timed there. Tiles of more rows prefetch too (they did from 1-2 rows only, leaving the
+// rest to the hardware prefetcher): on the Zen 5, alternated in one process, int8 on VDPBF16PS 1.08-1.41x at 4 rows
+// and 1.18-1.55x at 8 (Tiny's and Small's lm_head, Small's dense MLP), int4's AVX512 tiles 1.03-1.05x / 1.11-1.15x,
+// int4 on VNNI even.
 constexpr int64_t kPrefetchBytes512 = 8192;
-constexpr int kPrefetchRows = 2;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
@@ -92,7 +94,7 @@ inline void int8_tile512(const Int8Rows& q, const S* s, const float* x, int64_t 
     for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   const int8_t* r = q.row(n0);
   for (int64_t t = 0; t < steps; ++t, r += Int8Rows::kStep) {
-    if (MB <= kPrefetchRows) prefetch(r + kPrefetchBytes512);
+    prefetch(r + kPrefetchBytes512);
     __m512 xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + t * 16);
     for (int j = 0; j < NB; ++j) {
@@ -138,7 +140,7 @@ inline void int8_tile512_bf16(const Int8Rows& q, const S* s, const uint16_t* x, 
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   };
   for (int64_t t = 0; t < steps; ++t, r += Int8Rows::kStep) {
-    if (MB <= kPrefetchRows) prefetch(r + kPrefetchBytes512);
+    prefetch(r + kPrefetchBytes512);
     const __m512bh w0 = _mm512_cvtne2ps_pbh(widen(r + 16), widen(r));
     const __m512bh w1 = _mm512_cvtne2ps_pbh(widen(r + 48), widen(r + 32));
     for (int m = 0; m < MB; ++m) {
@@ -155,7 +157,8 @@ inline void int8_tile512_bf16(const Int8Rows& q, const S* s, const uint16_t* x, 
   }
 }
 
-// int8_span512 for rows of bf16 x (ldx each, zeros past K): up to 8 rows a tile.
+// int8_span512 for rows of bf16 x (ldx each, zeros past K): up to 8 rows a tile. (Fewer rows a tile where 8 rows of
+// x pass 24 KB, the unit re-read from L2 for the rest, ran no faster: Small's lm_head, K = 2,048, on a Zen 5.)
 template <typename S>
 void int8_span512_bf16(const Int8Rows& q, const S* s, const uint16_t* x, int64_t ldx, float* y, int64_t ldy,
                        int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps) {
@@ -186,7 +189,7 @@ inline void int4_tile512(const Int4Rows& q, const S* s, int64_t groups, const ui
     const int64_t t1 = std::min(steps, (g + 1) * group_steps);
     auto step = [&](int64_t t, int u) {
       const uint8_t* rt = r + t * Int4Rows::kStep;
-      if (MB <= kPrefetchRows && u == 0) prefetch(rt + kPrefetchBytes512);  // a 64-byte line: two steps of a block
+      if (u == 0) prefetch(rt + kPrefetchBytes512);  // a 64-byte line: two steps of a block
       const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rt)));
       const __m512bh wl = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table);
       const __m512bh wh = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);

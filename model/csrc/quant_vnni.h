@@ -151,7 +151,7 @@ inline void int4_tile_vnni(const Int4Rows& q, const S* s, int64_t groups, const 
       for (int i = 0; i < 4; ++i) part[m][i] = _mm512_setzero_si512();
     for (int64_t p = b * block_pairs; p < (b + 1) * block_pairs; ++p) {
       const uint8_t* rp = r + p * 2 * Int4Rows::kStep;
-      if (MB <= kPrefetchRows) prefetch(rp + kPrefetchBytes512);
+      prefetch(rp + kPrefetchBytes512);
       const __m512i v = _mm512_loadu_si512(rp);
       const __m512i wl = _mm512_and_si512(v, low), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       for (int m = 0; m < MB; ++m) {
