@@ -3,8 +3,9 @@
 // the AVX2 build flags and loads on any AVX2 CPU; the ops call these only when asked to (`isa` 1) and after
 // `avx512_ready()` says the CPU has the instructions. Same layouts, same row blocks, same per-unit threading as
 // the AVX2 tiles; what differs is the arithmetic:
-//   int8  16 k per instruction: a row's 16 bytes of a step widened to 16 float32 lanes and one FMA with x's 16
-//         (float32), half the AVX2 tile's instructions per weight byte.
+//   int8  one row of x: 16 k per instruction, a row's 16 bytes of a step widened to 16 float32 lanes and one FMA
+//         with x's 16 (float32), half the AVX2 tile's instructions per weight byte; from two rows: a pair of the
+//         block's rows widened once to 32 bf16 and multiplied by VDPBF16PS for every row (int8_tile512_bf16).
 //   int4  the 4 rows x 16 k of a block's step (32 bytes) zero-extended to 32 16-bit lanes; each nibble looked up
 //         in a 16-entry table of the bf16 values q = nibble - 8 (exact: small integers), one lookup per half
 //         (low nibbles: k 0-7 of each row, high: k 8-15); then VDPBF16PS multiplies them by x in bf16 (x's 8
@@ -12,7 +13,8 @@
 //         ~5 + 2 x rows instructions, where the AVX2 tile spends ~26 (unpacking is what bounds AVX2's int4).
 //         Products are exact (bf16 x bf16 in float32); float32 lane i holds row i / 4's partial sum; per group
 //         the sum is scaled by the row's scale (one vector of the 4 rows' scales, each in 4 lanes).
-// x therefore comes as bf16 for int4 (a model in bf16 has it so: exact) and as float32 for int8. Results equal the
+// x therefore comes as bf16 for int4 and int8's several rows (a model in bf16 has it so: exact) and as float32 for
+// int8's one row (and for the MoE op's int8 down products, whose gated rows are float32). Results equal the
 // dequantised product up to float32 summation order. MB rows of x share each unpacked step (decode batches).
 #pragma once
 
