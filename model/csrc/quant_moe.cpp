@@ -157,8 +157,9 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   const bool bf16_rows_used = bits == 4 && isa_base(isa) >= 1, sums_used = bits == 4 && isa == 0;
   const bool vnni = bf16_rows_used && (isa & kIsaVnni);
   // bf16 rows of x (exact: x_in is bf16 on AVX512) for int4's tiles and int8's several-row ones; the gated
-  // activations (float32) go to int8's down products as they are.
-  const bool int8_bf16 = bits == 8 && isa_base(isa) >= 1;
+  // activations (float32) go to int8's down products as they are. (At batch 1 every expert has one row: none made.)
+  const bool int8_bf16 = bits == 8 && isa_base(isa) >= 1 &&
+                         std::any_of(count.begin(), count.end(), [](int64_t c) { return c >= 2; });
   const at::Tensor xb = bf16_rows_used || int8_bf16 ? xg.to(at::kBFloat16) : at::Tensor();
   const std::optional<FixedRows> xfixed = fixed_if(vnni, xb, E, group_in);
   const at::Tensor xsum = sums_used ? group_sums(xg, E / group_in) : at::Tensor();
