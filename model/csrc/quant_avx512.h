@@ -130,8 +130,9 @@ inline float half_sum(__m512 v) {
 // and row 2p + 1's in the high, and multiplied by VDPBF16PS against each row of x's 16 k repeated in both halves:
 // lanes 0-7 sum row 2p, 8-15 row 2p + 1, 2 * MB sums for the 4 rows. Against int8_tile512 (float32 FMAs on float32
 // x, 4 rows of x a pass) each weight is widened once for all MB rows and the products take half the instructions,
-// and 8 rows of bf16 x fit L1 (8 of float32 x at K = 1,280 are 40 KB). Tiny's int8 lm_head at 8 rows in
-// bench/int8_rows.cpp: 2.4x the float32 form on a Zen 5, 2x at 4 rows, even at 2.
+// and 8 rows of bf16 x fit L1 (8 of float32 x at K = 1,280 are 40 KB). Tiny's int8 lm_head on a Zen 5, alternated
+// with the float32 tiles in one process: 1.03-1.30x at 2 rows, 1.28-1.34x at 4, 1.25-1.26x at 8 (before both forms
+// prefetched at every row count; bench/int8_rows.cpp replays the two forms outside the kernel).
 template <int MB, typename S>
 inline void int8_tile512_bf16(const Int8Rows& q, const S* s, const uint16_t* x, int64_t ldx, float* y, int64_t ldy,
                               int64_t n0, int64_t N, int64_t steps) {
