@@ -66,3 +66,57 @@ def test_every_library_lists_the_header_in_its_build_key():
     """A change to prefetch.h rebuilds both libraries (it is part of each build key)."""
     assert CSRC / "prefetch.h" in kernels._DEPENDS
     assert CSRC / "prefetch.h" in quant_kernels._HEADERS
+
+
+# A tile as quant_avx512.h's int8_tile512_bf16 writes it: sums in a local array, a prefetch in the loop.
+TILE = r"""
+#include "prefetch.h"
+#include <immintrin.h>
+#include <cstdint>
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+void tile(const int8_t* r, const uint16_t* x, int64_t ldx, float* y, int64_t steps) {
+  __m512 acc[4][2];
+  for (int m = 0; m < 4; ++m) acc[m][0] = _mm512_setzero_ps(), acc[m][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < steps; ++t, r += 64) {
+    dsvl2_prefetch::WHICH(r + 8192);
+    const __m512bh w0 = (__m512bh)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r)));
+    const __m512bh w1 = (__m512bh)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 32)));
+    for (int m = 0; m < 4; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + t * 32);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
+    }
+  }
+  for (int m = 0; m < 4; ++m) y[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+"""
+
+
+def _loops(assembly: str) -> list[list[str]]:
+    """The bodies of the loops in `assembly`: the lines from a label to a jump back to it."""
+    lines = [line.strip() for line in assembly.splitlines()]
+    at = {line[:-1]: i for i, line in enumerate(lines) if line.startswith(".L") and line.endswith(":")}
+    bodies = []
+    for i, line in enumerate(lines):
+        parts = line.split()
+        if len(parts) == 2 and parts[0].startswith("j") and at.get(parts[1], i) < i:
+            bodies.append(lines[at[parts[1]]:i + 1])
+    return bodies
+
+
+@pytest.mark.parametrize("which", ["to_l1", "to_l2", "streamed"])
+@pytest.mark.parametrize("library", [kernels, quant_kernels], ids=["bf16", "quant"])
+def test_a_prefetch_leaves_a_tiles_sums_in_registers(library, which):
+    """Catches a prefetch written with its address as a memory operand ("m"(*p)): GCC then takes the statement as
+    reading memory any char pointer may reach, and stores every sum of the loop's local array to the stack on
+    every iteration before it (int8's 8-row tile spent 16 stores of 64 bytes per 16 VDPBF16PS, ~2x its time)."""
+    flags = [f for f in library._CFLAGS if f != "-fopenmp"]
+    loops = [body for body in _loops(_assembly(TILE.replace("WHICH", which), flags))
+             if any(line.startswith("vdpbf16ps") for line in body)]
+    assert loops, "the tile's loop was not found in the assembly"
+    for body in loops:
+        assert any(line.startswith("prefetch") for line in body), "the prefetch left the loop"
+        stores = [line for line in body if line.startswith("vmov") and "%zmm" in line.split(",")[0]
+                  and line.endswith(("(%rsp)", "(%rbp)"))]
+        assert not stores, f"sums stored to the stack in the loop: {stores[:4]}"
