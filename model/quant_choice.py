@@ -13,12 +13,14 @@ quant_kernels.moe call or, on torch's ops, one expert after another) and "dense"
 attention, dense MLP, shared experts, lm_head: a prefill chunk sends them all T tokens). Decode is timed with
 kernel_choice's `best_time` at every row count of the family's DECODE_ROWS (decode batches of 1 and 8), every
 candidate in every layout the layers can take; the winner has the least slowdown against the fastest at each
-row count, summed, and fixes the layout. "dense" times its products on one of its layers (`representatives`).
-"experts" times what a decode step runs (`time_routed`): the first ROUTED_LAYERS MoE layers, each over the
-experts its own gate picks for random tokens, through the model's own code (quant.QuantExperts, else
-feedforward.dispatch), so the per-expert calls of torch's ops and the weights read from memory, not cache, are in
-the timings; the experts those routings touch are repacked in place into each layout timed and back (no copies:
-Base in int4 must stay under 20 GiB). Prefill (PREFILL_ROWS of the family) takes the fastest candidate that reads
+row count, summed, and fixes the layout. Both families time what a decode step runs, with weights read from
+memory, not cache: "experts" (`time_routed`) the first ROUTED_LAYERS MoE layers, each over the experts its own
+gate picks for random tokens, through the model's own code (quant.QuantExperts, else feedforward.dispatch), so
+the per-expert calls of torch's ops are in the timings; "dense" (`time_dense`) one product after another over its
+layers in model order (the lm_head left out), up to DENSE_STEP_BYTES of weight. Timed per product on one layer
+(which a cache holds), dense decode took torch's int8 op on a Zen 5, 2x the bf16 model's time for those products
+in a decode step. The layers timed are repacked in place into each layout timed and back (no copies: Base in int4
+must stay under 20 GiB). Prefill (PREFILL_ROWS of the family) takes the fastest candidate that reads
 the decode winner's layout, timed per product on one layer (in every layout decode was timed in: a layer that cannot
 take the winner's layout runs the fastest decode and prefill timed in its own). Then every layer of the family is
 repacked into that layout, one at a time (never two copies of the model's weights). Off the CPU only "dequant" exists.
@@ -52,6 +54,7 @@ from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantE
 # the kernel's one call per layer was 1.24x / 1.32x faster in the model: the per-expert calls were left out.
 DECODE_ROWS: dict[Family, tuple[int, ...]] = {"experts": (1, 8), "dense": (1, 8)}
 ROUTED_LAYERS = 4  # MoE layers a routed timing runs: more weights than a cache holds, as a decode step reads
+DENSE_STEP_BYTES = 256 << 20  # quantised weight a dense decode timing reads at most (Tiny's all: 0.18 GB in int8)
 PREFILL_ROWS: dict[Family, int] = {"experts": 64, "dense": 256}
 CACHE_PREFIX = "quant-choice-"
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -91,27 +94,33 @@ def candidates(layer: QuantLinear, dtype: torch.dtype) -> list[Impl]:
     return [*found, "dequant"]
 
 
-def representatives(model: nn.Module) -> dict[Family, tuple[QuantLinear, tuple[MoE, ...] | None]]:
-    """What each family is timed on: for "experts" the first routed expert's gate_proj (prefill's products) and
-    the first ROUTED_LAYERS MoE layers whose experts are all quantised (decode's); for "dense" the layer with the
-    most weights other than the lm_head (the same products, but ~100x an attention projection: timing its
-    dequantised candidates and its copies in other layouts took a minute and 0.3 GiB on Tiny), and None. Families
-    without quantised layers are left out."""
-    found: dict[Family, tuple[QuantLinear, tuple[MoE, ...] | None]] = {}
+def representatives(model: nn.Module) -> dict[Family, tuple[QuantLinear, tuple[nn.Module, ...]]]:
+    """What each family is timed on: (prefill's layer, what decode's timing runs). "experts": the first routed
+    expert's gate_proj and the first ROUTED_LAYERS MoE layers whose experts are all quantised; "dense": the layer
+    with the most weights other than the lm_head (the same products, but ~100x an attention projection: timing its
+    dequantised candidates and its copies in other layouts took a minute and 0.3 GiB on Tiny) and its family's
+    layers other than the lm_head in model order, up to DENSE_STEP_BYTES of weight (the lm_head where it is the
+    only one). Families without quantised layers are left out."""
     largest: dict[Family, tuple[tuple[bool, int], QuantLinear]] = {}
     routed: list[MoE] = []
+    dense: list[QuantLinear] = []
+    dense_bytes = 0
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             family, rank = family_of(name), (not name.endswith("lm_head"), m.in_features * m.out_features)
             if family not in largest or rank > largest[family][0]:
                 largest[family] = (rank, m)
+            if family == "dense" and rank[0] and dense_bytes < DENSE_STEP_BYTES:
+                dense.append(m)
+                dense_bytes += m.qweight.nbytes
         elif (isinstance(m, MoE) and len(routed) < ROUTED_LAYERS
               and all(isinstance(getattr(e, p), QuantLinear) for e in m.experts for p in PROJECTIONS)):
             routed.append(m)
+    found: dict[Family, tuple[QuantLinear, tuple[nn.Module, ...]]] = {}
     if routed:
         found["experts"] = (routed[0].experts[0].gate_proj, tuple(routed))
-    for family, (_, layer) in largest.items():
-        found.setdefault(family, (layer, None))
+    if "dense" in largest:
+        found["dense"] = (largest["dense"][1], tuple(dense) or (largest["dense"][1],))
     return {f: found[f] for f in FAMILIES if f in found}
 
 
@@ -132,10 +141,10 @@ def routed_step(layers: Sequence[MoE], dtype: torch.dtype, tokens: int) -> Step:
 
 
 @contextmanager
-def laid_out(experts: Iterable[nn.Module], layout: Layout):
-    """The experts' quantised layers repacked in place into `layout` (where they can take it), their own layout
-    restored after."""
-    layers = [getattr(e, p) for e in experts for p in PROJECTIONS]
+def laid_out(layers: Iterable[QuantLinear], layout: Layout):
+    """The quantised `layers` repacked in place into `layout` (those that can take it), their own layouts restored
+    after."""
+    layers = list(layers)
     saved = [m.layout for m in layers]
     try:
         with allocator.while_loading():  # each weight its own mapping: the replaced ones leave no heap holes
@@ -149,11 +158,16 @@ def laid_out(experts: Iterable[nn.Module], layout: Layout):
                 m.relayout(own)
 
 
+def projections(experts: Iterable[nn.Module]) -> list[QuantLinear]:
+    """The experts' quantised layers."""
+    return [getattr(e, p) for e in experts for p in PROJECTIONS]
+
+
 def time_routed(step: Step, impl: Impl, *, timer: Timer = best_time) -> float:
     """Seconds for `step`'s routed experts with every product's decode on `impl`, as the model runs them: the
     quantised MoE kernel's one call per layer (QuantExperts) where it takes them, else one expert after another
     (feedforward.dispatch). The experts' own `impls` are set for the timing and restored after."""
-    layers = [getattr(e, p) for experts, *_ in step for e in experts for p in PROJECTIONS]
+    layers = projections(e for experts, *_ in step for e in experts)
     saved = [m.impls for m in layers]
     runners = [QuantExperts() for _ in step]
     first, tokens = step[0][0][0].gate_proj, step[0][1].shape[0]
@@ -171,6 +185,22 @@ def time_routed(step: Step, impl: Impl, *, timer: Timer = best_time) -> float:
     finally:
         for m, impls in zip(layers, saved, strict=True):
             m.impls = impls
+
+
+def time_dense(layers: Sequence[QuantLinear], dtype: torch.dtype, rows: int, impl: Impl, *,
+               timer: Timer = best_time) -> float:
+    """Seconds for one product of `rows` rows through each of `layers` in turn on `impl`, as a decode step runs
+    them (each weight read once a call: together more than a cache holds)."""
+    gen = torch.Generator().manual_seed(0)
+    xs = {k: torch.randn(rows, k, generator=gen).to(dtype).to(layers[0].qweight.device)
+          for k in sorted({m.in_features for m in layers})}
+
+    def call(impl=impl, layer=layers[0], rows=rows):  # the defaults name what is timed, as time_impls' calls do
+        for m in layers:
+            m.run(xs[m.in_features], impl)
+
+    with torch.inference_mode():
+        return timer(call)
 
 
 def time_impls(layer: QuantLinear, dtype: torch.dtype, rows: int, *, timer: Timer = best_time) -> dict[Impl, float]:
@@ -234,35 +264,34 @@ def from_timings(timings: Timings, family: Family) -> Decision | None:
     return Decision(impl, prefill, layout, others)
 
 
-def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Timer = best_time,
-            routed: tuple[MoE, ...] | None = None) -> Timings:
+def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, step: tuple[nn.Module, ...], *,
+            timer: Timer = best_time) -> Timings:
     """Decode timings of every candidate in every layout `layer` can take, at each of the family's DECODE_ROWS,
-    then prefill timings (its PREFILL_ROWS) of `layer` in every layout decode was timed in. Where `routed` is
-    given (the experts family), decode is timed on those MoE layers as a decode step runs them (`time_routed`);
-    "dequant" there only where nothing else runs (it dequantises every expert's weights per step, never faster
-    than a product on the quantised weights, and took seconds to time). The model is left as it was: `layer` is
-    timed in other layouts on copies, the routed experts are repacked and restored."""
+    timed on `step` as a decode step runs it (the experts: MoE layers, `time_routed`; dense: its layers one after
+    another, `time_dense`), then prefill timings (its PREFILL_ROWS) of `layer` in every layout decode was timed in.
+    "dequant" is timed for decode only where nothing else runs (it dequantises every weight per step, never faster
+    than a product on the quantised weights, and took seconds to time). The model is left as it was: the layers
+    timed are repacked in place and restored, `layer` is timed for prefill in other layouts on copies."""
     timings: Timings = {}
-    if routed is None:
-        for layout in layer.layouts():
-            variant = layer if layout == layer.layout else layer.copy_as(layout)
-            for rows in DECODE_ROWS[family]:
-                times = time_impls(variant, dtype, rows, timer=timer)
-                timings.update((_name(impl, layout, rows), t) for impl, t in times.items())
+    if family == "experts":
+        steps = {rows: routed_step(step, dtype, rows) for rows in DECODE_ROWS[family]}
+        touched = projections({id(e): e for s in steps.values() for experts, *_ in s for e in experts}.values())
     else:
-        steps = {rows: routed_step(routed, dtype, rows) for rows in DECODE_ROWS[family]}
-        touched = {id(e): e for step in steps.values() for experts, *_ in step for e in experts}
-        per_layout = {layout: candidates(layer if layout == layer.layout else layer.copy_as(layout), dtype)
-                      for layout in layer.layouts()}
-        runs = any(impl != "dequant" for impls in per_layout.values() for impl in impls)
-        for layout, impls in per_layout.items():
-            impls = [impl for impl in impls if impl != "dequant" or not runs]
-            if not impls:
-                continue
-            with laid_out(touched.values(), layout):
-                for rows, step in steps.items():
-                    timings.update((_name(impl, layout, rows), time_routed(step, impl, timer=timer))
-                                   for impl in impls)
+        touched = list(step)
+    per_layout = {layout: candidates(layer if layout == layer.layout else layer.copy_as(layout), dtype)
+                  for layout in layer.layouts()}
+    runs = any(impl != "dequant" for impls in per_layout.values() for impl in impls)
+    for layout, impls in per_layout.items():
+        impls = [impl for impl in impls if impl != "dequant" or not runs]
+        if not impls:
+            continue
+        with laid_out(touched, layout):
+            for rows in DECODE_ROWS[family]:
+                timings.update(
+                    (_name(impl, layout, rows),
+                     time_routed(steps[rows], impl, timer=timer) if family == "experts"
+                     else time_dense(touched, dtype, rows, impl, timer=timer))
+                    for impl in impls)
     for layout in _layouts(timings):
         variant = layer if layout == layer.layout else layer.copy_as(layout)
         prefill = time_impls(variant, dtype, PREFILL_ROWS[family], timer=timer)
@@ -270,15 +299,17 @@ def measure(layer: QuantLinear, dtype: torch.dtype, family: Family, *, timer: Ti
     return timings
 
 
-def shape_key(family: Family, layer: QuantLinear, routed: tuple[MoE, ...] | None, dtype: torch.dtype) -> str:
+def shape_key(family: Family, layer: QuantLinear, step: tuple[nn.Module, ...], dtype: torch.dtype) -> str:
     """What a family's timings depend on besides the machine: scheme, group, shapes, dtype, layouts, rows, and
-    for the routed experts how a decode step over them was timed."""
+    what a decode step was timed over (the routed layers; the dense products and their weights)."""
     shapes = f"{layer.out_features}x{layer.in_features}"
-    if routed is not None:
-        moe = routed[0]
+    if family == "experts":
+        moe = step[0]
         shapes = (" ".join(f"{getattr(moe.experts[0], p).out_features}x{getattr(moe.experts[0], p).in_features}"
-                           for p in PROJECTIONS) + f" routed {len(routed)} layers top{moe.gate.top_k} of "
+                           for p in PROJECTIONS) + f" routed {len(step)} layers top{moe.gate.top_k} of "
                   f"{len(moe.experts)}")
+    else:
+        shapes += f" step {len(step)} products {sum(m.in_features * m.out_features for m in step)} weights"
     return (f"{family}|{layer.scheme.name} g{layer.group} {shapes}|{str(dtype).removeprefix('torch.')}|"
             f"{','.join(layer.layouts())}|{layer.qweight.device}|rows {','.join(map(str, DECODE_ROWS[family]))} "
             f"{PREFILL_ROWS[family]}")
@@ -300,14 +331,14 @@ def decide(model: nn.Module, dtype: torch.dtype, *, timer: Timer = best_time, ca
     known = (read_timings(path, here) or {}) if path is not None else {}
     fresh: dict[str, Timings] = {}
     decisions: dict[Family, Decision] = {}
-    for family, (layer, routed) in representatives(model).items():
-        key = shape_key(family, layer, routed, dtype)
+    for family, (layer, step) in representatives(model).items():
+        key = shape_key(family, layer, step, dtype)
         memo = (here, key, layer.layout, timer)
         if (found := _decided.get(memo)) is None:
             found = from_timings(known.get(key, {}), family)
             if found is None:
                 with torch.inference_mode():
-                    fresh[key] = measure(layer, dtype, family, timer=timer, routed=routed)
+                    fresh[key] = measure(layer, dtype, family, step, timer=timer)
                 found = from_timings(fresh[key], family)
             _decided[memo] = found
         decisions[family] = found
