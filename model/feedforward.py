@@ -62,7 +62,7 @@ class MLP(nn.Module):
 @functools.cache
 def _every_token(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing of n tokens all to expert 0 with weight 1: (ids (n, 1) int64, weights (n, 1) float32); made once per n
-    (n <= kernels.MAX_ROWS), never written."""
+    (n <= kernels.MAX_ROWS or QuantLinear.DECODE_ROWS: decode batches), never written."""
     return torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1)
 
 
@@ -162,9 +162,8 @@ class MoE(nn.Module):
     def _shared(self, flat: torch.Tensor) -> torch.Tensor:
         """The shared experts' output for tokens flat (N, E): quantised ones on the kernel in one call (every token
         to the one expert with weight 1, exact), else their three products."""
-        if isinstance(self.shared_experts.down_proj, QuantLinear):
-            every = torch.zeros(flat.shape[0], 1, dtype=torch.long), torch.ones(flat.shape[0], 1)
-            y = self._quant_shared.run([self.shared_experts], flat, *every)
+        if isinstance(self.shared_experts.down_proj, QuantLinear) and flat.shape[0] <= QuantLinear.DECODE_ROWS:
+            y = self._quant_shared.run([self.shared_experts], flat, *_every_token(flat.shape[0]))
             if y is not None:
                 return y
         return self.shared_experts(flat)
