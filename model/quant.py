@@ -305,13 +305,13 @@ class QuantLinear(nn.Module):
 
 
 class QuantExperts:
-    """A MoE layer's routed experts as one call of the quantised MoE kernel (quant_kernels.moe) where their products
-    run the kernel: every expert's qweights and scales as lists, built once and rebuilt when the weights are
-    replaced (loading, `relayout`, `.to()`), which the first and last show."""
+    """A MoE layer's routed experts as one call of the quantised MoE kernel (quant_kernels.moe_held) where their
+    products run the kernel: every expert's qweights and scales held by the library (`hold_experts`), made once and
+    again when the weights are replaced (loading, `relayout`, `.to()`), which the first and last show."""
 
     def __init__(self):
         self._key: tuple | None = None
-        self._lists: tuple[tuple[list, list], ...] = ()
+        self._held: torch.ScriptObject | None = None
 
     def run(self, experts: Sequence[nn.Module], x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
             ) -> torch.Tensor | None:
@@ -328,10 +328,12 @@ class QuantExperts:
         key = tuple((id(m.qweight), m.qweight.data_ptr()) for m in (gate, last.down_proj))
         if key != self._key:
             layers = [[getattr(e, name) for e in experts] for name in ("gate_proj", "up_proj", "down_proj")]
-            self._lists = tuple(([m.qweight for m in ms], [m.scales for m in ms]) for ms in layers)
+            self._held = None  # the old weights' references go before the new are taken
+            self._held = quant_kernels.hold_experts(*(([m.qweight for m in ms], [m.scales for m in ms])
+                                                      for ms in layers))
             self._key = key
-        y = quant_kernels.moe(x, ids, weights, *self._lists, gate.scheme.bits, gate.group or 0, down.group or 0,
-                              KERNEL_ISA[impl])
+        y = quant_kernels.moe_held(x, ids, weights, self._held, gate.scheme.bits, gate.group or 0, down.group or 0,
+                                   KERNEL_ISA[impl])
         return y.to(x.dtype)
 
 

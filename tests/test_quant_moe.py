@@ -84,9 +84,9 @@ def test_moe_avx512_tiles_equal_the_experts_one_by_one(quant_avx512_on, scheme, 
             getattr(expert, name).impls = (impl, impl)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
     calls = []
-    real = quant_kernels.moe
+    real = quant_kernels.moe_held
     with torch.inference_mode(), pytest.MonkeyPatch.context() as m:
-        m.setattr(quant_kernels, "moe", lambda *a: calls.append(a[-1]) or real(*a))
+        m.setattr(quant_kernels, "moe_held", lambda *a: calls.append(a[-1]) or real(*a))
         ids, weights = _routing(moe, x, experts, top_k)
         fused = moe._quant_experts.run(moe.experts, x, ids, weights)
         one_by_one = moe.dispatch(x, ids, weights)
@@ -104,8 +104,8 @@ def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(quant_kernels_
     switched off."""
     moe = _moe(64, 48, 8, 2, "int8", torch.float32, seed=0)
     calls = []
-    real = quant_kernels.moe
-    monkeypatch.setattr(quant_kernels, "moe", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    real = quant_kernels.moe_held
+    monkeypatch.setattr(quant_kernels, "moe_held", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
     with torch.inference_mode():
         x = torch.randn(2, 3, 64)
         fused = moe(x)
@@ -126,26 +126,34 @@ def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(quant_kernels_
     assert calls == [6, 6]
 
 
-def test_moe_kernel_lists_follow_replaced_weights(quant_kernels_on):
-    """The lists are built once and rebuilt when the weights are repacked (quant_choice's relayout), so the kernel
-    never reads a freed or stale weight."""
+def test_moe_kernel_held_weights_follow_replaced_weights(quant_kernels_on):
+    """The weights the library holds for a layer (hold_experts) are taken once and again when the weights are
+    repacked (quant_choice's relayout), so the kernel never reads a freed or stale weight, and the replaced ones
+    are not kept alive."""
+    import weakref
+
     moe = _moe(64, 48, 8, 2, "int4", torch.float32, seed=1)
     x = torch.randn(3, 64)
     with torch.inference_mode():
         ids, weights = moe.gate(x)
         moe._quant_experts.run(moe.experts, x, ids, weights)
-        lists = moe._quant_experts._lists
+        held = moe._quant_experts._held
         moe._quant_experts.run(moe.experts, x, ids, weights)
-        assert moe._quant_experts._lists is lists
+        assert moe._quant_experts._held is held
+        old = weakref.ref(moe.experts[0].gate_proj.qweight)
         for expert in moe.experts:
             for m in (expert.gate_proj, expert.up_proj, expert.down_proj):
                 m.relayout("nibbles")
                 m.relayout("k16r4")
         fused = moe._quant_experts.run(moe.experts, x, ids, weights)
         assert_rel(fused, moe.dispatch(x, ids, weights), TOL[torch.float32], "after relayout")
-    (gate_q, _), (up_q, _), (down_q, _) = moe._quant_experts._lists
-    for e, g, u, d in zip(moe.experts, gate_q, up_q, down_q, strict=True):
-        assert g is e.gate_proj.qweight and u is e.up_proj.qweight and d is e.down_proj.qweight
+    del held
+    assert old() is None, "the replaced weight is still held"
+    gate_q, gate_s, up_q, _, down_q, down_s = moe._quant_experts._held.lists()
+    for e, g, s, u, d, ds in zip(moe.experts, gate_q, gate_s, up_q, down_q, down_s, strict=True):
+        for got, m in ((g, e.gate_proj), (u, e.up_proj), (d, e.down_proj)):
+            assert got.data_ptr() == m.qweight.data_ptr() and got.shape == m.qweight.shape
+        assert s.data_ptr() == e.gate_proj.scales.data_ptr() and ds.data_ptr() == e.down_proj.scales.data_ptr()
 
 
 def test_the_experts_choice_times_a_decode_step_as_the_model_runs_it(quant_kernels_on, monkeypatch):
@@ -164,7 +172,7 @@ def test_the_experts_choice_times_a_decode_step_as_the_model_runs_it(quant_kerne
     model.add_module("mlp", _moe(64, 48, 8, 2, "int8", torch.float32, seed=2))
     model.add_module("dense", _moe(64, 48, 1, 1, "int8", torch.float32, seed=3).experts[0])
     runs, moe_calls, tokens_seen = [], [], set()
-    run, moe_kernel = QuantLinear.run, quant_kernels.moe
+    run, moe_kernel = QuantLinear.run, quant_kernels.moe_held
 
     def counted_run(self, x, impl):
         runs.append(impl)
@@ -175,7 +183,7 @@ def test_the_experts_choice_times_a_decode_step_as_the_model_runs_it(quant_kerne
         return moe_kernel(x, *args)
 
     monkeypatch.setattr(QuantLinear, "run", counted_run)
-    monkeypatch.setattr(quant_kernels, "moe", counted_moe)
+    monkeypatch.setattr(quant_kernels, "moe_held", counted_moe)
     cost = {"kernel": 1.5, "packed": 1.0, "packed_bf16": 1.2, "dequant": 2.0}
 
     def timer(fn):

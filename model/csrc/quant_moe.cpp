@@ -10,6 +10,7 @@
 // own Python dispatch, checks and parallel region (~40-100 us apiece on a 2-core host), and the gather / scatter
 // around them.
 
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "quant_vnni.h"
@@ -211,7 +212,37 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   return y;
 }
 
+// A MoE layer's expert weights held by the library (torch.classes.dsvl2_quant.Experts, made once per layer by
+// model/quant.py's QuantExperts), so that a decode step's call hands over one object, not six lists of every
+// expert's tensors: converting those lists (6 x 64 tensors for Tiny, each a cold object in the caches after a step
+// of streaming weights) took ~140 us a call in the model, a tenth of an int4 decode step at batch 1.
+struct Experts : torch::CustomClassHolder {
+  std::vector<at::Tensor> gate_q, gate_s, up_q, up_s, down_q, down_s;
+  Experts(std::vector<at::Tensor> gq, std::vector<at::Tensor> gs, std::vector<at::Tensor> uq,
+          std::vector<at::Tensor> us, std::vector<at::Tensor> dq, std::vector<at::Tensor> ds)
+      : gate_q(std::move(gq)), gate_s(std::move(gs)), up_q(std::move(uq)), up_s(std::move(us)),
+        down_q(std::move(dq)), down_s(std::move(ds)) {}
+};
+
+at::Tensor moe_held(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                    const c10::intrusive_ptr<Experts>& e, int64_t bits, int64_t group_in, int64_t group_mid,
+                    int64_t isa) {
+  return moe(x, ids, weights, e->gate_q, e->gate_s, e->up_q, e->up_s, e->down_q, e->down_s, bits, group_in,
+             group_mid, isa);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsvl2_quant, m) {
+  m.class_<Experts>("Experts")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("lists", [](const c10::intrusive_ptr<Experts>& e) {  // what it holds, in the constructor's order
+        return std::vector<std::vector<at::Tensor>>{e->gate_q, e->gate_s, e->up_q, e->up_s, e->down_q, e->down_s};
+      });
+  m.def("moe_held(Tensor x, Tensor ids, Tensor weights, __torch__.torch.classes.dsvl2_quant.Experts experts, "
+        "int bits, int group_in, int group_mid, int isa) -> Tensor", moe_held);
+}
 
 TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {
   m.impl("moe", &moe);
