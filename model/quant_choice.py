@@ -9,7 +9,7 @@ weight ("dequant", any layout, every device).
 
 Two families, decided apart because their products differ in shape and in how they run: "experts" (the routed
 experts: a prefill chunk sends each ~T * top_k / n_experts tokens, and decode runs a layer's experts in one
-quant_kernels.moe call or, on torch's ops, one expert after another) and "dense" (every other quantised linear:
+quant_kernels.moe_held call or, on torch's ops, one expert after another) and "dense" (every other quantised linear:
 attention, dense MLP, shared experts, lm_head: a prefill chunk sends them all T tokens). Decode is timed with
 kernel_choice's `best_time` at every row count of the family's DECODE_ROWS (decode batches of 1 and 8), every
 candidate in every layout the layers can take; the winner has the least slowdown against the fastest at each

@@ -1,8 +1,8 @@
 """Optional compiled CPU kernels for the weight-only int8 / int4 products (model/csrc/quant_avx2.cpp, AVX2 + FMA):
   `int8_linear`  y = x @ (q * s[:, None])^T, q (N, K) int8 in the "r4" layout below (`r4_pack` / `r4_unpack`);
   `int4_linear`  y = x @ (q * s per group)^T, q in the "k16r4" layout below (`k16r4_pack` / `k16r4_unpack`);
-  `moe`          a MoE layer's routed experts with weights in those layouts, in one call (model/csrc/quant_moe.cpp);
-  `moe_held`     the same on weights `hold_experts` holds once per layer (the model's calls: no lists per call).
+  `moe_held`     a MoE layer's routed experts with weights in those layouts, in one call (model/csrc/quant_moe.cpp),
+                 on the experts' weights `hold_experts` holds once per layer (no lists handed over per call).
 x is float32 or bf16 (sums in float32, y in x's dtype); each weight byte is read once for all rows (decode).
 Each op takes `isa`: AVX2 (the tiles of quant_avx2.h) or, for bf16 activations on a CPU with AVX512-BF16
 (`avx512_supported()`), AVX512 (quant_avx512.h: int4 by table lookup into bf16 and VDPBF16PS, int8 in 16-lane
@@ -96,7 +96,6 @@ def _registered() -> None:
     """Raises unless the loaded library registered the ops (the build's check)."""
     torch.ops.dsvl2_quant.int8_linear  # noqa: B018 - attribute access raises if the op is missing
     torch.ops.dsvl2_quant.int4_linear  # noqa: B018
-    torch.ops.dsvl2_quant.moe  # noqa: B018
     torch.ops.dsvl2_quant.moe_held  # noqa: B018
     torch.classes.dsvl2_quant.Experts  # noqa: B018
 
@@ -179,25 +178,19 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, i
     return torch.ops.dsvl2_quant.int4_linear(x, q, s, group, isa)
 
 
-def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: tuple[list, list], up: tuple[list, list],
-        down: tuple[list, list], bits: int, group_in: int, group_mid: int, isa: int = AVX2) -> torch.Tensor:
-    """The routed part of a MoE layer with quantised experts, y (N, E) float32 = sum over k of weights[n, k] *
-    expert_{ids[n, k]}(x[n]), expert e = down_e(silu(gate_e x) * up_e x) in float32. x (N, E) float32 or bf16, ids
-    (N, K) int64, weights (N, K) float32; gate, up, down = (qweights, scales) lists over all experts, qweights in
-    the kernel layout of `bits` ("r4" / "k16r4"), int4 groups of `group_in` along E (gate, up) and `group_mid` along
-    the experts' width (down); `isa` as for the products. Requires `available()`; one call per layer
-    (model/csrc/quant_moe.cpp)."""
-    return torch.ops.dsvl2_quant.moe(x, ids, weights, *gate, *up, *down, bits, group_in, group_mid, isa)
-
-
 def hold_experts(gate: tuple[list, list], up: tuple[list, list], down: tuple[list, list]) -> torch.ScriptObject:
-    """`moe`'s six lists held once by the library (requires `available()`): `moe_held` then takes this one object
-    per call instead of converting every expert's tensors again (~140 us a call on Tiny's 64 experts). It keeps the
-    tensors alive: make it anew when they are replaced."""
+    """A MoE layer's expert weights held once by the library for `moe_held` (requires `available()`): gate, up,
+    down = (qweights, scales) lists over all experts, qweights in the kernel layout of their bits ("r4" / "k16r4").
+    A call then hands over this one object instead of every expert's tensors (~140 us a call on Tiny's 64
+    experts). It keeps the tensors alive: make it anew when they are replaced."""
     return torch.classes.dsvl2_quant.Experts(*gate, *up, *down)
 
 
 def moe_held(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: torch.ScriptObject, bits: int,
              group_in: int, group_mid: int, isa: int = AVX2) -> torch.Tensor:
-    """`moe` on the weights `hold_experts` holds."""
+    """The routed part of a MoE layer with quantised experts, y (N, E) float32 = sum over k of weights[n, k] *
+    expert_{ids[n, k]}(x[n]), expert e = down_e(silu(gate_e x) * up_e x) in float32, the experts' weights those
+    `hold_experts` holds. x (N, E) float32 or bf16, ids (N, K) int64, weights (N, K) float32; int4 groups of
+    `group_in` along E (gate, up) and `group_mid` along the experts' width (down); `isa` as for the products.
+    Requires `available()`; one call per layer (model/csrc/quant_moe.cpp)."""
     return torch.ops.dsvl2_quant.moe_held(x, ids, weights, experts, bits, group_in, group_mid, isa)

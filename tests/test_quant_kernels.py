@@ -219,6 +219,6 @@ def test_the_ops_refuse_an_isa_they_cannot_run(quant_kernels_on):
     with pytest.raises(RuntimeError, match=expected):
         quant_kernels.int4_linear(x, layer.qweight, layer.scales, layer.group, quant_kernels.AVX512)
     with pytest.raises(RuntimeError, match=expected):
-        quant_kernels.moe(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), ([layer.qweight], [layer.scales]),
-                          ([layer.qweight], [layer.scales]), ([layer.qweight], [layer.scales]), 4, layer.group,
-                          layer.group, quant_kernels.AVX512)
+        held = quant_kernels.hold_experts(*[([layer.qweight], [layer.scales])] * 3)
+        quant_kernels.moe_held(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), held, 4, layer.group,
+                               layer.group, quant_kernels.AVX512)

@@ -1,7 +1,7 @@
-"""The quantised MoE kernel (quant_kernels.moe, model/csrc/quant_moe.cpp): a MoE layer's routed experts in one call
+"""The quantised MoE kernel (quant_kernels.moe_held, model/csrc/quant_moe.cpp): a MoE layer's routed experts in one call
 compute what MoE.dispatch computes expert by expert through the same quantised products, for int8 and int4, both
 activation dtypes, one token to a decode batch, odd sizes and crowded experts; MoE.forward takes it exactly where
-the experts' decode products run the kernel; its weight lists follow replaced weights.
+the experts' decode products run the kernel; the weights it holds follow replaced weights.
 
 Stated tolerance against dispatch (max error relative to the largest output): float32 activations 1e-5 (the same
 products, summed in another order); bf16 activations 2^-6 (dispatch rounds every product, the gating and each

@@ -159,8 +159,6 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 TORCH_LIBRARY(dsvl2_quant, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor s, int isa) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor q, Tensor s, int group, int isa) -> Tensor");
-  m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor[] gate_q, Tensor[] gate_s, Tensor[] up_q, Tensor[] up_s, "
-        "Tensor[] down_q, Tensor[] down_s, int bits, int group_in, int group_mid, int isa) -> Tensor");  // quant_moe.cpp
 }
 
 TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {

@@ -1,5 +1,6 @@
-// The routed experts of a MoE layer with int8 / int4 weights, in one call: torch.ops.dsvl2_quant.moe (declared with
-// the other ops in quant_avx2.cpp); model/quant_kernels.py builds it, model/quant.py decides when to call it.
+// The routed experts of a MoE layer with int8 / int4 weights, in one call: torch.ops.dsvl2_quant.moe_held, on the
+// weights a torch.classes.dsvl2_quant.Experts holds (below); model/quant_kernels.py builds it, model/quant.py decides
+// when to call it.
 //
 // Per token slot (n, k) routed to expert e: a = silu(x gate_e) * (x up_e), o = a down_e, and y[n] = sum over k in
 // order of weights[n, k] * o[n, k], all in float32 (the products as int8_linear / int4_linear compute them, on the
@@ -242,8 +243,4 @@ TORCH_LIBRARY_FRAGMENT(dsvl2_quant, m) {
       });
   m.def("moe_held(Tensor x, Tensor ids, Tensor weights, __torch__.torch.classes.dsvl2_quant.Experts experts, "
         "int bits, int group_in, int group_mid, int isa) -> Tensor", moe_held);
-}
-
-TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {
-  m.impl("moe", &moe);
 }
