@@ -204,6 +204,29 @@ def test_dense_decode_is_timed_over_its_layers_as_a_decode_step_runs_them(monkey
     assert list(quant_choice.representatives(model)["dense"][1]) == layers[:2]
 
 
+def test_dense_decode_times_dequantising_where_nothing_else_runs(monkeypatch):
+    """The other side of the rule above: where no other implementation reads the weight (int4 with N = 48, which
+    torch's layout does not fit, and the kernels switched off: only "nibbles"), "dequant" is timed for decode over
+    the step and chosen, not left untimed (which would leave the family without a decision)."""
+    from dsvl2.model.kernels import ENV_SWITCH
+
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    model = torch.nn.Module()
+    model.add_module("odd", _layer(_weight(48, 256, seed=24), Scheme.named("int4"), torch.float32)[0])
+    assert model.odd.layouts() == ["nibbles"]
+    timed = []
+
+    def timer(fn):
+        timed.append(fn.__defaults__[0::2])
+        return 1.0
+
+    quant_choice._decided.clear()
+    decision = quant_choice.decide(model, torch.float32, timer=timer)["dense"]
+    assert (decision.decode, decision.prefill, decision.layout) == ("dequant", "dequant", "nibbles")
+    assert sorted(timed) == [("dequant", rows) for rows in sorted({*quant_choice.DECODE_ROWS["dense"],
+                                                                  quant_choice.PREFILL_ROWS["dense"]})]
+
+
 def test_the_timings_are_kept_in_the_cache_directory_and_read_back(tmp_path):
     """Catches a choice timed again in every process (its timings not written, or not read back) and one that
     reuses the timings of another shape."""
