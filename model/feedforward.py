@@ -85,7 +85,10 @@ class MoEGate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if (self.method == "greedy" and self.scoring == "softmax" and x.shape[0] <= kernels.MAX_ROWS
                 and self.paths.kernel("layer_glue") and kernels.glue_fits(x)):  # a decode step's few tokens
-            return kernels.route_greedy(x, self._float_weight(), self.top_k, self.norm_topk_prob, self.scaling)
+            w = self.weight.detach()  # bf16 read as is (the same float32 products as `_float_weight`'s, half the bytes)
+            if w.dtype not in (torch.bfloat16, torch.float32):
+                w = self._float_weight()
+            return kernels.route_greedy(x, w, self.top_k, self.norm_topk_prob, self.scaling)
         logits = F.linear(x.float(), self._float_weight())  # (N, X)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         if self.method == "greedy":

@@ -294,10 +294,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: 
 
 def route_greedy(x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool,
                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A MoE gate's greedy routing of a few tokens x (N, E) bf16 by its float32 weight (X, E): softmax of the float32
+    """A MoE gate's greedy routing of a few tokens x (N, E) bf16 by its weight (X, E), float32 or bf16 (widened to
+    float32 as read: the same products), all threads sharing the experts: softmax of the float32
     logits, the k best experts in descending order, their scores (divided by their sum where `normalize` and k > 1)
     times `scaling`. Returns (ids (N, k) int64, weights (N, k) float32), as feedforward.MoEGate's greedy method
-    computes them (the logits' float32 sums in another order). Requires `glue_fits(x)` and a float32 CPU weight."""
+    computes them (the logits' float32 sums in another order). Requires `glue_fits(x)` and a CPU weight."""
     return torch.ops.dsvl2_kernels.route_greedy_bf16(x, weight, k, normalize, scaling)
 
 

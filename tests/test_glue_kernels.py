@@ -133,12 +133,14 @@ class _GateConfig:
 def test_greedy_routing_picks_the_torch_gates_experts_with_its_weights(k, norm, scaling):
     gate = feedforward.MoEGate(_GateConfig(k, norm, scaling))
     gate.weight.data = _bf16(64, 96, seed=9, scale=0.2)
-    x = _bf16(7, 96, seed=10)
+    x = _bf16(11, 96, seed=10)  # a block of 8 tokens and 3 more
     with torch.inference_mode():
         ids, weights = gate(x)
         gate.paths = EVERY_KERNEL
         kernel_ids, kernel_weights = kernels.route_greedy(x, gate._float_weight(), k, norm, scaling)
         assert torch.equal(gate(x)[0], kernel_ids)  # the gate module takes the kernel for a decode's few tokens
+        bf16_ids, bf16_weights = kernels.route_greedy(x, gate.weight.detach(), k, norm, scaling)
+    assert torch.equal(bf16_ids, kernel_ids) and torch.equal(bf16_weights, kernel_weights)  # bf16 read as float32
     by_id, order = ids.sort(dim=-1)
     kernel_by_id, kernel_order = kernel_ids.sort(dim=-1)
     assert torch.equal(by_id, kernel_by_id)

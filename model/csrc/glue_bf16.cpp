@@ -4,13 +4,17 @@
 //   rms_norm_bf16   RMSNorm of each row, optionally of the residual sum x + delta (returned too);
 //   rope_bf16       rotate-half rotary embedding of (B, T, H, D) rows, optionally of pair-interleaved features;
 //   store_rows_bf16 new tokens' cache rows written at their (row, slot) places;
-//   route_greedy_bf16  a MoE gate's softmax scores and top-k experts for a few tokens.
+//   route_greedy_bf16  a MoE gate's softmax scores and top-k experts for a few tokens (the gate's weight in float32
+//                      or bf16: widened in registers, the same products).
 // Each replaces several torch operations that make a pass over a few KB apiece: in a decode step, after the
 // products have streamed ~1 GB of weights through the caches, each of those calls ran cold at 10-40 us (a batch-1
 // step of the real-dimension Tiny spent ~20 of its ~100 ms in them and the Python around them). The arithmetic and
 // its roundings are the model's (language.py): every bf16 result rounded once, to nearest even, where torch rounds.
 
 #include "bf16_common.h"
+
+#include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -174,39 +178,78 @@ void store_rows_bf16(at::TensorList bufs, at::TensorList news, const at::Tensor&
   }
 }
 
+// scores[n * X + e] = x[n] . w[e] in float32 for every token n and expert e: each expert's row read once for all
+// tokens, 8 tokens at a time (2 sums each: 16 chains of FMAs, not one chain of E / 16 dependent FMAs per score), the
+// experts shared out between the threads in runs of kRouteExperts. The gate's weight is cold after a step's
+// products: read in float32 by one thread, a row at a time per token, the op took ~38 us a layer at batch 1 and ~87
+// at batch 8 on the real-dimension Tiny (Zen 5, 64 experts x 1,280); so, in bf16 as the model holds it, ~20 and ~43.
+constexpr int64_t kRouteExperts = 8;
+constexpr int64_t kRouteTokens = 8;
+
+template <int NT, typename W>
+void route_dots(const bf16* x, const W* w, int64_t E, int64_t X, float* scores) {
+  __m512 acc[NT][2];
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < E; c += 16) {
+    const __mmask16 m = tail_mask(E - c);
+    __m512 wv;
+    if constexpr (std::is_same_v<W, float>) wv = _mm512_maskz_loadu_ps(m, w + c);
+    else wv = load16_f32(w + c, m);
+    const int half = (c / 16) & 1;
+    for (int j = 0; j < NT; ++j) acc[j][half] = _mm512_fmadd_ps(load16_f32(x + j * E + c, m), wv, acc[j][half]);
+  }
+  for (int j = 0; j < NT; ++j) scores[j * X] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
+}
+
+template <typename W>
+void route_scores(const bf16* x, const W* w, int64_t N, int64_t E, int64_t X, float* scores) {
+  dsvl2_parallel::run_units((X + kRouteExperts - 1) / kRouteExperts, [&](int64_t u) {
+    for (int64_t e = u * kRouteExperts; e < std::min(X, (u + 1) * kRouteExperts); ++e)
+      for (int64_t n = 0; n < N; n += kRouteTokens) {
+        const bf16* xn = x + n * E;
+        const W* we = w + e * E;
+        float* out = scores + n * X + e;
+        switch (std::min<int64_t>(N - n, kRouteTokens)) {
+          case 1: route_dots<1>(xn, we, E, X, out); break;
+          case 2: route_dots<2>(xn, we, E, X, out); break;
+          case 3: route_dots<3>(xn, we, E, X, out); break;
+          case 4: route_dots<4>(xn, we, E, X, out); break;
+          case 5: route_dots<5>(xn, we, E, X, out); break;
+          case 6: route_dots<6>(xn, we, E, X, out); break;
+          case 7: route_dots<7>(xn, we, E, X, out); break;
+          default: route_dots<8>(xn, we, E, X, out);
+        }
+      }
+  });
+}
+
 // MoE routing by softmax scores and greedy top-k (DeepSeek-V2's "greedy" method) of a few tokens x (N, E) bf16 with
-// the gate's float32 weight w (X, E): logits = float(x) . w in float32, softmax in float32, the k largest scores
+// the gate's weight w (X, E), float32 or bf16: logits = float(x) . w in float32, softmax in float32, the k largest scores
 // (ties to the lower expert id) in descending order, divided by their sum (+ 1e-20) when `normalize`, times
 // `scaling`. Returns (ids (N, k) int64, weights (N, k) float32).
 std::tuple<at::Tensor, at::Tensor> route_greedy_bf16(const at::Tensor& x_in, const at::Tensor& w_in, int64_t k,
                                                      bool normalize, double scaling) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu(),
               "route_greedy_bf16: x must be a (N, E) bfloat16 CPU tensor");
-  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat && w_in.device().is_cpu() &&
-                  w_in.size(1) == x_in.size(1), "route_greedy_bf16: w must be a (X, E) float32 CPU tensor");
+  TORCH_CHECK(w_in.dim() == 2 && (w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kBFloat16) &&
+                  w_in.device().is_cpu() && w_in.size(1) == x_in.size(1),
+              "route_greedy_bf16: w must be a (X, E) float32 or bfloat16 CPU tensor");
   const int64_t N = x_in.size(0), E = x_in.size(1), X = w_in.size(0);
   TORCH_CHECK(k > 0 && k <= X, "route_greedy_bf16: k must be within the experts");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   at::Tensor ids = at::empty({N, k}, x.options().dtype(at::kLong));
   at::Tensor weights = at::empty({N, k}, x.options().dtype(at::kFloat));
   const bf16* xp = x.const_data_ptr<bf16>();
-  const float* wp = w.const_data_ptr<float>();
   int64_t* ip = ids.mutable_data_ptr<int64_t>();
   float* op = weights.mutable_data_ptr<float>();
-  std::vector<float> scores(X);
+  std::vector<float> all(N * X);
+  if (w.scalar_type() == at::kFloat) route_scores(xp, w.const_data_ptr<float>(), N, E, X, all.data());
+  else route_scores(xp, w.const_data_ptr<bf16>(), N, E, X, all.data());
   std::vector<int64_t> order(X);
   for (int64_t n = 0; n < N; ++n) {
-    const bf16* xn = xp + n * E;
+    float* scores = all.data() + n * X;
     float top = -INFINITY;
-    for (int64_t e = 0; e < X; ++e) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < E; c += 16) {
-        const __mmask16 m = tail_mask(E - c);
-        acc = _mm512_fmadd_ps(load16_f32(xn + c, m), _mm512_maskz_loadu_ps(m, wp + e * E + c), acc);
-      }
-      scores[e] = _mm512_reduce_add_ps(acc);
-      top = std::max(top, scores[e]);
-    }
+    for (int64_t e = 0; e < X; ++e) top = std::max(top, scores[e]);
     float total = 0.0f;
     for (int64_t e = 0; e < X; ++e) total += (scores[e] = std::exp(scores[e] - top));
     for (int64_t e = 0; e < X; ++e) scores[e] /= total;
