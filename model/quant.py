@@ -332,9 +332,8 @@ class QuantExperts:
             self._held = quant_kernels.hold_experts(*(([m.qweight for m in ms], [m.scales for m in ms])
                                                       for ms in layers))
             self._key = key
-        y = quant_kernels.moe_held(x, ids, weights, self._held, gate.scheme.bits, gate.group or 0, down.group or 0,
-                                   KERNEL_ISA[impl])
-        return y.to(x.dtype)
+        return quant_kernels.moe_held(x, ids, weights, self._held, gate.scheme.bits, gate.group or 0, down.group or 0,
+                                      KERNEL_ISA[impl])
 
 
 def pack_layout(q: torch.Tensor, layout: Layout) -> torch.Tensor:

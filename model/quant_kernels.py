@@ -188,8 +188,9 @@ def hold_experts(gate: tuple[list, list], up: tuple[list, list], down: tuple[lis
 
 def moe_held(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: torch.ScriptObject, bits: int,
              group_in: int, group_mid: int, isa: int = AVX2) -> torch.Tensor:
-    """The routed part of a MoE layer with quantised experts, y (N, E) float32 = sum over k of weights[n, k] *
-    expert_{ids[n, k]}(x[n]), expert e = down_e(silu(gate_e x) * up_e x) in float32, the experts' weights those
+    """The routed part of a MoE layer with quantised experts, y (N, E) in x's dtype = sum over k of weights[n, k] *
+    expert_{ids[n, k]}(x[n]), expert e = down_e(silu(gate_e x) * up_e x) in float32 (the sum rounded once to x's
+    dtype, to nearest even), the experts' weights those
     `hold_experts` holds. x (N, E) float32 or bf16, ids (N, K) int64, weights (N, K) float32; int4 groups of
     `group_in` along E (gate, up) and `group_mid` along the experts' width (down); `isa` as for the products.
     Requires `available()`; one call per layer (model/csrc/quant_moe.cpp)."""

@@ -38,6 +38,48 @@ void plan(std::vector<Unit>& units, const std::vector<int64_t>& active, int64_t 
       for (int64_t n0 = 0; n0 < padded; n0 += per_unit) units.push_back({e, n0, std::min(padded, n0 + per_unit), w});
 }
 
+// Rows token_of[r] of x (N, E: float32 or bf16) into row r of f (float32) and, where defined, of b (bf16, rounded
+// to nearest even as .to(bfloat16) rounds; exact for bf16 x), zeros from E to their row length: one pass where
+// padding, gathering and converting took five ATen calls. With `gated` and the sum written in x's dtype: a whole
+// decode step of the real-dimension Tiny 1.04x / 1.03x faster in int4 at batch 1 / 8, int8 1.02x / 1.01x (Zen 5).
+void gather_rows(const at::Tensor& x, const std::vector<int64_t>& token_of, int64_t ld, const at::Tensor& f,
+                 const at::Tensor& b) {
+  const int64_t E = x.size(1);
+  float* fp = f.mutable_data_ptr<float>();
+  at::BFloat16* bp = b.defined() ? b.mutable_data_ptr<at::BFloat16>() : nullptr;
+  for (size_t r = 0; r < token_of.size(); ++r) {
+    float* fr = fp + r * ld;
+    if (x.scalar_type() == at::kBFloat16) {
+      const at::BFloat16* xr = x.const_data_ptr<at::BFloat16>() + token_of[r] * E;
+      for (int64_t c = 0; c < E; ++c) fr[c] = static_cast<float>(xr[c]);
+      if (bp != nullptr) std::copy(xr, xr + E, bp + r * ld);
+    } else {
+      const float* xr = x.const_data_ptr<float>() + token_of[r] * E;
+      std::copy(xr, xr + E, fr);
+      if (bp != nullptr)
+        for (int64_t c = 0; c < E; ++c) bp[r * ld + c] = at::BFloat16(xr[c]);
+    }
+    std::fill(fr + E, fr + ld, 0.0f);
+    if (bp != nullptr) std::fill(bp + r * ld + E, bp + (r + 1) * ld, at::BFloat16(0.0f));
+  }
+}
+
+// h = silu_gate * up (R, I float32 each) into f (R rows of ld floats, zeros past I) and, where defined, b (bf16).
+void gated(const at::Tensor& silu_gate, const at::Tensor& up, const at::Tensor& f, const at::Tensor& b) {
+  const int64_t R = f.size(0), ld = f.size(1), I = up.size(1);
+  const float* sp = silu_gate.const_data_ptr<float>();
+  const float* up_p = up.const_data_ptr<float>();
+  float* fp = f.mutable_data_ptr<float>();
+  at::BFloat16* bp = b.defined() ? b.mutable_data_ptr<at::BFloat16>() : nullptr;
+  for (int64_t r = 0; r < R; ++r) {
+    float* fr = fp + r * ld;
+    for (int64_t i = 0; i < I; ++i) fr[i] = sp[r * I + i] * up_p[r * I + i];
+    std::fill(fr + I, fr + ld, 0.0f);
+    if (bp != nullptr)
+      for (int64_t i = 0; i < ld; ++i) bp[r * ld + i] = at::BFloat16(fr[i]);
+  }
+}
+
 // Per-group sums of x's rows (int4's offsets): (R, groups) for rows of ldx floats whose first K form the groups.
 at::Tensor group_sums(const at::Tensor& x, int64_t groups) {
   return x.view({x.size(0), groups, x.size(1) / groups}).sum(2).contiguous();
@@ -152,20 +194,21 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
 
   // Gathered rows of x (padded to whole 16-k steps with zeros), the gate and up outputs, the gated activations.
   const int64_t R = N * K, ldx = round_up(E, 16), ldh = round_up(I, 16);
-  const at::Tensor xf = padded_rows(x_in, ldx);
-  std::vector<int64_t> token_of(R);
-  for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / K;
-  const at::Tensor xg = xf.index_select(0, at::tensor(token_of, ids.options()));
   const bool bf16_rows_used = bits == 4 && isa_base(isa) >= 1, sums_used = bits == 4 && isa == 0;
   const bool vnni = bf16_rows_used && (isa & kIsaVnni);
   // bf16 rows of x (exact: x_in is bf16 on AVX512) for int4's tiles and int8's several-row ones; the gated
   // activations (float32) go to int8's down products as they are. (At batch 1 every expert has one row: none made.)
   const bool int8_bf16 = bits == 8 && isa_base(isa) >= 1 &&
                          std::any_of(count.begin(), count.end(), [](int64_t c) { return c >= 2; });
-  const at::Tensor xb = bf16_rows_used || int8_bf16 ? xg.to(at::kBFloat16) : at::Tensor();
+  const at::TensorOptions floats = x_in.options().dtype(at::kFloat);
+  const at::Tensor xg = at::empty({R, ldx}, floats);
+  const at::Tensor xb = bf16_rows_used || int8_bf16 ? at::empty({R, ldx}, floats.dtype(at::kBFloat16)) : at::Tensor();
+  std::vector<int64_t> token_of(R);
+  for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / K;
+  gather_rows(x_in.contiguous(), token_of, ldx, xg, xb);
   const std::optional<FixedRows> xfixed = fixed_if(vnni, xb, E, group_in);
   const at::Tensor xsum = sums_used ? group_sums(xg, E / group_in) : at::Tensor();
-  at::Tensor gu = at::empty({2, R, I}, xf.options()), out = at::empty({R, E}, xf.options());
+  at::Tensor gu = at::empty({2, R, I}, floats), out = at::empty({R, E}, floats);
   float* gup = gu.mutable_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
 
@@ -183,8 +226,9 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
     });
     // The gated activations: float32, rounded to bf16 where the AVX512 int4 product reads them (as a bf16 model
     // rounds every product's output).
-    const at::Tensor h = padded_rows(at::silu(gu[0]).mul_(gu[1]), ldh);
-    const at::Tensor hb = bf16_rows_used ? h.to(at::kBFloat16) : at::Tensor();
+    const at::Tensor h = at::empty({R, ldh}, floats);
+    const at::Tensor hb = bf16_rows_used ? at::empty({R, ldh}, floats.dtype(at::kBFloat16)) : at::Tensor();
+    gated(at::silu(gu[0]), gu[1], h, hb);
     const at::Tensor hsum = sums_used ? group_sums(h, I / group_mid) : at::Tensor();
     const std::optional<FixedRows> hfixed = fixed_if(vnni, hb, I, group_mid);
     units.clear();
@@ -198,17 +242,25 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
     });
   });
 
-  // The routing-weighted sum over each token's slots, in slot order.
-  at::Tensor y = at::zeros({N, E}, xf.options());
-  float* yp = y.mutable_data_ptr<float>();
+  // The routing-weighted sum over each token's slots, in slot order, in float32; returned in x's dtype.
+  at::Tensor y = at::empty({N, E}, x_in.options());
   const float* wp = routing.const_data_ptr<float>();
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
+    std::vector<float> sum(E);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t k = 0; k < K; ++k) {
         const float w = wp[n * K + k];
         const float* o = op + row_of[n * K + k] * E;
-        for (int64_t c = 0; c < E; ++c) yp[n * E + c] += w * o[c];
+        for (int64_t c = 0; c < E; ++c) sum[c] += w * o[c];
       }
+      if (y.scalar_type() == at::kBFloat16) {
+        at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>() + n * E;
+        for (int64_t c = 0; c < E; ++c) yp[c] = at::BFloat16(sum[c]);  // to nearest even, as .to(bfloat16)
+      } else {
+        std::copy(sum.begin(), sum.end(), y.mutable_data_ptr<float>() + n * E);
+      }
+    }
   });
   return y;
 }
