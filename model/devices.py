@@ -41,6 +41,17 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor_id from /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    found = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
+    return found.group(1) if found else ""
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bfloat16 dot products (AVX512-BF16 or AMX), where torch's bf16 matrix
     products run faster than float32 instead of being emulated."""

@@ -33,14 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from dsvl2.model import kernel_build
-from dsvl2.model.devices import cpu_flags
+from dsvl2.model.devices import cpu_flags, cpu_vendor
 from dsvl2.model.kernel_build import KernelStatus
 from dsvl2.model.kernels import off_reason
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / "quant_avx2.cpp", _CSRC / "quant_moe.cpp"]
 _NAME = "dsvl2_quant"
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# On AMD CPUs the tiles prefetch their weights for one read (prefetch.h's `weights`); a flag, so part of the key.
+STREAM_WEIGHTS = ["-DDSVL2_STREAM_WEIGHTS"] if cpu_vendor() == "AuthenticAMD" else []
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *STREAM_WEIGHTS]
 _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")

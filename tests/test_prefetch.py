@@ -105,7 +105,7 @@ def _loops(assembly: str) -> list[list[str]]:
     return bodies
 
 
-@pytest.mark.parametrize("which", ["to_l1", "to_l2", "streamed"])
+@pytest.mark.parametrize("which", ["to_l1", "to_l2", "streamed", "weights"])
 @pytest.mark.parametrize("library", [kernels, quant_kernels], ids=["bf16", "quant"])
 def test_a_prefetch_leaves_a_tiles_sums_in_registers(library, which):
     """Catches a prefetch written with its address as a memory operand ("m"(*p)): GCC then takes the statement as
@@ -120,3 +120,22 @@ def test_a_prefetch_leaves_a_tiles_sums_in_registers(library, which):
         stores = [line for line in body if line.startswith("vmov") and "%zmm" in line.split(",")[0]
                   and line.endswith(("(%rsp)", "(%rbp)"))]
         assert not stores, f"sums stored to the stack in the loop: {stores[:4]}"
+
+
+def test_the_quantised_tiles_prefetch_weights_for_one_read_on_amd():
+    """prefetch.h's `weights` in the quantised library's build: prefetchnta on AMD CPUs (the build defines
+    DSVL2_STREAM_WEIGHTS there), prefetcht0 elsewhere; catches the define or the header's branch gone."""
+    from dsvl2.model.devices import cpu_vendor
+
+    flags = [f for f in quant_kernels._CFLAGS if f != "-fopenmp"]
+    amd = cpu_vendor() == "AuthenticAMD"
+    assert ("-DDSVL2_STREAM_WEIGHTS" in flags) == amd
+    loops = [body for body in _loops(_assembly(TILE.replace("WHICH", "weights"), flags))
+             if any(line.startswith("vdpbf16ps") for line in body)]
+    prefetches = {line.split()[0] for body in loops for line in body if line.startswith("prefetch")}
+    assert prefetches == ({"prefetchnta"} if amd else {"prefetcht0"})
+    other = [f for f in flags if f != "-DDSVL2_STREAM_WEIGHTS"] + ([] if amd else ["-DDSVL2_STREAM_WEIGHTS"])
+    loops = [body for body in _loops(_assembly(TILE.replace("WHICH", "weights"), other))
+             if any(line.startswith("vdpbf16ps") for line in body)]
+    assert {line.split()[0] for body in loops for line in body if line.startswith("prefetch")} == (
+        {"prefetcht0"} if amd else {"prefetchnta"})

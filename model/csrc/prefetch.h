@@ -26,4 +26,18 @@ inline void to_l2(const void* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
 // The cache line at p for one read soon, kept out of the outer caches where the CPU can: prefetchnta. Never faults.
 inline void streamed(const void* p) { asm volatile("prefetchnta (%0)" : : "r"(p)); }
 
+// The cache line at p of a weight a decode step reads once (the quantised products' tiles): with
+// DSVL2_STREAM_WEIGHTS defined (model/quant_kernels.py defines it for AMD CPUs) prefetchnta, so that the step's
+// hundreds of MB of weights do not push out of L2 and L3 what the rest of the step reads again (the norms',
+// attention's and routing's data, the interpreter's own objects); prefetcht0 elsewhere. A compile-time choice: a
+// test of a flag in the loop made GCC keep a tile's sums on the stack (tests/test_prefetch.py). Figures in
+// bench/RESULTS.md; untimed on Intel, which keeps prefetcht0.
+inline void weights(const void* p) {
+#ifdef DSVL2_STREAM_WEIGHTS
+  streamed(p);
+#else
+  to_l1(p);
+#endif
+}
+
 }  // namespace dsvl2_prefetch

@@ -22,7 +22,7 @@ using dsvl2_parallel::run_units;
 
 constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of a one-row tile its weight is prefetched
 
-inline void prefetch(const void* p) { dsvl2_prefetch::to_l1(p); }
+inline void prefetch(const void* p) { dsvl2_prefetch::weights(p); }  // see prefetch.h
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
