@@ -41,8 +41,8 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / "quant_avx2.cpp", _CSRC / "quant_moe.cpp"]
 _NAME = "dsvl2_quant"
 # On AMD CPUs the tiles prefetch their weights for one read (prefetch.h's `weights`); a flag, so part of the key.
-STREAM_WEIGHTS = ["-DDSVL2_STREAM_WEIGHTS"] if cpu_vendor() == "AuthenticAMD" else []
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *STREAM_WEIGHTS]
+_STREAM_WEIGHTS = ["-DDSVL2_STREAM_WEIGHTS"] if cpu_vendor() == "AuthenticAMD" else []
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_STREAM_WEIGHTS]
 _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
