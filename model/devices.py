@@ -33,23 +33,29 @@ def check_dtype(dtype: str) -> str | None:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once (empty where it cannot be read)."""
     try:
-        return frozenset(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return frozenset()
+        return ""
 
 
 @functools.cache
-def cpu_vendor() -> str:
-    """The CPU's vendor_id from /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"; empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    found = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    return frozenset(_cpuinfo().split())
+
+
+def vendor_of(cpuinfo: str) -> str:
+    """The first vendor_id in a /proc/cpuinfo text ("AuthenticAMD", "GenuineIntel"), empty where there is none."""
+    found = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.MULTILINE)
     return found.group(1) if found else ""
+
+
+def cpu_vendor() -> str:
+    """This CPU's vendor_id (`vendor_of` /proc/cpuinfo)."""
+    return vendor_of(_cpuinfo())
 
 
 def cpu_has_bf16() -> bool:

@@ -139,3 +139,13 @@ def test_the_quantised_tiles_prefetch_weights_for_one_read_on_amd():
              if any(line.startswith("vdpbf16ps") for line in body)]
     assert {line.split()[0] for body in loops for line in body if line.startswith("prefetch")} == (
         {"prefetcht0"} if amd else {"prefetchnta"})
+
+
+def test_the_vendor_is_read_from_cpuinfo():
+    """The define above follows devices.cpu_vendor: the first vendor_id line of /proc/cpuinfo, none without one."""
+    from dsvl2.model.devices import vendor_of
+
+    amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nflags\t\t: fpu avx2\n"
+    assert vendor_of(amd) == "AuthenticAMD"
+    assert vendor_of(amd.replace("AuthenticAMD", "GenuineIntel") + "vendor_id : Other\n") == "GenuineIntel"
+    assert vendor_of("flags : vendor_id avx2\n") == ""
