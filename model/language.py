@@ -25,6 +25,7 @@ from dsvl2.model.config import LanguageConfig, yarn_mscale
 from dsvl2.model.feedforward import MLP, MoE, MoEGate, proj
 from dsvl2.model.kernel_choice import UNCHOSEN, Paths
 from dsvl2.model.kv_cache import CacheRows, KVCache
+from dsvl2.model.stacked import StackedProjections
 
 __all__ = ["MLP", "SDPA_MIN_QUERIES", "DecoderLayer", "LanguageModel", "MHAttention", "MLAttention", "MoE", "MoEGate",
            "RMSNorm", "Rotary", "attend", "cache_shapes", "cache_token_bytes", "causal_mask", "proj"]
@@ -151,6 +152,7 @@ class MHAttention(nn.Module):
         self.rotary = Rotary(cfg)
         self.scale = cfg.softmax_scale
         self.paths = UNCHOSEN
+        self.stacked = StackedProjections("q_proj", "k_proj", "v_proj")
 
     @staticmethod
     def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
@@ -160,9 +162,10 @@ class MHAttention(nn.Module):
                 rope: Rope | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         p = self.paths
-        q = proj(x, self.q_proj, p).view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
-        k = proj(x, self.k_proj, p).view(B, T, self.kv_heads, self.head_dim)  # (B, T, H_kv, D)
-        v = proj(x, self.v_proj, p).view(B, T, self.kv_heads, self.head_dim)
+        q, k, v = self.stacked(self, x, p) or (proj(x, m, p) for m in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        v = v.view(B, T, self.kv_heads, self.head_dim)
         cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         if p.kernel("layer_glue") and kernels.glue_fits(q, k, cos, sin):
             q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
@@ -222,22 +225,26 @@ class MLAttention(nn.Module):
         self.scale = cfg.softmax_scale
         self.absorb: bool | None = None  # None: absorbed for short query blocks with a cache
         self.paths = UNCHOSEN
+        self.stacked = StackedProjections("q_proj" if cfg.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa")
 
     @staticmethod
     def cache_shapes(cfg: LanguageConfig) -> list[tuple[int, ...]]:
         return [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "q_proj"):
-            return proj(x, self.q_proj, self.paths)
-        return proj(self.q_a_layernorm(proj(x, self.q_a_proj, self.paths)), self.q_b_proj, self.paths)
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query (B, T, H * (Dn+R)) and the latent with the rotary key (B, T, C+R) of x."""
+        lora = hasattr(self, "q_a_proj")  # the query through a low-rank bottleneck (q_lora_rank)
+        first = self.q_a_proj if lora else self.q_proj
+        p = self.paths
+        q, latent = self.stacked(self, x, p) or (proj(x, m, p) for m in (first, self.kv_a_proj_with_mqa))
+        return (proj(self.q_a_layernorm(q), self.q_b_proj, p) if lora else q), latent
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Cache | None, layer: int,
                 rope: Rope | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self._query(x).view(B, T, self.heads, self.dn + self.dr).transpose(1, 2)  # (B, H, T, Dn+R)
+        q, latent = self._projections(x)
+        q = q.view(B, T, self.heads, self.dn + self.dr).transpose(1, 2)  # (B, H, T, Dn+R)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
-        latent = proj(x, self.kv_a_proj_with_mqa, self.paths)
         c, k_pe = latent.split([self.rank, self.dr], dim=-1)  # (B, T, C), (B, T, R)
         c = self.kv_a_layernorm(c)
         cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
