@@ -311,7 +311,7 @@ class QuantExperts:
 
     def __init__(self):
         self._key: tuple | None = None
-        self._held: torch.ScriptObject | None = None
+        self._held: quant_kernels.HeldExperts | None = None
 
     def run(self, experts: Sequence[nn.Module], x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
             ) -> torch.Tensor | None:

@@ -180,15 +180,31 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, i
     return torch.ops.dsvl2_quant.int4_linear(x, q, s, group, isa)
 
 
-def hold_experts(gate: tuple[list, list], up: tuple[list, list], down: tuple[list, list]) -> torch.ScriptObject:
+class HeldExperts:
+    """A MoE layer's expert weights held by the library (`hold_experts`): the library's object, which keeps the
+    tensors alive, and the handle `moe_held` passes to the op (handing the object itself to an op cost ~6 us a call
+    in torch's argument parsing; model/csrc/quant_moe.cpp)."""
+
+    __slots__ = ("handle", "obj")
+
+    def __init__(self, obj: torch.ScriptObject):
+        self.obj = obj
+        self.handle: int = obj.handle()
+
+    def lists(self) -> list[list[torch.Tensor]]:
+        """The tensors held: gate qweights, gate scales, up qweights, up scales, down qweights, down scales."""
+        return self.obj.lists()
+
+
+def hold_experts(gate: tuple[list, list], up: tuple[list, list], down: tuple[list, list]) -> HeldExperts:
     """A MoE layer's expert weights held once by the library for `moe_held` (requires `available()`): gate, up,
     down = (qweights, scales) lists over all experts, qweights in the kernel layout of their bits ("r4" / "k16r4").
-    A call then hands over this one object instead of every expert's tensors (~140 us a call on Tiny's 64
-    experts). It keeps the tensors alive: make it anew when they are replaced."""
-    return torch.classes.dsvl2_quant.Experts(*gate, *up, *down)
+    A call then hands over one handle instead of every expert's tensors (~140 us a call on Tiny's 64
+    experts). It keeps the tensors alive while it lives: make it anew when they are replaced."""
+    return HeldExperts(torch.classes.dsvl2_quant.Experts(*gate, *up, *down))
 
 
-def moe_held(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: torch.ScriptObject, bits: int,
+def moe_held(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: HeldExperts, bits: int,
              group_in: int, group_mid: int, isa: int = AVX2) -> torch.Tensor:
     """The routed part of a MoE layer with quantised experts, y (N, E) in x's dtype = sum over k of weights[n, k] *
     expert_{ids[n, k]}(x[n]), expert e = down_e(silu(gate_e x) * up_e x) in float32 (the sum rounded once to x's
@@ -196,4 +212,4 @@ def moe_held(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts:
     `hold_experts` holds. x (N, E) float32 or bf16, ids (N, K) int64, weights (N, K) float32; int4 groups of
     `group_in` along E (gate, up) and `group_mid` along the experts' width (down); `isa` as for the products.
     Requires `available()`; one call per layer (model/csrc/quant_moe.cpp)."""
-    return torch.ops.dsvl2_quant.moe_held(x, ids, weights, experts, bits, group_in, group_mid, isa)
+    return torch.ops.dsvl2_quant.moe_held(x, ids, weights, experts.handle, bits, group_in, group_mid, isa)

@@ -156,6 +156,23 @@ def test_moe_kernel_held_weights_follow_replaced_weights(quant_kernels_on):
         assert s.data_ptr() == e.gate_proj.scales.data_ptr() and ds.data_ptr() == e.down_proj.scales.data_ptr()
 
 
+def test_moe_kernel_refuses_the_handle_of_dropped_experts(quant_kernels_on):
+    """Catches a handle that outlives its weights (the op reading freed memory): the op takes the held experts by a
+    handle, and once Python drops the object the handle is refused with an error naming it, while a live one runs."""
+    moe = _moe(64, 48, 8, 2, "int4", torch.float32, seed=1)
+    x = torch.randn(1, 64)
+    ids, weights = torch.zeros(1, 2, dtype=torch.long), torch.full((1, 2), 0.5)
+    layers = [[getattr(e, n) for e in moe.experts] for n in ("gate_proj", "up_proj", "down_proj")]
+    held = quant_kernels.hold_experts(*(([m.qweight for m in ms], [m.scales for m in ms]) for ms in layers))
+    g, d = moe.experts[0].gate_proj.group, moe.experts[0].down_proj.group
+    live = torch.ops.dsvl2_quant.moe_held(x, ids, weights, held.handle, 4, g, d, quant_kernels.AVX2)
+    assert live.shape == (1, 64)
+    handle = held.handle
+    del held
+    with pytest.raises(RuntimeError, match=f"no experts held under handle {handle}"):
+        torch.ops.dsvl2_quant.moe_held(x, ids, weights, handle, 4, g, d, quant_kernels.AVX2)
+
+
 def test_the_experts_choice_times_a_decode_step_as_the_model_runs_it(quant_kernels_on, monkeypatch):
     """The routed experts and the other layers are decided apart, the experts on what a decode step runs: every
     timed call sends random tokens through each MoE layer's own gate and runs the experts it picks through the

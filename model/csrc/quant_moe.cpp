@@ -16,7 +16,9 @@
 
 #include "quant_vnni.h"
 
+#include <mutex>
 #include <optional>
+#include <unordered_map>
 #include <type_traits>
 
 namespace {
@@ -269,17 +271,64 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
 // model/quant.py's QuantExperts), so that a decode step's call hands over one object, not six lists of every
 // expert's tensors: converting those lists (6 x 64 tensors for Tiny, each a cold object in the caches after a step
 // of streaming weights) took ~140 us a call in the model, a tenth of an int4 decode step at batch 1.
+//
+// The op takes the object's handle (an int: `handle()` registers it), not the object: handing a script object to an
+// op made torch's argument parser look for `__torch_function__` on it, an attribute lookup that throws and catches a
+// C++ exception twice a call, ~6 us of a 16 us call (Zen 5). The registry holds weak references: an object dropped
+// by Python is gone (its tensors freed, its entry erased), and its handle then fails with an error.
+struct Experts;
+
+struct Registry {
+  std::mutex lock;
+  int64_t next = 1;
+  std::unordered_map<int64_t, c10::weak_intrusive_ptr<Experts>> held;
+};
+
+Registry& registry() {
+  static Registry* r = new Registry();  // never destroyed: objects may outlive static destruction's order
+  return *r;
+}
+
 struct Experts : torch::CustomClassHolder {
   std::vector<at::Tensor> gate_q, gate_s, up_q, up_s, down_q, down_s;
+  int64_t id = 0;
   Experts(std::vector<at::Tensor> gq, std::vector<at::Tensor> gs, std::vector<at::Tensor> uq,
           std::vector<at::Tensor> us, std::vector<at::Tensor> dq, std::vector<at::Tensor> ds)
       : gate_q(std::move(gq)), gate_s(std::move(gs)), up_q(std::move(uq)), up_s(std::move(us)),
         down_q(std::move(dq)), down_s(std::move(ds)) {}
+  // When Python drops the last reference (the registry's weak one keeps the object's memory, not its tensors).
+  void release_resources() override {
+    if (id != 0) {
+      Registry& r = registry();
+      const std::lock_guard<std::mutex> guard(r.lock);
+      r.held.erase(id);
+    }
+    for (std::vector<at::Tensor>* l : {&gate_q, &gate_s, &up_q, &up_s, &down_q, &down_s}) l->clear();
+  }
 };
 
-at::Tensor moe_held(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
-                    const c10::intrusive_ptr<Experts>& e, int64_t bits, int64_t group_in, int64_t group_mid,
-                    int64_t isa) {
+int64_t handle_of(const c10::intrusive_ptr<Experts>& e) {
+  Registry& r = registry();
+  const std::lock_guard<std::mutex> guard(r.lock);
+  if (e->id == 0) {
+    e->id = r.next++;
+    r.held.emplace(e->id, c10::weak_intrusive_ptr<Experts>(e));
+  }
+  return e->id;
+}
+
+c10::intrusive_ptr<Experts> held_experts(int64_t handle) {
+  Registry& r = registry();
+  const std::lock_guard<std::mutex> guard(r.lock);
+  const auto found = r.held.find(handle);
+  c10::intrusive_ptr<Experts> e = found == r.held.end() ? c10::intrusive_ptr<Experts>() : found->second.lock();
+  TORCH_CHECK(e, "quant moe: no experts held under handle ", handle, " (the object was dropped)");
+  return e;
+}
+
+at::Tensor moe_held(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, int64_t handle,
+                    int64_t bits, int64_t group_in, int64_t group_mid, int64_t isa) {
+  const c10::intrusive_ptr<Experts> e = held_experts(handle);
   return moe(x, ids, weights, e->gate_q, e->gate_s, e->up_q, e->up_s, e->down_q, e->down_s, bits, group_in,
              group_mid, isa);
 }
@@ -292,7 +341,8 @@ TORCH_LIBRARY_FRAGMENT(dsvl2_quant, m) {
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
       .def("lists", [](const c10::intrusive_ptr<Experts>& e) {  // what it holds, in the constructor's order
         return std::vector<std::vector<at::Tensor>>{e->gate_q, e->gate_s, e->up_q, e->up_s, e->down_q, e->down_s};
-      });
-  m.def("moe_held(Tensor x, Tensor ids, Tensor weights, __torch__.torch.classes.dsvl2_quant.Experts experts, "
-        "int bits, int group_in, int group_mid, int isa) -> Tensor", moe_held);
+      })
+      .def("handle", handle_of);
+  m.def("moe_held(Tensor x, Tensor ids, Tensor weights, int experts, int bits, int group_in, int group_mid, "
+        "int isa) -> Tensor", moe_held);
 }
