@@ -310,7 +310,7 @@ class QuantExperts:
     again when the weights are replaced (loading, `relayout`, `.to()`), which the first and last show."""
 
     def __init__(self):
-        self._key: tuple | None = None
+        self._ends: tuple[torch.Tensor, torch.Tensor] | None = None
         self._held: quant_kernels.HeldExperts | None = None
 
     def run(self, experts: Sequence[nn.Module], x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
@@ -325,13 +325,15 @@ class QuantExperts:
                 and 0 < x.shape[0] <= QuantLinear.DECODE_ROWS and gate.kernel_fits(x, impl)
                 and down.layout == gate.layout):
             return None
-        key = tuple((id(m.qweight), m.qweight.data_ptr()) for m in (gate, last.down_proj))
-        if key != self._key:
+        # The weights held are current while the first and last qweights are the tensors they were (a repack or
+        # a move replaces every one); identities, as this is asked per layer and decode step.
+        ends = (gate._buffers["qweight"], last.down_proj._buffers["qweight"])
+        if self._ends is None or ends[0] is not self._ends[0] or ends[1] is not self._ends[1]:
             layers = [[getattr(e, name) for e in experts] for name in ("gate_proj", "up_proj", "down_proj")]
-            self._held = None  # the old weights' references go before the new are taken
+            self._held = self._ends = None  # the old weights' references go before the new are taken
             self._held = quant_kernels.hold_experts(*(([m.qweight for m in ms], [m.scales for m in ms])
                                                       for ms in layers))
-            self._key = key
+            self._ends = ends
         return quant_kernels.moe_held(x, ids, weights, self._held, gate.scheme.bits, gate.group or 0, down.group or 0,
                                       KERNEL_ISA[impl])
 
