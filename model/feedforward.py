@@ -140,6 +140,7 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         self._weight_lists: tuple[tuple, tuple[list[torch.Tensor], ...]] | None = None
+        self._kernel_args: tuple[tuple, tuple[list[torch.Tensor], ...]] | None = None
         self._quant_experts, self._quant_shared = QuantExperts(), QuantExperts()
         self._stacked = StackedExperts()
         self.paths = UNCHOSEN
@@ -155,7 +156,7 @@ class MoE(nn.Module):
             y = self._quant_experts.run(self.experts, flat, ids, weights)
         elif self.paths.kernel(family) and kernels.moe_fits(flat, down.weight):
             # bf16 CPU: the whole layer in one call
-            y = kernels.moe_routed(flat, ids, weights, *self._expert_weights())
+            y = kernels.moe_routed(flat, ids, weights, *self._kernel_weights())
         if y is None:
             y = self.routed(flat, ids, weights)
         if hasattr(self, "shared_experts"):
@@ -175,14 +176,30 @@ class MoE(nn.Module):
         """The experts' gate, up and down weights as lists, built once: collecting 3 x 64 parameters through
         nn.Module attribute lookups took ~0.25 ms per layer, a twentieth of a batch-1 decode step. Rebuilt when
         the parameters are replaced or moved (loading, `.to()`), which the first and last weights show."""
-        first, last = self.experts[0].gate_proj.weight, self.experts[-1].down_proj.weight
-        key = (len(self.experts), id(first), first.data_ptr(), id(last), last.data_ptr())
+        key = self._weights_key()
         if self._weight_lists is None or self._weight_lists[0] != key:
             experts = self.experts
             lists = ([e.gate_proj.weight for e in experts], [e.up_proj.weight for e in experts],
                      [e.down_proj.weight for e in experts])
             self._weight_lists = (key, lists)
         return self._weight_lists[1]
+
+    def _kernel_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The experts' weights as the bf16 kernel takes them: their three stacks, one tensor a list, where the
+        parameters are views of them (`StackedExperts`; the loader lays them out so), else `_expert_weights`' lists.
+        Three tensors convert ~16-25 us faster than three lists of 64 in the op's argument parsing (11 calls a Tiny
+        decode step). Rebuilt as `_expert_weights` is."""
+        key = self._weights_key()
+        if self._kernel_args is None or self._kernel_args[0] != key:
+            stacks = self._stacked.get(self.experts)
+            args = tuple([s] for s in stacks) if stacks is not None else self._expert_weights()
+            self._kernel_args = (self._weights_key(), args)  # after `get`, which may have rebound the parameters
+        return self._kernel_args[1]
+
+    def _weights_key(self) -> tuple:
+        """What shows the experts' parameters replaced or moved: the first and last weights' identities and places."""
+        first, last = self.experts[0].gate_proj.weight, self.experts[-1].down_proj.weight
+        return len(self.experts), id(first), first.data_ptr(), id(last), last.data_ptr()
 
     def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed experts without the fused kernels: torch's grouped product where it runs for these tokens and

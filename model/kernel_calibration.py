@@ -159,5 +159,5 @@ def _experts(moe, tokens: int) -> Calls:
     with torch.inference_mode():
         ids, weights = moe.gate.forward(x)  # not a forward of the model: the gate's hooks must not see it
     _covered(kernels.moe_fits(x, moe.experts[0].down_proj.weight), f"experts over {tokens} tokens")
-    lists = moe._expert_weights()
-    return lambda: kernels.moe_routed(x, ids, weights, *lists), lambda: moe.routed(x, ids, weights)
+    args = moe._kernel_weights()
+    return lambda: kernels.moe_routed(x, ids, weights, *args), lambda: moe.routed(x, ids, weights)

@@ -217,7 +217,8 @@ def moe_routed(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: 
                up: list[torch.Tensor], down: list[torch.Tensor], *, amx: bool = True) -> torch.Tensor:
     """The routed part of a MoE layer, y (N, E) = sum over k of weights[n, k] * expert_{ids[n, k]}(x[n]), where
     expert e is down[e] (silu(gate[e] x) * up[e] x) with the model's bf16 roundings. x (N, E) bf16, ids (N, K)
-    int64, weights (N, K) float32; gate[e], up[e] (I, E) and down[e] (E, I) contiguous bf16. Experts with many
+    int64, weights (N, K) float32; gate[e], up[e] (I, E) and down[e] (E, I) contiguous bf16, or each list one
+    contiguous stack of them all, (X, I, E) / (X, E, I) (three tensors convert faster than lists). Experts with many
     rows multiply on AMX's tiles where `amx` and `amx_ready()` (and the widths are multiples of 32), else on the
     AVX512 micro-kernel. Requires `moe_fits`."""
     return torch.ops.dsvl2_kernels.moe_bf16(x, ids, weights, gate, up, down, amx)

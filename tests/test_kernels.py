@@ -256,6 +256,26 @@ def test_moe_kernel_equals_the_experts_one_by_one(kernel, hidden, inter, experts
     assert (diff == 0).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_moe_kernel_takes_the_experts_stacked_or_listed_alike(kernel, tokens):
+    """Catches the stacked form of the experts' weights (one (X, I, E) tensor a projection, as the MoE layer hands
+    them over) reading another expert's rows than the listed form: both give the same output bit for bit, and the
+    layer's kernel call passes the stacks its parameters are views of; a stack of the wrong shape is refused."""
+    moe = _moe(64, 40, 8, 2, seed=tokens)
+    x = torch.randn(tokens, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ids, weights = moe.gate(x)
+        gate, up, down = moe._kernel_weights()
+        assert len(gate) == len(up) == len(down) == 1 and gate[0].shape == (8, 40, 64) and down[0].shape == (8, 64, 40)
+        assert gate[0].data_ptr() == moe.experts[0].gate_proj.weight.data_ptr()
+        assert down[0][7].data_ptr() == moe.experts[7].down_proj.weight.data_ptr()
+        stacked = kernels.moe_routed(x, ids, weights, gate, up, down)
+        listed = kernels.moe_routed(x, ids, weights, *moe._expert_weights())
+        assert torch.equal(stacked, listed)
+        with pytest.raises(RuntimeError, match="wrong shape"):
+            kernels.moe_routed(x, ids, weights, gate, up, [down[0].transpose(1, 2).contiguous()])
+
+
 def test_expert_weight_lists_follow_replaced_parameters():
     """The kernel's weight lists are built once, and rebuilt when the parameters are moved or replaced (as
     `.to()` and loading with assign=True do), so the kernel never reads stale weights."""

@@ -110,19 +110,48 @@ void gate_up_amx(const bf16* wg, const bf16* wu, int64_t K, int64_t rows, const 
   amx_end();
 }
 
+// One projection of every expert: `list` names one 2-D weight per expert, or holds a single (X, rows, cols) stack of
+// them all (the MoE layer's StackedExperts, as the loader lays them out: a decode step's call then converts three
+// tensors where three lists of 64 cost ~16-25 us of Python argument conversion, 11 calls a Tiny step).
+struct ExpertWeights {
+  at::TensorList list;
+  bool stacked;
+  int64_t experts() const { return stacked ? list[0].size(0) : static_cast<int64_t>(list.size()); }
+  const at::Tensor& first() const { return list[0]; }
+  // Rows and columns of one expert's weight.
+  int64_t rows() const { return first().size(stacked ? 1 : 0); }
+  int64_t cols() const { return first().size(stacked ? 2 : 1); }
+  const bf16* of(int64_t e) const {
+    return stacked ? first().const_data_ptr<bf16>() + e * rows() * cols() : list[e].const_data_ptr<bf16>();
+  }
+  // Expert e's weight is (rows, cols), contiguous bf16 on the CPU (the stack as a whole, where stacked).
+  void check(int64_t e, int64_t r, int64_t c, const char* what) const {
+    const at::Tensor& w = stacked ? first() : list[e];
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.device().is_cpu() && w.is_contiguous() &&
+                    w.dim() == (stacked ? 3 : 2),
+                "moe_bf16: expert weights must be contiguous bfloat16 CPU tensors: one 2-D an expert, or one 3-D stack");
+    TORCH_CHECK(rows() == r && cols() == c && (stacked || (w.size(0) == r && w.size(1) == c)), "moe_bf16: expert ", e,
+                "'s ", what, " weight has the wrong shape");
+  }
+};
+
+ExpertWeights expert_weights(at::TensorList l) { return {l, l.size() == 1 && l[0].dim() == 3}; }
+
 at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
-                    at::TensorList gate, at::TensorList up, at::TensorList down, bool amx) {
+                    at::TensorList gate_in, at::TensorList up_in, at::TensorList down_in, bool amx) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu(),
               "moe_bf16: x must be a (N, E) bfloat16 CPU tensor");
   TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0) && ids_in.scalar_type() == at::kLong,
               "moe_bf16: ids must be (N, K) int64");
   TORCH_CHECK(weights_in.sizes() == ids_in.sizes() && weights_in.scalar_type() == at::kFloat,
               "moe_bf16: weights must be (N, K) float32");
-  const int64_t X = static_cast<int64_t>(gate.size());
-  TORCH_CHECK(X > 0 && static_cast<int64_t>(up.size()) == X && static_cast<int64_t>(down.size()) == X,
+  TORCH_CHECK(!gate_in.empty() && !up_in.empty() && !down_in.empty(), "moe_bf16: no experts");
+  const ExpertWeights gate = expert_weights(gate_in), up = expert_weights(up_in), down = expert_weights(down_in);
+  const int64_t X = gate.experts();
+  TORCH_CHECK(X > 0 && up.experts() == X && down.experts() == X,
               "moe_bf16: gate, up and down must list the same experts");
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous(), routing = weights_in.contiguous();
-  const int64_t N = x.size(0), E = x.size(1), K = ids.size(1), I = gate[0].size(0);
+  const int64_t N = x.size(0), E = x.size(1), K = ids.size(1), I = gate.rows();
   const int64_t* idp = ids.const_data_ptr<int64_t>();
   for (int64_t s = 0; s < N * K; ++s) TORCH_CHECK(idp[s] >= 0 && idp[s] < X, "moe_bf16: expert id out of range");
 
@@ -144,12 +173,9 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     if (!count[e]) continue;
     active.push_back(e);
     any_streamed |= count[e] < min_packed;
-    for (const at::Tensor* w : {&gate[e], &up[e], &down[e]})
-      TORCH_CHECK(w->scalar_type() == at::kBFloat16 && w->device().is_cpu() && w->is_contiguous() && w->dim() == 2,
-                  "moe_bf16: expert weights must be contiguous 2-D bfloat16 CPU tensors");
-    TORCH_CHECK(gate[e].size(0) == I && gate[e].size(1) == E && up[e].sizes() == gate[e].sizes() &&
-                down[e].size(0) == E && down[e].size(1) == I,
-                "moe_bf16: expert ", e, " has weights of the wrong shape");
+    gate.check(e, I, E, "gate");
+    up.check(e, I, E, "up");
+    down.check(e, E, I, "down");
   }
 
   // Gathered rows of x and the gated activations, each zero-padded to an even length (the packed path reads pairs).
@@ -194,8 +220,8 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
   run_units(static_cast<int64_t>(units1.size()), [&](int64_t i) {
     const Unit& t = units1[i];
     const int64_t r0 = start[t.expert], M = count[t.expert];
-    const bf16* wg = gate[t.expert].const_data_ptr<bf16>();
-    const bf16* wu = up[t.expert].const_data_ptr<bf16>();
+    const bf16* wg = gate.of(t.expert);
+    const bf16* wu = up.of(t.expert);
     if (!t.packed) {
       span(wg, xsp + r0 * Ex, gp + r0 * Ix, t.n0, t.n1, M, E, Ix, Ex);
       span(wu, xsp + r0 * Ex, up_ + r0 * I, t.n0, t.n1, M, E, I, Ex);
@@ -205,8 +231,8 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     if (use_amx) {
       const Unit& next = units1[std::min<int64_t>(i + workers, units1.size() - 1)];  // likely this thread's next
       gate_up_amx(wg + t.n0 * E, wu + t.n0 * E, E, t.n1 - t.n0, xkp + tok0[t.expert] * E, M, gp + r0 * Ix + t.n0, Ix,
-                  gate[next.expert].const_data_ptr<bf16>() + next.n0 * E,
-                  up[next.expert].const_data_ptr<bf16>() + next.n0 * E);
+                  gate.of(next.expert) + next.n0 * E,
+                  up.of(next.expert) + next.n0 * E);
       return;
     }
     thread_local std::vector<bf16> pkg, pku;
@@ -217,8 +243,8 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     __m512 ag[kPR * kPC], au[kPR * kPC];
     for (int64_t m = 0; m < M; m += kPR) {
       const int mr = static_cast<int>(std::min<int64_t>(kPR, M - m));
-      prefetch_piece(gate[next.expert].const_data_ptr<bf16>() + next.n0 * E, next_bytes, m / kPR, blocks);
-      prefetch_piece(up[next.expert].const_data_ptr<bf16>() + next.n0 * E, next_bytes, m / kPR, blocks);
+      prefetch_piece(gate.of(next.expert) + next.n0 * E, next_bytes, m / kPR, blocks);
+      prefetch_piece(up.of(next.expert) + next.n0 * E, next_bytes, m / kPR, blocks);
       const bf16* xm = xsp + (r0 + m) * Ex;
       pair_tile_any(mr, cols, xm, Ex, pkg.data(), cols * 32, Ex / 2, ag);
       pair_tile_any(mr, cols, xm, Ex, pku.data(), cols * 32, Ex / 2, au);
@@ -236,7 +262,7 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
   run_units(static_cast<int64_t>(units2.size()), [&](int64_t i) {
     const Unit& t = units2[i];
     const int64_t r0 = start[t.expert], M = count[t.expert];
-    const bf16* wd = down[t.expert].const_data_ptr<bf16>();
+    const bf16* wd = down.of(t.expert);
     if (!t.packed) {
       span(wd, gp + r0 * Ix, op + r0 * E, t.n0, t.n1, M, I, E, Ix);
       return;
@@ -244,7 +270,7 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     if (use_amx) {
       const Unit& next = units2[std::min<int64_t>(i + workers, units2.size() - 1)];
       rows_amx(wd + t.n0 * I, I, t.n1 - t.n0, gkp + tok0[t.expert] * I, M, op + r0 * E + t.n0, E,
-               down[next.expert].const_data_ptr<bf16>() + next.n0 * I);
+               down.of(next.expert) + next.n0 * I);
       return;
     }
     thread_local std::vector<bf16> pk;
@@ -254,7 +280,7 @@ at::Tensor moe_bf16(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     __m512 acc[kPR * kPC];
     for (int64_t m = 0; m < M; m += kPR) {
       const int mr = static_cast<int>(std::min<int64_t>(kPR, M - m));
-      prefetch_piece(down[next.expert].const_data_ptr<bf16>() + next.n0 * I, next_bytes, m / kPR, blocks);
+      prefetch_piece(down.of(next.expert) + next.n0 * I, next_bytes, m / kPR, blocks);
       pair_tile_any(mr, cols, gp + (r0 + m) * Ix, Ix, pk.data(), cols * 32, Ix / 2, acc);
       for (int r = 0; r < mr; ++r)
         for (int c = 0; c < cols; ++c)
