@@ -378,7 +378,8 @@ class LanguageModel(nn.Module):
             positions = torch.arange(T, device=embeds.device).expand(B, T)
         if embeds.dtype is torch.bfloat16 and embeds.device.type == "cpu":  # where our kernels can run
             self.choose_paths()  # decided once per process (at load), then a lookup
-        return self.model(embeds, positions, cache)
+        with kernels.switch_read_once():  # DSVL2_KERNELS read once for the forward, not by every kernel's check
+            return self.model(embeds, positions, cache)
 
     def choose_paths(self) -> Paths:
         """Which path each op family takes on this CPU for this model's shapes (`kernels.paths`: features, else a

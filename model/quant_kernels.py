@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from dsvl2.model import kernel_build
 from dsvl2.model.devices import cpu_flags, cpu_vendor
 from dsvl2.model.kernel_build import KernelStatus
-from dsvl2.model.kernels import off_reason
+from dsvl2.model.kernels import off_reason, switched_off
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / "quant_avx2.cpp", _CSRC / "quant_moe.cpp"]
@@ -119,6 +119,8 @@ def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
 
 def available(on_build_start: Callable[[], None] | None = None) -> bool:
     """True when the kernels can run here; the first call builds them (see `status`)."""
+    if (loaded := LIBRARY.loaded) is not None and not switched_off() and cpu_supported():  # `status`'s answer, short
+        return loaded.available
     return status(on_build_start).available
 
 

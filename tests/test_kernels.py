@@ -162,6 +162,25 @@ def test_switched_off_by_parameter_or_environment(built, kernel_calls, monkeypat
     assert kernel_calls == []
 
 
+def test_the_switch_read_once_holds_for_its_forward_and_no_longer(built, monkeypatch):
+    """Catches a switch snapshot that leaks: inside `switch_read_once` both libraries answer what DSVL2_KERNELS said
+    on entry (the language model's forward reads it once), outside the environment is read again (a forward entered
+    with the switch off running no kernel: tests/test_kernel_wiring.py)."""
+    from dsvl2.model import quant_kernels
+
+    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
+    with kernels.switch_read_once():
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+        assert kernels.available() and not kernels.switched_off()
+        assert quant_kernels.available() == quant_kernels.cpu_supported()
+        with kernels.switch_read_once():  # nested: the environment as it is now
+            assert not kernels.available() and not quant_kernels.available()
+        assert kernels.available()
+    assert not kernels.available() and not quant_kernels.available()
+    monkeypatch.delenv(kernels.ENV_SWITCH)
+    assert kernels.available()
+
+
 def test_a_failed_build_is_recorded_not_raised(monkeypatch, tmp_path, kernel_calls):
     """A machine with the CPU flags but a broken toolchain must fall back, not crash the first decode step, and
     later processes read the recorded failure instead of building again (model/kernel_build.py)."""
