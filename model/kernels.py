@@ -118,7 +118,7 @@ def off_reason() -> str | None:
 
 
 def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
-    """What the kernels are in this process: "off" (DSVL2_KERNELS=0, read at each call), "unsupported" (no
+    """What the kernels are in this process: "off" (DSVL2_KERNELS=0, as `switched_off` reads it), "unsupported" (no
     AVX512-BF16), else the first call builds (seconds to a minute, first run only; `on_build_start` is called
     just before the compiler starts) or loads the cached build, and later calls return that result ("built",
     "loaded" or "failed", with the reason and seconds). Never raises, never prints."""

@@ -111,9 +111,9 @@ LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS
 
 
 def status(on_build_start: Callable[[], None] | None = None) -> KernelStatus:
-    """What the quantised kernels are in this process: "off" (DSVL2_KERNELS=0, read at each call), "unsupported"
-    (no AVX2 / FMA / F16C), else the first call builds (seconds; `on_build_start` is called just before the
-    compiler starts) or loads the cached build, and later calls return that result. Never raises, never prints."""
+    """What the quantised kernels are in this process: "off" (DSVL2_KERNELS=0, as kernels.switched_off reads it),
+    "unsupported" (no AVX2 / FMA / F16C), else the first call builds (seconds; `on_build_start` is called just before
+    the compiler starts) or loads the cached build, and later calls return that result. Never raises, never prints."""
     return LIBRARY.status(off=off_reason(), supported=cpu_supported(), on_build_start=on_build_start)
 
 
