@@ -240,3 +240,29 @@ def test_greedy_ids_are_torchs_argmax() -> None:
         ties = torch.randint(0, 3, (3, v), generator=g).float()  # many ties in every block
         for logits in (x, ties, x[:, : v - 1]):
             assert torch.equal(greedy_ids(logits), logits.argmax(-1)), (v, logits.shape)
+
+
+def test_stop_strings_found_from_the_answers_tail_as_from_its_whole_text(monkeypatch):
+    """Catches a stop check that misses a stop or cuts elsewhere than the whole text's check would: a stop string
+    first completed late in an 80-token answer ends it at the same token with the same text as decoding the whole
+    answer at every step; and every step but the confirming one decodes a few tokens, not the whole answer (decoding
+    it all every step cost O(n^2) over a long answer)."""
+    ckpt = CHECKPOINTS[0]
+    engine = Engine(parity_model(ckpt), parity_processor(ckpt), max_batch_size=2)
+    conv = page_requests(1)[0].conversation
+    free = engine.generate([Request("free", conv, Sampling(max_new_tokens=80, suppress_eos=True))])[0]
+    text = free.text
+    start = next((i for i in range(len(text) * 3 // 4, len(text) - 3) if text.find(text[i:i + 3]) == i), None)
+    assert start is not None, "no 3-character string first seen late in the answer"
+    stop = text[start:start + 3]
+    request = Request("s", conv, Sampling(max_new_tokens=80, stop=(stop,), suppress_eos=True))
+    decoded: list[int] = []
+    real_decode = Engine._decode
+    monkeypatch.setattr(Engine, "_decode", lambda self, ids: decoded.append(len(ids)) or real_decode(self, ids))
+    from_tail = engine.generate([request])[0]
+    assert from_tail.finish_reason == "stop" and from_tail.text == text[:start]
+    window = 4 * (len(stop) + 4)
+    assert max(decoded[:-1]) <= window < from_tail.n_generated, decoded
+    monkeypatch.setattr(Engine, "_stop_in_tail", lambda self, tokens, stops: True)  # the whole text at every step
+    whole = engine.generate([request])[0]
+    assert (whole.text, whole.token_ids, whole.finish_reason) == (from_tail.text, from_tail.token_ids, "stop")
