@@ -346,6 +346,30 @@ def test_repetition_guard_fires_on_a_loop() -> None:
     assert guarded.token_ids == loose.token_ids[:first]
 
 
+def test_repetition_guard_equals_its_definition() -> None:
+    """Catches a fast n-gram search that answers otherwise than the definition (the last n tokens equal to an
+    earlier n-gram starting within the window): random sequences over a few ids, so that heads recur with and
+    without a whole match, every n and window including none and ones shorter than n."""
+    import random
+
+    from dsvl2.model.sampling import repeats_ngram
+
+    def naive(tokens: list[int], n: int, window: int) -> bool:
+        if n <= 0 or len(tokens) < n + 1:
+            return False
+        recent = tokens[-window:] if window > 0 else tokens
+        return any(recent[i:i + n] == recent[-n:] for i in range(len(recent) - n))
+
+    rng = random.Random(5)
+    hits = 0
+    for _ in range(3000):
+        tokens = [rng.randrange(rng.choice((2, 4, 9))) for _ in range(rng.randrange(0, 40))]
+        n, window = rng.randrange(0, 7), rng.choice((0, 1, 3, 6, 10, 25, 100))
+        assert repeats_ngram(tokens, n, window) == naive(tokens, n, window), (tokens, n, window)
+        hits += naive(tokens, n, window)
+    assert 300 < hits < 2700  # both answers are well exercised
+
+
 def test_a_bf16_gate_routes_with_its_current_weight() -> None:
     """The gate keeps its bf16 weight converted to float32 between calls: catches routing that uses a stale
     conversion after the weight is changed in place or replaced (routing must equal the float32 product of the
