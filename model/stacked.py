@@ -33,7 +33,7 @@ class StackedProjections:
     def __init__(self, *names: str):
         self.names = names
         self._held: list[tuple] = []  # what each member held when the stack was built (`_holding`)
-        self._layer: Projection | None = None
+        self._layer: QuantLinear | torch.Tensor | None = None  # the stacked quantised layer, or bf16 weight
         self._sizes: list[int] = []
 
     def __call__(self, module: nn.Module, x: torch.Tensor, paths: Paths) -> list[torch.Tensor] | None:
@@ -55,12 +55,12 @@ class StackedProjections:
         if isinstance(layer, QuantLinear):
             y = layer.kernel(x.reshape(-1, x.shape[-1]), layer.impls[0]).view(*x.shape[:-1], layer.out_features)
         else:
-            y = kernels.linear(x, layer.weight)
+            y = kernels.linear(x, layer)
         return y.split_with_sizes(self._sizes, dim=-1)
 
-    def _current(self, members: list[Projection]) -> Projection | None:
-        """The stacked layer over `members`' weights as they are now (built where they changed), or None where they
-        cannot be stacked."""
+    def _current(self, members: list[Projection]) -> QuantLinear | torch.Tensor | None:
+        """The stacked layer (quantised) or weight (bf16) over `members`' weights as they are now (built where they
+        changed), or None where they cannot be stacked."""
         if not self._held or not all(_same(m, held) for m, held in zip(members, self._held, strict=True)):
             self._layer, self._held = None, []  # the old stack's reference goes before a new one is made
             self._layer = _stack(members)
@@ -87,10 +87,10 @@ def _same(m: Projection, held: tuple) -> bool:
     return w is held[0] and w.data_ptr() == held[1]
 
 
-def _stack(members: list[Projection]) -> Projection | None:
-    """A layer whose weight is `members`' weights stacked along N, the members rebound as views of it; None where
-    they differ in kind, input width, scheme, layout or product choice, or a quantised one's rows do not fill its
-    layout's blocks (the slices would not be whole blocks)."""
+def _stack(members: list[Projection]) -> QuantLinear | torch.Tensor | None:
+    """`members`' weights stacked along N (a QuantLinear over them where quantised, else the weight itself), the
+    members rebound as views of it; None where they differ in kind, input width, scheme, layout or product choice,
+    or a quantised one's rows do not fill its layout's blocks (the slices would not be whole blocks)."""
     first = members[0]
     if isinstance(first, QuantLinear):
         if not all(isinstance(m, QuantLinear) and m.in_features == first.in_features and m.scheme == first.scheme
@@ -108,10 +108,8 @@ def _stack(members: list[Projection]) -> Projection | None:
     params = [m.weight for m in members]
     if len({(p.dtype, p.device, p.is_inference()) for p in params}) != 1:
         return None  # a parameter can be a view only of a stack made in its own mode, on its device
-    layer = nn.Linear(1, 1, bias=False, device="meta")
     with torch.inference_mode(params[0].is_inference()), torch.no_grad():
-        layer.weight = nn.Parameter(_rebind([m._parameters for m in members], "weight"), requires_grad=False)
-    return layer
+        return _rebind([m._parameters for m in members], "weight")
 
 
 def _rebind(holders: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
