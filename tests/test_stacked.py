@@ -9,7 +9,7 @@ import torch
 from quant_layers import quant_layer
 from torch import nn
 
-from dsvl2.model import kernels, quant_kernels
+from dsvl2.model import kernels
 from dsvl2.model.kernel_choice import Paths
 from dsvl2.model.quant import KERNEL_ISA, Scheme
 from dsvl2.model.stacked import StackedProjections
@@ -34,16 +34,14 @@ def _quant_holder(bits: int, sizes=(64, 32, 32), k: int = 256, seed: int = 0) ->
 
 
 def _quant_impls(bits: int) -> list[str]:
-    """The kernel impls this CPU runs for `bits` (the quantised library available)."""
-    if not quant_kernels.available():
-        pytest.skip(f"no quantised kernels here ({quant_kernels.status().reason})")
+    """The kernel impls this CPU runs for `bits` (with the `quant_kernels_on` fixture: the library built)."""
     probe = _quant_holder(bits).q_proj
     x = torch.zeros(1, probe.in_features, dtype=torch.bfloat16)
     return [impl for impl in KERNEL_ISA if probe.kernel_fits(x, impl)]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_stacked_quantised_products_equal_the_separate_ones_bit_for_bit(bits):
+def test_stacked_quantised_products_equal_the_separate_ones_bit_for_bit(quant_kernels_on, bits):
     """Catches a stacked product that changes any output: every kernel impl here, 1 to 32 rows, q / k / v sliced out
     of one call equal each projection's own kernel call exactly."""
     impls = _quant_impls(bits)
@@ -65,7 +63,7 @@ def test_stacked_quantised_products_equal_the_separate_ones_bit_for_bit(bits):
                 assert torch.equal(g, w), f"{impl}, {rows} rows: {name} differs from its own product"
 
 
-def test_stacked_quantised_weights_are_held_once_and_rebuilt_when_replaced():
+def test_stacked_quantised_weights_are_held_once_and_rebuilt_when_replaced(quant_kernels_on):
     """Catches a stack that copies the weights (twice the memory) or goes stale: after a call every projection's
     qweight and scales are views of the stack; a projection repacked (as quant_choice's relayout does) is taken up
     by the next call, whose output follows the new weight."""
@@ -85,7 +83,7 @@ def test_stacked_quantised_weights_are_held_once_and_rebuilt_when_replaced():
     assert len({m.qweight.untyped_storage().data_ptr() for m in holder.children()}) == 1
 
 
-def test_projections_that_cannot_stack_are_left_to_the_separate_products():
+def test_projections_that_cannot_stack_are_left_to_the_separate_products(quant_kernels_on):
     """Catches stacking where the slices would be wrong or the product would leave the kernel: rows that do not fill
     the layout's 4-row blocks, projections with different impls, more rows than decode's, a non-kernel impl."""
     impl = _quant_impls(8)[0]
