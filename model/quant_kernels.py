@@ -184,7 +184,7 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, i
 
 class HeldExperts:
     """A MoE layer's expert weights held by the library (`hold_experts`): the library's object, which keeps the
-    tensors alive, and the handle `moe_held` passes to the op (handing the object itself to an op cost ~6 us a call
+    tensors alive, and the handle `moe_held` passes to the op (handing the object itself to an op cost ~8 us a call
     in torch's argument parsing; model/csrc/quant_moe.cpp)."""
 
     __slots__ = ("handle", "obj")
