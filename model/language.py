@@ -25,6 +25,7 @@ from dsvl2.model.config import LanguageConfig, yarn_mscale
 from dsvl2.model.feedforward import MLP, MoE, MoEGate, proj
 from dsvl2.model.kernel_choice import UNCHOSEN, Paths
 from dsvl2.model.kv_cache import CacheRows, KVCache
+from dsvl2.model.quant import QuantLinear
 from dsvl2.model.stacked import StackedProjections
 
 __all__ = ["MLP", "SDPA_MIN_QUERIES", "DecoderLayer", "LanguageModel", "MHAttention", "MLAttention", "MoE", "MoEGate",
@@ -392,4 +393,6 @@ class LanguageModel(nn.Module):
         return paths
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.lm_head, QuantLinear):  # float32 from the kernel: no bf16 copy, no conversion pass
+            return self.lm_head.floats(hidden)
         return proj(hidden, self.lm_head, self.paths).float()

@@ -254,11 +254,11 @@ class QuantLinear(nn.Module):
                 and not (x.requires_grad and torch.is_grad_enabled())  # the ops have no backward
                 and quant_kernels.available())
 
-    def kernel(self, x2: torch.Tensor, impl: Impl = "kernel") -> torch.Tensor:
-        """(M, K) -> (M, N) by quant_kernels (`impl` names the tiles), in x2's dtype."""
+    def kernel(self, x2: torch.Tensor, impl: Impl = "kernel", float_out: bool = False) -> torch.Tensor:
+        """(M, K) -> (M, N) by quant_kernels (`impl` names the tiles), in x2's dtype (`float_out`: as float32)."""
         if self.scheme.bits == 8:
-            return quant_kernels.int8_linear(x2, self.qweight, self.scales, KERNEL_ISA[impl])
-        return quant_kernels.int4_linear(x2, self.qweight, self.scales, self.group, KERNEL_ISA[impl])
+            return quant_kernels.int8_linear(x2, self.qweight, self.scales, KERNEL_ISA[impl], float_out)
+        return quant_kernels.int4_linear(x2, self.qweight, self.scales, self.group, KERNEL_ISA[impl], float_out)
 
     def _op_scales(self, dtype: torch.dtype) -> torch.Tensor:
         """Scales as the packed op takes them: int8 (N,) in `dtype`; int4 (K/G, N, 2) scales and zero points."""
@@ -277,8 +277,10 @@ class QuantLinear(nn.Module):
             return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._op_scales(x2.dtype))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self._op_scales(x2.dtype))
 
-    def run(self, x: torch.Tensor, impl: Impl) -> torch.Tensor:
-        """x (..., K) -> (..., N) by `impl` (where it does not apply: the kernel where that does, else "dequant")."""
+    def run(self, x: torch.Tensor, impl: Impl, float_out: bool = False) -> torch.Tensor:
+        """x (..., K) -> (..., N) by `impl` (where it does not apply: the kernel where that does, else "dequant"),
+        in x's dtype; with `float_out` as float32 holding those values (`.float()` of the result, which the kernel
+        writes without that conversion's passes over the output: the logits)."""
         packed = impl in ("packed", "packed_bf16") and self.packable(x)
         if impl != "dequant" and not packed:
             kernel: Impl = impl if impl in KERNEL_ISA else "kernel"
@@ -286,8 +288,13 @@ class QuantLinear(nn.Module):
             if not fits and kernel != "kernel":
                 kernel, fits = "kernel", self.kernel_fits(x, "kernel")
             if fits:
-                y = self.kernel(x.reshape(-1, self.in_features), kernel)
+                y = self.kernel(x.reshape(-1, self.in_features), kernel, float_out)
                 return y.view(*x.shape[:-1], self.out_features)
+        y = self._run_torch(x, impl, packed)
+        return y.float() if float_out else y
+
+    def _run_torch(self, x: torch.Tensor, impl: Impl, packed: bool) -> torch.Tensor:
+        """`run` where our kernel does not: torch's packed op, else the dequantised weight."""
         if packed:
             x2 = x.reshape(-1, self.in_features)
             if impl == "packed_bf16" and x.dtype is not torch.bfloat16:
@@ -300,8 +307,14 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.weight_as(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        return self.run(x, self.impls[0] if rows <= self.DECODE_ROWS else self.impls[1])
+        return self.run(x, self._impl(x))
+
+    def floats(self, x: torch.Tensor) -> torch.Tensor:
+        """`self(x).float()`, written as float32 by the kernel where it runs (the lm_head's logits)."""
+        return self.run(x, self._impl(x), float_out=True)
+
+    def _impl(self, x: torch.Tensor) -> Impl:
+        return self.impls[0] if x.numel() // self.in_features <= self.DECODE_ROWS else self.impls[1]
 
 
 class QuantExperts:

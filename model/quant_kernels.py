@@ -169,17 +169,21 @@ def k16r4_unpack(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return u.to(torch.int8) - 8
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, isa: int = AVX2) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, isa: int = AVX2,
+                float_out: bool = False) -> torch.Tensor:
     """y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T, q in the "r4" layout; requires `available()`. x float32
     or bf16 (bf16 only with `isa` AVX512 or AMX, which need `avx512_supported()` / `amx_supported()`), any
-    strides."""
-    return torch.ops.dsvl2_quant.int8_linear(x, q, s, isa)
+    strides. y in x's dtype, or with `float_out` float32 holding the values rounded to x's dtype (`.float()` of
+    that, without its passes: logits)."""
+    return torch.ops.dsvl2_quant.int8_linear(x, q, s, isa, float_out)
 
 
-def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, isa: int = AVX2) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, isa: int = AVX2,
+                float_out: bool = False) -> torch.Tensor:
     """y (M, N) = x (M, K) @ (q4 * s per group of `group` along K)^T, q in the "k16r4" layout and s (N, K/G);
-    requires `available()`. x float32 or bf16 (bf16 only with `isa` AVX512 or AMX), any strides."""
-    return torch.ops.dsvl2_quant.int4_linear(x, q, s, group, isa)
+    requires `available()`. x float32 or bf16 (bf16 only with `isa` AVX512 or AMX), any strides. `float_out` as
+    for `int8_linear`."""
+    return torch.ops.dsvl2_quant.int4_linear(x, q, s, group, isa, float_out)
 
 
 class HeldExperts:

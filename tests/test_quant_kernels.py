@@ -42,7 +42,7 @@ def kernel_calls(monkeypatch, quant_kernels_on) -> list[str]:
         real = getattr(quant_kernels, name)
 
         def spy(*args, real=real, name=name):
-            calls.append(name + SUFFIX[args[-1]])
+            calls.append(name + SUFFIX[args[3 if name == "int8_linear" else 4]])  # isa
             return real(*args)
 
         monkeypatch.setattr(quant_kernels, name, spy)
@@ -126,6 +126,38 @@ def test_kernel_reads_strided_inputs(quant_kernels_on, name):
         assert not x.is_contiguous()
         with torch.inference_mode():
             assert_rel(layer.run(x, "kernel"), F.linear(x, w), TOL[torch.float32], f"{name} strided {x.stride()}")
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_float_out_is_the_float_of_the_result(quant_kernels_on, name):
+    """The logits' path (QuantLinear.floats, the ops' float_out): float32 holding exactly the values of the product
+    in x's dtype, on every path here (AVX2, AVX512, AMX where the CPU has them, torch's where no kernel runs),
+    including rounding ties, outputs past bf16's range (inf), NaN and denormal outputs: catches rounding that is
+    not to nearest even, NaN or denormals handled apart from c10's, or float32 sums returned unrounded."""
+    layer, _, _ = _layer(37, 384, Scheme.named(name), torch.bfloat16, seed=11)
+    layer.scales.fill_(2**-7)  # exact weights: integer rows of x give exact outputs, some halfway between bf16's
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 384, generator=gen)
+    x[1] *= 2e-38  # outputs below float32's normal range (denormals)
+    x[2] *= 1e36  # outputs past bf16's range
+    x[3, 5] = float("nan")
+    x[4:] = torch.randint(-3, 4, (5, 384), generator=gen).float()
+    x = x.to(torch.bfloat16)
+    exact = F.linear(x[4:].double(), layer.weight_as(torch.float64)).float()  # float32 holds these exactly
+    assert ((exact.view(torch.int32) & 0xFFFF) == 0x8000).any()  # halfway between two bf16 values
+    impls = ["kernel", "dequant"] + (["kernel_avx512"] if quant_kernels.avx512_supported() else [])
+    impls += ["kernel_amx"] if quant_kernels.amx_supported() else []
+    denormals = 0
+    for impl in impls:
+        for rows in (x[:1], x[:8], x.repeat(4, 1)):  # 1 row, the several-row tiles, AMX's strips
+            with torch.inference_mode():
+                layer.impls = (impl, impl)
+                got, want = layer.floats(rows), layer(rows).float()
+            assert got.dtype is torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=f"{name} {impl} {len(rows)}")
+            if len(rows) > 1:  # (paths that read denormal x or sums as zero give zeros instead)
+                denormals += int(((got[1] != 0) & (got[1].abs() < 1.17e-38)).sum())
+    assert denormals > 0
 
 
 @pytest.mark.parametrize("n", [1, 4, 7])

@@ -2,7 +2,9 @@
 // builds them and model/quant_choice.py decides when to call them.
 //   int8_linear  y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T                 (per output channel, "r4")
 //   int4_linear  y (M, N) = x (M, K) @ (q4 (N, K) * s (N, K/G) per group of G)^T  (the "k16r4" layout below)
-// x is float32 or bf16 (converted to float32 once; y comes back in x's dtype), s float32 or bf16, sums float32.
+// x is float32 or bf16 (converted to float32 once; y comes back in x's dtype), s float32 or bf16, sums float32. With
+// `float_out`, y comes back as float32 holding the values rounded to x's dtype: what `.float()` of the result gives,
+// without its two passes over y and their allocations (the lm_head's logits: 4 MB at 8 rows of Tiny's vocabulary).
 //
 // Decode is bound by reading the weight, so each weight byte comes from memory once for all M rows, and in address
 // order: the layouts interleave blocks of 4 weight rows 16 k at a time, so the 4-row tiles of a decode step stream
@@ -28,11 +30,33 @@
 #include "quant_amx.h"
 #include "quant_vnni.h"
 
+#include <cstring>
+
 namespace {
 
 using namespace dsvl2_quant_detail;
 
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t isa) {
+// v[0 .. n) rounded to bf16 as c10::BFloat16 rounds (to nearest even; NaN to its quiet NaN), kept in float32.
+void round_to_bf16(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, v + i, 4);
+    b = (b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+    std::memcpy(v + i, &b, 4);
+  }
+}
+
+// The op's result from its float32 sums y: in `dtype`, or with `float_out` float32 holding the values rounded to it.
+at::Tensor finish(at::Tensor y, at::ScalarType dtype, bool float_out) {
+  if (dtype == at::kFloat) return y;
+  if (!float_out) return y.to(dtype);
+  float* p = y.mutable_data_ptr<float>();
+  at::parallel_for(0, y.numel(), int64_t{1} << 15, [&](int64_t a, int64_t b) { round_to_bf16(p + a, b - a); });
+  return y;
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t isa,
+                       bool float_out) {
   TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 1, "int8_linear: x (M, K), q (N4, K16 * 4), s (N,)");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "int8_linear: q must be contiguous int8");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
@@ -55,7 +79,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
         amx_span(n0, n1, N, K, xk, M, yp, N, Int8Tiles(rows, sp, q.size(0)));
       });
     });
-    return y.to(x_in.scalar_type());
+    return finish(y, x_in.scalar_type(), float_out);
   }
   const int64_t ldx = steps * 16;
   // Several rows on AVX512 go as bf16 (x_in is bf16 there: exact) to the tiles that widen each weight once.
@@ -78,11 +102,11 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
       });
     });
   }
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  return finish(y, x_in.scalar_type(), float_out);
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t group,
-                       int64_t isa) {
+                       int64_t isa, bool float_out) {
   TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 2, "int4_linear: x (M, K), q (N4, K16 * 32), s (N, K/G)");
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "int4_linear: q must be contiguous uint8");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
@@ -109,7 +133,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
         amx_span(n0, n1, N, K, xk, M, yp, N, Int4Tiles(rows, sp, groups, K, N, q.size(0)));
       });
     });
-    return y.to(x_in.scalar_type());
+    return finish(y, x_in.scalar_type(), float_out);
   }
   const int64_t ldx = steps * 16;
   if (isa_base(isa) >= 1) {  // bf16 rows, no per-group sums (the table holds q itself)
@@ -133,7 +157,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     } else if (K == 0) {
       y.zero_();
     }
-    return y.to(x_in.scalar_type());
+    return finish(y, x_in.scalar_type(), float_out);
   }
   const at::Tensor x = padded_rows(x_in, ldx);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -151,14 +175,14 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   } else if (K == 0) {
     y.zero_();
   }
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  return finish(y, x_in.scalar_type(), float_out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(dsvl2_quant, m) {
-  m.def("int8_linear(Tensor x, Tensor q, Tensor s, int isa) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor q, Tensor s, int group, int isa) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor q, Tensor s, int isa, bool float_out=False) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor q, Tensor s, int group, int isa, bool float_out=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {
