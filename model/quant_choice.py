@@ -12,18 +12,19 @@ experts: a prefill chunk sends each ~T * top_k / n_experts tokens, and decode ru
 quant_kernels.moe_held call or, on torch's ops, one expert after another) and "dense" (every other quantised linear:
 attention, dense MLP, shared experts, lm_head: a prefill chunk sends them all T tokens). Decode is timed with
 kernel_choice's `best_time` at every row count of the family's DECODE_ROWS (decode batches of 1 and 8), every
-candidate in every layout the layers can take; the winner has the least slowdown against the fastest at each
-row count, summed, and fixes the layout. Both families time what a decode step runs, with weights read from
-memory, not cache: "experts" (`time_routed`) the first ROUTED_LAYERS MoE layers, each over the experts its own
-gate picks for random tokens, through the model's own code (quant.QuantExperts, else feedforward.dispatch), so
-the per-expert calls of torch's ops are in the timings; "dense" (`time_dense`) one product after another over its
-layers in model order (the lm_head left out), up to DENSE_STEP_BYTES of weight. Timed per product on one layer
-(which a cache holds), dense decode took torch's int8 op on a Zen 5, 2x the bf16 model's time for those products
-in a decode step. The layers timed are repacked in place into each layout timed and back (no copies: Base in int4
-must stay under 20 GiB). Prefill (PREFILL_ROWS of the family) takes the fastest candidate that reads
-the decode winner's layout, timed per product on one layer (in every layout decode was timed in: a layer that cannot
-take the winner's layout runs the fastest decode and prefill timed in its own). Then every layer of the family is
-repacked into that layout, one at a time (never two copies of the model's weights). Off the CPU only "dequant" exists.
+candidate in every layout the layers can take; the winner has the least slowdown against the fastest at each row
+count, summed (one that rounds the activations, VNNI's, must win by ROUNDING_MARGIN), and fixes the layout. Both
+families time what a decode step runs, with weights read from memory, not cache: "experts" (`time_routed`) the first
+ROUTED_LAYERS MoE layers, each over the experts its own gate picks for random tokens, through the model's own code
+(quant.QuantExperts, else feedforward.dispatch), so the per-expert calls of torch's ops are in the timings; "dense"
+(`time_dense`) one product after another over its layers in model order (the lm_head left out), up to
+DENSE_STEP_BYTES of weight. Timed per product on one layer (which a cache holds), dense decode took torch's int8 op
+on a Zen 5, 2x the bf16 model's time for those products in a decode step. The layers timed are repacked in place
+into each layout timed and back (no copies: Base in int4 must stay under 20 GiB). Prefill (PREFILL_ROWS of the
+family) takes the fastest candidate that reads the decode winner's layout, timed per product on one layer (in every
+layout decode was timed in: a layer that cannot take the winner's layout runs the fastest decode and prefill timed
+in its own). Then every layer of the family is repacked into that layout, one at a time (never two copies of the
+model's weights). Off the CPU only "dequant" exists.
 
 Decided once per process per (machine, family shape), and the timings are kept in a JSON file beside the
 quantised kernels' build (`kernel_choice`'s timings format, file quant-choice-<machine key>.json, one entry per
@@ -56,6 +57,11 @@ DECODE_ROWS: dict[Family, tuple[int, ...]] = {"experts": (1, 8), "dense": (1, 8)
 ROUTED_LAYERS = 4  # MoE layers a routed timing runs: more weights than a cache holds, as a decode step reads
 DENSE_STEP_BYTES = 256 << 20  # quantised weight a dense decode timing reads at most (Tiny's all: 0.18 GB in int8)
 PREFILL_ROWS: dict[Family, int] = {"experts": 64, "dense": 256}
+# How much faster a candidate that rounds the activations (int4 on VNNI: x in 15-bit fixed point per block) must
+# time than the exact ones to be taken: on a Zen 5, where VPDPBUSD issues at half VDPBF16PS's rate, the routed
+# experts timed 1.3% faster on VNNI summed over 1 and 8 rows (noise) and ran 2% slower in the decode step, alternated
+# in one process; on a Xeon with AMX VNNI wins by 1.3x and more (bench/RESULTS.md), where this margin changes nothing.
+ROUNDING_MARGIN = 1.05
 CACHE_PREFIX = "quant-choice-"
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -228,17 +234,22 @@ def _parsed(timings: Timings, rows: int) -> dict[tuple[Impl, Layout], float]:
     return out
 
 
+def _rounding(impl: Impl) -> float:
+    """ROUNDING_MARGIN for an impl that rounds the activations (VNNI's fixed point), else 1."""
+    return ROUNDING_MARGIN if KERNEL_ISA.get(impl, 0) & quant_kernels.VNNI else 1.0
+
+
 def _decode_choice(timings: Timings, decode_rows: tuple[int, ...], layout: Layout | None = None
                    ) -> tuple[Impl, Layout] | None:
     """The decode winner: among the (impl, layout) pairs timed at every row count of `decode_rows` (in `layout`
-    only, where given), the least slowdown against the fastest at each row count, summed; None when no pair was
-    timed at all of them."""
+    only, where given), the least slowdown against the fastest at each row count, summed (a candidate that rounds
+    the activations charged ROUNDING_MARGIN); None when no pair was timed at all of them."""
     per_rows = [_parsed(timings, rows) for rows in decode_rows]
     both = sorted(c for c in set.intersection(*(set(t) for t in per_rows)) if layout in (None, c[1]))
     if not both:
         return None
     best = [min(t[c] for c in both) for t in per_rows]
-    return min(both, key=lambda c: sum(t[c] / b for t, b in zip(per_rows, best, strict=True)))
+    return min(both, key=lambda c: _rounding(c[0]) * sum(t[c] / b for t, b in zip(per_rows, best, strict=True)))
 
 
 def _layouts(timings: Timings) -> list[Layout]:
@@ -254,7 +265,7 @@ def from_timings(timings: Timings, family: Family) -> Decision | None:
     prefill_times = _parsed(timings, PREFILL_ROWS[family])
 
     def fastest_prefill(where: Layout) -> Impl | None:
-        there = {i: t for (i, at), t in prefill_times.items() if at == where}
+        there = {i: t * _rounding(i) for (i, at), t in prefill_times.items() if at == where}
         return min(there, key=there.__getitem__) if there else None
 
     if (prefill := fastest_prefill(layout)) is None:

@@ -227,6 +227,25 @@ def test_dense_decode_times_dequantising_where_nothing_else_runs(monkeypatch):
                                                                   quant_choice.PREFILL_ROWS["dense"]})]
 
 
+def test_a_candidate_that_rounds_the_activations_must_win_by_the_margin():
+    """VNNI's tiles round x to fixed point: timed within ROUNDING_MARGIN of the exact AVX512 tiles (the noise of a
+    timing), the exact ones are taken, for decode and for prefill; clearly faster (a Xeon's VNNI), VNNI is. Catches
+    the margin left out, applied to the exact candidates, or applied to one of the two choices only."""
+    def timings(vnni_speedup: float) -> dict[str, float]:
+        out = {}
+        for rows in (*quant_choice.DECODE_ROWS["experts"], quant_choice.PREFILL_ROWS["experts"]):
+            out[f"kernel_avx512@k16r4@{rows}"] = 1.0 * rows
+            out[f"kernel_vnni@k16r4@{rows}"] = 1.0 * rows / vnni_speedup
+            out[f"kernel@k16r4@{rows}"] = 3.0 * rows
+        return out
+
+    margin = quant_choice.ROUNDING_MARGIN
+    near = quant_choice.from_timings(timings(1 + (margin - 1) / 2), "experts")
+    assert (near.decode, near.prefill) == ("kernel_avx512", "kernel_avx512")
+    clear = quant_choice.from_timings(timings(margin + 0.05), "experts")
+    assert (clear.decode, clear.prefill) == ("kernel_vnni", "kernel_vnni")
+
+
 def test_the_timings_are_kept_in_the_cache_directory_and_read_back(tmp_path):
     """Catches a choice timed again in every process (its timings not written, or not read back) and one that
     reuses the timings of another shape."""
