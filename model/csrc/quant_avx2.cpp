@@ -30,20 +30,13 @@
 #include "quant_amx.h"
 #include "quant_vnni.h"
 
-#include <cstring>
-
 namespace {
 
 using namespace dsvl2_quant_detail;
 
-// v[0 .. n) rounded to bf16 as c10::BFloat16 rounds (to nearest even; NaN to its quiet NaN), kept in float32.
+// v[0 .. n) rounded to bf16 as .to(bfloat16) rounds, kept in float32 (the compiler vectorises c10's conversion).
 void round_to_bf16(float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t b;
-    std::memcpy(&b, v + i, 4);
-    b = (b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
-    std::memcpy(v + i, &b, 4);
-  }
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(c10::BFloat16(v[i]));
 }
 
 // The op's result from its float32 sums y: in `dtype`, or with `float_out` float32 holding the values rounded to it.
