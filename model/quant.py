@@ -326,6 +326,10 @@ class QuantExperts:
         self._ends: tuple[torch.Tensor, torch.Tensor] | None = None
         self._held: quant_kernels.HeldExperts | None = None
 
+    def release(self) -> None:
+        """Drop the weights held (the next call holds the experts' weights as they are then)."""
+        self._held = self._ends = None
+
     def run(self, experts: Sequence[nn.Module], x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
             ) -> torch.Tensor | None:
         """y (N, E) in x's dtype for tokens x (N, E) routed to `ids` with `weights` (MoE.dispatch's result, the
@@ -343,7 +347,7 @@ class QuantExperts:
         ends = (gate._buffers["qweight"], last.down_proj._buffers["qweight"])
         if self._ends is None or ends[0] is not self._ends[0] or ends[1] is not self._ends[1]:
             layers = [[getattr(e, name) for e in experts] for name in ("gate_proj", "up_proj", "down_proj")]
-            self._held = self._ends = None  # the old weights' references go before the new are taken
+            self.release()  # the old weights' references go before the new are taken
             self._held = quant_kernels.hold_experts(*(([m.qweight for m in ms], [m.scales for m in ms])
                                                       for ms in layers))
             self._ends = ends

@@ -58,11 +58,15 @@ class StackedProjections:
             y = kernels.linear(x, layer)
         return y.split_with_sizes(self._sizes, dim=-1)
 
+    def release(self) -> None:
+        """Drop the stack (the members keep their views of it; the next call stacks them as they are then)."""
+        self._layer, self._held = None, []
+
     def _current(self, members: list[Projection]) -> QuantLinear | torch.Tensor | None:
         """The stacked layer (quantised) or weight (bf16) over `members`' weights as they are now (built where they
         changed), or None where they cannot be stacked."""
         if not self._held or not all(_same(m, held) for m, held in zip(members, self._held, strict=True)):
-            self._layer, self._held = None, []  # the old stack's reference goes before a new one is made
+            self.release()  # the old stack's reference goes before a new one is made
             self._layer = _stack(members)
             self._sizes = [m.out_features for m in members]
             self._held = [_holding(m) for m in members]  # the members are now views of the stack
@@ -114,8 +118,12 @@ def _stack(members: list[Projection]) -> QuantLinear | torch.Tensor | None:
 
 def _rebind(holders: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
     """The tensors `holders[i][name]` concatenated along dim 0 into one new tensor, each holder's entry then a view of
-    its rows there (a parameter keeps its object: its data is rebound), so that the old storages are freed."""
+    its rows there (a parameter keeps its object: its data is rebound), so that the old storages are freed; where
+    they already lie one after another in one storage (placement.py lays them out so), a view of them all."""
     parts = [h[name] for h in holders]
+    if _adjacent(parts):
+        first = parts[0].detach()
+        return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
     stack = torch.cat([p.detach() for p in parts])
     start = 0
     for h, p in zip(holders, parts, strict=True):
@@ -126,3 +134,17 @@ def _rebind(holders: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
         else:
             h[name] = view
     return stack
+
+
+def _adjacent(parts: list[torch.Tensor]) -> bool:
+    """Whether `parts` are contiguous tensors of one dtype and row shape, each starting where the one before ends in
+    the same storage: together one tensor's rows."""
+    first = parts[0]
+    storage = first.untyped_storage().data_ptr()
+    end = first.data_ptr()
+    for p in parts:
+        if (not p.is_contiguous() or p.dtype != first.dtype or p.shape[1:] != first.shape[1:]
+                or p.untyped_storage().data_ptr() != storage or p.data_ptr() != end):
+            return False
+        end += p.nbytes
+    return True

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dsvl2.model import allocator
+from dsvl2.model import allocator, placement
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import WeightsError
 from dsvl2.model.feedforward import stack_slots
@@ -164,6 +164,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
         from dsvl2.model import quant_choice  # imported here: it times products, which a float model never needs
 
         quant_choice.choose(model.language, dtype, cache=quant_choice.cache_directory())
+        placement.place_on_huge_pages(model.language)  # in their final layouts: decode streams them (placement.py)
     return model.eval().requires_grad_(False)
 
 
