@@ -65,12 +65,13 @@ def while_loading() -> Iterator[None]:
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """`nbytes` of uint8 CPU memory starting on a 2 MiB boundary of an anonymous mapping advised for huge pages
-    (MADV_HUGEPAGE; a plain allocation where the platform has no such advice). The tensor keeps the mapping alive;
-    pages are taken as they are first written."""
+    (MADV_HUGEPAGE; a plain allocation where the platform has no such advice, 4 KiB pages where the kernel refuses
+    it). The tensor keeps the mapping alive; pages are taken as they are first written."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(nbytes, dtype=torch.uint8)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
+    with contextlib.suppress(OSError):  # a kernel built without transparent huge pages refuses the advice (EINVAL)
+        region.madvise(mmap.MADV_HUGEPAGE)
     whole = torch.frombuffer(region, dtype=torch.uint8)
     start = -whole.data_ptr() % HUGE_PAGE
     return whole[start:start + nbytes]

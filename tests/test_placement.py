@@ -82,3 +82,19 @@ def test_a_stack_of_adjacent_projections_is_a_view_of_them(quant_kernels_on):
     first = apart.q_proj.qweight.data_ptr()
     StackedProjections(*NAMES)(apart, x, EVERY_KERNEL)
     assert apart.q_proj.qweight.data_ptr() != first and len({_storage(m.qweight) for m in apart.children()}) == 1
+
+
+def test_a_kernel_that_refuses_the_advice_still_gets_its_buffer(monkeypatch):
+    """Catches a load that fails on a Linux built without transparent huge pages (madvise(MADV_HUGEPAGE) raises
+    EINVAL there): the buffer comes back whole, writable, on its 2 MiB boundary, without the advice."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("this platform has no MADV_HUGEPAGE: the plain allocation is all there is")
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(mmap, "mmap", Refusing)
+    buffer = allocator.huge_page_buffer(3 << 20)
+    buffer.fill_(7)
+    assert buffer.numel() == 3 << 20 and int(buffer[-1]) == 7 and buffer.data_ptr() % allocator.HUGE_PAGE == 0
