@@ -4,7 +4,11 @@ A decode step streams every weight it uses once; on 4 KiB pages each 4 KiB of it
 prefetcher stops at every page. A MoE layer's routed experts are worst off: 64-160 experts x 3 projections, each a
 tensor of its own (~0.6 MB for Tiny in int4), of which a step reads the few its tokens are routed to. Moved into one
 buffer per decoder layer, aligned to and advised for 2 MiB pages (allocator.huge_page_buffer), Tiny's int4 decode
-step ran 1.03-1.04x faster at batch 1 and 8 (Zen 5, alternated in one process; the routed experts alone 1.05-1.07x).
+step ran 1.028x / 1.053x faster at batch 1 / 8 (Zen 5, against a model loaded without it in the same process; the
+routed experts alone 1.05-1.07x). The price is paid once, at load: Tiny int4's 1.3 GB took 2.1-3.1 s to move (of a
+22 s load), nearly all of it the kernel finding 2 MiB pages for the first writes (the same copy into memory already
+faulted in: 21 ms for 346 MiB, against 481 ms fresh), ~1.5-2.4 s per GB here: a run decoding a few hundred tokens
+does not earn it back, a batch job does.
 
 `place_on_huge_pages` moves every QuantLinear's qweight and scales, one layer at a time, each tensor rebound as a
 view of its layer's buffer as soon as it is copied, after every other holder of the weights has let them go (the MoE
@@ -17,6 +21,8 @@ the views with ordinary tensors, which is correct, only slower.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from types import UnionType
 
 import torch
 from torch import nn
@@ -31,10 +37,8 @@ _LAYER = re.compile(r"^(.*\blayers\.\d+)\.")
 def place_on_huge_pages(model: nn.Module) -> None:
     """Every QuantLinear of `model` with its qweight and scales in one huge-page buffer per decoder layer (one more
     for those outside the layers: the lm_head), rebound as views of it; see the module docstring."""
-    for module in model.modules():  # they hold the weights too: let go, they take them up again at their next call
-        for value in vars(module).values():
-            if isinstance(value, QuantExperts | StackedProjections):
-                value.release()
+    for _, holder in _attributes(model, QuantExperts | StackedProjections):
+        holder.release()  # they hold the weights too: let go, they take them up again at their next call
     groups: dict[str, list[QuantLinear]] = {}
     for name, m in _stacked_first(model):
         found = _LAYER.match(name)
@@ -47,11 +51,9 @@ def _stacked_first(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     """The QuantLinears of `model` with their names, in module order except that the members of each
     StackedProjections come together in its order, where the first of them is."""
     stacked: dict[str, list[str]] = {}  # first member's name -> all members' names
-    for name, module in model.named_modules():
-        for value in vars(module).values():
-            if isinstance(value, StackedProjections):
-                names = [f"{name}.{n}" if name else n for n in value.names]
-                stacked[names[0]] = names
+    for name, value in _attributes(model, StackedProjections):
+        names = [f"{name}.{n}" if name else n for n in value.names]
+        stacked[names[0]] = names
     modules = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     placed, order = set(), []
     for name in modules:
@@ -60,6 +62,14 @@ def _stacked_first(model: nn.Module) -> list[tuple[str, QuantLinear]]:
                 placed.add(member)
                 order.append((member, modules[member]))
     return order
+
+
+def _attributes(model: nn.Module, kind: type | UnionType) -> Iterator[tuple[str, object]]:
+    """(module name, value) for every plain attribute of `model`'s modules that is a `kind`."""
+    for name, module in model.named_modules():
+        for value in vars(module).values():
+            if isinstance(value, kind):
+                yield name, value
 
 
 def _move(entries: list[tuple[dict[str, torch.Tensor], str]]) -> None:
