@@ -191,6 +191,8 @@ class QuantLinear(nn.Module):
         self.layout = self.layouts(qweight.device)[0]
         if self.layout in ("plain", "nibbles"):
             return qweight
+        if self.layout == "k16r4":  # nibbles to nibbles: one pass, no int8 values between (quant_pack.cpp)
+            return quant_kernels.k16r4_from_nibbles(qweight, self.in_features)
         q = qweight if self.scheme.bits == 8 else unpack_nibbles(qweight, self.in_features)
         return pack_layout(q, self.layout)
 

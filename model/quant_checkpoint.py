@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dsvl2.model import allocator
+from dsvl2.model import allocator, quant_kernels
 from dsvl2.model.config import ModelConfig
 from dsvl2.model.errors import ConfigError, WeightsError
 from dsvl2.model.quant import SCHEMES, QuantLinear, Scheme, pack_nibbles, quantize, replace_linears
@@ -106,14 +106,20 @@ def scheme_name(directory: str | Path, quantize: str = "none") -> str:
 def quantize_stored(w: torch.Tensor, scheme: Scheme, *, chunk_bytes: int = 64 * 2**20, values: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """An (N, K) floating-point weight of any float dtype -> (qweight, scales) in the stored layout (int8 (N, K), or
-    int4 nibbles (N, ceil(K/2))), or with `values` the int8 (N, K) values for `QuantLinear.use_values`, quantised
-    a block of rows at a time: each block is widened to float32 and its temporaries freed before the next, so
-    quantising a weight never holds more than `chunk_bytes` of float32 on top of the weight itself and its result
-    (an lm_head of 102,400 x 2,048 would otherwise add ~3 GiB of float32 temporaries). Rows are independent in
-    both schemes, so the result equals `quantize` on the whole weight."""
+    int4 nibbles (N, ceil(K/2))), or with `values` the int8 (N, K) values for `QuantLinear.use_values`. A weight
+    with a NaN or an infinity is a ValueError naming its row. On a CPU where quant_kernels is available its op
+    quantises each row in one pass, a row of float32 per thread (2.4-3.3x faster loads of Tiny, bench/RESULTS.md);
+    elsewhere torch's ops quantise a block of rows at a time: each block is widened to float32 and its temporaries
+    freed before the next, so quantising a weight never holds more than `chunk_bytes` of float32 on top of the
+    weight itself and its result (an lm_head of 102,400 x 2,048 would otherwise add ~3 GiB of float32
+    temporaries). Rows are independent in both schemes, so either equals `quantize` on the whole weight."""
     n, k = w.shape
-    q_shape, s_shape = scheme.shapes(n, k)
     packed = scheme.bits == 4 and not values
+    if w.is_cpu and quant_kernels.available():  # quant_pack.cpp: the same values, byte for byte
+        q, s = quant_kernels.quantize_values(w, scheme.bits, scheme.group_for(k))
+        _check_finite(s)
+        return (pack_nibbles(q) if packed else q), s
+    q_shape, s_shape = scheme.shapes(n, k)
     q = torch.empty(q_shape if packed else (n, k), dtype=torch.uint8 if packed else torch.int8)
     s = torch.empty(s_shape, dtype=torch.bfloat16)
     step = max(1, chunk_bytes // (4 * max(k, 1)))
@@ -121,7 +127,16 @@ def quantize_stored(w: torch.Tensor, scheme: Scheme, *, chunk_bytes: int = 64 * 
         q_rows, s_rows = quantize(w[start:start + step], scheme)
         q[start:start + step] = pack_nibbles(q_rows) if packed else q_rows
         s[start:start + step] = s_rows
+    _check_finite(s)
     return q, s
+
+
+def _check_finite(scales: torch.Tensor) -> None:
+    """Raises ValueError naming the first row whose scale is not finite: its weights hold a NaN or an infinity
+    (the scale is their group's largest magnitude), which no int8 / int4 value can stand for."""
+    bad = (~torch.isfinite(scales)).reshape(scales.shape[0], -1).any(dim=1).nonzero()
+    if bad.numel():
+        raise ValueError(f"weight row {int(bad[0])} holds a NaN or an infinity: it cannot be quantised")
 
 
 def expected_dtypes(layers: dict[str, QuantLinear]) -> dict[str, tuple[str, ...]]:
@@ -172,9 +187,14 @@ def write_quantized(source: str | Path, out: str | Path, scheme: Scheme, *, shar
                 pending, size = {}, 0
 
         with allocator.while_loading():  # no heap holes left by the tensors read and dropped
-            for n, (key, t) in enumerate(read_tensors(found, dtype=lambda _: None, device="cpu"), start=1):
+            # A weight to quantise is read where the file maps it (its values and scales are new tensors).
+            tensors = read_tensors(found, dtype=lambda _: None, device="cpu", lent=targets.__contains__)
+            for n, (key, t) in enumerate(tensors, start=1):
                 if key in targets:
-                    q, s = quantize_stored(t, scheme)
+                    try:
+                        q, s = quantize_stored(t, scheme)
+                    except ValueError as e:
+                        raise WeightsError(f"{source}: {key}: {e}") from None
                     base = key.removesuffix(".weight")
                     items = {f"{base}.qweight": q, f"{base}.scales": s}
                 else:

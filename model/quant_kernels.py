@@ -38,7 +38,7 @@ from dsvl2.model.kernel_build import KernelStatus
 from dsvl2.model.kernels import off_reason, switched_off
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / "quant_avx2.cpp", _CSRC / "quant_moe.cpp"]
+_SOURCES = [_CSRC / "quant_avx2.cpp", _CSRC / "quant_moe.cpp", _CSRC / "quant_pack.cpp"]
 _NAME = "dsvl2_quant"
 # On AMD CPUs the tiles prefetch their weights for one read (prefetch.h's `weights`); a flag, so part of the key.
 _STREAM_WEIGHTS = ["-DDSVL2_STREAM_WEIGHTS"] if cpu_vendor() == "AuthenticAMD" else []
@@ -99,6 +99,7 @@ def _registered() -> None:
     torch.ops.dsvl2_quant.int8_linear  # noqa: B018 - attribute access raises if the op is missing
     torch.ops.dsvl2_quant.int4_linear  # noqa: B018
     torch.ops.dsvl2_quant.moe_held  # noqa: B018
+    torch.ops.dsvl2_quant.quantize_values  # noqa: B018
     torch.classes.dsvl2_quant.Experts  # noqa: B018
 
 
@@ -139,8 +140,30 @@ def _deinterleave(p: torch.Tensor, n: int, width: int) -> torch.Tensor:
     return blocks.reshape(p.shape[0] * BLOCK_ROWS, -1)[:n]
 
 
+def _library_packs(t: torch.Tensor) -> bool:
+    """Whether the library's packing ops (model/csrc/quant_pack.cpp) take `t`: a CPU tensor, the library loaded
+    (never built for this: whoever packs into its layouts has asked for it already)."""
+    return t.is_cpu and LIBRARY.loaded is not None and available()
+
+
+def quantize_values(w: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize's values (int8 (N, K)) and bf16 scales in one pass per row on every thread, for a CPU weight
+    of float32, bf16 or fp16 (`group` None: per row, int8's); requires `available()`. A row or group holding a NaN
+    or an infinity gets a non-finite scale, its values zeros."""
+    return torch.ops.dsvl2_quant.quantize_values(w, bits, group or 0)
+
+
+def k16r4_from_nibbles(b: torch.Tensor, k: int) -> torch.Tensor:
+    """The stored int4 layout (N, ceil(K/2)) uint8 -> "k16r4", with no int8 values between; requires
+    `available()`."""
+    return torch.ops.dsvl2_quant.k16r4_from_nibbles(b, k)
+
+
 def r4_pack(q: torch.Tensor) -> torch.Tensor:
-    """int8 (N, K) -> the "r4" layout (ceil(N/4), ceil(K/16) * 64) int8."""
+    """int8 (N, K) -> the "r4" layout (ceil(N/4), ceil(K/16) * 64) int8 (by the library where it is loaded: the
+    same bytes in one pass)."""
+    if _library_packs(q):
+        return torch.ops.dsvl2_quant.r4_from_values(q)
     k = q.shape[1]
     if k % K16:
         q = F.pad(q, (0, K16 - k % K16))
@@ -153,7 +176,10 @@ def r4_unpack(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def k16r4_pack(q: torch.Tensor) -> torch.Tensor:
-    """int4 values (N, K) in [-8, 7] -> the "k16r4" layout (ceil(N/4), ceil(K/16) * 32) uint8."""
+    """int4 values (N, K) in [-8, 7] -> the "k16r4" layout (ceil(N/4), ceil(K/16) * 32) uint8 (by the library
+    where it is loaded, as `r4_pack`)."""
+    if _library_packs(q):
+        return torch.ops.dsvl2_quant.k16r4_from_values(q)
     n, k = q.shape
     u = (q + 8).view(torch.uint8)  # [-8, 7] + 8 stays in int8's range
     if k % K16:

@@ -144,18 +144,26 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
         return None if key in targets or key in stored_layers else dtype
 
     state, slots, stacks = {}, stack_slots(model), {}
+
+    def lent(key: str) -> bool:  # read where the file maps it: each is made into a tensor of its own below
+        return key in targets or key in stored_layers or key in slots
+
     with allocator.while_loading():  # no heap holes left by the tensors read and dropped (allocator.py)
-        for key, t in _read_tensors(found, dtype=read_as, device=device):
+        for key, t in _read_tensors(found, dtype=read_as, device=device, lent=lent):
             if key in targets:
-                q, s = quantize_stored(t, scheme, values=True)
+                try:
+                    q, s = quantize_stored(t, scheme, values=True)
+                except ValueError as e:
+                    raise WeightsError(f"{directory}: {key}: {e}") from None
                 del t
                 base = key.removesuffix(".weight")
                 state[f"{base}.qweight"] = targets[key].use_values(q)
                 state[f"{base}.scales"] = s.to(dtype)
             elif key in stored_layers:
-                state[key] = stored_layers[key].use_stored(t)
+                q = stored_layers[key].use_stored(t)
+                state[key] = q.clone() if q is t else q  # kept in the stored layout: a copy of the lent tensor
             elif (slot := slots.get(key)) is not None:
-                state[key] = _into_stack(stacks, slot, t)
+                state[key] = _into_stack(stacks, slot, t, dtype)
             else:
                 state[RENAMES.get(key, key)] = t
     model.load_state_dict(state, strict=True, assign=True)
@@ -168,21 +176,25 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
     return model.eval().requires_grad_(False)
 
 
-def _into_stack(stacks: dict[str, torch.Tensor], slot: tuple[str, int, int], t: torch.Tensor) -> torch.Tensor:
-    """`t` copied into its place in one of `stacks` (made at its first tensor), returned as that view: the routed
-    experts' weights load as the stacks the grouped expert product reads (feedforward.stack_slots)."""
+def _into_stack(stacks: dict[str, torch.Tensor], slot: tuple[str, int, int], t: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """`t` copied (cast to `dtype`) into its place in one of `stacks` (made at its first tensor), returned as that
+    view: the routed experts' weights load as the stacks the grouped expert product reads (feedforward.stack_slots)."""
     name, index, length = slot
     stack = stacks.get(name)
     if stack is None:
-        stack = stacks[name] = t.new_empty((length, *t.shape))
+        stack = stacks[name] = t.new_empty((length, *t.shape), dtype=dtype)
     stack[index].copy_(t)
     return stack[index]
 
 
 def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype | Callable[[str], torch.dtype | None],
-                  device: str | torch.device, batch_bytes: int = 256 * 2**20):
+                  device: str | torch.device, batch_bytes: int = 256 * 2**20,
+                  lent: Callable[[str], bool] = lambda key: False):
     """Yield (key, tensor in `dtype` on `device`, owning its memory) for every stored tensor (`dtype` may be a
-    function of the key, None there meaning the stored dtype). Each file is
+    function of the key, None there meaning the stored dtype); where `lent(key)`, the tensor as the file maps it
+    instead (stored dtype, no copy), for the caller to read before it asks for the next one (quantising, packing
+    or stacking it makes the copy it keeps: a second one here took ~3 s of a Tiny load). Each file is
     reopened every `batch_bytes` of stored data, so the mapped pages already copied out are released: peak
     memory stays near the loaded weights' size plus one batch, instead of adding a whole shard."""
     from safetensors import safe_open
@@ -204,7 +216,7 @@ def _read_tensors(found: dict[str, StoredTensor], *, dtype: torch.dtype | Callab
                         # kernel may evict under memory pressure and re-read from disk mid-run.
                         want = dtype(key) if callable(dtype) else dtype
                         t = f.get_tensor(key)
-                        yield key, t.to(want if want is not None else t.dtype, copy=True)
+                        yield key, t if lent(key) else t.to(want if want is not None else t.dtype, copy=True)
             except Exception as e:
                 raise WeightsError(f"{file}: cannot read tensor data ({e})") from None
             start = end
