@@ -164,8 +164,9 @@ at::Tensor k16r4_from_values(const at::Tensor& q_in) {
   const at::Tensor q = q_in.contiguous();
   const int64_t N = q.size(0), K = q.size(1);
   const int8_t* qp = q.const_data_ptr<int8_t>();
-  const int8_t lowest = K == 0 ? 0 : at::min(q).item<int8_t>(), highest = K == 0 ? 0 : at::max(q).item<int8_t>();
-  TORCH_CHECK(N == 0 || (lowest >= -8 && highest <= 7), "k16r4_from_values: q must hold int4 values in [-8, 7]");
+  const bool empty = q.numel() == 0;
+  const int8_t lowest = empty ? 0 : at::min(q).item<int8_t>(), highest = empty ? 0 : at::max(q).item<int8_t>();
+  TORCH_CHECK(lowest >= -8 && highest <= 7, "k16r4_from_values: q must hold int4 values in [-8, 7]");
   const auto u = [&](int64_t n, int64_t k) { return static_cast<uint8_t>(qp[n * K + k] + 8); };
   return k16r4_from(N, K, q.options(), u, [&](uint8_t* o, int64_t n, int64_t t) {
     const int8_t* v = qp + n * K + t * kStepK;
