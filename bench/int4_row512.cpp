@@ -36,10 +36,13 @@ uint16_t bf16(float f) {
   return static_cast<uint16_t>(b >> 16);
 }
 
-// y[n0 .. n0 + 4) for the table way (as int4_tile512<1>).
+// y[n0 .. n0 + 4) for the table way (as int4_tile512<1>) or, with LEAN, the lean way: x from lean_x (64 bf16 a
+// step), scales s as (group, 4 rows), the low nibble looked up with no AND.
+template <bool LEAN>
 void table_block(const uint8_t* r, const float* s, int64_t groups, const uint16_t* x, float* y, int64_t steps) {
+  (void)steps;
   alignas(64) uint16_t tab[32] = {};
-  for (int i = 0; i < 16; ++i) tab[i] = bf16(static_cast<float>(i - 8));
+  for (int i = 0; i < (LEAN ? 32 : 16); ++i) tab[i] = bf16(static_cast<float>(i % 16 - 8));
   const __m512i table = _mm512_load_si512(tab);
   const __m512i low = _mm512_set1_epi16(0x0F);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -51,18 +54,24 @@ void table_block(const uint8_t* r, const float* s, int64_t groups, const uint16_
         const uint8_t* rt = r + (t + u) * 32;
         if (u == 0) _mm_prefetch(reinterpret_cast<const char*>(rt + 2048), _MM_HINT_T0);
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rt)));
-        const __m512bh wl = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table);
+        const __m512bh wl = (__m512bh)_mm512_permutexvar_epi16(LEAN ? v : _mm512_and_si512(v, low), table);
         const __m512bh wh = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
-        const uint16_t* xt = x + (t + u) * 16;
-        const __m512bh xl = (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt)));
-        const __m512bh xh =
-            (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt + 8)));
+        __m512bh xl, xh;
+        if (LEAN) {
+          xl = (__m512bh)_mm512_loadu_si512(x + (t + u) * 64);
+          xh = (__m512bh)_mm512_loadu_si512(x + (t + u) * 64 + 32);
+        } else {
+          const uint16_t* xt = x + (t + u) * 16;
+          xl = (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt)));
+          xh = (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt + 8)));
+        }
         part[u][0] = _mm512_dpbf16_ps(part[u][0], wl, xl);
         part[u][1] = _mm512_dpbf16_ps(part[u][1], wh, xh);
       }
     }
     const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[0][0], part[1][0]), _mm512_add_ps(part[0][1], part[1][1]));
-    const __m128 s4 = _mm_setr_ps(s[0 * groups + g], s[1 * groups + g], s[2 * groups + g], s[3 * groups + g]);
+    const __m128 s4 = LEAN ? _mm_loadu_ps(s + 4 * g)
+                           : _mm_setr_ps(s[0 * groups + g], s[1 * groups + g], s[2 * groups + g], s[3 * groups + g]);
     acc = _mm512_fmadd_ps(sum, _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4)), acc);
   }
   alignas(64) float lanes[16];
@@ -137,36 +146,6 @@ std::vector<uint16_t> lean_x(const uint16_t* x, int64_t steps) {
   return out;
 }
 
-// y[n0 .. n0 + 4) for the lean way: sb holds the block's scales as (group, 4 rows).
-void lean_block(const uint8_t* r, const float* sb, int64_t groups, const uint16_t* xd, float* y, int64_t steps) {
-  (void)steps;
-  alignas(64) uint16_t tab[32];
-  for (int i = 0; i < 32; ++i) tab[i] = bf16(static_cast<float>(i % 16 - 8));
-  const __m512i table = _mm512_load_si512(tab);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 part[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()}, {_mm512_setzero_ps(), _mm512_setzero_ps()}};
-    for (int64_t t = g * kGroupSteps; t < (g + 1) * kGroupSteps; t += 2) {
-      for (int u = 0; u < 2; ++u) {
-        const uint8_t* rt = r + (t + u) * 32;
-        if (u == 0) _mm_prefetch(reinterpret_cast<const char*>(rt + 2048), _MM_HINT_T0);
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rt)));
-        const __m512bh wl = (__m512bh)_mm512_permutexvar_epi16(v, table);
-        const __m512bh wh = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
-        const uint16_t* xt = xd + (t + u) * 64;
-        part[u][0] = _mm512_dpbf16_ps(part[u][0], wl, (__m512bh)_mm512_loadu_si512(xt));
-        part[u][1] = _mm512_dpbf16_ps(part[u][1], wh, (__m512bh)_mm512_loadu_si512(xt + 32));
-      }
-    }
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[0][0], part[1][0]), _mm512_add_ps(part[0][1], part[1][1]));
-    acc = _mm512_fmadd_ps(sum, _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sb + 4 * g))), acc);
-  }
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, acc);
-  for (int j = 0; j < 4; ++j) y[j] = (lanes[4 * j] + lanes[4 * j + 1]) + (lanes[4 * j + 2] + lanes[4 * j + 3]);
-}
-
 const char* const kNames[5] = {"table", "bias1", "bias2", "bias4", "lean"};
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
@@ -210,12 +189,12 @@ int main() {
         for (int rep = 0; rep < reps; ++rep) {
           if (way == 4) {
             for (int64_t b = 0; b < blocks; ++b)
-              lean_block(w.data() + b * block_bytes, sb.data() + b * 4 * groups, groups, xb.data(), y.data() + b * 4,
-                         steps);
+              table_block<true>(w.data() + b * block_bytes, sb.data() + b * 4 * groups, groups, xb.data(),
+                                y.data() + b * 4, steps);
           } else if (way == 0) {
             for (int64_t b = 0; b < blocks; ++b)
-              table_block(w.data() + b * block_bytes, s.data() + b * 4 * groups, groups, x.data(), y.data() + b * 4,
-                          steps);
+              table_block<false>(w.data() + b * block_bytes, s.data() + b * 4 * groups, groups, x.data(),
+                                 y.data() + b * 4, steps);
           } else {
             for (int64_t b = 0; b < blocks; ++b)
               (way == 1 ? bias_block<1> : way == 2 ? bias_block<2> : bias_block<4>)(w.data() + b * block_bytes, s.data() + b * 4 * groups, groups, xb.data(), corr.data(),

@@ -131,10 +131,15 @@ at::Tensor interleave(int64_t N, int64_t K, int64_t width, uint8_t pad, const at
   return out;
 }
 
+// q_in as the packers read it: an (N, K) int8 CPU tensor, rows contiguous.
+at::Tensor int8_rows(const at::Tensor& q_in, const char* op) {
+  TORCH_CHECK(q_in.dim() == 2 && q_in.device().is_cpu() && q_in.scalar_type() == at::kChar, op,
+              ": q must be an (N, K) int8 CPU tensor");
+  return q_in.contiguous();
+}
+
 at::Tensor r4_from_values(const at::Tensor& q_in) {
-  TORCH_CHECK(q_in.dim() == 2 && q_in.device().is_cpu() && q_in.scalar_type() == at::kChar,
-              "r4_from_values: q must be an (N, K) int8 CPU tensor");
-  const at::Tensor q = q_in.contiguous();
+  const at::Tensor q = int8_rows(q_in, "r4_from_values");
   const int64_t N = q.size(0), K = q.size(1);
   const int8_t* qp = q.const_data_ptr<int8_t>();
   return interleave(N, K, kStepK, 0, q.options(), [&](uint8_t* o, int64_t n, int64_t t) {
@@ -159,9 +164,7 @@ at::Tensor k16r4_from(int64_t N, int64_t K, const at::TensorOptions& options, co
 }
 
 at::Tensor k16r4_from_values(const at::Tensor& q_in) {
-  TORCH_CHECK(q_in.dim() == 2 && q_in.device().is_cpu() && q_in.scalar_type() == at::kChar,
-              "k16r4_from_values: q must be an (N, K) int8 CPU tensor");
-  const at::Tensor q = q_in.contiguous();
+  const at::Tensor q = int8_rows(q_in, "k16r4_from_values");
   const int64_t N = q.size(0), K = q.size(1);
   const int8_t* qp = q.const_data_ptr<int8_t>();
   const bool empty = q.numel() == 0;
