@@ -90,22 +90,26 @@ def test_a_weight_with_a_nan_or_an_infinity_is_refused_naming_its_row(bad, libra
             quantize_stored(w, scheme, values=True)
 
 
-def test_the_loader_names_the_tensor_it_cannot_quantise(tmp_path):
-    """Catches the row's error reaching the user without the checkpoint and tensor it came from."""
+def test_loading_and_writing_name_the_tensor_they_cannot_quantise(tmp_path):
+    """Catches the row's error reaching the user without the checkpoint and tensor it came from, when quantising
+    while loading and in `dsvl2 quantize`'s writer."""
     import shutil
 
     from parity import checkpoint_dir
     from safetensors.torch import load_file, save_file
 
+    from dsvl2.model.quant_checkpoint import write_quantized
     from dsvl2.model.weights import checkpoint_files, load_model
 
-    source = checkpoint_dir("tiny-mha")
     copy = tmp_path / "tiny"
-    shutil.copytree(source, copy)
+    shutil.copytree(checkpoint_dir("tiny-mha"), copy)
     shard = checkpoint_files(copy)[0]
     tensors = load_file(shard)
     key = next(k for k in tensors if k.endswith("o_proj.weight"))
     tensors[key][1, 3] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(WeightsError, match=rf"{key}: weight row 1 holds a NaN"):
+    with pytest.raises(WeightsError, match=rf"{copy}: {key}: weight row 1 holds a NaN"):
         load_model(copy, quantize="int8")
+    with pytest.raises(WeightsError, match=rf"{copy}: {key}: weight row 1 holds a NaN"):
+        write_quantized(copy, tmp_path / "out", Scheme.named("int4"))
+    assert not (tmp_path / "out").exists()  # nothing half-written left behind
