@@ -1,8 +1,8 @@
 // Quantising and packing weights at load time, each in one pass per row or block of rows on every intra-op thread:
-// the loader's work, where torch's ops (model/quant.py `quantize`, model/quant_kernels.py's packers) took ~8-11 of
-// a quantised Tiny's 14-21 s load in a dozen passes over each weight (widening to float32, max, min, division,
-// rounding, clamping, narrowing, padding, interleaving). Same values as those functions, byte for byte
-// (tests/test_quant_pack.py):
+// the loader's work, where torch's ops (model/quant.py `quantize`, model/quant_kernels.py's packers) took ~8-11 s
+// of a quantised Tiny's 13-25 s load in a dozen passes over each weight (widening to float32, max, min, division,
+// rounding, clamping, narrowing, padding, interleaving; with the loader's own copy gone too, Tiny's int4 loads are
+// 3.3x faster, bench/RESULTS.md). Same values as those functions, byte for byte (tests/test_quant_pack.py):
 //   quantize_values(w, bits, group)  w (N, K) float32 / bf16 / fp16 -> (q int8 (N, K), s bf16 (N,) or (N, K/G)):
 //       per row (int8) or group of G (int4), peak = max(max w, -min w) in float32, s = bf16(max(peak / 127 or 7,
 //       1e-12)), q = round-half-even(w / s) clamped to [-127, 127] or [-8, 7]. A row or group with a NaN or an
@@ -150,11 +150,11 @@ at::Tensor r4_from_values(const at::Tensor& q_in) {
 }
 
 // The k16r4 bytes of row n, step t, from nibble values u(n, k) = q + 8 in [0, 15] (8, a zero weight, past K);
-// `whole(n, t, o)` may write a step that lies inside K faster and return true.
+// whole(o, n, t) writes a step that lies inside K (no bounds to check).
 template <typename Nibble, typename Whole>
 at::Tensor k16r4_from(int64_t N, int64_t K, const at::TensorOptions& options, const Nibble& u, const Whole& whole) {
   return interleave(N, K, kStepK / 2, 0x88, options.dtype(at::kByte), [&](uint8_t* o, int64_t n, int64_t t) {
-    if ((t + 1) * kStepK <= K && whole(o, n, t)) return;
+    if ((t + 1) * kStepK <= K) return whole(o, n, t);
     for (int64_t j = 0; j < kStepK / 2; ++j) {
       const int64_t k = t * kStepK + j;
       const uint8_t low = k < K ? u(n, k) : uint8_t{8}, high = k + 8 < K ? u(n, k + 8) : uint8_t{8};
@@ -174,7 +174,6 @@ at::Tensor k16r4_from_values(const at::Tensor& q_in) {
   return k16r4_from(N, K, q.options(), u, [&](uint8_t* o, int64_t n, int64_t t) {
     const int8_t* v = qp + n * K + t * kStepK;
     for (int j = 0; j < 8; ++j) o[j] = static_cast<uint8_t>((v[j] + 8) | ((v[j + 8] + 8) << 4));
-    return true;
   });
 }
 
@@ -195,7 +194,6 @@ at::Tensor k16r4_from_nibbles(const at::Tensor& b_in, int64_t K) {
     uint8_t k[kStepK];
     for (int i = 0; i < kStepK / 2; ++i) k[2 * i] = p[i] & 15, k[2 * i + 1] = p[i] >> 4;
     for (int j = 0; j < 8; ++j) o[j] = static_cast<uint8_t>(k[j] | (k[j + 8] << 4));
-    return true;
   });
 }
 
