@@ -118,7 +118,7 @@ def quantize_stored(w: torch.Tensor, scheme: Scheme, *, chunk_bytes: int = 64 * 
     if w.is_cpu and quant_kernels.available():  # quant_pack.cpp: the same values, byte for byte
         q, s = quant_kernels.quantize_values(w, scheme.bits, scheme.group_for(k))
         _check_finite(s)
-        return (pack_nibbles(q) if packed else q), s
+        return (quant_kernels.nibbles_from_values(q) if packed else q), s
     q_shape, s_shape = scheme.shapes(n, k)
     q = torch.empty(q_shape if packed else (n, k), dtype=torch.uint8 if packed else torch.int8)
     s = torch.empty(s_shape, dtype=torch.bfloat16)

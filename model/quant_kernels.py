@@ -153,6 +153,12 @@ def quantize_values(w: torch.Tensor, bits: int, group: int | None) -> tuple[torc
     return torch.ops.dsvl2_quant.quantize_values(w, bits, group or 0)
 
 
+def nibbles_from_values(q: torch.Tensor) -> torch.Tensor:
+    """quant.pack_nibbles in one pass per row on every thread (int4 values (N, K) -> the stored layout); requires
+    `available()`."""
+    return torch.ops.dsvl2_quant.nibbles_from_values(q)
+
+
 def k16r4_from_nibbles(b: torch.Tensor, k: int) -> torch.Tensor:
     """The stored int4 layout (N, ceil(K/2)) uint8 -> "k16r4", with no int8 values between; requires
     `available()`."""

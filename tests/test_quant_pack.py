@@ -58,11 +58,13 @@ def test_quantize_values_equals_torchs_quantize(dtype, bits, k):
 @pytest.mark.parametrize(("n", "k"), [(37, 96), (8, 100), (3, 16), (5, 7)])
 def test_the_library_packs_the_bytes_torchs_ops_pack(n, k, monkeypatch):
     """Catches a misplaced row, step or nibble, or the wrong padding (zero weights: int8 0, int4 nibble 8) past
-    N or K, in r4, k16r4 from values and k16r4 straight from the stored nibbles (odd K included)."""
+    N or K, in r4, k16r4 from values, k16r4 straight from the stored nibbles and the stored nibbles themselves
+    (odd K included)."""
     g = torch.Generator().manual_seed(n * 1000 + k)
     q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     q4 = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
     got = quant_kernels.r4_pack(q8), quant_kernels.k16r4_pack(q4), quant_kernels.k16r4_from_nibbles(pack_nibbles(q4), k)
+    assert torch.equal(quant_kernels.nibbles_from_values(q4), pack_nibbles(q4))  # the stored layout, odd K included
     monkeypatch.setattr(quant_kernels, "_library_packs", lambda t: False)
     want_r4, want_k16 = quant_kernels.r4_pack(q8), quant_kernels.k16r4_pack(q4)
     assert torch.equal(got[0], want_r4)
@@ -72,8 +74,9 @@ def test_the_library_packs_the_bytes_torchs_ops_pack(n, k, monkeypatch):
 
 def test_int4_values_out_of_range_are_refused():
     """Catches a value outside [-8, 7] packed silently into another value's nibble."""
-    with pytest.raises(RuntimeError, match=r"\[-8, 7\]"):
-        quant_kernels.k16r4_pack(torch.tensor([[8] + [0] * 15], dtype=torch.int8))
+    for pack in (quant_kernels.k16r4_pack, quant_kernels.nibbles_from_values):
+        with pytest.raises(RuntimeError, match=r"\[-8, 7\]"):
+            pack(torch.tensor([[8] + [0] * 15], dtype=torch.int8))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -11,6 +11,7 @@
 //   k16r4_from_values(q)             int8 (N, K) in [-8, 7] -> the "k16r4" layout.
 //   k16r4_from_nibbles(b, k)         the stored int4 layout (N, ceil(K/2)): byte j holds k = 2j and 2j + 1 as
 //                                    q + 8 in its low and high nibble -> "k16r4", without the int8 values between.
+//   nibbles_from_values(q)           int8 (N, K) in [-8, 7] -> that stored layout (quant.py `pack_nibbles`).
 // Rows past N and k past K are padding: zero weights (int8 0; int4 nibble 8).
 
 #include <ATen/ATen.h>
@@ -163,13 +164,19 @@ at::Tensor k16r4_from(int64_t N, int64_t K, const at::TensorOptions& options, co
   });
 }
 
-at::Tensor k16r4_from_values(const at::Tensor& q_in) {
-  const at::Tensor q = int8_rows(q_in, "k16r4_from_values");
-  const int64_t N = q.size(0), K = q.size(1);
-  const int8_t* qp = q.const_data_ptr<int8_t>();
+// int8_rows, holding int4 values in [-8, 7] (checked: another value would spill into its neighbour's nibble).
+at::Tensor int4_values(const at::Tensor& q_in, const char* op) {
+  at::Tensor q = int8_rows(q_in, op);
   const bool empty = q.numel() == 0;
   const int8_t lowest = empty ? 0 : at::min(q).item<int8_t>(), highest = empty ? 0 : at::max(q).item<int8_t>();
-  TORCH_CHECK(lowest >= -8 && highest <= 7, "k16r4_from_values: q must hold int4 values in [-8, 7]");
+  TORCH_CHECK(lowest >= -8 && highest <= 7, op, ": q must hold int4 values in [-8, 7]");
+  return q;
+}
+
+at::Tensor k16r4_from_values(const at::Tensor& q_in) {
+  const at::Tensor q = int4_values(q_in, "k16r4_from_values");
+  const int64_t N = q.size(0), K = q.size(1);
+  const int8_t* qp = q.const_data_ptr<int8_t>();
   const auto u = [&](int64_t n, int64_t k) { return static_cast<uint8_t>(qp[n * K + k] + 8); };
   return k16r4_from(N, K, q.options(), u, [&](uint8_t* o, int64_t n, int64_t t) {
     const int8_t* v = qp + n * K + t * kStepK;
@@ -197,6 +204,25 @@ at::Tensor k16r4_from_nibbles(const at::Tensor& b_in, int64_t K) {
   });
 }
 
+// int8 values (N, K) in [-8, 7] -> the stored int4 layout (N, ceil(K/2)): byte j holds k = 2j in its low nibble
+// and 2j + 1 in its high one, each as q + 8 (8 past K): what `dsvl2 quantize` writes.
+at::Tensor nibbles_from_values(const at::Tensor& q_in) {
+  const at::Tensor q = int4_values(q_in, "nibbles_from_values");
+  const int64_t N = q.size(0), K = q.size(1), row_bytes = (K + 1) / 2;
+  at::Tensor out = at::empty({N, row_bytes}, q.options().dtype(at::kByte));
+  const int8_t* qp = q.const_data_ptr<int8_t>();
+  uint8_t* op = out.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* v = qp + n * K;
+      uint8_t* o = op + n * row_bytes;
+      for (int64_t j = 0; j < K / 2; ++j) o[j] = static_cast<uint8_t>((v[2 * j] + 8) | ((v[2 * j + 1] + 8) << 4));
+      if (K % 2) o[K / 2] = static_cast<uint8_t>((v[K - 1] + 8) | (8 << 4));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsvl2_quant, m) {
@@ -204,6 +230,7 @@ TORCH_LIBRARY_FRAGMENT(dsvl2_quant, m) {
   m.def("r4_from_values(Tensor q) -> Tensor");
   m.def("k16r4_from_values(Tensor q) -> Tensor");
   m.def("k16r4_from_nibbles(Tensor b, int k) -> Tensor");
+  m.def("nibbles_from_values(Tensor q) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {
@@ -211,4 +238,5 @@ TORCH_LIBRARY_IMPL(dsvl2_quant, CPU, m) {
   m.impl("r4_from_values", &r4_from_values);
   m.impl("k16r4_from_values", &k16r4_from_values);
   m.impl("k16r4_from_nibbles", &k16r4_from_nibbles);
+  m.impl("nibbles_from_values", &nibbles_from_values);
 }
