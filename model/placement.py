@@ -5,10 +5,10 @@ prefetcher stops at every page. A MoE layer's routed experts are worst off: 64-1
 tensor of its own (~0.6 MB for Tiny in int4), of which a step reads the few its tokens are routed to. Moved into one
 buffer per decoder layer, aligned to and advised for 2 MiB pages (allocator.huge_page_buffer), Tiny's int4 decode
 step ran 1.028x / 1.053x faster at batch 1 / 8 (Zen 5, against a model loaded without it in the same process; the
-routed experts alone 1.05-1.07x). The price is paid once, at load: Tiny int4's 1.3 GB took 2.1-3.1 s to move (of a
-22 s load), nearly all of it the kernel finding 2 MiB pages for the first writes (the same copy into memory already
-faulted in: 21 ms for 346 MiB, against 481 ms fresh), ~1.5-2.4 s per GB here: a run decoding a few hundred tokens
-does not earn it back, a batch job does.
+routed experts alone 1.05-1.07x). The price is paid once, at load: Tiny int4's 1.3 GB takes 1.2-1.8 s to move (of a
+~6 s load; 2.1-3.1 s before the pages were faulted in on every thread, `_FAULT_BYTES`), nearly all of it the kernel
+finding 2 MiB pages for the first writes (the same copy into memory already faulted in: 21 ms for 346 MiB, against
+481 ms fresh), ~0.7-1.4 s per GB here: a run decoding a few hundred tokens does not earn it back, a batch job does.
 
 `place_on_huge_pages` moves every QuantLinear's qweight and scales, one layer at a time, each tensor rebound as a
 view of its layer's buffer as soon as it is copied, after every other holder of the weights has let them go (the MoE
@@ -32,6 +32,12 @@ from dsvl2.model.quant import QuantExperts, QuantLinear
 from dsvl2.model.stacked import StackedProjections
 
 _LAYER = re.compile(r"^(.*\blayers\.\d+)\.")
+# A layer's buffer is written first by a parallel fill, this much at a time ahead of the copies: copied into
+# directly, its many small tensors (a routed expert's scales, a few KB) faulted the 2 MiB pages in one thread at a
+# time, and finding a 2 MiB page is most of what placing costs. Tiny placed in 2.90 -> 1.75 s (int8, 2.6 GB) and
+# 1.66 -> 1.28 s (int4, 1.3 GB), medians of 6 loads alternated in one process (Zen 5); a chunk at a time, so that
+# pages are resident before their copy by one chunk at most, not a whole layer.
+_FAULT_BYTES = 64 << 20
 
 
 def place_on_huge_pages(model: nn.Module) -> None:
@@ -84,7 +90,11 @@ def _move(entries: list[tuple[dict[str, torch.Tensor], str]]) -> None:
         offsets.append(end)
         end += t.nbytes
     buffer = allocator.huge_page_buffer(end)
+    faulted = 0
     for (holder, key), t, at in zip(entries, tensors, offsets, strict=True):
+        if at + t.nbytes > faulted:  # the next pages faulted in on every thread (_FAULT_BYTES)
+            start, faulted = faulted, min(end, max(at + t.nbytes, faulted + _FAULT_BYTES))
+            buffer[start:faulted].fill_(0)
         view = buffer[at:at + t.nbytes].view(t.dtype).view(t.shape)
         view.copy_(t)
         holder[key] = view
