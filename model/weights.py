@@ -140,16 +140,13 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32, dev
     targets = {f"{path}.weight": layer for path, layer in layers.items()} if stored is None else {}
     stored_layers = {f"{path}.qweight": layer for path, layer in layers.items()} if stored is not None else {}
 
-    def read_as(key: str) -> torch.dtype | None:  # weights to quantise and quantised ones: as stored
-        return None if key in targets or key in stored_layers else dtype
-
     state, slots, stacks = {}, stack_slots(model), {}
 
-    def lent(key: str) -> bool:  # read where the file maps it: each is made into a tensor of its own below
+    def lent(key: str) -> bool:  # read where the file maps it, as stored: each made into a tensor of its own below
         return key in targets or key in stored_layers or key in slots
 
     with allocator.while_loading():  # no heap holes left by the tensors read and dropped (allocator.py)
-        for key, t in _read_tensors(found, dtype=read_as, device=device, lent=lent):
+        for key, t in _read_tensors(found, dtype=dtype, device=device, lent=lent):
             if key in targets:
                 try:
                     q, s = quantize_stored(t, scheme, values=True)
