@@ -156,6 +156,28 @@ def test_the_quantize_command(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_the_quantize_command_says_when_it_builds_the_kernels(tmp_path, capsys, monkeypatch):
+    """The writer quantises with the library, so a machine's first `dsvl2 quantize` builds it: one stderr line says
+    so before the build (a build is simulated by calling the hook the library calls before its compiler starts);
+    a run that finds the build cached says nothing of it."""
+    real = quant_kernels.available
+    asked = []
+
+    def first_run(on_build_start=None):
+        asked.append(on_build_start)
+        if on_build_start is not None:
+            on_build_start()
+        return real()
+
+    monkeypatch.setattr(quant_kernels, "available", first_run)
+    assert quantize_cmd.quantize(model=str(checkpoint_dir("tiny-mha")), out=tmp_path / "a", bits=4) == 0
+    assert asked and asked[0] is not None
+    assert "building the CPU kernels (first run only)" in capsys.readouterr().err
+    monkeypatch.setattr(quant_kernels, "available", real)
+    assert quantize_cmd.quantize(model=str(checkpoint_dir("tiny-mha")), out=tmp_path / "b", bits=4) == 0
+    assert "building" not in capsys.readouterr().err
+
+
 def test_api_records_say_how_the_model_was_quantised(monkeypatch, tmp_path):
     isolate(monkeypatch, tmp_path)
     runtime = dsvl2.load(str(checkpoint_dir("tiny-mha")), device="cpu", quantize="int8", batch_size=2)
