@@ -16,6 +16,10 @@ musl) it does nothing. Process-wide by nature: the setting is malloc's, not this
 `huge_page_buffer(nbytes)` is memory for weights that decode streams: a mapping of its own, aligned to and advised
 for 2 MiB pages (Linux's transparent huge pages, where the system allows them on request), so that a step's reads
 cross a page, with its TLB miss and the hardware prefetcher's stop, every 2 MiB instead of every 4 KiB.
+
+`zero_pages(nbytes)` is memory that reads as zeros and takes a page only where it is written (the KV cache on a CPU:
+a row costs the slots it has used), and `release(t)` gives back the pages inside a tensor of it (a cache row that
+starts a new sequence): they read as zeros again and cost nothing until written.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Iterator
 
 import torch
 
+MADV_DONTNEED = 4  # Linux's madvise advice: the pages go back, and read as zeros (private anonymous memory)
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 LOADING_THRESHOLD = 128 * 1024
@@ -75,3 +80,28 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     whole = torch.frombuffer(region, dtype=torch.uint8)
     start = -whole.data_ptr() % HUGE_PAGE
     return whole[start:start + nbytes]
+
+
+def zero_pages(nbytes: int) -> torch.Tensor:
+    """`nbytes` of uint8 CPU memory in an anonymous mapping of its own, page-aligned: it reads as zeros, and a page
+    takes memory only when first written (reading an untouched one takes none). The tensor keeps the mapping alive."""
+    region = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=torch.uint8)[:nbytes]
+
+
+def release(t: torch.Tensor) -> int:
+    """Give back the memory of the whole pages inside contiguous CPU tensor `t`, which must lie in a `zero_pages`
+    mapping: on Linux they read as zeros again and take memory only when next written; elsewhere (another kernel's
+    advice keeps pages' contents) nothing happens. The partial pages at either end keep their contents. Returns the
+    bytes released."""
+    libc = _glibc()
+    if libc is None or not t.is_contiguous() or t.device.type != "cpu":
+        return 0
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end <= start:
+        return 0
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) != 0:
+        raise OSError(f"madvise(MADV_DONTNEED) refused {end - start} bytes at {start:#x}")
+    return end - start

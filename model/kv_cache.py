@@ -22,11 +22,14 @@ The lengths live on the host (Python ints moved by `advance` and `reset`), so th
 overflow check need no read from the device; positions go to the device once per forward.
 The cache stores and hands out tensors; it never computes attention.
 
-Memory: the buffers are allocated empty and zeroed lazily, slots [0, covered) of every row, `covered` rising in
-blocks of ZERO_BLOCK slots just ahead of the furthest slot a forward reads (a masked slot must still be finite: a
-zero probability times a NaN is NaN). On a CPU, pages nothing has touched take no memory, so a cache costs what its
-rows have used, not its capacity: a capacity sized for the longest answer the budget allows (2,048 tokens for OCR)
-is free until answers get that long, and growing one copies only the covered slots.
+Memory: on a CPU the buffers are anonymous mappings of their own (allocator.zero_pages), so every slot reads as
+zero until written and a page takes memory only once written: a row costs the slots it has used, not the cache's
+capacity nor the longest row's length (a capacity sized for the longest answer the budget allows, 2,048 tokens for
+OCR, is free until answers get that long). A row that is reset for a new sequence gives its pages back
+(allocator.release), so over a long run of staggered pages the cache holds what the rows in flight use. Elsewhere
+(a GPU's memory is taken whole) the buffers are allocated empty and zeroed lazily, slots [0, covered) of every row,
+`covered` rising in blocks of ZERO_BLOCK slots just ahead of the furthest slot a forward reads (a masked slot must
+still be finite: a zero probability times a NaN is NaN).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dsvl2.model import kernels
+from dsvl2.model import allocator, kernels
 
 ZERO_BLOCK = 256  # slots zeroed at a time ahead of the reads (one write per layer every ZERO_BLOCK decode steps)
 
@@ -56,18 +59,26 @@ def lazily_mapped(device: torch.device) -> bool:
 
 class KVCache:
     def __init__(self, shapes: list[tuple[int, ...]], *, batch: int, capacity: int, n_layers: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", zero_pages: bool | None = None):
         """`shapes` are the per-token shapes (*heads, feature) of the tensors one layer stores, e.g.
-        [(H, D), (H, D)] for MHA or [(C,), (R,)] for MLA; each is stored as (B, *heads, S, feature)."""
+        [(H, D), (H, D)] for MHA or [(C,), (R,)] for MLA; each is stored as (B, *heads, S, feature). `zero_pages`
+        (default: where memory is lazily mapped, a CPU) puts the buffers in mappings that read as zeros (see the
+        top); otherwise they are zeroed lazily."""
         self.capacity = capacity
         self.device = torch.device(device)
+        self.zero_pages = lazily_mapped(self.device) if zero_pages is None else zero_pages
         self._lengths = [0] * batch
         self._all = torch.arange(batch, device=self.device)
-        self.covered = 0  # slots [0, covered) of every row hold zeros or written tokens; past it, whatever was there
-        self.layers = [
-            tuple(torch.empty(batch, *shape[:-1], capacity, shape[-1], dtype=dtype, device=device) for shape in shapes)
-            for _ in range(n_layers)
-        ]
+        # Slots [0, covered) of every row hold zeros or written tokens; past it, whatever the memory held.
+        self.covered = capacity if self.zero_pages else 0
+        self.layers = [tuple(self._buffer(batch, shape, capacity, dtype) for shape in shapes) for _ in range(n_layers)]
+
+    def _buffer(self, batch: int, shape: tuple[int, ...], capacity: int, dtype: torch.dtype) -> torch.Tensor:
+        """One layer's (B, *heads, S, feature) buffer for tokens of `shape`."""
+        full = (batch, *shape[:-1], capacity, shape[-1])
+        if not self.zero_pages:
+            return torch.empty(full, dtype=dtype, device=self.device)
+        return allocator.zero_pages(torch.Size(full).numel() * dtype.itemsize).view(dtype).view(full)
 
     @property
     def batch(self) -> int:
@@ -128,10 +139,15 @@ class KVCache:
         self._lengths = [m + k for m, k in zip(self._lengths, counts, strict=True)]
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
-        """Empty the given rows (all rows when None) so new sequences can take them."""
+        """Empty the given rows (all rows when None) so new sequences can take them; with zero pages, their memory
+        goes back (whatever of it a row's neighbours do not share a page with)."""
         if isinstance(rows, torch.Tensor):
             rows = rows.tolist()
         for row in range(self.batch) if rows is None else rows:
+            if self.zero_pages and self._lengths[row]:
+                for layer in self.layers:
+                    for buf in layer:
+                        allocator.release(buf[row])
             self._lengths[row] = 0
 
     def grown(self, capacity: int, batch: int | None = None) -> KVCache:
@@ -141,16 +157,21 @@ class KVCache:
         if capacity == self.capacity and batch == self.batch:
             return self
         bigger = KVCache.__new__(KVCache)
-        bigger.capacity, bigger.device, bigger.covered = capacity, self.device, self.covered
+        bigger.capacity, bigger.device, bigger.zero_pages = capacity, self.device, self.zero_pages
+        bigger.covered = capacity if self.zero_pages else self.covered
         bigger._lengths = self._lengths + [0] * (batch - self.batch)
         bigger._all = torch.arange(batch, device=self.device)
         bigger.layers = []
         for layer in self.layers:
             new = []
             for buf in layer:
-                grown = buf.new_empty(batch, *buf.shape[1:-2], capacity, buf.shape[-1])
-                grown[: self.batch, ..., : self.covered, :] = buf[..., : self.covered, :]
-                grown[self.batch :, ..., : self.covered, :] = 0
+                grown = bigger._buffer(batch, (*buf.shape[1:-2], buf.shape[-1]), capacity, buf.dtype)
+                if self.zero_pages:  # each row's own tokens: the rest reads as zeros and takes no memory
+                    for row, n in enumerate(self._lengths):
+                        grown[row, ..., :n, :] = buf[row, ..., :n, :]
+                else:
+                    grown[: self.batch, ..., : self.covered, :] = buf[..., : self.covered, :]
+                    grown[self.batch :, ..., : self.covered, :] = 0
                 new.append(grown)
             bigger.layers.append(tuple(new))
         return bigger

@@ -1,5 +1,6 @@
 """The KV cache: growth keeps every row, lazily zeroed slots never show what the memory held, and on a CPU it
-takes memory for the slots used, not for its capacity (the engine sizes it once there and never grows it)."""
+takes memory for the slots each row has used, not for its capacity nor the longest row's length, and a row reset for
+a new sequence gives its memory back (the engine sizes it once there and never grows it)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from dsvl2.model.requests import Request, Sampling
 CHECKPOINTS = require(checkpoint_names(), "parity checkpoints")
 
 
-def _filled_cache(lengths: list[int], capacity: int):
-    """A float32 cache of two layers whose rows hold `lengths` random tokens, written as the model writes them."""
-    cache = KVCache([(2, 3), (4,)], batch=len(lengths), capacity=capacity, n_layers=2, dtype=torch.float32)
+def _filled_cache(lengths: list[int], capacity: int, zero_pages: bool):
+    """A float32 cache of two layers whose rows hold `lengths` random tokens, written as the model writes them
+    (every row the longest row's count: the shorter ones' last slots hold right-padding)."""
+    cache = KVCache([(2, 3), (4,)], batch=len(lengths), capacity=capacity, n_layers=2, dtype=torch.float32,
+                    zero_pages=zero_pages)
     t = max(lengths)
     for layer in range(2):
         cache.write(layer, cache.positions(t), torch.randn(len(lengths), t, 2, 3), torch.randn(len(lengths), t, 4))
@@ -30,19 +33,25 @@ def _filled_cache(lengths: list[int], capacity: int):
     return cache
 
 
-def test_grown_cache_keeps_every_row_and_adds_empty_ones() -> None:
-    """Catches a cache growth that loses or shifts contents: growing slots and rows keeps each row's tensors and
+@pytest.mark.parametrize("zero_pages", [True, False], ids=["zero-pages", "zeroed-lazily"])
+def test_grown_cache_keeps_every_row_and_adds_empty_ones(zero_pages: bool) -> None:
+    """Catches a cache growth that loses or shifts contents: growing slots and rows keeps each row's tokens and
     length where they were, new rows start empty (zero wherever a forward may read), and the cache it came from is
-    untouched."""
-    cache = _filled_cache([3, 5], capacity=5)
+    untouched. Zeroed lazily (a GPU's policy) the covered slots are copied whole; in zero pages (a CPU's) each
+    row's own tokens, the rest reading as zeros."""
+    cache = _filled_cache([3, 5], capacity=5, zero_pages=zero_pages)
     assert cache.covered == 5
     before = [tuple(buf.clone() for buf in layer) for layer in cache.layers]
     bigger = cache.grown(9, batch=4)
-    assert (bigger.capacity, bigger.batch, bigger.covered) == (9, 4, 5) and bigger.lengths.tolist() == [3, 5, 0, 0]
+    assert (bigger.capacity, bigger.batch, bigger.covered) == (9, 4, 9 if zero_pages else 5)
+    assert bigger.lengths.tolist() == [3, 5, 0, 0]
     for old, new in zip(before, bigger.layers, strict=True):
         for a, b in zip(old, new, strict=True):
-            assert torch.equal(b[:2, ..., :5, :], a)
-            assert not b[2:, ..., :5, :].any()
+            kept = [3, 5] if zero_pages else [5, 5]
+            for row, n in enumerate(kept):
+                assert torch.equal(b[row, ..., :n, :], a[row, ..., :n, :])
+                assert not b[row, ..., n : bigger.covered, :].any()
+            assert not b[2:, ..., : bigger.covered, :].any()
     assert all(torch.equal(a, b) for old, layer in zip(before, cache.layers, strict=True)
                for a, b in zip(old, layer, strict=True))
     assert cache.grown(5) is cache and cache.grown(4, batch=1) is cache
@@ -53,9 +62,9 @@ def test_a_cache_shows_only_written_tokens_and_zeros_never_what_its_memory_held(
     """Catches a lazily zeroed cache letting stale memory into attention (a NaN there times a zero probability is
     NaN): in buffers that held NaN, every slot a write hands back is a written token or zero, the zeroing runs a
     block ahead of the reads (not once per step) and never past the capacity, and a grown cache zeroes its new rows
-    over the covered slots."""
+    over the covered slots. (A GPU's policy: on a CPU the buffers are zero pages, tested below.)"""
     capacity = ZERO_BLOCK + 40
-    cache = KVCache([(2, 3), (4,)], batch=3, capacity=capacity, n_layers=1, dtype=torch.float32)
+    cache = KVCache([(2, 3), (4,)], batch=3, capacity=capacity, n_layers=1, dtype=torch.float32, zero_pages=False)
     for buf in cache.layers[0]:
         buf.fill_(float("nan"))
     lengths = [0, 0, 0]
@@ -111,6 +120,53 @@ def test_a_cpu_cache_takes_memory_for_the_slots_used_not_its_capacity() -> None:
     assert nbytes == 8 * 4096 * 8 * token_bytes == 512 << 20
     assert made < 32 << 20, made
     assert 0.9 * expected < written < expected + (48 << 20), (written, expected)
+
+
+_ROWS_PROBE = """
+import resource
+from pathlib import Path
+import torch
+from dsvl2.model.kv_cache import KVCache
+
+def resident():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+def fill(cache, lengths):
+    for row, n in enumerate(lengths):
+        part = cache.rows([row])
+        for layer in range(8):
+            new = torch.ones(1, n, 4, 128, dtype=torch.bfloat16)
+            part.write(layer, part.positions(n), new, new)
+        part.advance(n)
+
+lengths = [768, 64, 64, 64, 64, 64, 64, 64]
+shapes = dict(batch=8, capacity=4096, n_layers=8, dtype=torch.bfloat16)
+fill(KVCache([(4, 128), (4, 128)], **shapes), lengths)  # the write path's first use (a library, the heap's growth)
+cache = KVCache([(4, 128), (4, 128)], **shapes)
+before = resident()
+fill(cache, lengths)
+written = resident() - before
+cache.reset([0])
+released = resident() - before
+zeros = not any(buf[0].any() for layer in cache.layers for buf in layer)
+kept = all(buf[1, :, :64].all() for layer in cache.layers for buf in layer)
+print(written, released, int(zeros), int(kept))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux's /proc")
+def test_a_cpu_cache_row_costs_its_own_slots_and_gives_them_back_when_reset() -> None:
+    """Catches a CPU cache that zeroes or touches every row up to the longest one's length (the memory of a batch
+    of staggered pages is then rows x the longest), or that keeps a finished row's memory when the row starts
+    anew: rows of 768 and 7 x 64 tokens raise the resident size by about their own slots (not 8 x 768), resetting
+    the long row gives its slots back and it reads as zeros again, and the other rows keep their tokens."""
+    out = subprocess.run([sys.executable, "-c", _ROWS_PROBE], capture_output=True, text=True, check=True).stdout
+    written, released, zeros, kept = (int(v) for v in out.split())
+    token_bytes = 8 * 2 * 4 * 128 * 2  # 8 layers of k and v, 4 heads of 128, bf16
+    own = (768 + 7 * 64) * token_bytes  # 19 MiB; every row as long as the longest would be 96 MiB
+    assert 0.9 * own < written < own + (8 << 20), (written, own)
+    assert released < written - 0.9 * 768 * token_bytes, (released, written)
+    assert zeros and kept
 
 
 @pytest.mark.parametrize("ckpt", CHECKPOINTS[:1])
