@@ -80,38 +80,44 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
 }
 
 // out[0..cols) = bf16(sum over s < n of p[s] * v[s][0..cols)) for v's rows at stride ldv, float32 sums in registers
-// (NV 16-lane columns, cols <= 16 * NV; TAIL where cols < 16 * NV).
-template <int NV, bool TAIL>
+// (NV 16-lane columns, cols <= 16 * NV; TAIL where cols < 16 * NV). With ONCE (nothing reads these rows again), they
+// are read forward with read-once prefetches ahead, as the keys are (`span`): on a 2-core Zen 5, 12 layers of Tiny's
+// cache at batch 1 / 8 / 16 and 2,000 / 2,000 / 1,000 slots, attention 1.05x / 1.08x / 1.06x with them (alternated
+// in one process). Without, the hardware's prefetch alone, so that a second query row finds them in L2.
+template <int NV, bool TAIL, bool ONCE>
 inline void weighted_rows_n(const float* p, int64_t n, const bf16* v, int64_t ldv, bf16* out, int64_t cols) {
   __m512 acc[NV];
   __mmask16 mask[NV];
   for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps(), mask[j] = tail_mask(cols - 16 * j);
+  StreamAhead ahead(v, v + n * ldv);
   for (int64_t s = 0; s < n; ++s) {
+    if constexpr (ONCE) ahead.before(v + (s + 1) * ldv);
     const __m512 ps = _mm512_set1_ps(p[s]);
     for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(ps, load16_f32_of<TAIL>(v + s * ldv + 16 * j, mask[j]), acc[j]);
   }
   for (int j = 0; j < NV; ++j) store_bf16(out + 16 * j, acc[j], mask[j]);
 }
 
-template <int NV>
+template <int NV, bool ONCE>
 inline void weighted_rows_n(const float* p, int64_t n, const bf16* v, int64_t ldv, bf16* out, int64_t cols) {
   if (cols == 16 * NV)
-    weighted_rows_n<NV, false>(p, n, v, ldv, out, cols);
+    weighted_rows_n<NV, false, ONCE>(p, n, v, ldv, out, cols);
   else
-    weighted_rows_n<NV, true>(p, n, v, ldv, out, cols);
+    weighted_rows_n<NV, true, ONCE>(p, n, v, ldv, out, cols);
 }
 
 // weighted_rows_n for up to 128 columns (any more are the caller's next call).
+template <bool ONCE>
 inline void weighted_rows(const float* p, int64_t n, const bf16* v, int64_t ldv, bf16* out, int64_t cols) {
   switch (std::min<int64_t>((cols + 15) / 16, 8)) {
-    case 8: weighted_rows_n<8>(p, n, v, ldv, out, cols); break;
-    case 7: weighted_rows_n<7>(p, n, v, ldv, out, cols); break;
-    case 6: weighted_rows_n<6>(p, n, v, ldv, out, cols); break;
-    case 5: weighted_rows_n<5>(p, n, v, ldv, out, cols); break;
-    case 4: weighted_rows_n<4>(p, n, v, ldv, out, cols); break;
-    case 3: weighted_rows_n<3>(p, n, v, ldv, out, cols); break;
-    case 2: weighted_rows_n<2>(p, n, v, ldv, out, cols); break;
-    default: weighted_rows_n<1>(p, n, v, ldv, out, cols); break;
+    case 8: weighted_rows_n<8, ONCE>(p, n, v, ldv, out, cols); break;
+    case 7: weighted_rows_n<7, ONCE>(p, n, v, ldv, out, cols); break;
+    case 6: weighted_rows_n<6, ONCE>(p, n, v, ldv, out, cols); break;
+    case 5: weighted_rows_n<5, ONCE>(p, n, v, ldv, out, cols); break;
+    case 4: weighted_rows_n<4, ONCE>(p, n, v, ldv, out, cols); break;
+    case 3: weighted_rows_n<3, ONCE>(p, n, v, ldv, out, cols); break;
+    case 2: weighted_rows_n<2, ONCE>(p, n, v, ldv, out, cols); break;
+    default: weighted_rows_n<1, ONCE>(p, n, v, ldv, out, cols); break;
   }
 }
 
@@ -169,8 +175,13 @@ at::Tensor attend_bf16(const at::Tensor& q_in, const at::Tensor& k, const at::Te
     }
     bf16* ob = op + (b * H + h * G) * T * Dv;
     for (int64_t r = 0; r < Q; ++r)  // out row r = sum over its visible slots of p * v, 128 columns at a time
-      for (int64_t d = 0; d < Dv; d += 128)
-        weighted_rows(probs + r * seen, pp[b * T + r % T] + 1, vb + d, Dv, ob + r * Dv + d, Dv - d);
+      for (int64_t d = 0; d < Dv; d += 128) {
+        const int64_t n = pp[b * T + r % T] + 1;
+        if (Q == 1 && Dv <= 128)  // the one pass over the values
+          weighted_rows<true>(probs + r * seen, n, vb + d, Dv, ob + r * Dv + d, Dv - d);
+        else
+          weighted_rows<false>(probs + r * seen, n, vb + d, Dv, ob + r * Dv + d, Dv - d);
+      }
   });
   return out;
 }
