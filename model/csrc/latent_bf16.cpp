@@ -5,27 +5,29 @@
 // also the value) and the shared rotary key pe (R wide). One call does the three steps of the model's torch form
 // (attention.py, absorbed_attend), each split over the threads its own way:
 //   1. per head h: q_lat = bf16(q_nope @ W_uk[h]), the head's (Dn, C) block of kv_b_proj read once for all rows;
-//   2. per batch row and block of query rows: score = bf16(bf16(q_lat . c) + bf16(q_pe . pe)), times scale in
-//      float32, softmax in float32 over the slots the query sees (slot <= its position), probabilities rounded to
-//      bf16, lat = bf16(sum of p * c in float32); each cached row is read from memory once for all heads;
+//   2. per batch row and group of 16 query rows (one a float32 lane): score = bf16(bf16(q_lat . c) + bf16(q_pe .
+//      pe)), times scale in float32, softmax in float32 over the slots the query sees (slot <= its position),
+//      probabilities rounded to bf16, lat = bf16(sum of p * c in float32); each cached row is read once for all
+//      the group's heads (`attend_latent`);
 //   3. per head h: out = bf16(lat @ W_uv[h]^T), the head's (Dv, C) block read once for all rows.
 // torch runs steps 1 and 3 as batched products of a few rows against strided weight views, at a fraction of the
 // bandwidth (2.5 ms of a 3-row decode step's layer at Small's widths, where reading the 4 MB takes ~0.15 ms).
 
 #include "bf16_common.h"
 
+#include <array>
+#include <cstring>
+
 namespace {
 
 using namespace dsvl2_kernels_detail;
 
-constexpr int kRows = 4;   // query rows summed together over a cached row: 4 x 4 accumulators
-constexpr int kCols = 4;   // 16-lane columns of c per pass (64 of C's values, 128 bytes of each cached row)
+constexpr int kRows = 4;   // rows of x summed together over a row of w (step 1): 4 x 4 accumulators
+constexpr int kCols = 4;   // 16-lane columns of w per pass (64 of C's values, 128 bytes of each row)
 
-// out[r][0..cols) = bf16(sum over s < n of p[r][s] * c[s][0..cols)) for RB query rows (probabilities at row
-// stride ldp, zero past each row's own slots), the NV 16-lane columns at c (row stride ldc), out's stride ldo;
-// TAIL where cols < 16 * NV. Unlike MHA's one-row weighted_rows (decode_bf16.cpp), which streams each value row
-// once from memory, 128 columns wide, this one reads slices of the cache that every head's rows share from L2,
-// several rows at a time (MHA's attention through this one, 64 columns a pass, ran ~2x slower at batch 8).
+// Step 1's product, out = bf16(x @ w) for up to kRows rows of float32 x: out[r][0..cols) = bf16(sum over s < n of
+// p[r][s] * c[s][0..cols)) for RB rows (at row stride ldp), the NV 16-lane columns at c (row stride ldc), out's
+// stride ldo; TAIL where cols < 16 * NV. A slice of w's columns stays in L1 / L2 while every row sums over it.
 template <int RB, int NV, bool TAIL>
 inline void weighted_block(const float* p, int64_t ldp, int64_t n, const bf16* c, int64_t ldc, bf16* out,
                            int64_t ldo, int64_t cols) {
@@ -72,51 +74,223 @@ inline void weighted(int rows, const float* p, int64_t ldp, int64_t n, const bf1
   }
 }
 
-// Query rows of one batch row handed to a thread at once: a multiple of kMB (span's row block), doubled while the
-// batch still gives every thread two units, so that wide models (Base's 128 heads) re-read the cache less often.
-int64_t query_rows_per_unit(int64_t B, int64_t Q) {
-  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
-  int64_t rows = kMB;
-  while (rows < Q && B * ((Q + 2 * rows - 1) / (2 * rows)) >= 2 * threads && rows < 64) rows *= 2;
-  return rows;
+constexpr int kLanes = 16;         // query rows of a group: one a float32 lane
+constexpr int kScoreSlots = 8;     // slots a score block sums at once, one accumulator each
+constexpr int64_t kSlotChunk = 256;  // slots of a group's scores handed to a thread at once
+constexpr int64_t kColBlock = 32;    // columns of c a unit of the sums covers: one 64-byte line of a cached row
+constexpr int64_t kSumsAhead = 32;   // cached rows the sums prefetch ahead
+
+inline uint32_t load_pair(const bf16* p) {  // two adjacent bf16 as one 32-bit lane (any alignment)
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-// Step 2 for all batch rows: out_lat (B, H, T, C) from q_lat (B, H, T, C) and q_pe (B, H, T, R) (contiguous).
+inline uint16_t bits_of(bf16 v) {
+  uint16_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+// The K values of up to kLanes query rows (at q, row stride ldq) as pairs along K, lane by lane: out[t * kLanes + r]
+// = (q[r][2t], q[r][2t + 1]) for t < ceil(K / 2); zero for lanes past `rows` and for an odd K's missing half.
+inline void pack_query_pairs(const bf16* q, int64_t ldq, int64_t rows, int64_t K, uint32_t* out) {
+  const int64_t P = (K + 1) / 2;
+  for (int64_t t = 0; t < P; ++t)
+    for (int r = 0; r < kLanes; ++r) {
+      uint32_t v = 0;
+      if (r < rows) {
+        const bf16* row = q + r * ldq;
+        v = bits_of(row[2 * t]) | (2 * t + 1 < K ? uint32_t{bits_of(row[2 * t + 1])} << 16 : 0u);
+      }
+      out[t * kLanes + r] = v;
+    }
+}
+
+// acc[j] lane r = q_r . k_j in float32 (VDPBF16PS, pairs along K) for the kScoreSlots cached rows at k (row stride
+// ldk, K values each); rows past `count` repeat the last one (their sums are not used). Each product multiplies all
+// the group's query rows by one broadcast pair of a cached row: no reduction across lanes afterwards.
+inline void score_block(const uint32_t* qp, const bf16* k, int64_t ldk, int64_t count, int64_t K,
+                        __m512 acc[kScoreSlots]) {
+  const bf16* row[kScoreSlots];
+  __m512 odd[kScoreSlots];  // a second sum per slot (odd pairs), so that 16 chains hide the product's latency
+  for (int j = 0; j < kScoreSlots; ++j) {
+    row[j] = k + std::min<int64_t>(j, count - 1) * ldk;
+    acc[j] = _mm512_setzero_ps(), odd[j] = _mm512_setzero_ps();
+  }
+  const int64_t P = K / 2;
+  const char* next = reinterpret_cast<const char*>(k + kScoreSlots * ldk);  // the next block's rows, contiguous
+  const int64_t next_lines = kScoreSlots * ldk * 2 / 64;
+  int64_t t = 0;
+  for (; t + 2 <= P; t += 2) {
+    if (t < next_lines) dsvl2_prefetch::to_l1(next + t * 64), dsvl2_prefetch::to_l1(next + t * 64 + 64);
+    const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qp + t * kLanes);
+    const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qp + (t + 1) * kLanes);
+    for (int j = 0; j < kScoreSlots; ++j) {
+      acc[j] = _mm512_dpbf16_ps(acc[j], q0, (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(row[j] + 2 * t))));
+      odd[j] = _mm512_dpbf16_ps(odd[j], q1, (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(row[j] + 2 * t + 2))));
+    }
+  }
+  if (t < P) {
+    const __m512bh q = (__m512bh)_mm512_loadu_si512(qp + t * kLanes);
+    for (int j = 0; j < kScoreSlots; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], q, (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(row[j] + 2 * t))));
+  }
+  if (K % 2) {  // the last value, paired with zero
+    const __m512bh q = (__m512bh)_mm512_loadu_si512(qp + P * kLanes);
+    for (int j = 0; j < kScoreSlots; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], q, (__m512bh)_mm512_set1_epi32(bits_of(row[j][K - 1])));
+  }
+  for (int j = 0; j < kScoreSlots; ++j) acc[j] = _mm512_add_ps(acc[j], odd[j]);
+}
+
+// lat[r][0..cols) = bf16(sum over s < n of p[s][r] * c_s[0..cols)) for the 8 lanes r at p (slot pairs u at p + u *
+// kLanes, each lane's (p[2u], p[2u + 1]) as one 32-bit value) and cols <= kColBlock columns of the cached rows at c
+// (row stride ldc); `live` of the 8 rows are stored, at out (row stride ldo). Two cached rows' 32 columns are
+// interleaved in pairs (VPUNPCKLWD: columns 8i..8i+3 of each 128-bit lane, VPUNPCKHWD: 8i+4..8i+7) and multiplied
+// by each lane's broadcast pair; the sums' lanes go back to column order once at the end. TAIL where cols <
+// kColBlock: masked loads there only (a masked load inside the loop makes GCC keep the sums on the stack).
+template <bool TAIL>
+inline void latent_sums(const uint32_t* p, const bf16* c, int64_t ldc, int64_t n, int64_t cols, int live, bf16* out,
+                        int64_t ldo) {
+  const __mmask32 cmask = TAIL ? static_cast<__mmask32>((uint64_t{1} << cols) - 1) : ~__mmask32{0};
+  const auto row = [&](int64_t s) {
+    if constexpr (TAIL) return _mm512_maskz_loadu_epi16(cmask, c + s * ldc);
+    return _mm512_loadu_si512(c + s * ldc);
+  };
+  __m512 lo_acc[8], hi_acc[8];
+  for (int r = 0; r < 8; ++r) lo_acc[r] = _mm512_setzero_ps(), hi_acc[r] = _mm512_setzero_ps();
+  const auto pair_step = [&](__m512i a, __m512i z, const uint32_t* ps) {
+    const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, z), hi = (__m512bh)_mm512_unpackhi_epi16(a, z);
+    for (int r = 0; r < 8; ++r) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(ps[r]));
+      lo_acc[r] = _mm512_dpbf16_ps(lo_acc[r], lo, w);
+      hi_acc[r] = _mm512_dpbf16_ps(hi_acc[r], hi, w);
+    }
+  };
+  int64_t s = 0;
+  for (; s + 2 <= n; s += 2) {
+    dsvl2_prefetch::to_l1(c + (s + kSumsAhead) * ldc);  // strided rows: the hardware's prefetch does not follow
+    dsvl2_prefetch::to_l1(c + (s + kSumsAhead + 1) * ldc);
+    pair_step(row(s), row(s + 1), p + s / 2 * kLanes);
+  }
+  if (s < n) pair_step(row(s), _mm512_setzero_si512(), p + s / 2 * kLanes);  // the odd last slot, its pair zero
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int r = 0; r < live; ++r) {
+    store_bf16(out + r * ldo, _mm512_permutex2var_ps(lo_acc[r], first, hi_acc[r]), tail_mask(cols));
+    if (cols > 16) store_bf16(out + r * ldo + 16, _mm512_permutex2var_ps(lo_acc[r], second, hi_acc[r]), tail_mask(cols - 16));
+  }
+}
+
+// Step 2 for all batch rows: out_lat (B, H, T, C) from q_lat (B, H, T, C) and q_pe (B, H, T, R) (contiguous). The
+// B x H x T query rows go in groups of kLanes of one batch row, a row to a float32 lane, in three passes:
+//   scores  per (group, chunk of slots): score[s][lane] = bf16(bf16(q_lat . c_s) + bf16(q_pe . pe_s)), each product
+//           a VDPBF16PS of every lane's query pair by one broadcast pair of the cached row;
+//   softmax per group, lane-parallel over the slots: scale, max, exp, sum, divide, probabilities rounded to bf16 and
+//           stored as pairs of slots (p[2u][lane], p[2u + 1][lane]);
+//   sums    per (group, kColBlock columns): lat[lane][col] = bf16(sum over s of p[s][lane] * c_s[col]), VDPBF16PS of
+//           two cached rows' columns interleaved in pairs (VPUNPCKLWD / VPUNPCKHWD) by one lane's broadcast pair.
+// Against the form before (query rows by span's tiles, each score a reduction across lanes and a scalar conversion;
+// the sums in float32 FMAs) on a 2-core Zen 5, Small's widths (16 heads, C 512, R 64), 12 layers' caches alternated
+// in one process: 1.43x / 1.46x / 1.40x / 1.32x at batch 1 / 3 / 8 / 16 and 2,000 / 1,151 / 2,000 / 1,000 slots
+// (batch 8 at 2,000: 2.24 -> 1.61 ms a layer). The sums read a column block of rows 1 KB apart, which the hardware's
+// prefetch does not follow: they prefetch kSumsAhead rows ahead.
 void attend_latent(const bf16* qlp, const bf16* qpp, const at::Tensor& c, const at::Tensor& pe, const int64_t* pp,
                    int64_t B, int64_t H, int64_t T, float scale, bf16* op) {
-  const int64_t C = c.size(2), R = pe.size(2);
-  const int64_t Q = H * T, per_unit = query_rows_per_unit(B, Q), units_per_row = (Q + per_unit - 1) / per_unit;
+  const int64_t C = c.size(2), R = pe.size(2), Q = H * T, G = (Q + kLanes - 1) / kLanes;
+  const int64_t PL = (C + 1) / 2, PR = (R + 1) / 2;
   const bf16* cp = c.const_data_ptr<bf16>();
   const bf16* pep = pe.const_data_ptr<bf16>();
-  run_units(B * units_per_row, [&](int64_t unit) {
-    const int64_t b = unit / units_per_row, r0 = unit % units_per_row * per_unit;
-    const int64_t rows = std::min(per_unit, Q - r0);  // query rows r0.. of row b, row r = head r / T, token r % T
-    int64_t seen = 0;  // slots visible to the furthest query of the row
-    for (int64_t t = 0; t < T; ++t) seen = std::max(seen, pp[b * T + t] + 1);
+  std::vector<int64_t> seen(B, 0);  // slots visible to the furthest query of each batch row
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) seen[b] = std::max(seen[b], pp[b * T + t] + 1);
+  const int64_t width = (*std::max_element(seen.begin(), seen.end()) + 1) / 2 * 2;  // slots, a whole pair
+  const at::TensorOptions f32 = c.options().dtype(at::kFloat), i32 = c.options().dtype(at::kInt);
+  at::Tensor packed = at::empty({B * G * (PL + PR) * kLanes}, i32);
+  at::Tensor scores = at::empty({B * G * width * kLanes}, f32);
+  at::Tensor pairs = at::empty({B * G * width / 2 * kLanes}, i32);
+  uint32_t* const qk = reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>());
+  float* const sc = scores.mutable_data_ptr<float>();
+  uint32_t* const pr = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
+  const auto rows_of = [&](int64_t g) { return std::min<int64_t>(kLanes, Q - g * kLanes); };
+
+  run_units(B * G, [&](int64_t bg) {  // the groups' queries as pairs along C and along R
+    const int64_t b = bg / G, g = bg % G;
+    uint32_t* const dst = qk + bg * (PL + PR) * kLanes;
+    pack_query_pairs(qlp + (b * Q + g * kLanes) * C, C, rows_of(g), C, dst);
+    pack_query_pairs(qpp + (b * Q + g * kLanes) * R, R, rows_of(g), R, dst + PL * kLanes);
+  });
+
+  std::vector<std::array<int64_t, 3>> chunks;  // (batch row, group, first slot)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t s = 0; s < seen[b]; s += kSlotChunk) chunks.push_back({b, g, s});
+  run_units(static_cast<int64_t>(chunks.size()), [&](int64_t i) {
+    const auto [b, g, s0] = chunks[i];
+    const int64_t bg = b * G + g, s1 = std::min(seen[b], s0 + kSlotChunk);
+    const uint32_t* ql = qk + bg * (PL + PR) * kLanes;
     const bf16* cb = cp + b * c.stride(0);
     const bf16* peb = pep + b * pe.stride(0);
-    thread_local std::vector<bf16> latent_buf, rotary_buf;  // per-thread scratch, reused unit after unit
-    thread_local std::vector<float> prob_buf;
-    latent_buf.resize(rows * seen), rotary_buf.resize(rows * seen), prob_buf.resize(rows * seen);
-    bf16* const latent = latent_buf.data();
-    bf16* const rotary = rotary_buf.data();
-    float* const probs = prob_buf.data();
-    span(cb, qlp + (b * Q + r0) * C, latent, 0, seen, rows, C, seen);  // latent[r][s] = bf16(q_lat_r . c_s)
-    span(peb, qpp + (b * Q + r0) * R, rotary, 0, seen, rows, R, seen);  // rotary[r][s] = bf16(q_pe_r . pe_s)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = pp[b * T + (r0 + r) % T] + 1;
-      for (int64_t s = 0; s < n; s += 16) {  // the score: the two bf16 products added and rounded to bf16
-        const __mmask16 m = tail_mask(n - s);
-        const __m512 sum = _mm512_add_ps(load16_f32(latent + r * seen + s, m), load16_f32(rotary + r * seen + s, m));
-        _mm512_mask_storeu_ps(probs + r * seen + s, m, round_bf16(sum));
-      }
-      softmax_row_bf16(probs + r * seen, n, seen, scale);
+    float* out = sc + bg * width * kLanes;
+    __m512 lat[kScoreSlots], rot[kScoreSlots];
+    for (int64_t s = s0; s < s1; s += kScoreSlots) {
+      const int64_t count = std::min<int64_t>(kScoreSlots, s1 - s);
+      score_block(ql, cb + s * C, C, count, C, lat);
+      score_block(ql + PL * kLanes, peb + s * R, R, count, R, rot);
+      for (int64_t j = 0; j < count; ++j)
+        _mm512_storeu_ps(out + (s + j) * kLanes, round_bf16(_mm512_add_ps(round_bf16(lat[j]), round_bf16(rot[j]))));
     }
-    bf16* ob = op + (b * Q + r0) * C;
-    for (int64_t d = 0; d < C; d += 16 * kCols)  // a slice of c's columns stays in L2 while every row sums over it
-      for (int64_t r = 0; r < rows; r += kRows)
-        weighted(static_cast<int>(std::min<int64_t>(kRows, rows - r)), probs + r * seen, seen, seen, cb + d, C,
-                 ob + r * C + d, C, std::min<int64_t>(16 * kCols, C - d));
+  });
+
+  run_units(B * G, [&](int64_t bg) {  // softmax of every lane over the slots it sees, lane-parallel
+    const int64_t b = bg / G, g = bg % G, rows = rows_of(g), n_max = seen[b];
+    alignas(64) int32_t n_lanes[kLanes];
+    for (int r = 0; r < kLanes; ++r)
+      n_lanes[r] = r < rows ? static_cast<int32_t>(pp[b * T + (g * kLanes + r) % T] + 1) : 0;
+    const __m512i n = _mm512_load_si512(n_lanes);
+    const __mmask16 live = _mm512_cmpgt_epi32_mask(n, _mm512_setzero_si512());
+    float* x = sc + bg * width * kLanes;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n_max; ++s) {
+      const __mmask16 m = _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32(static_cast<int32_t>(s)));
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + s * kLanes), vscale);
+      _mm512_storeu_ps(x + s * kLanes, v);
+      top = _mm512_mask_max_ps(top, m, top, v);
+    }
+    top = _mm512_mask_mov_ps(_mm512_setzero_ps(), live, top);  // lanes without slots: nothing to shift
+    for (int64_t s = 0; s < n_max; ++s) {
+      const __mmask16 m = _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32(static_cast<int32_t>(s)));
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + s * kLanes), top)));
+      _mm512_storeu_ps(x + s * kLanes, e);
+      total = _mm512_add_ps(total, e);
+    }
+    total = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), live, total);
+    uint32_t* p = pr + bg * width / 2 * kLanes;
+    for (int64_t s = 0; s < n_max; s += 2) {  // probabilities rounded to bf16, two slots to a 32-bit lane
+      const __m512 a = _mm512_div_ps(_mm512_loadu_ps(x + s * kLanes), total);
+      const __m512 z = s + 1 < n_max ? _mm512_div_ps(_mm512_loadu_ps(x + (s + 1) * kLanes), total) : _mm512_setzero_ps();
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
+      const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(z));
+      _mm512_storeu_si512(p + s / 2 * kLanes, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  });
+
+  const int64_t col_blocks = (C + kColBlock - 1) / kColBlock;
+  run_units(B * G * col_blocks, [&](int64_t unit) {  // lat = p . c, kColBlock columns of one group at a time
+    const int64_t bg = unit / col_blocks, b = bg / G, g = bg % G, d = unit % col_blocks * kColBlock;
+    const int64_t rows = rows_of(g), cols = std::min(kColBlock, C - d);
+    const bf16* cb = cp + b * c.stride(0) + d;
+    const uint32_t* p = pr + bg * width / 2 * kLanes;
+    bf16* o = op + (b * Q + g * kLanes) * C + d;
+    for (int64_t half = 0; half < rows; half += 8) {
+      const int live = static_cast<int>(std::min<int64_t>(8, rows - half));
+      if (cols == kColBlock)
+        latent_sums<false>(p + half, cb, C, seen[b], cols, live, o + half * C, C);
+      else
+        latent_sums<true>(p + half, cb, C, seen[b], cols, live, o + half * C, C);
+    }
   });
 }
 
