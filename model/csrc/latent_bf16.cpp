@@ -127,8 +127,10 @@ inline void score_block(const uint32_t* qp, const bf16* k, int64_t ldk, int64_t 
     const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qp + t * kLanes);
     const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qp + (t + 1) * kLanes);
     for (int j = 0; j < kScoreSlots; ++j) {
-      acc[j] = _mm512_dpbf16_ps(acc[j], q0, (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(row[j] + 2 * t))));
-      odd[j] = _mm512_dpbf16_ps(odd[j], q1, (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(row[j] + 2 * t + 2))));
+      const __m512i even_pair = _mm512_set1_epi32(static_cast<int>(load_pair(row[j] + 2 * t)));
+      const __m512i odd_pair = _mm512_set1_epi32(static_cast<int>(load_pair(row[j] + 2 * t + 2)));
+      acc[j] = _mm512_dpbf16_ps(acc[j], q0, (__m512bh)even_pair);
+      odd[j] = _mm512_dpbf16_ps(odd[j], q1, (__m512bh)odd_pair);
     }
   }
   if (t < P) {
@@ -179,7 +181,8 @@ inline void latent_sums(const uint32_t* p, const bf16* c, int64_t ldc, int64_t n
   const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
   for (int r = 0; r < live; ++r) {
     store_bf16(out + r * ldo, _mm512_permutex2var_ps(lo_acc[r], first, hi_acc[r]), tail_mask(cols));
-    if (cols > 16) store_bf16(out + r * ldo + 16, _mm512_permutex2var_ps(lo_acc[r], second, hi_acc[r]), tail_mask(cols - 16));
+    if (cols > 16)
+      store_bf16(out + r * ldo + 16, _mm512_permutex2var_ps(lo_acc[r], second, hi_acc[r]), tail_mask(cols - 16));
   }
 }
 
@@ -270,7 +273,8 @@ void attend_latent(const bf16* qlp, const bf16* qpp, const at::Tensor& c, const 
     uint32_t* p = pr + bg * width / 2 * kLanes;
     for (int64_t s = 0; s < n_max; s += 2) {  // probabilities rounded to bf16, two slots to a 32-bit lane
       const __m512 a = _mm512_div_ps(_mm512_loadu_ps(x + s * kLanes), total);
-      const __m512 z = s + 1 < n_max ? _mm512_div_ps(_mm512_loadu_ps(x + (s + 1) * kLanes), total) : _mm512_setzero_ps();
+      const __m512 z =
+          s + 1 < n_max ? _mm512_div_ps(_mm512_loadu_ps(x + (s + 1) * kLanes), total) : _mm512_setzero_ps();
       const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
       const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(z));
       _mm512_storeu_si512(p + s / 2 * kLanes, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
