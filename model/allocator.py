@@ -82,6 +82,11 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     return whole[start:start + nbytes]
 
 
+def has_zero_pages() -> bool:
+    """Whether this platform maps anonymous memory that `zero_pages` can hand out (POSIX systems; not Windows)."""
+    return hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MAP_PRIVATE")
+
+
 def zero_pages(nbytes: int) -> torch.Tensor:
     """`nbytes` of uint8 CPU memory in an anonymous mapping of its own, page-aligned: it reads as zeros, and a page
     takes memory only when first written (reading an untouched one takes none). The tensor keeps the mapping alive."""

@@ -62,11 +62,13 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str = "cpu", zero_pages: bool | None = None):
         """`shapes` are the per-token shapes (*heads, feature) of the tensors one layer stores, e.g.
         [(H, D), (H, D)] for MHA or [(C,), (R,)] for MLA; each is stored as (B, *heads, S, feature). `zero_pages`
-        (default: where memory is lazily mapped, a CPU) puts the buffers in mappings that read as zeros (see the
-        top); otherwise they are zeroed lazily."""
+        (default: where memory is lazily mapped, a CPU, and the platform maps anonymous memory) puts the buffers in
+        mappings that read as zeros (see the top); otherwise they are zeroed lazily."""
         self.capacity = capacity
         self.device = torch.device(device)
-        self.zero_pages = lazily_mapped(self.device) if zero_pages is None else zero_pages
+        if zero_pages is None:
+            zero_pages = lazily_mapped(self.device) and allocator.has_zero_pages()
+        self.zero_pages = zero_pages
         self._lengths = [0] * batch
         self._all = torch.arange(batch, device=self.device)
         # Slots [0, covered) of every row hold zeros or written tokens; past it, whatever the memory held.
