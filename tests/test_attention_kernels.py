@@ -58,6 +58,8 @@ ABSORBED_SHAPES = [  # (B, H, T, Dn, Dv, C, R, capacity, lengths)
     (3, 16, 1, 128, 128, 512, 64, 1200, [1150, 3, 700]),  # Small's widths, ragged rows
     (2, 5, 3, 24, 16, 40, 8, 50, [20, 0]),  # several queries, C no multiple of 64 (the tail columns)
     (5, 3, 2, 17, 9, 70, 6, 40, [33, 1, 0, 12, 37]),  # odd sizes, more rows than a block of 4
+    (2, 32, 1, 128, 128, 512, 64, 300, [257, 40]),  # Base's 32 heads: two groups of 16 query rows
+    (2, 7, 3, 16, 8, 45, 5, 60, [31, 2]),  # 21 query rows: a group and a part of one, odd C and R, odd slot counts
 ]
 
 
