@@ -1,9 +1,13 @@
-"""MLA's absorbed decode attention (model/language.py `MLAttention._absorbed`) at Small's widths, three ways in one
-run: with the compiled latent-attention kernel (bf16 on AVX512-BF16 CPUs), with torch's products (heads folded into
-the query rows), and with the cache broadcast over the heads (the form before 2026-12-02, kept as the comparison):
-ms per layer per decode step, and the largest difference of each from the torch form.
+"""MLA's absorbed decode attention (model/language.py `MLAttention._absorbed`) at Small's (or Base's) widths, three
+ways in one run: with the compiled latent-attention kernel (bf16 on AVX512-BF16 CPUs), with torch's products (heads
+folded into the query rows), and with the cache broadcast over the heads (the form before 2026-12-02, kept as the
+comparison): ms per layer per decode step, and the largest difference of each from the torch form.
 
-    python bench/mla_decode.py [--batch 3] [--cached 1150] [--dtype float32|bfloat16]
+    python bench/mla_decode.py [--batch 3] [--cached 1150] [--dtype float32|bfloat16] [--config small|base]
+                               [--caches N]
+
+--caches N cycles through N caches (N layers' worth), so that each call reads its cache from memory, as a decode step
+does, rather than from the CPU's caches.
 """
 
 from __future__ import annotations
@@ -47,21 +51,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--cached", type=int, default=1150, help="tokens in each row's cache")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--config", default="small", choices=("small", "base"), help="whose widths (heads, latent)")
+    ap.add_argument("--caches", type=int, default=1, help="distinct caches the calls cycle through")
     args = ap.parse_args()
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
     flags = [f for ln in lscpu.splitlines() if ln.startswith("Flags") for f in ln.split()[1:]
              if f.startswith(("avx", "amx"))]
     print(f"cpu: {model}; flags {' '.join(flags)}; {torch.get_num_threads()} threads; torch {torch.__version__}")
-    cfg = ModelConfig.from_dir(ROOT / "tests" / "data" / "configs" / "deepseek-vl2-small").language
+    name = {"small": "deepseek-vl2-small", "base": "deepseek-vl2"}[args.config]
+    cfg = ModelConfig.from_dir(ROOT / "tests" / "data" / "configs" / name).language
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     layer = MLAttention(cfg).to(dtype).requires_grad_(False)
     B, H, S, capacity = args.batch, layer.heads, args.cached + 1, args.cached + 512
     g = torch.Generator().manual_seed(1)
-    cache_c = torch.randn(B, capacity, layer.rank, generator=g).to(dtype)  # a cache with room to spare, as the
-    cache_k = torch.randn(B, capacity, layer.dr, generator=g).to(dtype)  # engine's: the layer reads a cut view
-    c, k_pe = cache_c[:, :S], cache_k[:, :S]
+    caches = [(torch.randn(B, capacity, layer.rank, generator=g).to(dtype),  # caches with room to spare, as the
+               torch.randn(B, capacity, layer.dr, generator=g).to(dtype))  # engine's: the layer reads a cut view
+              for _ in range(max(args.caches, 1))]
+    views = [(cc[:, :S], kk[:, :S]) for cc, kk in caches]
+    c, k_pe = views[0]
     q_nope = torch.randn(B, H, 1, layer.dn, generator=g).to(dtype)
     q_pe = torch.randn(B, H, 1, layer.dr, generator=g).to(dtype)
     positions = torch.full((B, 1), S - 1)
@@ -75,11 +84,13 @@ def main() -> None:
     with torch.inference_mode():
         for name, paths in forms.items():
             layer.paths = paths
-            ms[name] = ms_per_call(lambda: layer._absorbed(q_nope, q_pe, c, k_pe, lambda: mask, positions))
+            ms[name] = ms_per_call(lambda: [layer._absorbed(q_nope, q_pe, cv, kv, lambda: mask, positions)
+                                            for cv, kv in views]) / len(views)
             out[name] = layer._absorbed(q_nope, q_pe, c, k_pe, lambda: mask, positions).float()
-        ms["broadcast"] = ms_per_call(lambda: broadcast_form(layer, q_nope, q_pe, c, k_pe, mask))
+        ms["broadcast"] = ms_per_call(lambda: broadcast_form(layer, q_nope, q_pe, c, k_pe, mask), repeats=2)
         out["broadcast"] = broadcast_form(layer, q_nope, q_pe, c, k_pe, mask).float()
-    print(f"Small widths: {H} heads, latent {layer.rank}, rope {layer.dr}; batch {B}, {S} cached tokens, {args.dtype}")
+    print(f"{args.config.capitalize()} widths: {H} heads, latent {layer.rank}, rope {layer.dr}; batch {B}, {S} cached "
+          f"tokens, {args.dtype}, {len(views)} cache(s) cycled")
     layers = cfg.num_hidden_layers
     for name, t in ms.items():
         diff = float((out[name] - out["torch"]).abs().max())
