@@ -86,6 +86,23 @@ def test_a_cache_shows_only_written_tokens_and_zeros_never_what_its_memory_held(
     assert torch.isfinite(bigger.layers[0][0][..., :capacity, :]).all() and not bigger.layers[0][1][3:, :capacity].any()
 
 
+def test_a_cpu_cache_zeroes_lazily_where_the_platform_maps_no_anonymous_memory(monkeypatch) -> None:
+    """Catches a CPU cache that assumes anonymous mappings (Windows has none): there it takes the lazy zeroing, its
+    buffers plain tensors, and still shows only written tokens and zeros."""
+    from dsvl2.model import allocator
+
+    assert KVCache([(4,)], batch=1, capacity=4, n_layers=1, dtype=torch.float32).zero_pages == (
+        allocator.has_zero_pages())
+    monkeypatch.setattr(allocator, "has_zero_pages", lambda: False)
+    cache = KVCache([(2, 3), (4,)], batch=2, capacity=ZERO_BLOCK + 8, n_layers=1, dtype=torch.float32)
+    assert not cache.zero_pages and cache.covered == 0
+    for buf in cache.layers[0]:
+        buf.fill_(float("nan"))
+    k, v = torch.randn(2, 3, 2, 3), torch.randn(2, 3, 4)
+    seen_k, seen_v = cache.write(0, cache.positions(3), k, v)
+    assert cache.covered == ZERO_BLOCK and torch.isfinite(seen_k).all() and torch.equal(seen_v, v)
+
+
 # Run in a fresh interpreter: in a process that has freed memory before, the buffers may land on pages that are
 # resident already, and then neither a lazy cache nor a zero-filled one moves the resident size.
 _MEMORY_PROBE = """
