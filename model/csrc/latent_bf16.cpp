@@ -92,21 +92,6 @@ inline uint16_t bits_of(bf16 v) {
   return b;
 }
 
-// The K values of up to kLanes query rows (at q, row stride ldq) as pairs along K, lane by lane: out[t * kLanes + r]
-// = (q[r][2t], q[r][2t + 1]) for t < ceil(K / 2); zero for lanes past `rows` and for an odd K's missing half.
-inline void pack_query_pairs(const bf16* q, int64_t ldq, int64_t rows, int64_t K, uint32_t* out) {
-  const int64_t P = (K + 1) / 2;
-  for (int64_t t = 0; t < P; ++t)
-    for (int r = 0; r < kLanes; ++r) {
-      uint32_t v = 0;
-      if (r < rows) {
-        const bf16* row = q + r * ldq;
-        v = bits_of(row[2 * t]) | (2 * t + 1 < K ? uint32_t{bits_of(row[2 * t + 1])} << 16 : 0u);
-      }
-      out[t * kLanes + r] = v;
-    }
-}
-
 // acc[j] lane r = q_r . k_j in float32 (VDPBF16PS, pairs along K) for the kScoreSlots cached rows at k (row stride
 // ldk, K values each); rows past `count` repeat the last one (their sums are not used). Each product multiplies all
 // the group's query rows by one broadcast pair of a cached row: no reduction across lanes afterwards.
@@ -221,8 +206,9 @@ void attend_latent(const bf16* qlp, const bf16* qpp, const at::Tensor& c, const 
   run_units(B * G, [&](int64_t bg) {  // the groups' queries as pairs along C and along R
     const int64_t b = bg / G, g = bg % G;
     uint32_t* const dst = qk + bg * (PL + PR) * kLanes;
-    pack_query_pairs(qlp + (b * Q + g * kLanes) * C, C, rows_of(g), C, dst);
-    pack_query_pairs(qpp + (b * Q + g * kLanes) * R, R, rows_of(g), R, dst + PL * kLanes);
+    // pair p of lane r at dst[p * kLanes + r]: pack_pairs' layout with the group's rows as its 16 columns
+    pack_pairs(qlp + (b * Q + g * kLanes) * C, C, rows_of(g), C, kLanes, reinterpret_cast<bf16*>(dst));
+    pack_pairs(qpp + (b * Q + g * kLanes) * R, R, rows_of(g), R, kLanes, reinterpret_cast<bf16*>(dst + PL * kLanes));
   });
 
   std::vector<std::array<int64_t, 3>> chunks;  // (batch row, group, first slot)
