@@ -63,7 +63,7 @@ _SOURCES = [_CSRC / name for name in ("decode_bf16.cpp", "moe_bf16.cpp", "attent
                                              "glue_bf16.cpp")]
 # Included by the sources: part of the build key.
 _DEPENDS = [_CSRC / "bf16_common.h", _CSRC / "parallel.h", _CSRC / "prefetch.h", _CSRC / "amx_tiles.h",
-            _CSRC / "transpose.h", _CSRC / "amx_rows.h"]
+            _CSRC / "transpose.h", _CSRC / "amx_rows.h", _CSRC / "pair_tile.h"]
 _NAME = "dsvl2_kernels"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -92,6 +92,31 @@ def test_avx512_tiles_equal_dequantise_then_linear(quant_avx512_on, kernel_calls
     assert kernel_calls[-1] == f"{name}_linear"
 
 
+# The AVX512 prefill path (quant_gemm.h) from 24 rows, K in whole 32-k steps: 6848 in chunks of 2,048 k with int4
+# groups of 64, 4096 in two whole chunks, 1280 and 384 with groups of 128, 64 as one int4 group; N past whole units
+# of 48 weight rows and their 16-row columns.
+GEMM_SHAPES = ((33, 6848), (100, 4096), (65, 384), (20, 64), (1280, 1280))
+GEMM_ROWS = (24, 25, 31, 64, 100)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize(("n", "k"), GEMM_SHAPES, ids=[f"{n}x{k}" for n, k in GEMM_SHAPES])
+def test_avx512_prefill_path_equals_dequantise_then_linear(quant_avx512_on, kernel_calls, name, n, k):
+    """"kernel_avx512" on many rows of bf16 activations, contiguous and at a row stride of 2K: catches a wrong pair,
+    lane, weight row, unit, chunk sum, group scale, row block past a multiple of 8, stride or masked column."""
+    scheme = Scheme.named(name)
+    layer, q, s = _layer(n, k, scheme, torch.bfloat16, seed=n + 3)
+    w = dequantize(q, s)
+    wide = torch.randn(max(GEMM_ROWS), 2 * k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    for rows in GEMM_ROWS:
+        for x in (wide[:rows, :k].contiguous(), wide[:rows, k:]):
+            with torch.inference_mode():
+                got = layer.run(x, "kernel_avx512")
+            assert got.shape == (rows, n) and got.dtype is torch.bfloat16
+            assert_rel(got, F.linear(x.float(), w), TOL[torch.bfloat16], f"{name} {n}x{k} rows {rows} {x.stride()}")
+    assert kernel_calls == [f"{name}_linear avx512"] * (2 * len(GEMM_ROWS))
+
+
 # AMX's path needs K and the int4 groups in multiples of 32: 6848 has groups of 64, 1280 and 384 of 128, 64 one
 # group of 64; 100 and 48 (groups of 16) fall back to the AVX512 tiles.
 AMX_SHAPES = ((33, 6848), (65, 384), (20, 64), (1280, 1280), (37, 100), (20, 48))

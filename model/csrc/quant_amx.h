@@ -125,12 +125,18 @@ class Int8Tiles {
 // step the 4 rows' 8 bytes), each row's 32 k come from one byte permutation (its 16 bytes into the low bytes of 32
 // words, in k order: each byte twice), a shift of the words that take the high nibble, a mask and a lookup in the
 // row's table of the group's 16 values (i - 8) * s: five instructions per 32 weights. The 16 tables are made again
-// when a step starts another strip or group (once per 16 x G weights), so an object serves one thread.
+// when a step starts another strip or group (once per 16 x G weights), so an object serves one thread. Unscaled
+// (`scaled` false: the AVX512 prefill products, quant_gemm.h), every table holds q itself, i - 8, exact in bf16, and
+// the caller scales each group's sums.
 template <typename S>
 class Int4Tiles {
  public:
-  Int4Tiles(const Int4Rows& q, const S* s, int64_t groups, int64_t K, int64_t N, int64_t blocks)
-      : q_(q), s_(s), groups_(groups), group_tiles_(K / groups / 32), N_(N), blocks_(blocks) {
+  Int4Tiles(const Int4Rows& q, const S* s, int64_t groups, int64_t K, int64_t N, int64_t blocks, bool scaled = true)
+      : q_(q), s_(s), groups_(groups), group_tiles_(K / groups / 32), N_(N), blocks_(blocks), scaled_(scaled) {
+    if (!scaled) {
+      const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+      for (int64_t i = 0; i < kStripRows; ++i) table_[i] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
+    }
     for (int j = 0; j < 4; ++j) {
       alignas(64) uint8_t idx[64];
       for (int w = 0; w < 32; ++w) {  // word w of row j: k = w; bytes of step 2u at 32u, row j's at 8j
@@ -145,7 +151,7 @@ class Int4Tiles {
   int64_t block_bytes() const { return q_.block_bytes; }
   int64_t blocks() const { return blocks_; }
   void step(int64_t n, int64_t t, uint16_t* out, int64_t ld) {
-    if (n != n_ || t / group_tiles_ != g_) tables(n, t / group_tiles_);
+    if (scaled_ && (n != n_ || t / group_tiles_ != g_)) tables(n, t / group_tiles_);
     const __m512i nibble = _mm512_set1_epi16(0x0F);
     constexpr __mmask64 kLowBytes = 0x5555555555555555ull;
     constexpr __mmask32 kHighNibble = 0xFF00FF00u;  // words 8-15 and 24-31: the high nibbles
@@ -176,6 +182,7 @@ class Int4Tiles {
   Int4Rows q_;
   const S* s_;
   int64_t groups_, group_tiles_, N_, blocks_;
+  bool scaled_;
   int64_t n_ = -1, g_ = -1;
   __m512i index_[4];
   __m512i table_[kStripRows];

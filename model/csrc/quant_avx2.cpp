@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include "quant_amx.h"
+#include "quant_gemm.h"
 #include "quant_vnni.h"
 
 namespace {
@@ -73,6 +74,13 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
       });
     });
     return finish(y, x_in.scalar_type(), float_out);
+  }
+  if (isa_base(isa) >= 1 && N > 0 && x_in.scalar_type() == at::kBFloat16 && gemm_takes(M, K, 1, 0)) {
+    at::Tensor y;
+    with_scales(sc, [&](const auto* sp) {
+      y = gemm_linear(x_in, N, sp, 1, float_out, Int8Tiles(Int8Rows{q.const_data_ptr<int8_t>(), q.size(1)}, sp, q.size(0)));
+    });
+    return float_out ? finish(y, at::kBFloat16, true) : y;
   }
   const int64_t ldx = steps * 16;
   // Several rows on AVX512 go as bf16 (x_in is bf16 there: exact) to the tiles that widen each weight once.
@@ -127,6 +135,14 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
       });
     });
     return finish(y, x_in.scalar_type(), float_out);
+  }
+  if (isa_base(isa) >= 1 && N > 0 && x_in.scalar_type() == at::kBFloat16 && gemm_takes(M, K, groups, group)) {
+    at::Tensor y;
+    const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
+    with_scales(sc, [&](const auto* sp) {
+      y = gemm_linear(x_in, N, sp, groups, float_out, Int4Tiles(rows, sp, groups, K, N, q.size(0), false));
+    });
+    return float_out ? finish(y, at::kBFloat16, true) : y;
   }
   const int64_t ldx = steps * 16;
   if (isa_base(isa) >= 1) {  // bf16 rows, no per-group sums (the table holds q itself)
