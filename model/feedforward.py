@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsvl2.model import kernels
+from dsvl2.model import kernels, quant_kernels
 from dsvl2.model.attention import SDPA_MIN_QUERIES
 from dsvl2.model.config import LanguageConfig
 from dsvl2.model.kernel_choice import UNCHOSEN, Paths
@@ -237,10 +237,19 @@ class MoE(nn.Module):
 def dispatch(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Experts one by one, each over all of its tokens (any dtype, device, token count and expert kind, quantised
     included): tokens x (N, E) routed to `ids` (N, K), indices into the sequence `experts`, with `weights` (N, K).
-    Reads the per-expert counts back to the host."""
+    Reads the per-expert counts back to the host. Quantised experts on a CPU (a quantised model's prefill) have
+    their outputs combined by the kernel library (`quant_kernels.combine_slots`, the same float32 sum), which
+    reads them where they are instead of copying them into one tensor, un-sorting that and widening it to float32."""
     order = ids.flatten().argsort(stable=True)  # token-slot indices grouped by expert
     counts = torch.bincount(ids.flatten(), minlength=len(experts)).tolist()
     tokens = x[order // ids.shape[1]]
+    if _combined_by_kernel(experts, tokens, weights):
+        outs, start = [], 0
+        for expert, n in zip(experts, counts, strict=True):
+            if n:
+                outs.append(expert(tokens[start : start + n]))
+                start += n
+        return quant_kernels.combine_slots(outs, order, weights)
     out = torch.empty_like(tokens)
     start = 0
     for expert, n in zip(experts, counts, strict=True):
@@ -248,6 +257,13 @@ def dispatch(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor)
             out[start : start + n] = expert(tokens[start : start + n])
             start += n
     return _combine(out, order, weights)
+
+
+def _combined_by_kernel(experts, tokens: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether `dispatch` combines these experts' outputs with `quant_kernels.combine_slots`."""
+    return (isinstance(getattr(experts[0], "down_proj", None), QuantLinear) and tokens.is_cpu
+            and tokens.dtype in (torch.float32, torch.bfloat16) and weights.dtype is torch.float32
+            and quant_kernels.available())
 
 
 def _combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

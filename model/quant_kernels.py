@@ -242,6 +242,14 @@ def hold_experts(gate: tuple[list, list], up: tuple[list, list], down: tuple[lis
     return HeldExperts(torch.classes.dsvl2_quant.Experts(*gate, *up, *down))
 
 
+def combine_slots(outs: list[torch.Tensor], order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y (N, E) = sum over k, in order, of weights[n, k] * the output of token slot (n, k), in float32, rounded once
+    to the outputs' dtype: `outs` are the experts' outputs (rows, E) one after another, their rows the slots in the
+    order `order` (N * K,) sorted them (feedforward.dispatch's), weights (N, K) float32. CPU tensors, float32 or
+    bf16; requires `available()` (model/csrc/quant_moe.cpp)."""
+    return torch.ops.dsvl2_quant.combine_slots(outs, order, weights)
+
+
 def moe_held(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: HeldExperts, bits: int,
              group_in: int, group_mid: int, isa: int = AVX2) -> torch.Tensor:
     """The routed part of a MoE layer with quantised experts, y (N, E) in x's dtype = sum over k of weights[n, k] *

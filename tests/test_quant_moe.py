@@ -221,3 +221,53 @@ def test_the_experts_choice_times_a_decode_step_as_the_model_runs_it(quant_kerne
     assert quant_choice.choose(model, torch.float32, timer=timer) == decisions
     expert, dense = model.mlp.experts[0].gate_proj, model.dense.gate_proj
     assert (expert.impls[0], expert.layout, dense.impls[0], dense.layout) == ("kernel", "r4", "packed", "plain")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("E", [1, 37, 64])
+def test_combine_slots_sums_as_the_torch_combine(quant_kernels_on, dtype, E):
+    """The kernel's combine of dispatch's per-expert outputs (rows in expert order, handed over tensor by tensor,
+    one of them a strided view) against the torch form (un-sort, float32 batched product; its float32 sums differ
+    from the kernel's fused multiply-adds by an ulp): catches a wrong slot, row, weight, stride or rounding."""
+    from dsvl2.model.feedforward import _combine
+
+    gen = torch.Generator().manual_seed(E)
+    N, K = 29, 6
+    order = torch.randperm(N * K, generator=gen)
+    out = torch.randn(N * K, E, generator=gen).to(dtype)
+    weights = torch.rand(N, K, generator=gen)
+    wide = torch.randn(40, 2 * E, generator=gen).to(dtype)
+    wide[:40, :E] = out[:40]
+    outs = [wide[:40, :E], out[40:100], out[100:]]  # a view at row stride 2E, then two slices
+    got = quant_kernels.combine_slots(outs, order, weights)
+    want = _combine(out, order, weights)
+    assert got.dtype is dtype and got.shape == (N, E)
+    diff = (got.float() - want.float()).abs()
+    assert float(diff.max()) <= (1e-6 if dtype is torch.float32 else 2**-8) * float(want.float().abs().max())
+    if dtype is torch.bfloat16:  # float32 sums in another order round to the same bf16 but at rare ties
+        assert float((diff == 0).float().mean()) >= 0.98
+    with pytest.raises(RuntimeError, match="permutation"):
+        quant_kernels.combine_slots([out], torch.zeros(N * K, dtype=torch.long), weights)
+    with pytest.raises(RuntimeError, match="rows"):
+        quant_kernels.combine_slots([out[:-1]], order, weights)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_dispatch_of_quantised_experts_combines_in_the_kernel(monkeypatch, quant_kernels_on, scheme):
+    """A quantised model's prefill path (MoE.dispatch over quantised experts, some with no tokens) combines on the
+    kernel, equal to the torch combine within the bf16 output's rounding."""
+    import dsvl2.model.feedforward as ff
+
+    moe = _moe(64, 48, 8, 2, scheme, torch.bfloat16, seed=5)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    calls = []
+    real = quant_kernels.combine_slots
+    monkeypatch.setattr(quant_kernels, "combine_slots", lambda *a: calls.append(len(a[0])) or real(*a))
+    with torch.inference_mode():
+        ids, weights = moe.gate(x)
+        ids[:, 0] = 0  # expert 0 crowded; with 8 experts and 80 slots some get none
+        got = moe.dispatch(x, ids, weights)
+        monkeypatch.setattr(ff, "_combined_by_kernel", lambda *a: False)
+        want = moe.dispatch(x, ids, weights)
+    assert calls == [int((torch.bincount(ids.flatten(), minlength=8) > 0).sum())]
+    assert_rel(got, want, 2**-8, f"{scheme} dispatch")

@@ -155,6 +155,78 @@ void check_weights(const char* what, at::TensorList q, at::TensorList s, int bit
               what, " scales are ", s[e].sizes(), " ", s[e].scalar_type());
 }
 
+// The routing-weighted sum over each token's slots, in slot order, in float32: y[n] = sum over k of
+// weights[n, k] * rows[row_of[n * K + k]] (rows of E values, float32 or bf16), returned in `dtype` (rounded once,
+// to nearest even as .to(bfloat16) rounds).
+template <typename T>
+at::Tensor weighted_sum(const std::vector<const T*>& rows, const std::vector<int64_t>& row_of,
+                        const at::Tensor& routing, int64_t E, at::ScalarType dtype) {
+  const int64_t N = routing.size(0), K = routing.size(1);
+  at::Tensor y = at::empty({N, E}, routing.options().dtype(dtype));
+  const float* wp = routing.const_data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> sum(E);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float w = wp[n * K + k];
+        const T* o = rows[row_of[n * K + k]];
+        for (int64_t c = 0; c < E; ++c) sum[c] += w * static_cast<float>(o[c]);
+      }
+      if (dtype == at::kBFloat16) {
+        at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>() + n * E;
+        for (int64_t c = 0; c < E; ++c) yp[c] = at::BFloat16(sum[c]);
+      } else {
+        std::copy(sum.begin(), sum.end(), y.mutable_data_ptr<float>() + n * E);
+      }
+    }
+  });
+  return y;
+}
+
+// The combine of feedforward.dispatch's per-expert outputs: outs[e] (its rows, in the order `order` sorted the slots:
+// sorted row r is slot order[r], the rows of outs[0], then outs[1], ...) summed per token with weights (N, K) as
+// `weighted_sum` sums them, returned in the outputs' dtype. One pass over the outputs, where un-sorting them, widening
+// them to float32 and a batched product wrote ~3x their size into fresh memory (Small int8's 1,500-token prefill:
+// ~0.7 s of 9.3, most of it faulting those pages in).
+at::Tensor combine_slots(at::TensorList outs, const at::Tensor& order_in, const at::Tensor& weights_in) {
+  TORCH_CHECK(weights_in.dim() == 2 && weights_in.scalar_type() == at::kFloat && weights_in.device().is_cpu(),
+              "combine_slots: weights must be (N, K) float32 on the CPU");
+  const at::Tensor routing = weights_in.contiguous(), order = order_in.contiguous();
+  const int64_t R = routing.numel();
+  TORCH_CHECK(order.dim() == 1 && order.numel() == R && order.scalar_type() == at::kLong,
+              "combine_slots: order must be (N * K,) int64");
+  TORCH_CHECK(!outs.empty(), "combine_slots: no outputs");
+  const at::ScalarType dtype = outs[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "combine_slots: outputs must be float32 or bf16");
+  const int64_t E = outs[0].dim() == 2 ? outs[0].size(1) : -1;
+  std::vector<const void*> rows;
+  rows.reserve(R);
+  for (const at::Tensor& o : outs) {
+    TORCH_CHECK(o.dim() == 2 && o.size(1) == E && o.scalar_type() == dtype && o.device().is_cpu() &&
+                    o.stride(1) == 1 && static_cast<int64_t>(rows.size()) + o.size(0) <= R,
+                "combine_slots: outputs must be (rows, E) CPU tensors of one dtype with contiguous rows, N * K rows "
+                "in all");
+    const char* base = static_cast<const char*>(o.const_data_ptr());
+    for (int64_t r = 0; r < o.size(0); ++r) rows.push_back(base + r * o.stride(0) * o.element_size());
+  }
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == R, "combine_slots: ", rows.size(), " rows for ", R, " slots");
+  std::vector<int64_t> row_of(R, -1);
+  const int64_t* orp = order.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(orp[r] >= 0 && orp[r] < R && row_of[orp[r]] < 0, "combine_slots: order is not a permutation");
+    row_of[orp[r]] = r;
+  }
+  if (dtype == at::kFloat) {
+    std::vector<const float*> typed(R);
+    for (int64_t r = 0; r < R; ++r) typed[r] = static_cast<const float*>(rows[r]);
+    return weighted_sum(typed, row_of, routing, E, dtype);
+  }
+  std::vector<const at::BFloat16*> typed(R);
+  for (int64_t r = 0; r < R; ++r) typed[r] = static_cast<const at::BFloat16*>(rows[r]);
+  return weighted_sum(typed, row_of, routing, E, dtype);
+}
+
 at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in, at::TensorList gate_q,
                at::TensorList gate_s, at::TensorList up_q, at::TensorList up_s, at::TensorList down_q,
                at::TensorList down_s, int64_t bits_in, int64_t group_in, int64_t group_mid, int64_t isa) {
@@ -244,27 +316,9 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
     });
   });
 
-  // The routing-weighted sum over each token's slots, in slot order, in float32; returned in x's dtype.
-  at::Tensor y = at::empty({N, E}, x_in.options());
-  const float* wp = routing.const_data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<float> sum(E);
-    for (int64_t n = n0; n < n1; ++n) {
-      std::fill(sum.begin(), sum.end(), 0.0f);
-      for (int64_t k = 0; k < K; ++k) {
-        const float w = wp[n * K + k];
-        const float* o = op + row_of[n * K + k] * E;
-        for (int64_t c = 0; c < E; ++c) sum[c] += w * o[c];
-      }
-      if (y.scalar_type() == at::kBFloat16) {
-        at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>() + n * E;
-        for (int64_t c = 0; c < E; ++c) yp[c] = at::BFloat16(sum[c]);  // to nearest even, as .to(bfloat16)
-      } else {
-        std::copy(sum.begin(), sum.end(), y.mutable_data_ptr<float>() + n * E);
-      }
-    }
-  });
-  return y;
+  std::vector<const float*> rows(R);
+  for (int64_t r = 0; r < R; ++r) rows[r] = op + r * E;
+  return weighted_sum(rows, row_of, routing, E, x_in.scalar_type());
 }
 
 // A MoE layer's expert weights held by the library (torch.classes.dsvl2_quant.Experts, made once per layer by
@@ -345,4 +399,5 @@ TORCH_LIBRARY_FRAGMENT(dsvl2_quant, m) {
       .def("handle", handle_of);
   m.def("moe_held(Tensor x, Tensor ids, Tensor weights, int experts, int bits, int group_in, int group_mid, "
         "int isa) -> Tensor", moe_held);
+  m.def("combine_slots(Tensor[] outs, Tensor order, Tensor weights) -> Tensor", combine_slots);
 }
