@@ -1,14 +1,16 @@
 // The int8 / int4 products of many rows of bf16 x (prefill) on AVX512-BF16 CPUs, where AMX's tiles do not take them
 // (quant_amx.h): the ops' isa 1, and isa 2 without the tiles. The decode tiles (quant_avx512.h) sum each output over
 // 16 lanes and reduce it, and read x again for every 4 weight rows: at a prefill's hundreds of rows they ran at
-// 0.65-0.70x the bf16 GEMM's rate on a Zen 5 (bench/RESULTS.md). Here a unit of up to 48 weight rows is written as
-// exact bf16 values (q: |q| <= 128 has 8 significant bits) into an L2 buffer, packed into pairs along K, the layout
-// the bf16 experts' prefill multiplies (moe_bf16.cpp), and every 8 rows of x are multiplied against it by the
-// outer-product micro-kernel (pair_tile.h: 8 rows x 48 lanes, no reductions). The sums are scaled as the decode tiles
-// scale theirs: per output channel after the whole K (int8, and int4 of one group), else per group of G k (a multiple
-// of 32), each group's float32 sums multiplied by its scale and added to the row's. K longer than kGemmChunkSteps
-// steps of 32 goes a chunk at a time, the chunks' sums added in float32. Results equal the decode tiles' up to the
-// order of the float32 sums.
+// 0.6-0.8x the bf16 GEMM's rate on a Zen 5 (bench/RESULTS.md). Here a unit of up to 48 weight rows is written as
+// exact bf16 values (q: |q| <= 128 has 8 significant bits; Int8Tiles, Int4Tiles unscaled) into an L2 buffer, packed
+// into pairs along K, the layout the bf16 experts' prefill multiplies (moe_bf16.cpp), and rows of x are multiplied
+// against it by outer-product micro-kernels (no reductions). The sums are scaled as the decode tiles scale theirs:
+// int8's (and int4's of one group) per output channel after the whole K, on pair_tile (8 rows x 48 lanes); int4's
+// per group of G k (a multiple of 32), each group's float32 sums times its scale added to the running totals, on
+// group_tile (4 rows x 48 lanes: both sets of sums in registers). K longer than kGemmChunkSteps steps of 32 goes a
+// chunk at a time, the chunks' sums added in float32. Results equal the decode tiles' up to the order of the float32
+// sums. (int4 with the weights as bf16(q * s), AMX's form, summed over the whole K ran 1.05-1.1x faster, but those
+// weights add their own rounding: past the stated tolerance at K = 64.)
 #pragma once
 
 #include "pair_tile.h"
@@ -51,6 +53,58 @@ inline void store16(c10::BFloat16* p, __m512 v, __mmask16 live) {
   _mm512_mask_cvtepi32_storeu_epi16(p, live, r);
 }
 
+// total[r * NR + c] = sum over `groups` groups of group_pairs pairs each of scale(group, column c) times the group's
+// pair_tile sums: each group's float32 sums of exact products scaled as the decode tiles scale them, the running
+// totals in registers beside the group's sums (MR x NR twice, so MR <= 4 at NR = 3). scales: per group, NR x 16.
+template <int MR, int NR>
+inline void group_tile(const dsvl2_kernels_detail::bf16* a, int64_t lda, const dsvl2_kernels_detail::bf16* b,
+                       int64_t ldb, int64_t group_pairs, int64_t groups, const float* scales, __m512* out) {
+  using dsvl2_kernels_detail::bcast_pair;
+  using dsvl2_kernels_detail::load_bf16;
+  __m512 total[MR * NR];
+  for (int i = 0; i < MR * NR; ++i) total[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[MR * NR];
+    for (int i = 0; i < MR * NR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t t = g * group_pairs; t < (g + 1) * group_pairs; ++t) {
+      __m512bh bv[NR];
+      for (int c = 0; c < NR; ++c) bv[c] = load_bf16(b + t * ldb + 32 * c);
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh av = bcast_pair(a + r * lda + 2 * t);
+        for (int c = 0; c < NR; ++c) acc[r * NR + c] = _mm512_dpbf16_ps(acc[r * NR + c], bv[c], av);
+      }
+    }
+    for (int c = 0; c < NR; ++c) {
+      const __m512 sc = _mm512_loadu_ps(scales + (g * NR + c) * 16);
+      for (int r = 0; r < MR; ++r) total[r * NR + c] = _mm512_fmadd_ps(acc[r * NR + c], sc, total[r * NR + c]);
+    }
+  }
+  for (int i = 0; i < MR * NR; ++i) out[i] = total[i];
+}
+
+template <int MR>
+inline void group_tile_cols(int nr, const dsvl2_kernels_detail::bf16* a, int64_t lda,
+                            const dsvl2_kernels_detail::bf16* b, int64_t ldb, int64_t group_pairs, int64_t groups,
+                            const float* scales, __m512* out) {
+  switch (nr) {
+    case 3: group_tile<MR, 3>(a, lda, b, ldb, group_pairs, groups, scales, out); break;
+    case 2: group_tile<MR, 2>(a, lda, b, ldb, group_pairs, groups, scales, out); break;
+    default: group_tile<MR, 1>(a, lda, b, ldb, group_pairs, groups, scales, out); break;
+  }
+}
+
+// group_tile for any 1 <= mr <= 4 and 1 <= nr <= 3.
+inline void group_tile_any(int mr, int nr, const dsvl2_kernels_detail::bf16* a, int64_t lda,
+                           const dsvl2_kernels_detail::bf16* b, int64_t ldb, int64_t group_pairs, int64_t groups,
+                           const float* scales, __m512* out) {
+  switch (mr) {
+    case 4: group_tile_cols<4>(nr, a, lda, b, ldb, group_pairs, groups, scales, out); break;
+    case 3: group_tile_cols<3>(nr, a, lda, b, ldb, group_pairs, groups, scales, out); break;
+    case 2: group_tile_cols<2>(nr, a, lda, b, ldb, group_pairs, groups, scales, out); break;
+    default: group_tile_cols<1>(nr, a, lda, b, ldb, group_pairs, groups, scales, out); break;
+  }
+}
+
 // y[m][n0 .. n1) for all M rows of x (bf16, row stride ldx, K long) and weight rows n0 .. n1 (n0 a multiple of 48,
 // at most 48 rows) as `w` writes them 16 x 32 at a time (Int8Tiles, or Int4Tiles unscaled: q itself), scaled by s:
 // s (N,) or (N, groups); `groups` 1 scales after the whole K, more scale each group's sums. T: y's element type.
@@ -73,7 +127,7 @@ void gemm_span(int64_t n0, int64_t n1, int64_t N, int64_t K, const uint16_t* x, 
   for (int64_t i = 0; i < lanes; ++i) row_scale[i] = groups > 1 ? 1.0f : group_scale(s, 1, n0 + i, 0, N);
   thread_local std::vector<float> group_scales;  // per fold of the chunk and column, 16 rows' scales
   group_scales.resize(groups > 1 ? chunk / fold * lanes : 0);
-  __m512 acc[8 * 3], total[8 * 3];
+  __m512 total[8 * 3];
   for (int64_t c0 = 0; c0 < steps; c0 += chunk) {
     const int64_t c1 = std::min(steps, c0 + chunk);
     for (int64_t t = c0; t < c1; ++t)  // the weight rows' pairs along k: pair p of row j at (p * lanes + j) * 2
@@ -87,19 +141,13 @@ void gemm_span(int64_t n0, int64_t n1, int64_t N, int64_t K, const uint16_t* x, 
     for (int64_t f = 0; groups > 1 && f < (c1 - c0) / fold; ++f)
       for (int64_t i = 0; i < lanes; ++i)
         group_scales[f * lanes + i] = group_scale(s, groups, n0 + i, (c0 + f * fold) / group_steps, N);
-    for (int64_t m = 0; m < M; m += 8) {
-      const int mr = static_cast<int>(std::min<int64_t>(8, M - m)), tiles = mr * cols;
+    const int64_t block = groups > 1 ? 4 : 8;  // rows of x per micro-tile (group_tile keeps twice the sums)
+    for (int64_t m = 0; m < M; m += block) {
+      const int mr = static_cast<int>(std::min<int64_t>(block, M - m));
       const bf16* xm = reinterpret_cast<const bf16*>(x + m * ldx + c0 * 32);
       const auto* b = reinterpret_cast<const bf16*>(packed.data());
       if (groups > 1) {
-        for (int i = 0; i < tiles; ++i) total[i] = _mm512_setzero_ps();
-        for (int64_t f = 0; f < (c1 - c0) / fold; ++f) {
-          dsvl2_kernels_detail::pair_tile_any(mr, cols, xm + f * fold * 32, ldx, b + f * fold * 16 * ldb, ldb,
-                                              fold * 16, acc);
-          const float* g = group_scales.data() + f * lanes;
-          for (int i = 0; i < tiles; ++i)
-            total[i] = _mm512_fmadd_ps(acc[i], _mm512_loadu_ps(g + 16 * (i % cols)), total[i]);
-        }
+        group_tile_any(mr, cols, xm, ldx, b, ldb, fold * 16, (c1 - c0) / fold, group_scales.data(), total);
       } else {
         dsvl2_kernels_detail::pair_tile_any(mr, cols, xm, ldx, b, ldb, (c1 - c0) * 16, total);
       }
@@ -113,7 +161,7 @@ void gemm_span(int64_t n0, int64_t n1, int64_t N, int64_t K, const uint16_t* x, 
             continue;
           }
           const int64_t n = n0 + 16 * c;
-          const __mmask16 live = static_cast<__mmask16>(N - n >= 16 ? 0xFFFF : (1u << std::max<int64_t>(N - n, 0)) - 1);
+          const __mmask16 live = static_cast<__mmask16>(N - n >= 16 ? 0xFFFF : (1u << (N - n)) - 1);  // n < N
           store16(y + (m + r) * N + n, _mm512_mul_ps(v, _mm512_load_ps(row_scale + 16 * c)), live);
         }
       }
