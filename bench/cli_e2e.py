@@ -198,11 +198,11 @@ def main() -> None:
     weights_gib = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30
     plan = job(args.pages, args.median, args.seed)
     lengths = [n for _, n in plan]
-    print(f"model: {resolved.path.name} in {model.dtype}, quantize {args.quantize}, weights {weights_gib:.2f} GiB "
+    print(f"model: {resolved.path.name} in {model.dtype}, quantize {resolved.quantize}, weights {weights_gib:.2f} GiB "
           f"(loaded in {load_seconds:.0f} s); batch {args.batch}; pages "
           f"{sum(k == 'a4' for k, _ in plan)} A4 (3x3) + {sum(k == 'small' for k, _ in plan)} small (2x2); answer "
           f"tokens {sorted(lengths)}", flush=True)  # fmt: skip
-    results: dict = {"cpu": cpu_line(), "plan": plan, "batch": args.batch, "quantize": args.quantize,
+    results: dict = {"cpu": cpu_line(), "plan": plan, "batch": args.batch, "quantize": resolved.quantize,
                      "dtype": str(model.dtype), "load_seconds": load_seconds}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "pages"
