@@ -25,14 +25,14 @@ namespace dsvl2_quant_detail {
 
 // Rows of x from which the products take this path. Fewer keep the decode tiles: alternated on a Zen 5 (Tiny's
 // and Small's shapes, weights from memory), both ran even at 16 rows and this path 1.0-1.25x (int8) and
-// 0.99-1.17x (int4) faster at 24, 1.2-1.35x / 1.05-1.2x at 32, 1.3-1.5x / 1.1-1.3x at 64.
+// 0.99-1.17x (int4, before its group tiles) faster at 24, 1.2-1.35x / 1.05-1.2x at 32, 1.3-1.5x / 1.1-1.3x at 64.
 constexpr int64_t kGemmMinRows = 24;
 constexpr int kGemmCols = 3;             // 16-lane columns of weight rows per unit: 48 rows, pair_tile's 8 x 3
 constexpr int64_t kGemmChunkSteps = 64;  // 32-k steps packed at once: 2,048 k, 192 KB for 48 rows
 
 // Whether this path takes a product of M rows, K input features and int4 groups of `group` (0 or one group: int8,
 // or a whole row): whole 32-k steps and groups, and AVX512-VBMI for int4's byte permutation (checked for int8 too:
-// the span is compiled for both; every AVX512-BF16 CPU since Cooper Lake has it).
+// the span is compiled for both; every AVX512-BF16 CPU but Cooper Lake has it: there the decode tiles run).
 inline bool gemm_takes(int64_t M, int64_t K, int64_t groups, int64_t group) {
   static const bool vbmi = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
   return M >= kGemmMinRows && K > 0 && K % 32 == 0 && (groups <= 1 || group % 32 == 0) && vbmi;
