@@ -123,11 +123,11 @@ void gemm_span(int64_t n0, int64_t n1, int64_t N, int64_t K, const uint16_t* x, 
   packed.resize(std::min(chunk, steps) * 16 * ldb);
   if (chunked) sums.resize(M * lanes);
   alignas(64) uint16_t rows[kStripRows * 32];
-  alignas(64) float row_scale[3 * 16];
+  alignas(64) float row_scale[kGemmCols * 16];
   for (int64_t i = 0; i < lanes; ++i) row_scale[i] = groups > 1 ? 1.0f : group_scale(s, 1, n0 + i, 0, N);
   thread_local std::vector<float> group_scales;  // per fold of the chunk and column, 16 rows' scales
   group_scales.resize(groups > 1 ? chunk / fold * lanes : 0);
-  __m512 total[8 * 3];
+  __m512 total[8 * kGemmCols];
   for (int64_t c0 = 0; c0 < steps; c0 += chunk) {
     const int64_t c1 = std::min(steps, c0 + chunk);
     for (int64_t t = c0; t < c1; ++t)  // the weight rows' pairs along k: pair p of row j at (p * lanes + j) * 2

@@ -17,6 +17,7 @@
 #include "quant_vnni.h"
 
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <unordered_map>
 #include <type_traits>
@@ -200,31 +201,28 @@ at::Tensor combine_slots(at::TensorList outs, const at::Tensor& order_in, const 
   const at::ScalarType dtype = outs[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "combine_slots: outputs must be float32 or bf16");
   const int64_t E = outs[0].dim() == 2 ? outs[0].size(1) : -1;
-  std::vector<const void*> rows;
-  rows.reserve(R);
-  for (const at::Tensor& o : outs) {
-    TORCH_CHECK(o.dim() == 2 && o.size(1) == E && o.scalar_type() == dtype && o.device().is_cpu() &&
-                    o.stride(1) == 1 && static_cast<int64_t>(rows.size()) + o.size(0) <= R,
-                "combine_slots: outputs must be (rows, E) CPU tensors of one dtype with contiguous rows, N * K rows "
-                "in all");
-    const char* base = static_cast<const char*>(o.const_data_ptr());
-    for (int64_t r = 0; r < o.size(0); ++r) rows.push_back(base + r * o.stride(0) * o.element_size());
-  }
-  TORCH_CHECK(static_cast<int64_t>(rows.size()) == R, "combine_slots: ", rows.size(), " rows for ", R, " slots");
+  for (const at::Tensor& o : outs)
+    TORCH_CHECK(o.dim() == 2 && o.size(1) == E && o.scalar_type() == dtype && o.device().is_cpu() && o.stride(1) == 1,
+                "combine_slots: outputs must be (rows, E) CPU tensors of one dtype with contiguous rows");
   std::vector<int64_t> row_of(R, -1);
   const int64_t* orp = order.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK(orp[r] >= 0 && orp[r] < R && row_of[orp[r]] < 0, "combine_slots: order is not a permutation");
     row_of[orp[r]] = r;
   }
-  if (dtype == at::kFloat) {
-    std::vector<const float*> typed(R);
-    for (int64_t r = 0; r < R; ++r) typed[r] = static_cast<const float*>(rows[r]);
-    return weighted_sum(typed, row_of, routing, E, dtype);
-  }
-  std::vector<const at::BFloat16*> typed(R);
-  for (int64_t r = 0; r < R; ++r) typed[r] = static_cast<const at::BFloat16*>(rows[r]);
-  return weighted_sum(typed, row_of, routing, E, dtype);
+  const auto sum_rows = [&](auto* tag) {  // every output's rows, in order, as T pointers
+    using T = std::remove_pointer_t<decltype(tag)>;
+    std::vector<const T*> rows;
+    rows.reserve(R);
+    for (const at::Tensor& o : outs)
+      for (int64_t r = 0; r < o.size(0) && static_cast<int64_t>(rows.size()) < R; ++r)
+        rows.push_back(o.const_data_ptr<T>() + r * o.stride(0));
+    const int64_t given = std::accumulate(outs.begin(), outs.end(), int64_t{0},
+                                          [](int64_t n, const at::Tensor& o) { return n + o.size(0); });
+    TORCH_CHECK(given == R, "combine_slots: ", given, " rows for ", R, " slots");
+    return weighted_sum(rows, row_of, routing, E, dtype);
+  };
+  return dtype == at::kFloat ? sum_rows(static_cast<float*>(nullptr)) : sum_rows(static_cast<at::BFloat16*>(nullptr));
 }
 
 at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in, at::TensorList gate_q,
