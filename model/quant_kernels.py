@@ -5,10 +5,12 @@
                  on the experts' weights `hold_experts` holds once per layer (no lists handed over per call).
 x is float32 or bf16 (sums in float32, y in x's dtype); each weight byte is read once for all rows (decode).
 Each op takes `isa`: AVX2 (the tiles of quant_avx2.h) or, for bf16 activations on a CPU with AVX512-BF16
-(`avx512_supported()`), AVX512 (quant_avx512.h: int4 by table lookup into bf16 and VDPBF16PS, int8 in 16-lane
-FMAs) or, on a Xeon with AMX-BF16 (`amx_supported()`), AMX (quant_amx.h: products of 6 rows or more dequantise
-each 16 weight rows once into bf16 and multiply them on AMX's tiles; fewer rows run the AVX512 tiles). The library
-is built with the AVX2 flags either way; the AVX512 and AMX code is compiled for its target alone.
+(`avx512_supported()`), AVX512 (quant_avx512.h: int4 by table lookup into bf16 and VDPBF16PS, from 6 rows with
+AVX512-VBMI on weight rows rearranged into pairs of k, quant_pairs.h; int8 in 16-lane FMAs; from 24 rows a GEMM
+on bf16 q, quant_gemm.h) or, on a Xeon with AMX-BF16 (`amx_supported()`), AMX (quant_amx.h: products of 6 rows or
+more dequantise each 16 weight rows once into bf16 and multiply them on AMX's tiles; fewer rows run the AVX512
+tiles). The library is built with the AVX2 flags either way; the AVX512 and AMX code is compiled for its target
+alone.
 
 Built on first use by model/kernel_build.py, as model/kernels.py builds the bf16 library, into
 <cache root>/dsvl2_quant-<key>/ (a failed build is remembered there: delete `status().directory` to retry). Nothing
@@ -106,7 +108,8 @@ def _registered() -> None:
 # Included by the sources: part of the build key.
 _HEADERS = [_CSRC / "parallel.h", _CSRC / "prefetch.h", _CSRC / "quant_avx2.h", _CSRC / "quant_avx512.h",
             _CSRC / "quant_amx.h", _CSRC / "quant_vnni.h", _CSRC / "amx_tiles.h",
-            _CSRC / "transpose.h", _CSRC / "quant_gemm.h", _CSRC / "pair_tile.h"]
+            _CSRC / "transpose.h", _CSRC / "quant_gemm.h", _CSRC / "pair_tile.h",
+            _CSRC / "quant_pairs.h"]
 LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
                                cpu_flags=_CPU_FLAGS, depends=_HEADERS)
 

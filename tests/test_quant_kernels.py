@@ -74,19 +74,20 @@ def test_kernel_equals_dequantise_then_linear(kernel_calls, name, n, k, dtype):
 @pytest.mark.parametrize("name", ["int8", "int4"])
 @pytest.mark.parametrize(("n", "k"), AVX512_SHAPES, ids=[f"{n}x{k}" for n, k in AVX512_SHAPES])
 def test_avx512_tiles_equal_dequantise_then_linear(quant_avx512_on, kernel_calls, name, n, k):
-    """The AVX512 tiles (int4 by table lookup and bf16 dot products; int8 in 16-lane FMAs for one row, from two
-    rows widened to bf16 pairs of rows on VDPBF16PS) on bf16 activations: catches a wrong lane, row, nibble half,
-    row pair, group scale or tail; row counts cover 1-8-row tiles and their mixes."""
+    """The AVX512 tiles (int4 by table lookup and bf16 dot products, from 6 rows on columns of 16 weight rows
+    rearranged into pairs of k; int8 in 16-lane FMAs for one row, from two rows widened to bf16 pairs of rows on
+    VDPBF16PS) on bf16 activations: catches a wrong lane, row, nibble half, pair, row pair, group scale or tail; row
+    counts cover 1-8-row tiles and their mixes (13: 8 rows in pairs, 5 in 4-row tiles; 14: 8 and 6 in pairs)."""
     scheme = Scheme.named(name)
     layer, q, s = _layer(n, k, scheme, torch.bfloat16, seed=n + 1)
     w = dequantize(q, s)
-    for rows in (*ROWS, 4, 5, 6):
+    for rows in (*ROWS, 4, 5, 6, 13, 14):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
         with torch.inference_mode():
             got = layer.run(x, "kernel_avx512")
         assert got.shape == (rows, n) and got.dtype is torch.bfloat16
         assert_rel(got, F.linear(x.float(), w), TOL[torch.bfloat16], f"{name} {n}x{k} avx512 rows {rows}")
-    assert kernel_calls == [f"{name}_linear avx512"] * (len(ROWS) + 3)
+    assert kernel_calls == [f"{name}_linear avx512"] * (len(ROWS) + 5)
     with torch.inference_mode():  # float32 activations are not the AVX512 tiles': the AVX2 ones run them
         layer.run(torch.randn(2, k), "kernel_avx512")
     assert kernel_calls[-1] == f"{name}_linear"

@@ -19,7 +19,7 @@
 // dequantised product up to float32 summation order. MB rows of x share each unpacked step (decode batches).
 #pragma once
 
-#include "quant_avx2.h"
+#include "quant_pairs.h"
 
 #include <cstring>
 
@@ -51,21 +51,6 @@ inline void check_isa(const char* op, int64_t isa, const at::Tensor& x) {
   TORCH_CHECK(base == 0 || avx512_ready(), op, ": this CPU lacks AVX512F/BW/VL/DQ or AVX512-BF16");
   TORCH_CHECK(!(isa & kIsaVnni) || vnni_ready(), op, ": this CPU lacks AVX512-VNNI");
   TORCH_CHECK(base == 0 || x.scalar_type() == at::kBFloat16, op, ": the AVX512 and AMX paths take bf16 activations");
-}
-
-// The table of the int4 lookup: entry i holds the bf16 bits of i - 8 (i < 16; the rest unused).
-inline const uint16_t* int4_bf16_table() {
-  alignas(64) static const auto table = [] {
-    struct { uint16_t v[32]; } t{};
-    for (int i = 0; i < 16; ++i) {
-      const float f = static_cast<float>(i - 8);
-      uint32_t bits;
-      std::memcpy(&bits, &f, 4);
-      t.v[i] = static_cast<uint16_t>(bits >> 16);  // exact: small integers have 8 significant bits or fewer
-    }
-    return t;
-  }();
-  return table.v;
 }
 
 // How far ahead of an AVX512 tile its weight is prefetched: 2 KB ran 7-10% faster than the AVX2 tiles' 1 KB
@@ -285,22 +270,34 @@ inline void int4_tile512_wide(const Int4Rows& q, const S* s, int64_t groups, con
     }
 }
 
+// From kPairMinRows rows of x on CPUs with AVX512-VBMI, 8 rows at a time (and the rest if kPairMinRows or more) run
+// quant_pairs.h's tiles over the unit's whole columns of 16 weight rows; the rest (rows of x or weight rows) these.
 template <typename S>
 void int4_span512(const Int4Rows& q, const S* s, int64_t groups, const uint16_t* x, int64_t ldx, float* y,
                   int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t steps, int64_t group_steps) {
-  row_blocks<4>(M, [&](auto mb_tag, int64_t m) {
-    constexpr int MB = decltype(mb_tag)::value;
-    const uint16_t* xm = x + m * ldx;
-    float* ym = y + m * ldy;
-    int64_t n = n0;
-    if constexpr (MB > 1) {  // one row reads at memory speed with int4_tile512's two sums a step (wider: 0.86x)
-      for (; n + 4 * kRowsPerBlock <= n1; n += 4 * kRowsPerBlock)
-        int4_tile512_wide<MB, 4>(q, s, groups, xm, ldx, ym, ldy, n, N, steps, group_steps);
-      for (; n + 2 * kRowsPerBlock <= n1; n += 2 * kRowsPerBlock)
-        int4_tile512_wide<MB, 2>(q, s, groups, xm, ldx, ym, ldy, n, N, steps, group_steps);
-    }
-    for (; n < n1; n += kRowsPerBlock) int4_tile512<MB>(q, s, groups, xm, ldx, ym, ldy, n, N, steps, group_steps);
-  });
+  const auto rest = [&](int64_t m0, int64_t rows, int64_t from) {
+    row_blocks<4>(rows, [&](auto mb_tag, int64_t m) {
+      constexpr int MB = decltype(mb_tag)::value;
+      const uint16_t* xm = x + (m0 + m) * ldx;
+      float* ym = y + (m0 + m) * ldy;
+      int64_t n = from;
+      if constexpr (MB > 1) {  // one row reads at memory speed with int4_tile512's two sums a step (wider: 0.86x)
+        for (; n + 4 * kRowsPerBlock <= n1; n += 4 * kRowsPerBlock)
+          int4_tile512_wide<MB, 4>(q, s, groups, xm, ldx, ym, ldy, n, N, steps, group_steps);
+        for (; n + 2 * kRowsPerBlock <= n1; n += 2 * kRowsPerBlock)
+          int4_tile512_wide<MB, 2>(q, s, groups, xm, ldx, ym, ldy, n, N, steps, group_steps);
+      }
+      for (; n < n1; n += kRowsPerBlock) int4_tile512<MB>(q, s, groups, xm, ldx, ym, ldy, n, N, steps, group_steps);
+    });
+  };
+  int64_t m = 0;
+  for (; M - m >= kPairMinRows && pairs_ready(); m += std::min<int64_t>(8, M - m)) {
+    const int64_t mb = std::min<int64_t>(8, M - m);
+    const int64_t n = int4_pairs_span(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1, N, mb, steps,
+                                      group_steps);
+    if (n < n1) rest(m, mb, n);
+  }
+  if (m < M) rest(m, M - m, n0);
 }
 
 #pragma GCC pop_options
