@@ -87,7 +87,13 @@ def test_avx512_tiles_equal_dequantise_then_linear(quant_avx512_on, kernel_calls
             got = layer.run(x, "kernel_avx512")
         assert got.shape == (rows, n) and got.dtype is torch.bfloat16
         assert_rel(got, F.linear(x.float(), w), TOL[torch.bfloat16], f"{name} {n}x{k} avx512 rows {rows}")
-    assert kernel_calls == [f"{name}_linear avx512"] * (len(ROWS) + 5)
+    layer.scales = layer.scales.float()  # the scales as float32 too (the same tiles read either)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        with torch.inference_mode():
+            got = layer.run(x, "kernel_avx512")
+        assert_rel(got, F.linear(x.float(), w), TOL[torch.bfloat16], f"{name} {n}x{k} float scales rows {rows}")
+    assert kernel_calls == [f"{name}_linear avx512"] * (len(ROWS) + 8)
     with torch.inference_mode():  # float32 activations are not the AVX512 tiles': the AVX2 ones run them
         layer.run(torch.randn(2, k), "kernel_avx512")
     assert kernel_calls[-1] == f"{name}_linear"
