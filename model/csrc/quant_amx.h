@@ -303,7 +303,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,
     alignas(64) float scale[kStripRows];
     for (int64_t i = 0; i < kStripRows; ++i) scale[i] = n + i < N ? w.row_scale(n + i) : 0.0f;
     const __m512 sc = _mm512_load_ps(scale);
-    const __mmask16 live = static_cast<__mmask16>(N - n >= kStripRows ? 0xFFFF : (1u << (N - n)) - 1);
+    const __mmask16 live = first_lanes(N - n);
     for (int64_t m = 0; m < M; ++m)  // one row of y's 16 values at a time (the strip's rows: y's columns)
       _mm512_mask_storeu_ps(y + m * ldy + n, live, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + m * kStripRows), sc));
   }

@@ -88,6 +88,9 @@ void tiles(int64_t M, int64_t n0, int64_t n1, const Tile& tile) {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// A mask of the first min(n, 16) of 16 lanes (n >= 0): the live lanes of a 16-wide store or load near an end.
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
+
 // Weight rows per unit of work handed to a thread: ~kChunkBytes of weight, a multiple of 8 (whole blocks of 4).
 inline int64_t rows_per_unit(int64_t row_bytes) {
   return std::max<int64_t>(8, kChunkBytes / std::max<int64_t>(row_bytes, 1) / 8 * 8);

@@ -161,7 +161,7 @@ void gemm_span(int64_t n0, int64_t n1, int64_t N, int64_t K, const uint16_t* x, 
             continue;
           }
           const int64_t n = n0 + 16 * c;
-          const __mmask16 live = static_cast<__mmask16>(N - n >= 16 ? 0xFFFF : (1u << (N - n)) - 1);  // n < N
+          const __mmask16 live = first_lanes(N - n);  // n < N
           store16(y + (m + r) * N + n, _mm512_mul_ps(v, _mm512_load_ps(row_scale + 16 * c)), live);
         }
       }

@@ -35,7 +35,7 @@ inline const uint16_t* int4_bf16_table() {
 
 // Rows of x from which the pairs take a product (up to 8 a pass). Alternated with the AVX512 tiles on a Zen 5
 // (bench/RESULTS.md), K = 1,280 with groups of 128, two threads: from memory 1.1x at 6 rows and 1.2x at 7-8, even at
-// 5, 0.77x at 4 (VPERMT2B's bytes cost more than the 4-row tiles' unpacking saves); from L2 1.24x from 5 rows.
+// 5, 0.77-0.86x at 4 (VPERMT2B's bytes cost more than the 4-row tiles' unpacking saves); from L2 1.2x from 5 rows.
 constexpr int64_t kPairMinRows = 6;
 constexpr int kPairCols = 2;  // columns of 16 weight rows a tile: 2 x 8 sums (3 x 8 left too few registers)
 
@@ -64,7 +64,9 @@ inline const uint8_t* pair_indices(int half) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")
 
-inline __m512i scale_bits(const float* p, __mmask16 live) { return _mm512_castps_si512(_mm512_maskz_loadu_ps(live, p)); }
+inline __m512i scale_bits(const float* p, __mmask16 live) {
+  return _mm512_castps_si512(_mm512_maskz_loadu_ps(live, p));
+}
 inline __m512i scale_bits(const c10::BFloat16* p, __mmask16 live) {
   return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16);  // bf16 -> float exactly
 }
@@ -80,7 +82,7 @@ inline void scale_table(const S* s, int64_t groups, int64_t n, int nc, int64_t N
   for (int c = 0; c < nc; ++c)
     for (int64_t g0 = 0; g0 < groups; g0 += 16) {
       const int64_t width = std::min<int64_t>(16, groups - g0);
-      const auto live = static_cast<__mmask16>((1u << width) - 1);
+      const __mmask16 live = first_lanes(width);
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t row = n + 16 * c + i;
@@ -148,8 +150,9 @@ inline void int4_pair_tile(const Int4Rows& q, const float* scales, int64_t group
   for (int c = 0; c < NC; ++c) {
     const int64_t n = n0 + 16 * c;
     if (n >= N) break;
-    const __mmask16 live = static_cast<__mmask16>(N - n >= 16 ? 0xFFFF : (1u << (N - n)) - 1);
-    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, live, _mm512_load_ps(total + (m * NC + c) * 16));
+    const __mmask16 live = first_lanes(N - n);
+    for (int m = 0; m < MB; ++m)
+      _mm512_mask_storeu_ps(y + m * ldy + n, live, _mm512_load_ps(total + (m * NC + c) * 16));
   }
 }
 
