@@ -6,7 +6,8 @@ and asks it, never the environment, whether a family runs our kernels; the kerne
 device, availability) still apply. Shape legend: N tokens, E hidden size, X routed experts, K experts per token,
 T new tokens per row, I an expert's width.
 
-A MoE layer's routed experts run, first that applies: the quantised one-call kernel (quant.QuantExperts); the bf16
+A MoE layer's routed experts run, first that applies: the quantised one-call kernel (quant.QuantExperts, which
+takes the shared experts into the same call where their weights match the routed ones' scheme and layout); the bf16
 CPU one-call kernel (kernels.moe_routed, where its family takes the kernel); torch's grouped product over the
 experts' weights stacked per projection (`MoE.grouped`: float32 / bf16 on the CPU, bf16 on a GPU; nothing read
 back to the host); else one expert at a time (`MoE.dispatch`). The stacks are the experts' own parameters, held
@@ -151,15 +152,17 @@ class MoE(nn.Module):
         ids, weights = self.gate(flat)  # (N, K)
         T = shape[-2] if x.ndim >= 3 else flat.shape[0]  # new tokens per row: decode or prefill
         family = "decode_experts" if T < SDPA_MIN_QUERIES else "prefill_experts"
-        down, y = self.experts[0].down_proj, None
-        if isinstance(down, QuantLinear):  # quantised experts on the kernel: the whole layer in one call
-            y = self._quant_experts.run(self.experts, flat, ids, weights)
+        down, y, shared = self.experts[0].down_proj, None, getattr(self, "shared_experts", None)
+        if isinstance(down, QuantLinear):  # quantised experts on the kernel: the whole layer in one call, with the
+            y = self._quant_experts.run(self.experts, flat, ids, weights, shared)  # shared experts where they join
+            if y is not None and self._quant_experts.shared_joined:
+                shared = None
         elif self.paths.kernel(family) and kernels.moe_fits(flat, down.weight):
             # bf16 CPU: the whole layer in one call
             y = kernels.moe_routed(flat, ids, weights, *self._kernel_weights())
         if y is None:
             y = self.routed(flat, ids, weights)
-        if hasattr(self, "shared_experts"):
+        if shared is not None:
             y = y + self._shared(flat)
         return y.view(shape)
 

@@ -1,7 +1,7 @@
 """Optional compiled CPU kernels for the weight-only int8 / int4 products (model/csrc/quant_avx2.cpp, AVX2 + FMA):
   `int8_linear`  y = x @ (q * s[:, None])^T, q (N, K) int8 in the "r4" layout below (`r4_pack` / `r4_unpack`);
   `int4_linear`  y = x @ (q * s per group)^T, q in the "k16r4" layout below (`k16r4_pack` / `k16r4_unpack`);
-  `moe_held`     a MoE layer's routed experts with weights in those layouts, in one call (model/csrc/quant_moe.cpp),
+  `moe_held`     a MoE layer's routed (and shared) experts in those layouts, in one call (model/csrc/quant_moe.cpp),
                  on the experts' weights `hold_experts` holds once per layer (no lists handed over per call).
 x is float32 or bf16 (sums in float32, y in x's dtype); each weight byte is read once for all rows (decode).
 Each op takes `isa`: AVX2 (the tiles of quant_avx2.h) or, for bf16 activations on a CPU with AVX512-BF16
@@ -237,12 +237,14 @@ class HeldExperts:
         return self.obj.lists()
 
 
-def hold_experts(gate: tuple[list, list], up: tuple[list, list], down: tuple[list, list]) -> HeldExperts:
+def hold_experts(gate: tuple[list, list], up: tuple[list, list], down: tuple[list, list],
+                 shared: int = 0) -> HeldExperts:
     """A MoE layer's expert weights held once by the library for `moe_held` (requires `available()`): gate, up,
-    down = (qweights, scales) lists over all experts, qweights in the kernel layout of their bits ("r4" / "k16r4").
-    A call then hands over one handle instead of every expert's tensors (~140 us a call on Tiny's 64
+    down = (qweights, scales) lists over all experts, qweights in the kernel layout of their bits ("r4" / "k16r4");
+    the last `shared` of them the layer's shared experts (each as wide as it is), which every token runs with weight
+    1. A call then hands over one handle instead of every expert's tensors (~140 us a call on Tiny's 64
     experts). It keeps the tensors alive while it lives: make it anew when they are replaced."""
-    return HeldExperts(torch.classes.dsvl2_quant.Experts(*gate, *up, *down))
+    return HeldExperts(torch.classes.dsvl2_quant.Experts(*gate, *up, *down, shared))
 
 
 def combine_slots(outs: list[torch.Tensor], order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -255,10 +257,10 @@ def combine_slots(outs: list[torch.Tensor], order: torch.Tensor, weights: torch.
 
 def moe_held(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: HeldExperts, bits: int,
              group_in: int, group_mid: int, isa: int = AVX2) -> torch.Tensor:
-    """The routed part of a MoE layer with quantised experts, y (N, E) in x's dtype = sum over k of weights[n, k] *
-    expert_{ids[n, k]}(x[n]), expert e = down_e(silu(gate_e x) * up_e x) in float32 (the sum rounded once to x's
-    dtype, to nearest even), the experts' weights those
-    `hold_experts` holds. x (N, E) float32 or bf16, ids (N, K) int64, weights (N, K) float32; int4 groups of
-    `group_in` along E (gate, up) and `group_mid` along the experts' width (down); `isa` as for the products.
+    """A MoE layer's experts with quantised weights, y (N, E) in x's dtype = sum over k of weights[n, k] *
+    expert_{ids[n, k]}(x[n]), plus each shared expert's output where `experts` holds them (`hold_experts`' `shared`;
+    `ids` index the routed ones), expert e = down_e(silu(gate_e x) * up_e x), all in float32 (the sum rounded once
+    to x's dtype, to nearest even). x (N, E) float32 or bf16, ids (N, K) int64, weights (N, K) float32; int4 groups
+    of `group_in` along E (gate, up) and `group_mid` along the experts' widths (down); `isa` as for the products.
     Requires `available()`; one call per layer (model/csrc/quant_moe.cpp)."""
     return torch.ops.dsvl2_quant.moe_held(x, ids, weights, experts.handle, bits, group_in, group_mid, isa)

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import torch
 
 
-def random_moe(hidden: int, inter: int, experts: int, top_k: int, seed: int, dtype: torch.dtype):
-    """dsvl2's MoE with softmax greedy routing over `experts` experts of width `inter` (top `top_k`, one shared
-    expert), weights ~ N(0, 0.05) from `seed`, in `dtype`, no gradients."""
+def random_moe(hidden: int, inter: int, experts: int, top_k: int, seed: int, dtype: torch.dtype, shared: int = 1):
+    """dsvl2's MoE with softmax greedy routing over `experts` experts of width `inter` (top `top_k`; `shared` shared
+    experts, one MLP of width shared * inter), weights ~ N(0, 0.05) from `seed`, in `dtype`, no gradients."""
     from dsvl2.model.language import MoE
 
     cfg = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
                           num_experts_per_tok=top_k, topk_method="greedy", scoring_func="softmax", n_group=1,
-                          topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, n_shared_experts=1)
+                          topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, n_shared_experts=shared)
     torch.manual_seed(seed)
     moe = MoE(cfg)
     for p in moe.parameters():

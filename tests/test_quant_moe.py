@@ -1,7 +1,8 @@
 """The quantised MoE kernel (quant_kernels.moe_held, model/csrc/quant_moe.cpp): a MoE layer's routed experts in one call
 compute what MoE.dispatch computes expert by expert through the same quantised products, for int8 and int4, both
-activation dtypes, one token to a decode batch, odd sizes and crowded experts; MoE.forward takes it exactly where
-the experts' decode products run the kernel; the weights it holds follow replaced weights.
+activation dtypes, one token to a decode batch, odd sizes and crowded experts, and with the layer's shared experts
+(twice as wide, as in the real models) joining the call, what dispatch plus the shared MLP compute; MoE.forward
+takes it exactly where the experts' decode products run the kernel; the weights it holds follow replaced weights.
 
 Stated tolerance against dispatch (max error relative to the largest output): float32 activations 1e-5 (the same
 products, summed in another order); bf16 activations 2^-6 (dispatch rounds every product, the gating and each
@@ -29,13 +30,15 @@ SHAPES = [  # (hidden, intermediate, experts, top-k, tokens); experts <= 5: ever
 ]
 
 
-def _moe(hidden: int, inter: int, experts: int, top_k: int, scheme: str, dtype: torch.dtype, seed: int):
-    """A MoE layer with random weights, its routed and shared experts' linears quantised in the kernel layouts and
-    set to run the kernel."""
-    moe = random_moe(hidden, inter, experts, top_k, seed, dtype)
+def _moe(hidden: int, inter: int, experts: int, top_k: int, scheme: str, dtype: torch.dtype, seed: int,
+         shared: int = 1, shared_scheme: str | None = None):
+    """A MoE layer with random weights (`shared` shared experts), its routed and shared experts' linears quantised
+    (the shared ones in `shared_scheme`, default `scheme`) in the kernel layouts and set to run the kernel."""
+    moe = random_moe(hidden, inter, experts, top_k, seed, dtype, shared)
     for expert in (*moe.experts, moe.shared_experts):
         for name in ("gate_proj", "up_proj", "down_proj"):
-            layer, _, _ = quant_layer(getattr(expert, name).weight.float(), Scheme.named(scheme), dtype)
+            named = shared_scheme if expert is moe.shared_experts and shared_scheme else scheme
+            layer, _, _ = quant_layer(getattr(expert, name).weight.float(), Scheme.named(named), dtype)
             layer.impls = ("kernel", "kernel")
             setattr(expert, name, layer)
     return moe
@@ -48,38 +51,60 @@ def _routing(moe, x: torch.Tensor, experts: int, top_k: int) -> tuple[torch.Tens
     return ids, weights
 
 
+def _shared(scheme: str, inter: int) -> int:
+    """Shared experts for a layer of routed width `inter`: two (twice as wide, as in the real models), or one where
+    int4's group along the wider width would differ from the routed experts' (odd widths: they could not join)."""
+    int4 = Scheme.named("int4")
+    return 2 if scheme == "int8" or int4.group_for(inter) == int4.group_for(2 * inter) else 1
+
+
+def _run(moe, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, with_shared: bool
+         ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The one-call path (with the shared experts where `with_shared`) and what it must equal: the routed experts one
+    by one (dispatch), plus the shared MLP's own output where they joined."""
+    fused = moe._quant_experts.run(moe.experts, x, ids, weights, moe.shared_experts if with_shared else None)
+    expected = moe.dispatch(x, ids, weights)
+    if with_shared:
+        assert moe._quant_experts.shared_joined
+        expected = expected.float() + moe.shared_experts(x).float()
+    return fused, expected
+
+
+@pytest.mark.parametrize("with_shared", [False, True], ids=["routed", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), SHAPES)
 def test_moe_kernel_equals_the_experts_one_by_one(quant_kernels_on, scheme, dtype, hidden, inter, experts, top_k,
-                                                  tokens):
-    """Catches a wrong gather, expert, gating, group, padding or weighted sum in the one-call path."""
-    moe = _moe(hidden, inter, experts, top_k, scheme, dtype, seed=tokens + hidden)
+                                                  tokens, with_shared):
+    """Catches a wrong gather, expert, gating, group, padding or weighted sum in the one-call path, and with the
+    shared experts (twice the routed width where int4's groups allow) a wrong slot, width or weight for them."""
+    moe = _moe(hidden, inter, experts, top_k, scheme, dtype, seed=tokens + hidden, shared=_shared(scheme, inter))
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(dtype)
     with torch.inference_mode():
         ids, weights = _routing(moe, x, experts, top_k)
-        fused = moe._quant_experts.run(moe.experts, x, ids, weights)
-        one_by_one = moe.dispatch(x, ids, weights)
+        fused, expected = _run(moe, x, ids, weights, with_shared)
     assert fused is not None and fused.dtype is dtype and fused.shape == (tokens, hidden)
-    assert_rel(fused, one_by_one, TOL[dtype], f"{scheme} {dtype} {hidden}x{inter} {tokens} tokens")
+    assert_rel(fused, expected, TOL[dtype], f"{scheme} {dtype} {hidden}x{inter} {tokens} tokens")
 
 
+@pytest.mark.parametrize("with_shared", [False, True], ids=["routed", "shared"])
 @pytest.mark.parametrize("impl", ["kernel_avx512", "kernel_amx", "kernel_vnni", "kernel_amx_vnni"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize(("hidden", "inter", "experts", "top_k", "tokens"), SHAPES)
 def test_moe_avx512_tiles_equal_the_experts_one_by_one(quant_avx512_on, scheme, hidden, inter, experts, top_k,
-                                                       tokens, impl):
+                                                       tokens, impl, with_shared):
     """The one-call path on the AVX512 tiles (bf16 activations; int4 reads the gated activations rounded to bf16,
     as the bf16 model's own products do), also where the experts chose "kernel_amx" (an expert's few decode rows
     run the same tiles), and with int4's tiles on VNNI (x and the gated activations in fixed point, as the experts'
     own products take them one by one): catches a wrong row pointer, bf16 copy or fixed-point row of the gathered
-    rows."""
+    rows, and of the shared experts' wider rows where they join."""
     if "amx" in impl and not quant_kernels.amx_supported():
         pytest.skip("this CPU lacks AMX-TILE / AMX-BF16")
     if "vnni" in impl and not quant_kernels.vnni_supported():
         pytest.skip("this CPU lacks AVX512-VNNI")
-    moe = _moe(hidden, inter, experts, top_k, scheme, torch.bfloat16, seed=tokens + hidden)
-    for expert in moe.experts:
+    moe = _moe(hidden, inter, experts, top_k, scheme, torch.bfloat16, seed=tokens + hidden,
+               shared=_shared(scheme, inter))
+    for expert in (*moe.experts, moe.shared_experts):
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(expert, name).impls = (impl, impl)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
@@ -88,28 +113,26 @@ def test_moe_avx512_tiles_equal_the_experts_one_by_one(quant_avx512_on, scheme, 
     with torch.inference_mode(), pytest.MonkeyPatch.context() as m:
         m.setattr(quant_kernels, "moe_held", lambda *a: calls.append(a[-1]) or real(*a))
         ids, weights = _routing(moe, x, experts, top_k)
-        fused = moe._quant_experts.run(moe.experts, x, ids, weights)
-        one_by_one = moe.dispatch(x, ids, weights)
-    if "vnni" in impl and scheme == "int8":  # int8 offers no VNNI impl: the experts go one by one
-        assert fused is None and calls == []
-        return
-    assert calls == [KERNEL_ISA[impl]]
+        if "vnni" in impl and scheme == "int8":  # int8 offers no VNNI impl: the experts go one by one
+            assert moe._quant_experts.run(moe.experts, x, ids, weights, moe.shared_experts) is None and calls == []
+            return
+        fused, expected = _run(moe, x, ids, weights, with_shared)
+    assert calls[0] == KERNEL_ISA[impl]
     assert fused is not None and fused.dtype is torch.bfloat16
-    assert_rel(fused, one_by_one, TOL[torch.bfloat16], f"{scheme} avx512 {hidden}x{inter} {tokens} tokens")
+    assert_rel(fused, expected, TOL[torch.bfloat16], f"{scheme} avx512 {hidden}x{inter} {tokens} tokens")
 
 
 def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(quant_kernels_on, monkeypatch):
-    """One call per layer for decode-sized batches whose expert products run the kernel, and one for the shared
-    experts; experts one by one for longer prefill chunks, for products chosen elsewhere, and with the kernels
-    switched off."""
-    moe = _moe(64, 48, 8, 2, "int8", torch.float32, seed=0)
+    """One call per layer, the shared experts in it, for decode-sized batches whose expert products run the kernel;
+    experts one by one for longer prefill chunks, for products chosen elsewhere, and with the kernels switched off."""
+    moe = _moe(64, 48, 8, 2, "int8", torch.float32, seed=0, shared=2)
     calls = []
     real = quant_kernels.moe_held
     monkeypatch.setattr(quant_kernels, "moe_held", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
     with torch.inference_mode():
         x = torch.randn(2, 3, 64)
         fused = moe(x)
-        assert calls == [6, 6]  # the routed experts, then the shared ones
+        assert calls == [6]  # the routed and the shared experts together
         ids, weights = moe.gate(x.view(6, 64))
         expected = moe.dispatch(x.view(6, 64), ids, weights) + moe.shared_experts(x.view(6, 64))
         assert_rel(fused.view(6, 64), expected, TOL[torch.float32], "forward")
@@ -123,7 +146,23 @@ def test_moe_layer_takes_the_kernel_exactly_where_its_products_do(quant_kernels_
                 m.impls = ("kernel", "kernel")
         monkeypatch.setenv(ENV_SWITCH, "0")
         moe(x)
-    assert calls == [6, 6]
+    assert calls == [6]
+
+
+def test_shared_experts_of_another_scheme_run_in_a_call_of_their_own(quant_kernels_on, monkeypatch):
+    """Shared experts that cannot join the routed ones' call (here int4 beside int8 experts) run in a second call,
+    every token to them with weight 1, and the layer's output is still routed + shared."""
+    moe = _moe(64, 48, 8, 2, "int8", torch.float32, seed=4, shared=2, shared_scheme="int4")
+    calls = []
+    real = quant_kernels.moe_held
+    monkeypatch.setattr(quant_kernels, "moe_held", lambda x, *a: calls.append(a[3]) or real(x, *a))
+    with torch.inference_mode():
+        x = torch.randn(5, 64)
+        fused = moe(x)
+        assert calls == [8, 4] and not moe._quant_experts.shared_joined
+        ids, weights = moe.gate(x)
+        expected = moe.dispatch(x, ids, weights) + moe.shared_experts(x)
+    assert_rel(fused, expected, TOL[torch.float32], "shared apart")
 
 
 def test_moe_kernel_held_weights_follow_replaced_weights(quant_kernels_on):
@@ -154,6 +193,30 @@ def test_moe_kernel_held_weights_follow_replaced_weights(quant_kernels_on):
         for got, m in ((g, e.gate_proj), (u, e.up_proj), (d, e.down_proj)):
             assert got.data_ptr() == m.qweight.data_ptr() and got.shape == m.qweight.shape
         assert s.data_ptr() == e.gate_proj.scales.data_ptr() and ds.data_ptr() == e.down_proj.scales.data_ptr()
+
+
+def test_moe_kernel_holds_the_shared_experts_anew_when_theirs_change(quant_kernels_on):
+    """Shared experts held with the routed ones are held again when only their weights are repacked (the dense
+    layers' layout choice repacks them apart from the routed experts), and a call without them holds the routed
+    experts alone: catches a stale or missing shared expert in the held weights."""
+    moe = _moe(64, 48, 8, 2, "int8", torch.float32, seed=5, shared=2)
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        ids, weights = moe.gate(x)
+        expected = moe.dispatch(x, ids, weights) + moe.shared_experts(x)
+        moe._quant_experts.run(moe.experts, x, ids, weights, moe.shared_experts)
+        held = moe._quant_experts._held
+        assert moe._quant_experts.shared_joined and len(held.lists()[0]) == len(moe.experts) + 1
+        for m in (moe.shared_experts.gate_proj, moe.shared_experts.up_proj, moe.shared_experts.down_proj):
+            m.relayout("plain")
+            m.relayout("r4")
+        fused = moe._quant_experts.run(moe.experts, x, ids, weights, moe.shared_experts)
+        assert moe._quant_experts._held is not held
+        assert moe._quant_experts._held.lists()[0][-1].data_ptr() == moe.shared_experts.gate_proj.qweight.data_ptr()
+        assert_rel(fused, expected, TOL[torch.float32], "after the shared experts' relayout")
+        routed = moe._quant_experts.run(moe.experts, x, ids, weights)
+        assert not moe._quant_experts.shared_joined and len(moe._quant_experts._held.lists()[0]) == len(moe.experts)
+        assert_rel(routed, moe.dispatch(x, ids, weights), TOL[torch.float32], "routed alone")
 
 
 def test_moe_kernel_refuses_the_handle_of_dropped_experts(quant_kernels_on):

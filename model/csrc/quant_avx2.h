@@ -131,14 +131,14 @@ inline void float_tile(const float* w, int64_t ldw, const float* x, int64_t ldx,
 }
 
 template <typename Dequant>
-void dequantised_span(int64_t M, int64_t n0, int64_t n1, int64_t N, const float* x, int64_t ldx, float* y,
-                      int64_t ldy, const Dequant& dequant) {
-  thread_local std::vector<float> block;
-  block.resize(kRowsPerBlock * ldx);
+void dequantised_span(int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t kp, const float* x, int64_t ldx,
+                      float* y, int64_t ldy, const Dequant& dequant) {
+  thread_local std::vector<float> block;  // 4 dequantised rows of kp (K padded to whole steps) values
+  block.resize(kRowsPerBlock * kp);
   for (int64_t n = n0; n < n1; n += kRowsPerBlock) {
     dequant(n, block.data());
     row_blocks<3>(M, [&](auto mb_tag, int64_t m) {
-      float_tile<decltype(mb_tag)::value>(block.data(), ldx, x + m * ldx, ldx, y + m * ldy, ldy, n, N);
+      float_tile<decltype(mb_tag)::value>(block.data(), kp, x + m * ldx, ldx, y + m * ldy, ldy, n, N);
     });
   }
 }
@@ -304,7 +304,7 @@ void int4_span(const Int4Rows& q, const S* s, int64_t groups, const float* x, in
       int4_tile<decltype(mb_tag)::value>(q, s, groups, x + m * ldx, ldx, y + m * ldy, ldy, n, N, steps, group_steps);
     });
   } else {
-    dequantised_span(M, n0, n1, N, x, ldx, y, ldy,
+    dequantised_span(M, n0, n1, N, steps * 16, x, ldx, y, ldy,
                      [&](int64_t n, float* w) { int4_dequant(q, s, groups, n, N, steps, group_steps, w); });
   }
 }

@@ -1,15 +1,17 @@
-// The routed experts of a MoE layer with int8 / int4 weights, in one call: torch.ops.dsvl2_quant.moe_held, on the
-// weights a torch.classes.dsvl2_quant.Experts holds (below); model/quant_kernels.py builds it, model/quant.py decides
-// when to call it.
+// The experts of a MoE layer with int8 / int4 weights, in one call: torch.ops.dsvl2_quant.moe_held, on the weights a
+// torch.classes.dsvl2_quant.Experts holds (below); model/quant_kernels.py builds it, model/quant.py decides when to
+// call it.
 //
 // Per token slot (n, k) routed to expert e: a = silu(x gate_e) * (x up_e), o = a down_e, and y[n] = sum over k in
 // order of weights[n, k] * o[n, k], all in float32 (the products as int8_linear / int4_linear compute them, on the
-// weights in their kernel layouts). Slots are grouped by expert, each expert's rows of x gathered once. Two parallel
-// passes hand out units of (expert, block of weight rows) from one counter: pass 1 the gate and up rows, pass 2 the
-// down rows; an expert with one row streams its weight at memory speed (the one-row tiles), one with several takes
-// the several-row path. One call replaces, per layer and decode step, 3 products per active expert, each with its
-// own Python dispatch, checks and parallel region (~40-100 us apiece on a 2-core host), and the gather / scatter
-// around them.
+// weights in their kernel layouts). Where the object holds the layer's shared experts too (the last ones, each as
+// wide as it is), every token has one more slot per shared expert, weight 1, after its routed ones: the layer's
+// whole feed-forward sum, rounded once. Slots are grouped by expert, each expert's rows of x gathered once. Two
+// parallel passes hand out units of (expert, block of weight rows) from one counter: pass 1 the gate and up rows,
+// pass 2 the down rows; an expert with one row streams its weight at memory speed (the one-row tiles), one with
+// several takes the several-row path. One call replaces, per layer and decode step, 3 products per active expert,
+// each with its own Python dispatch, checks and parallel region (~40-100 us apiece on a 2-core host), and the gather
+// / scatter around them.
 
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -31,14 +33,16 @@ struct Unit {
   int which;
 };
 
-// Units covering the `rows` weight rows of each active expert's matrices `which`, ~kChunkBytes of weight each.
-void plan(std::vector<Unit>& units, const std::vector<int64_t>& active, int64_t rows, int64_t row_bytes,
+// Units covering the rows_of(e) weight rows of each active expert's matrices `which`, ~kChunkBytes of weight each
+// (rows of row_bytes_of(e) bytes).
+template <typename RowsOf, typename BytesOf>
+void plan(std::vector<Unit>& units, const std::vector<int64_t>& active, RowsOf rows_of, BytesOf row_bytes_of,
           std::initializer_list<int> which) {
-  const int64_t per_unit = rows_per_unit(row_bytes);
-  const int64_t padded = round_up(rows, kRowsPerBlock);
   for (int w : which)
-    for (int64_t e : active)
+    for (int64_t e : active) {
+      const int64_t per_unit = rows_per_unit(row_bytes_of(e)), padded = round_up(rows_of(e), kRowsPerBlock);
       for (int64_t n0 = 0; n0 < padded; n0 += per_unit) units.push_back({e, n0, std::min(padded, n0 + per_unit), w});
+    }
 }
 
 // Rows token_of[r] of x (N, E: float32 or bf16) into row r of f (float32) and, where defined, of b (bf16, rounded
@@ -67,17 +71,19 @@ void gather_rows(const at::Tensor& x, const std::vector<int64_t>& token_of, int6
   }
 }
 
-// h = silu_gate * up (R, I float32 each) into f (R rows of ld floats, zeros past I) and, where defined, b (bf16).
-void gated(const at::Tensor& silu_gate, const at::Tensor& up, const at::Tensor& f, const at::Tensor& b) {
-  const int64_t R = f.size(0), ld = f.size(1), I = up.size(1);
+// h = silu_gate * up (R rows of ldg float32 each, row r's first width[r] used) into f (R rows of ld floats, zeros
+// past the row's width) and, where defined, b (bf16).
+void gated(const at::Tensor& silu_gate, const at::Tensor& up, const std::vector<int64_t>& width, const at::Tensor& f,
+           const at::Tensor& b) {
+  const int64_t R = f.size(0), ld = f.size(1), ldg = up.size(1);
   const float* sp = silu_gate.const_data_ptr<float>();
   const float* up_p = up.const_data_ptr<float>();
   float* fp = f.mutable_data_ptr<float>();
   at::BFloat16* bp = b.defined() ? b.mutable_data_ptr<at::BFloat16>() : nullptr;
   for (int64_t r = 0; r < R; ++r) {
     float* fr = fp + r * ld;
-    for (int64_t i = 0; i < I; ++i) fr[i] = sp[r * I + i] * up_p[r * I + i];
-    std::fill(fr + I, fr + ld, 0.0f);
+    for (int64_t i = 0; i < width[r]; ++i) fr[i] = sp[r * ldg + i] * up_p[r * ldg + i];
+    std::fill(fr + width[r], fr + ld, 0.0f);
     if (bp != nullptr)
       for (int64_t i = 0; i < ld; ++i) bp[r * ld + i] = at::BFloat16(fr[i]);
   }
@@ -157,14 +163,13 @@ void check_weights(const char* what, at::TensorList q, at::TensorList s, int bit
 }
 
 // The routing-weighted sum over each token's slots, in slot order, in float32: y[n] = sum over k of
-// weights[n, k] * rows[row_of[n * K + k]] (rows of E values, float32 or bf16), returned in `dtype` (rounded once,
-// to nearest even as .to(bfloat16) rounds).
+// w[n * K + k] * rows[row_of[n * K + k]] (rows of E values, float32 or bf16), an (N, E) tensor of `options`
+// (rounded once, to nearest even as .to(bfloat16) rounds).
 template <typename T>
-at::Tensor weighted_sum(const std::vector<const T*>& rows, const std::vector<int64_t>& row_of,
-                        const at::Tensor& routing, int64_t E, at::ScalarType dtype) {
-  const int64_t N = routing.size(0), K = routing.size(1);
-  at::Tensor y = at::empty({N, E}, routing.options().dtype(dtype));
-  const float* wp = routing.const_data_ptr<float>();
+at::Tensor weighted_sum(const std::vector<const T*>& rows, const std::vector<int64_t>& row_of, const float* wp,
+                        int64_t N, int64_t K, int64_t E, const at::TensorOptions& options) {
+  at::Tensor y = at::empty({N, E}, options);
+  const at::ScalarType dtype = y.scalar_type();
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> sum(E);
     for (int64_t n = n0; n < n1; ++n) {
@@ -220,14 +225,16 @@ at::Tensor combine_slots(at::TensorList outs, const at::Tensor& order_in, const 
     const int64_t given = std::accumulate(outs.begin(), outs.end(), int64_t{0},
                                           [](int64_t n, const at::Tensor& o) { return n + o.size(0); });
     TORCH_CHECK(given == R, "combine_slots: ", given, " rows for ", R, " slots");
-    return weighted_sum(rows, row_of, routing, E, dtype);
+    return weighted_sum(rows, row_of, routing.const_data_ptr<float>(), routing.size(0), routing.size(1), E,
+                        routing.options().dtype(dtype));
   };
   return dtype == at::kFloat ? sum_rows(static_cast<float*>(nullptr)) : sum_rows(static_cast<at::BFloat16*>(nullptr));
 }
 
 at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in, at::TensorList gate_q,
                at::TensorList gate_s, at::TensorList up_q, at::TensorList up_s, at::TensorList down_q,
-               at::TensorList down_s, int64_t bits_in, int64_t group_in, int64_t group_mid, int64_t isa) {
+               at::TensorList down_s, int64_t bits_in, int64_t group_in, int64_t group_mid, int64_t isa,
+               int64_t shared) {
   const int bits = static_cast<int>(bits_in);
   check_isa("quant moe", isa, x_in);
   TORCH_CHECK(bits == 8 || bits == 4, "quant moe: bits must be 8 or 4");
@@ -238,34 +245,54 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
               "quant moe: ids must be (N, K) int64");
   TORCH_CHECK(weights_in.sizes() == ids_in.sizes() && weights_in.scalar_type() == at::kFloat,
               "quant moe: weights must be (N, K) float32");
-  const int64_t X = static_cast<int64_t>(gate_q.size());
+  const int64_t X = static_cast<int64_t>(gate_q.size()), routed = X - shared;
   for (const at::TensorList* l : {&gate_s, &up_q, &up_s, &down_q, &down_s})
     TORCH_CHECK(static_cast<int64_t>(l->size()) == X && X > 0, "quant moe: every list must name the same experts");
+  TORCH_CHECK(shared >= 0 && routed > 0, "quant moe: ", shared, " shared experts of ", X);
   const at::Tensor ids = ids_in.contiguous(), routing = weights_in.contiguous();
-  const int64_t N = x_in.size(0), E = x_in.size(1), K = ids.size(1), I = gate_s[0].size(0);
-  TORCH_CHECK(bits == 8 || (group_in > 0 && E % group_in == 0 && group_mid > 0 && I % group_mid == 0),
-              "quant moe: groups of ", group_in, " and ", group_mid, " do not divide E=", E, " and I=", I);
+  const int64_t N = x_in.size(0), E = x_in.size(1), K = ids.size(1), KS = K + shared;
   const int64_t* idp = ids.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(idp[i] >= 0 && idp[i] < X, "quant moe: expert id out of range");
+  const float* wp = routing.const_data_ptr<float>();
+  // Token n's slots: its K routed experts, then the shared ones (the last `shared` held), weight 1 each.
+  std::vector<int64_t> expert_of(N * KS);
+  std::vector<float> weight_of(N * KS, 1.0f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < KS; ++k) {
+      if (k >= K) {
+        expert_of[n * KS + k] = routed + k - K;
+        continue;
+      }
+      const int64_t e = idp[n * K + k];
+      TORCH_CHECK(e >= 0 && e < routed, "quant moe: expert id ", e, " out of range (", routed, " routed experts)");
+      expert_of[n * KS + k] = e, weight_of[n * KS + k] = wp[n * K + k];
+    }
 
   // Slots grouped by expert (stable): gathered row r belongs to slot slot_of[r]; slot i's row is row_of[i].
-  std::vector<int64_t> count(X, 0), start(X + 1, 0), slot_of(N * K), row_of(N * K), active;
-  for (int64_t i = 0; i < N * K; ++i) ++count[idp[i]];
+  const int64_t R = N * KS;
+  std::vector<int64_t> count(X, 0), start(X + 1, 0), slot_of(R), row_of(R), active;
+  for (int64_t i = 0; i < R; ++i) ++count[expert_of[i]];
   for (int64_t e = 0; e < X; ++e) start[e + 1] = start[e] + count[e];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < N * K; ++i) slot_of[row_of[i] = fill[idp[i]]++] = i;
+  for (int64_t i = 0; i < R; ++i) slot_of[row_of[i] = fill[expert_of[i]]++] = i;
   const at::ScalarType scale_type = gate_s[0].scalar_type();
   TORCH_CHECK(scale_type == at::kFloat || scale_type == at::kBFloat16, "quant moe: scales must be float32 or bf16");
+  // Each expert's own width I (a shared expert is wider); the gate / up outputs are rows of the widest's.
+  const auto width_of = [&](int64_t e) { return gate_s[e].size(0); };
+  int64_t I = 0;
   for (int64_t e = 0; e < X; ++e) {
     if (!count[e]) continue;
     active.push_back(e);
-    check_weights("gate", gate_q, gate_s, bits, I, E, group_in, e, scale_type);
-    check_weights("up", up_q, up_s, bits, I, E, group_in, e, scale_type);
-    check_weights("down", down_q, down_s, bits, E, I, group_mid, e, scale_type);
+    const int64_t Ie = width_of(e);
+    TORCH_CHECK(bits == 8 || (group_in > 0 && E % group_in == 0 && group_mid > 0 && Ie % group_mid == 0),
+                "quant moe: groups of ", group_in, " and ", group_mid, " do not divide E=", E, " and I=", Ie);
+    check_weights("gate", gate_q, gate_s, bits, Ie, E, group_in, e, scale_type);
+    check_weights("up", up_q, up_s, bits, Ie, E, group_in, e, scale_type);
+    check_weights("down", down_q, down_s, bits, E, Ie, group_mid, e, scale_type);
+    I = std::max(I, Ie);
   }
 
   // Gathered rows of x (padded to whole 16-k steps with zeros), the gate and up outputs, the gated activations.
-  const int64_t R = N * K, ldx = round_up(E, 16), ldh = round_up(I, 16);
+  const int64_t ldx = round_up(E, 16), ldh = round_up(I, 16);
   const bool bf16_rows_used = bits == 4 && isa_base(isa) >= 1, sums_used = bits == 4 && isa == 0;
   const bool vnni = bf16_rows_used && (isa & kIsaVnni);
   // bf16 rows of x (exact: x_in is bf16 on AVX512) for int4's tiles and int8's several-row ones; the gated
@@ -275,48 +302,49 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   const at::TensorOptions floats = x_in.options().dtype(at::kFloat);
   const at::Tensor xg = at::empty({R, ldx}, floats);
   const at::Tensor xb = bf16_rows_used || int8_bf16 ? at::empty({R, ldx}, floats.dtype(at::kBFloat16)) : at::Tensor();
-  std::vector<int64_t> token_of(R);
-  for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / K;
+  std::vector<int64_t> token_of(R), width(R);
+  for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / KS, width[r] = width_of(expert_of[slot_of[r]]);
   gather_rows(x_in.contiguous(), token_of, ldx, xg, xb);
   const std::optional<FixedRows> xfixed = fixed_if(vnni, xb, E, group_in);
   const at::Tensor xsum = sums_used ? group_sums(xg, E / group_in) : at::Tensor();
   at::Tensor gu = at::empty({2, R, I}, floats), out = at::empty({R, E}, floats);
   float* gup = gu.mutable_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
+  const auto row_bytes = [&](int64_t k) { return bits == 8 ? round_up(k, 16) : round_up(k, 16) / 2; };
 
   with_scales(gate_s[0], [&](const auto* any_s) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(any_s)>>;
     std::vector<Unit> units;
-    plan(units, active, I, bits == 8 ? ldx : ldx / 2, {0, 1});
+    plan(units, active, width_of, [&](int64_t) { return row_bytes(E); }, {0, 1});
     run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
       const Unit& u = units[i];
-      const int64_t r0 = start[u.expert];
+      const int64_t r0 = start[u.expert], Ie = width_of(u.expert);
       const at::Tensor& q = (u.which == 0 ? gate_q : up_q)[u.expert];
       const S* s = (u.which == 0 ? gate_s : up_s)[u.expert].template const_data_ptr<S>();
       product(bits, isa, q, s, group_in, rows_from(xg, xb, xsum, xfixed ? &*xfixed : nullptr, r0),
-              gup + (u.which * R + r0) * I, I, u.n0, u.n1, I, count[u.expert], E);
+              gup + (u.which * R + r0) * I, I, u.n0, u.n1, Ie, count[u.expert], E);
     });
     // The gated activations: float32, rounded to bf16 where the AVX512 int4 product reads them (as a bf16 model
     // rounds every product's output).
     const at::Tensor h = at::empty({R, ldh}, floats);
     const at::Tensor hb = bf16_rows_used ? at::empty({R, ldh}, floats.dtype(at::kBFloat16)) : at::Tensor();
-    gated(at::silu(gu[0]), gu[1], h, hb);
+    gated(at::silu(gu[0]), gu[1], width, h, hb);
     const at::Tensor hsum = sums_used ? group_sums(h, I / group_mid) : at::Tensor();
     const std::optional<FixedRows> hfixed = fixed_if(vnni, hb, I, group_mid);
     units.clear();
-    plan(units, active, E, bits == 8 ? ldh : ldh / 2, {2});
+    plan(units, active, [&](int64_t) { return E; }, [&](int64_t e) { return row_bytes(width_of(e)); }, {2});
     run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
       const Unit& u = units[i];
       const int64_t r0 = start[u.expert];
       product(bits, isa, down_q[u.expert], down_s[u.expert].template const_data_ptr<S>(), group_mid,
               rows_from(h, hb, hsum, hfixed ? &*hfixed : nullptr, r0), op + r0 * E, E, u.n0, u.n1, E,
-              count[u.expert], I);
+              count[u.expert], width_of(u.expert));
     });
   });
 
   std::vector<const float*> rows(R);
   for (int64_t r = 0; r < R; ++r) rows[r] = op + r * E;
-  return weighted_sum(rows, row_of, routing, E, x_in.scalar_type());
+  return weighted_sum(rows, row_of, weight_of.data(), N, KS, E, x_in.options());
 }
 
 // A MoE layer's expert weights held by the library (torch.classes.dsvl2_quant.Experts, made once per layer by
@@ -343,11 +371,12 @@ Registry& registry() {
 
 struct Experts : torch::CustomClassHolder {
   std::vector<at::Tensor> gate_q, gate_s, up_q, up_s, down_q, down_s;
+  int64_t shared = 0;  // the last `shared` experts are the layer's shared ones: every token runs them, weight 1
   int64_t id = 0;
   Experts(std::vector<at::Tensor> gq, std::vector<at::Tensor> gs, std::vector<at::Tensor> uq,
-          std::vector<at::Tensor> us, std::vector<at::Tensor> dq, std::vector<at::Tensor> ds)
+          std::vector<at::Tensor> us, std::vector<at::Tensor> dq, std::vector<at::Tensor> ds, int64_t shared_experts)
       : gate_q(std::move(gq)), gate_s(std::move(gs)), up_q(std::move(uq)), up_s(std::move(us)),
-        down_q(std::move(dq)), down_s(std::move(ds)) {}
+        down_q(std::move(dq)), down_s(std::move(ds)), shared(shared_experts) {}
   // When Python drops the last reference (the registry's weak one keeps the object's memory, not its tensors).
   void release_resources() override {
     if (id != 0) {
@@ -382,7 +411,7 @@ at::Tensor moe_held(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
                     int64_t bits, int64_t group_in, int64_t group_mid, int64_t isa) {
   const c10::intrusive_ptr<Experts> e = held_experts(handle);
   return moe(x, ids, weights, e->gate_q, e->gate_s, e->up_q, e->up_s, e->down_q, e->down_s, bits, group_in,
-             group_mid, isa);
+             group_mid, isa, e->shared);
 }
 
 }  // namespace
@@ -390,7 +419,7 @@ at::Tensor moe_held(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
 TORCH_LIBRARY_FRAGMENT(dsvl2_quant, m) {
   m.class_<Experts>("Experts")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t>())
       .def("lists", [](const c10::intrusive_ptr<Experts>& e) {  // what it holds, in the constructor's order
         return std::vector<std::vector<at::Tensor>>{e->gate_q, e->gate_s, e->up_q, e->up_s, e->down_q, e->down_s};
       })
