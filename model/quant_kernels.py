@@ -109,7 +109,7 @@ def _registered() -> None:
 _HEADERS = [_CSRC / "parallel.h", _CSRC / "prefetch.h", _CSRC / "quant_avx2.h", _CSRC / "quant_avx512.h",
             _CSRC / "quant_amx.h", _CSRC / "quant_vnni.h", _CSRC / "amx_tiles.h",
             _CSRC / "transpose.h", _CSRC / "quant_gemm.h", _CSRC / "pair_tile.h",
-            _CSRC / "quant_pairs.h"]
+            _CSRC / "quant_pairs.h", _CSRC / "quant_held.h"]
 LIBRARY = kernel_build.Library(_NAME, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS, check=_registered,
                                cpu_flags=_CPU_FLAGS, depends=_HEADERS)
 

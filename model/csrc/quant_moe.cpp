@@ -1,6 +1,6 @@
 // The experts of a MoE layer with int8 / int4 weights, in one call: torch.ops.dsvl2_quant.moe_held, on the weights a
-// torch.classes.dsvl2_quant.Experts holds (below); model/quant_kernels.py builds it, model/quant.py decides when to
-// call it.
+// torch.classes.dsvl2_quant.Experts holds (quant_held.h); model/quant_kernels.py builds it, model/quant.py decides
+// when to call it.
 //
 // Per token slot (n, k) routed to expert e: a = silu(x gate_e) * (x up_e), o = a down_e, and y[n] = sum over k in
 // order of weights[n, k] * o[n, k], all in float32 (the products as int8_linear / int4_linear compute them, on the
@@ -16,12 +16,11 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include "quant_held.h"
 #include "quant_vnni.h"
 
-#include <mutex>
 #include <numeric>
 #include <optional>
-#include <unordered_map>
 #include <type_traits>
 
 namespace {
@@ -105,13 +104,14 @@ struct Rows {
   int64_t first;
 };
 
-// One product of rows [n0, n1) of weight q (scales s) for M rows of x: int8 or int4 (steps of 16 k over K).
+// One product of rows [n0, n1) of weight q (its blocks of 4 rows `block_bytes` apart; scales s) for M rows of x:
+// int8 or int4 (steps of 16 k over K).
 template <typename S>
-void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t group, const Rows& x, float* y,
-             int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K) {
+void product(int bits, int64_t isa, const void* q, int64_t block_bytes, const S* s, int64_t group, const Rows& x,
+             float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K) {
   const int64_t steps = (K + 15) / 16;
   if (bits == 8) {
-    const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
+    const Int8Rows rows{static_cast<const int8_t*>(q), block_bytes};
     if (isa_base(isa) >= 1 && x.b != nullptr && M >= 2) {  // several rows of bf16 x: each weight widened once
       int8_span512_bf16(rows, s, x.b, x.ld, y, ldy, n0, n1, N, M, steps);
     } else if (isa_base(isa) >= 1) {  // AVX512 tiles (an expert's few decode rows: AMX's strips would not pay)
@@ -121,7 +121,7 @@ void product(int bits, int64_t isa, const at::Tensor& q, const S* s, int64_t gro
     }
   } else {
     const int64_t groups = K / group, group_steps = int4_group_steps(groups, group, steps);
-    const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
+    const Int4Rows rows{static_cast<const uint8_t*>(q), block_bytes};
     if (x.fixed != nullptr) {
       int4_span_vnni(rows, s, groups, *x.fixed, x.first, y, ldy, n0, n1, N, M, group_steps);
     } else if (isa_base(isa) >= 1) {
@@ -147,19 +147,6 @@ std::optional<FixedRows> fixed_if(bool vnni, const at::Tensor& b, int64_t K, int
   if (!vnni_fits(group_steps)) return std::nullopt;
   return fixed_rows(reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()), b.size(1), b.size(0), steps,
                     vnni_block_steps(group_steps));
-}
-
-void check_weights(const char* what, at::TensorList q, at::TensorList s, int bits, int64_t N, int64_t K,
-                   int64_t group, int64_t e, at::ScalarType scale_type) {
-  const int64_t steps = (K + 15) / 16, bytes = bits == 8 ? steps * 64 : steps * 32;
-  TORCH_CHECK(q[e].scalar_type() == (bits == 8 ? at::kChar : at::kByte) && q[e].is_contiguous() && q[e].dim() == 2 &&
-                  q[e].size(0) == (N + 3) / 4 && q[e].size(1) == bytes && q[e].device().is_cpu(),
-              "quant moe: expert ", e, "'s ", what, " weight is ", q[e].sizes(), " (needs a contiguous (",
-              (N + 3) / 4, ", ", bytes, ") kernel layout)");
-  const bool shape = bits == 8 ? s[e].dim() == 1 && s[e].size(0) == N
-                               : s[e].dim() == 2 && s[e].size(0) == N && s[e].size(1) * group == K;
-  TORCH_CHECK(shape && s[e].scalar_type() == scale_type && s[e].device().is_cpu(), "quant moe: expert ", e, "'s ",
-              what, " scales are ", s[e].sizes(), " ", s[e].scalar_type());
 }
 
 // The routing-weighted sum over each token's slots, in slot order, in float32: y[n] = sum over k of
@@ -231,10 +218,8 @@ at::Tensor combine_slots(at::TensorList outs, const at::Tensor& order_in, const 
   return dtype == at::kFloat ? sum_rows(static_cast<float*>(nullptr)) : sum_rows(static_cast<at::BFloat16*>(nullptr));
 }
 
-at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in, at::TensorList gate_q,
-               at::TensorList gate_s, at::TensorList up_q, at::TensorList up_s, at::TensorList down_q,
-               at::TensorList down_s, int64_t bits_in, int64_t group_in, int64_t group_mid, int64_t isa,
-               int64_t shared) {
+at::Tensor moe_held(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in, int64_t handle,
+                    int64_t bits_in, int64_t group_in, int64_t group_mid, int64_t isa) {
   const int bits = static_cast<int>(bits_in);
   check_isa("quant moe", isa, x_in);
   TORCH_CHECK(bits == 8 || bits == 4, "quant moe: bits must be 8 or 4");
@@ -245,12 +230,11 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
               "quant moe: ids must be (N, K) int64");
   TORCH_CHECK(weights_in.sizes() == ids_in.sizes() && weights_in.scalar_type() == at::kFloat,
               "quant moe: weights must be (N, K) float32");
-  const int64_t X = static_cast<int64_t>(gate_q.size()), routed = X - shared;
-  for (const at::TensorList* l : {&gate_s, &up_q, &up_s, &down_q, &down_s})
-    TORCH_CHECK(static_cast<int64_t>(l->size()) == X && X > 0, "quant moe: every list must name the same experts");
-  TORCH_CHECK(shared >= 0 && routed > 0, "quant moe: ", shared, " shared experts of ", X);
+  const c10::intrusive_ptr<Experts> held = held_experts(handle);
+  const int64_t N = x_in.size(0), E = x_in.size(1), K = ids_in.size(1);
+  const std::vector<ExpertRows>& table = held->rows_for(bits, group_in, group_mid, E);
+  const int64_t X = static_cast<int64_t>(table.size()), shared = held->shared, routed = X - shared, KS = K + shared;
   const at::Tensor ids = ids_in.contiguous(), routing = weights_in.contiguous();
-  const int64_t N = x_in.size(0), E = x_in.size(1), K = ids.size(1), KS = K + shared;
   const int64_t* idp = ids.const_data_ptr<int64_t>();
   const float* wp = routing.const_data_ptr<float>();
   // Token n's slots: its K routed experts, then the shared ones (the last `shared` held), weight 1 each.
@@ -274,22 +258,10 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   for (int64_t e = 0; e < X; ++e) start[e + 1] = start[e] + count[e];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t i = 0; i < R; ++i) slot_of[row_of[i] = fill[expert_of[i]]++] = i;
-  const at::ScalarType scale_type = gate_s[0].scalar_type();
-  TORCH_CHECK(scale_type == at::kFloat || scale_type == at::kBFloat16, "quant moe: scales must be float32 or bf16");
   // Each expert's own width I (a shared expert is wider); the gate / up outputs are rows of the widest's.
-  const auto width_of = [&](int64_t e) { return gate_s[e].size(0); };
   int64_t I = 0;
-  for (int64_t e = 0; e < X; ++e) {
-    if (!count[e]) continue;
-    active.push_back(e);
-    const int64_t Ie = width_of(e);
-    TORCH_CHECK(bits == 8 || (group_in > 0 && E % group_in == 0 && group_mid > 0 && Ie % group_mid == 0),
-                "quant moe: groups of ", group_in, " and ", group_mid, " do not divide E=", E, " and I=", Ie);
-    check_weights("gate", gate_q, gate_s, bits, Ie, E, group_in, e, scale_type);
-    check_weights("up", up_q, up_s, bits, Ie, E, group_in, e, scale_type);
-    check_weights("down", down_q, down_s, bits, E, Ie, group_mid, e, scale_type);
-    I = std::max(I, Ie);
-  }
+  for (int64_t e = 0; e < X; ++e)
+    if (count[e]) active.push_back(e), I = std::max(I, table[e].width);
 
   // Gathered rows of x (padded to whole 16-k steps with zeros), the gate and up outputs, the gated activations.
   const int64_t ldx = round_up(E, 16), ldh = round_up(I, 16);
@@ -303,7 +275,7 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   const at::Tensor xg = at::empty({R, ldx}, floats);
   const at::Tensor xb = bf16_rows_used || int8_bf16 ? at::empty({R, ldx}, floats.dtype(at::kBFloat16)) : at::Tensor();
   std::vector<int64_t> token_of(R), width(R);
-  for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / KS, width[r] = width_of(expert_of[slot_of[r]]);
+  for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / KS, width[r] = table[expert_of[slot_of[r]]].width;
   gather_rows(x_in.contiguous(), token_of, ldx, xg, xb);
   const std::optional<FixedRows> xfixed = fixed_if(vnni, xb, E, group_in);
   const at::Tensor xsum = sums_used ? group_sums(xg, E / group_in) : at::Tensor();
@@ -311,18 +283,19 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   float* gup = gu.mutable_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const auto row_bytes = [&](int64_t k) { return bits == 8 ? round_up(k, 16) : round_up(k, 16) / 2; };
+  const auto width_of = [&](int64_t e) { return table[e].width; };
 
-  with_scales(gate_s[0], [&](const auto* any_s) {
+  const auto run = [&](const auto* any_s) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(any_s)>>;
     std::vector<Unit> units;
     plan(units, active, width_of, [&](int64_t) { return row_bytes(E); }, {0, 1});
     run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
       const Unit& u = units[i];
-      const int64_t r0 = start[u.expert], Ie = width_of(u.expert);
-      const at::Tensor& q = (u.which == 0 ? gate_q : up_q)[u.expert];
-      const S* s = (u.which == 0 ? gate_s : up_s)[u.expert].template const_data_ptr<S>();
-      product(bits, isa, q, s, group_in, rows_from(xg, xb, xsum, xfixed ? &*xfixed : nullptr, r0),
-              gup + (u.which * R + r0) * I, I, u.n0, u.n1, Ie, count[u.expert], E);
+      const ExpertRows& w = table[u.expert];
+      const int64_t r0 = start[u.expert];
+      product(bits, isa, w.q[u.which], w.block_bytes[u.which], static_cast<const S*>(w.s[u.which]), group_in,
+              rows_from(xg, xb, xsum, xfixed ? &*xfixed : nullptr, r0), gup + (u.which * R + r0) * I, I, u.n0, u.n1,
+              w.width, count[u.expert], E);
     });
     // The gated activations: float32, rounded to bf16 where the AVX512 int4 product reads them (as a bf16 model
     // rounds every product's output).
@@ -335,83 +308,22 @@ at::Tensor moe(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
     plan(units, active, [&](int64_t) { return E; }, [&](int64_t e) { return row_bytes(width_of(e)); }, {2});
     run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
       const Unit& u = units[i];
+      const ExpertRows& w = table[u.expert];
       const int64_t r0 = start[u.expert];
-      product(bits, isa, down_q[u.expert], down_s[u.expert].template const_data_ptr<S>(), group_mid,
+      product(bits, isa, w.q[2], w.block_bytes[2], static_cast<const S*>(w.s[2]), group_mid,
               rows_from(h, hb, hsum, hfixed ? &*hfixed : nullptr, r0), op + r0 * E, E, u.n0, u.n1, E,
-              count[u.expert], width_of(u.expert));
+              count[u.expert], w.width);
     });
-  });
+  };
+  if (held->scale_type == at::kFloat) {
+    run(static_cast<const float*>(nullptr));
+  } else {
+    run(static_cast<const c10::BFloat16*>(nullptr));
+  }
 
   std::vector<const float*> rows(R);
   for (int64_t r = 0; r < R; ++r) rows[r] = op + r * E;
   return weighted_sum(rows, row_of, weight_of.data(), N, KS, E, x_in.options());
-}
-
-// A MoE layer's expert weights held by the library (torch.classes.dsvl2_quant.Experts, made once per layer by
-// model/quant.py's QuantExperts), so that a decode step's call hands over one object, not six lists of every
-// expert's tensors: converting those lists (6 x 64 tensors for Tiny, each a cold object in the caches after a step
-// of streaming weights) took ~140 us a call in the model, a tenth of an int4 decode step at batch 1.
-//
-// The op takes the object's handle (an int: `handle()` registers it), not the object: handing a script object to an
-// op made torch's argument parser look for `__torch_function__` on it, an attribute lookup that throws and catches a
-// C++ exception twice a call, ~8 us of a 16.7 us call (Zen 5). The registry holds weak references: an object dropped
-// by Python is gone (its tensors freed, its entry erased), and its handle then fails with an error.
-struct Experts;
-
-struct Registry {
-  std::mutex lock;
-  int64_t next = 1;
-  std::unordered_map<int64_t, c10::weak_intrusive_ptr<Experts>> held;
-};
-
-Registry& registry() {
-  static Registry* r = new Registry();  // never destroyed: objects may outlive static destruction's order
-  return *r;
-}
-
-struct Experts : torch::CustomClassHolder {
-  std::vector<at::Tensor> gate_q, gate_s, up_q, up_s, down_q, down_s;
-  int64_t shared = 0;  // the last `shared` experts are the layer's shared ones: every token runs them, weight 1
-  int64_t id = 0;
-  Experts(std::vector<at::Tensor> gq, std::vector<at::Tensor> gs, std::vector<at::Tensor> uq,
-          std::vector<at::Tensor> us, std::vector<at::Tensor> dq, std::vector<at::Tensor> ds, int64_t shared_experts)
-      : gate_q(std::move(gq)), gate_s(std::move(gs)), up_q(std::move(uq)), up_s(std::move(us)),
-        down_q(std::move(dq)), down_s(std::move(ds)), shared(shared_experts) {}
-  // When Python drops the last reference (the registry's weak one keeps the object's memory, not its tensors).
-  void release_resources() override {
-    if (id != 0) {
-      Registry& r = registry();
-      const std::lock_guard<std::mutex> guard(r.lock);
-      r.held.erase(id);
-    }
-    for (std::vector<at::Tensor>* l : {&gate_q, &gate_s, &up_q, &up_s, &down_q, &down_s}) l->clear();
-  }
-};
-
-int64_t handle_of(const c10::intrusive_ptr<Experts>& e) {
-  Registry& r = registry();
-  const std::lock_guard<std::mutex> guard(r.lock);
-  if (e->id == 0) {
-    e->id = r.next++;
-    r.held.emplace(e->id, c10::weak_intrusive_ptr<Experts>(e));
-  }
-  return e->id;
-}
-
-c10::intrusive_ptr<Experts> held_experts(int64_t handle) {
-  Registry& r = registry();
-  const std::lock_guard<std::mutex> guard(r.lock);
-  const auto found = r.held.find(handle);
-  c10::intrusive_ptr<Experts> e = found == r.held.end() ? c10::intrusive_ptr<Experts>() : found->second.lock();
-  TORCH_CHECK(e, "quant moe: no experts held under handle ", handle, " (the object was dropped)");
-  return e;
-}
-
-at::Tensor moe_held(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, int64_t handle,
-                    int64_t bits, int64_t group_in, int64_t group_mid, int64_t isa) {
-  const c10::intrusive_ptr<Experts> e = held_experts(handle);
-  return moe(x, ids, weights, e->gate_q, e->gate_s, e->up_q, e->up_s, e->down_q, e->down_s, bits, group_in,
-             group_mid, isa, e->shared);
 }
 
 }  // namespace
