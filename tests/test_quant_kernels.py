@@ -161,6 +161,21 @@ def test_kernel_reads_strided_inputs(quant_kernels_on, name):
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
+def test_avx512_decode_rows_read_in_place(quant_avx512_on, name):
+    """bf16 rows of x that are already whole 16-k steps go to the AVX512 tiles where they lie (no copy): a slice of
+    every other row and of the right half of a wider tensor (row strides 2K and 4K), at 1, 3 and 8 rows, and a row
+    with a stride of its own. Catches a tile reading a copy's stride, or x's columns past K, on the in-place path."""
+    layer, q, s = _layer(37, 384, Scheme.named(name), torch.bfloat16, seed=9)
+    w = dequantize(q, s)
+    wide = torch.randn(16, 2 * 384, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    for rows in (1, 3, 8):
+        for x in (wide[:rows, 384:], wide[: 2 * rows : 2, :384], wide[rows, 384:].as_strided((1, 384), (5, 1))):
+            with torch.inference_mode():
+                got = layer.run(x, "kernel_avx512")
+            assert_rel(got, F.linear(x.float(), w), TOL[torch.bfloat16], f"{name} rows {rows} stride {x.stride()}")
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
 def test_float_out_is_the_float_of_the_result(quant_kernels_on, name):
     """The logits' path (QuantLinear.floats, the ops' float_out): float32 holding exactly the values of the product
     in x's dtype, on every path here (AVX2, AVX512, AMX where the CPU has them, torch's where no kernel runs),

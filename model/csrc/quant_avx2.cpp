@@ -49,6 +49,44 @@ at::Tensor finish(at::Tensor y, at::ScalarType dtype, bool float_out) {
   return y;
 }
 
+// y (M, N) of spans run in parallel over the weight's rows (`run_rows`), span(y, n0, n1) writing the float32 sums
+// y[m, n0 .. n1) for every m (rows up to N only): as `finish` returns it, each span's sums converted where it just
+// wrote them, so that no serial pass over y (a copy to bf16: an ATen op with its own allocation and parallel region,
+// ~2 us a call of a decode step's 28 small products) follows the products.
+template <typename Span>
+at::Tensor run_finished(int64_t M, int64_t N, int64_t row_bytes, const at::TensorOptions& options, bool float_out,
+                        const Span& span) {
+  const at::ScalarType dtype = options.dtype().toScalarType();
+  at::Tensor y = at::empty({M, N}, options.dtype(at::kFloat));
+  const bool to_bf16 = dtype == at::kBFloat16 && !float_out, rounded = dtype == at::kBFloat16 && float_out;
+  at::Tensor out = to_bf16 ? at::empty({M, N}, options) : y;
+  float* yp = y.mutable_data_ptr<float>();
+  at::BFloat16* op = to_bf16 ? out.mutable_data_ptr<at::BFloat16>() : nullptr;
+  if (M == 0 || N == 0) return out;
+  run_rows(N, row_bytes, [&](int64_t n0, int64_t n1) {
+    span(yp, n0, n1);
+    const int64_t end = std::min(n1, N);
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = yp + m * N;
+      if (to_bf16) {
+        for (int64_t n = n0; n < end; ++n) op[m * N + n] = at::BFloat16(row[n]);
+      } else if (rounded) {
+        round_to_bf16(row + n0, end - n0);
+      }
+    }
+  });
+  return out;
+}
+
+// x's rows as the tiles read them (bf16 or float32, whole 16-k steps of ldx values with zeros past K) and their row
+// stride: x itself where it already is that (a decode step's bf16 activations with K a multiple of 16: no copy),
+// else a padded copy.
+std::pair<at::Tensor, int64_t> rows_as(const at::Tensor& x, int64_t ldx, at::ScalarType dtype) {
+  if (x.scalar_type() == dtype && x.size(1) == ldx && x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= ldx))
+    return {x, x.size(0) <= 1 ? ldx : x.stride(0)};
+  return {padded_rows(x, ldx, dtype), ldx};
+}
+
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t isa,
                        bool float_out) {
   TORCH_CHECK(x_in.dim() == 2 && q.dim() == 2 && s.dim() == 1, "int8_linear: x (M, K), q (N4, K16 * 4), s (N,)");
@@ -85,25 +123,24 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   const int64_t ldx = steps * 16;
   // Several rows on AVX512 go as bf16 (x_in is bf16 there: exact) to the tiles that widen each weight once.
   const bool bf16_rows = isa_base(isa) >= 1 && M >= 2;
-  const at::Tensor x = padded_rows(x_in, ldx, bf16_rows ? at::kBFloat16 : at::kFloat);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M > 0 && N > 0) {
-    const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
-    float* yp = y.mutable_data_ptr<float>();
-    with_scales(sc, [&](const auto* sp) {
-      run_rows(N, ldx, [&](int64_t n0, int64_t n1) {
-        if (bf16_rows) {
-          const auto* xb = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
-          int8_span512_bf16(rows, sp, xb, ldx, yp, N, n0, n1, N, M, steps);
-        } else if (isa_base(isa) >= 1) {
-          int8_span512(rows, sp, x.const_data_ptr<float>(), ldx, yp, N, n0, n1, N, M, steps);
-        } else {
-          int8_span(rows, sp, x.const_data_ptr<float>(), ldx, yp, N, n0, n1, N, M, steps);
-        }
-      });
+  const std::pair<at::Tensor, int64_t> xr = rows_as(x_in, ldx, bf16_rows ? at::kBFloat16 : at::kFloat);
+  const at::Tensor& x = xr.first;
+  const int64_t ld = xr.second;
+  const Int8Rows rows{q.const_data_ptr<int8_t>(), q.size(1)};
+  at::Tensor y;
+  with_scales(sc, [&](const auto* sp) {
+    y = run_finished(M, N, ldx, x_in.options(), float_out, [&](float* yp, int64_t n0, int64_t n1) {
+      if (bf16_rows) {
+        const auto* xb = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
+        int8_span512_bf16(rows, sp, xb, ld, yp, N, n0, n1, N, M, steps);
+      } else if (isa_base(isa) >= 1) {
+        int8_span512(rows, sp, x.const_data_ptr<float>(), ld, yp, N, n0, n1, N, M, steps);
+      } else {
+        int8_span(rows, sp, x.const_data_ptr<float>(), ld, yp, N, n0, n1, N, M, steps);
+      }
     });
-  }
-  return finish(y, x_in.scalar_type(), float_out);
+  });
+  return y;
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& s, int64_t group,
@@ -145,46 +182,37 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Te
     return float_out ? finish(y, at::kBFloat16, true) : y;
   }
   const int64_t ldx = steps * 16;
+  const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
+  at::Tensor y;
+  if (K == 0) return at::zeros({M, N}, x_in.options().dtype(float_out ? at::kFloat : x_in.scalar_type()));
   if (isa_base(isa) >= 1) {  // bf16 rows, no per-group sums (the table holds q itself)
-    const at::Tensor xb = padded_rows(x_in, ldx, at::kBFloat16);
-    at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
-    if (M > 0 && N > 0 && K > 0) {
-      const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
-      const auto* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
-      float* yp = y.mutable_data_ptr<float>();
-      const bool vnni = (isa & kIsaVnni) && vnni_fits(group_steps);
-      const FixedRows fixed = vnni ? fixed_rows(xp, ldx, M, steps, vnni_block_steps(group_steps)) : FixedRows{};
-      with_scales(sc, [&](const auto* sp) {
-        run_rows(N, steps * 8, [&](int64_t n0, int64_t n1) {
-          if (vnni) {
-            int4_span_vnni(rows, sp, groups, fixed, 0, yp, N, n0, n1, N, M, group_steps);
-          } else {
-            int4_span512(rows, sp, groups, xp, ldx, yp, N, n0, n1, N, M, steps, group_steps);
-          }
-        });
-      });
-    } else if (K == 0) {
-      y.zero_();
-    }
-    return finish(y, x_in.scalar_type(), float_out);
-  }
-  const at::Tensor x = padded_rows(x_in, ldx);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M > 0 && N > 0 && K > 0) {
-    const at::Tensor xsum = x.view({M, groups, ldx / groups}).sum(2);  // (M, groups), padding included (zeros)
-    const float* sump = xsum.const_data_ptr<float>();
-    const Int4Rows rows{q.const_data_ptr<uint8_t>(), q.size(1)};
-    const float* xp = x.const_data_ptr<float>();
-    float* yp = y.mutable_data_ptr<float>();
+    const std::pair<at::Tensor, int64_t> xr = rows_as(x_in, ldx, at::kBFloat16);
+    const at::Tensor& xb = xr.first;
+    const int64_t ld = xr.second;
+    const auto* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
+    const bool vnni = (isa & kIsaVnni) && vnni_fits(group_steps) && M > 0;
+    const FixedRows fixed = vnni ? fixed_rows(xp, ld, M, steps, vnni_block_steps(group_steps)) : FixedRows{};
     with_scales(sc, [&](const auto* sp) {
-      run_rows(N, steps * 8, [&](int64_t n0, int64_t n1) {
-        int4_span(rows, sp, groups, xp, ldx, sump, yp, N, n0, n1, N, M, steps, group_steps);
+      y = run_finished(M, N, steps * 8, x_in.options(), float_out, [&](float* yp, int64_t n0, int64_t n1) {
+        if (vnni) {
+          int4_span_vnni(rows, sp, groups, fixed, 0, yp, N, n0, n1, N, M, group_steps);
+        } else {
+          int4_span512(rows, sp, groups, xp, ld, yp, N, n0, n1, N, M, steps, group_steps);
+        }
       });
     });
-  } else if (K == 0) {
-    y.zero_();
+    return y;
   }
-  return finish(y, x_in.scalar_type(), float_out);
+  const at::Tensor x = padded_rows(x_in, ldx);
+  const at::Tensor xsum = x.view({M, groups, ldx / groups}).sum(2);  // (M, groups), padding included (zeros)
+  const float* sump = xsum.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  with_scales(sc, [&](const auto* sp) {
+    y = run_finished(M, N, steps * 8, x_in.options(), float_out, [&](float* yp, int64_t n0, int64_t n1) {
+      int4_span(rows, sp, groups, xp, ldx, sump, yp, N, n0, n1, N, M, steps, group_steps);
+    });
+  });
+  return y;
 }
 
 }  // namespace
