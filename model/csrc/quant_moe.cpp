@@ -70,22 +70,36 @@ void gather_rows(const at::Tensor& x, const std::vector<int64_t>& token_of, int6
   }
 }
 
-// h = silu_gate * up (R rows of ldg float32 each, row r's first width[r] used) into f (R rows of ld floats, zeros
-// past the row's width) and, where defined, b (bf16).
-void gated(const at::Tensor& silu_gate, const at::Tensor& up, const std::vector<int64_t>& width, const at::Tensor& f,
-           const at::Tensor& b) {
-  const int64_t R = f.size(0), ld = f.size(1), ldg = up.size(1);
-  const float* sp = silu_gate.const_data_ptr<float>();
-  const float* up_p = up.const_data_ptr<float>();
+// h = silu(gate) * up into f (R rows of ld floats, zeros past the row's width) and, where defined, b (bf16):
+// gate_up (2, R, ldg) float32, row r's first width[r] values used. The silu is taken in place, once per run of rows
+// of one width (the routed experts' rows, then the wider shared experts' last), on those columns only; the rows are
+// gated in parallel. (At batch 8 of Tiny int4 the silu over every row's full width and a serial gating cost ~60 us a
+// layer, ~2.8% of the step, timed inside the op; the step ran ~1.01x faster without, 4 alternated processes.)
+void gated(const at::Tensor& gate_up, const std::vector<int64_t>& width, const at::Tensor& f, const at::Tensor& b) {
+  const int64_t R = f.size(0), ld = f.size(1), ldg = gate_up.size(2);
+  const at::Tensor gate = gate_up[0];
+  for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
+    for (r1 = r0 + 1; r1 < R && width[r1] == width[r0];) ++r1;
+    at::Tensor run = gate.narrow(0, r0, r1 - r0).narrow(1, 0, width[r0]);
+    at::silu_(run);
+  }
+  const float* sp = gate.const_data_ptr<float>();
+  const float* up_p = sp + R * ldg;
   float* fp = f.mutable_data_ptr<float>();
   at::BFloat16* bp = b.defined() ? b.mutable_data_ptr<at::BFloat16>() : nullptr;
-  for (int64_t r = 0; r < R; ++r) {
-    float* fr = fp + r * ld;
-    for (int64_t i = 0; i < width[r]; ++i) fr[i] = sp[r * ldg + i] * up_p[r * ldg + i];
-    std::fill(fr + width[r], fr + ld, 0.0f);
-    if (bp != nullptr)
-      for (int64_t i = 0; i < ld; ++i) bp[r * ld + i] = at::BFloat16(fr[i]);
-  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(ld, 1));
+  at::parallel_for(0, R, grain, [&](int64_t a, int64_t z) {
+    for (int64_t r = a; r < z; ++r) {
+      float* fr = fp + r * ld;
+      const int64_t w = width[r];
+      for (int64_t i = 0; i < w; ++i) fr[i] = sp[r * ldg + i] * up_p[r * ldg + i];
+      std::fill(fr + w, fr + ld, 0.0f);
+      if (bp != nullptr) {
+        for (int64_t i = 0; i < w; ++i) bp[r * ld + i] = at::BFloat16(fr[i]);
+        std::fill(bp + r * ld + w, bp + (r + 1) * ld, at::BFloat16(0.0f));
+      }
+    }
+  });
 }
 
 // Per-group sums of x's rows (int4's offsets): (R, groups) for rows of ldx floats whose first K form the groups.
@@ -301,7 +315,7 @@ at::Tensor moe_held(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     // rounds every product's output).
     const at::Tensor h = at::empty({R, ldh}, floats);
     const at::Tensor hb = bf16_rows_used ? at::empty({R, ldh}, floats.dtype(at::kBFloat16)) : at::Tensor();
-    gated(at::silu(gu[0]), gu[1], width, h, hb);
+    gated(gu, width, h, hb);
     const at::Tensor hsum = sums_used ? group_sums(h, I / group_mid) : at::Tensor();
     const std::optional<FixedRows> hfixed = fixed_if(vnni, hb, I, group_mid);
     units.clear();
