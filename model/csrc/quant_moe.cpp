@@ -44,29 +44,31 @@ void plan(std::vector<Unit>& units, const std::vector<int64_t>& active, RowsOf r
     }
 }
 
-// Rows token_of[r] of x (N, E: float32 or bf16) into row r of f (float32) and, where defined, of b (bf16, rounded
-// to nearest even as .to(bfloat16) rounds; exact for bf16 x), zeros from E to their row length: one pass where
+// Rows token_of[r] of x (N, E: float32 or bf16) into row r of f (float32) and of b (bf16, rounded to nearest even
+// as .to(bfloat16) rounds; exact for bf16 x), each where defined, zeros from E to their row length: one pass where
 // padding, gathering and converting took five ATen calls. With `gated` and the sum written in x's dtype: a whole
 // decode step of the real-dimension Tiny 1.04x / 1.03x faster in int4 at batch 1 / 8, int8 1.02x / 1.01x (Zen 5).
 void gather_rows(const at::Tensor& x, const std::vector<int64_t>& token_of, int64_t ld, const at::Tensor& f,
                  const at::Tensor& b) {
   const int64_t E = x.size(1);
-  float* fp = f.mutable_data_ptr<float>();
+  float* fp = f.defined() ? f.mutable_data_ptr<float>() : nullptr;
   at::BFloat16* bp = b.defined() ? b.mutable_data_ptr<at::BFloat16>() : nullptr;
   for (size_t r = 0; r < token_of.size(); ++r) {
-    float* fr = fp + r * ld;
+    float* fr = fp != nullptr ? fp + r * ld : nullptr;
+    at::BFloat16* br = bp != nullptr ? bp + r * ld : nullptr;
     if (x.scalar_type() == at::kBFloat16) {
       const at::BFloat16* xr = x.const_data_ptr<at::BFloat16>() + token_of[r] * E;
-      for (int64_t c = 0; c < E; ++c) fr[c] = static_cast<float>(xr[c]);
-      if (bp != nullptr) std::copy(xr, xr + E, bp + r * ld);
+      if (fr != nullptr)
+        for (int64_t c = 0; c < E; ++c) fr[c] = static_cast<float>(xr[c]);
+      if (br != nullptr) std::copy(xr, xr + E, br);
     } else {
       const float* xr = x.const_data_ptr<float>() + token_of[r] * E;
-      std::copy(xr, xr + E, fr);
-      if (bp != nullptr)
-        for (int64_t c = 0; c < E; ++c) bp[r * ld + c] = at::BFloat16(xr[c]);
+      if (fr != nullptr) std::copy(xr, xr + E, fr);
+      if (br != nullptr)
+        for (int64_t c = 0; c < E; ++c) br[c] = at::BFloat16(xr[c]);
     }
-    std::fill(fr + E, fr + ld, 0.0f);
-    if (bp != nullptr) std::fill(bp + r * ld + E, bp + (r + 1) * ld, at::BFloat16(0.0f));
+    if (fr != nullptr) std::fill(fr + E, fr + ld, 0.0f);
+    if (br != nullptr) std::fill(br + E, br + ld, at::BFloat16(0.0f));
   }
 }
 
@@ -76,7 +78,8 @@ void gather_rows(const at::Tensor& x, const std::vector<int64_t>& token_of, int6
 // gated in parallel. (At batch 8 of Tiny int4 the silu over every row's full width and a serial gating cost ~60 us a
 // layer, ~2.8% of the step, timed inside the op; the step ran ~1.01x faster without, 4 alternated processes.)
 void gated(const at::Tensor& gate_up, const std::vector<int64_t>& width, const at::Tensor& f, const at::Tensor& b) {
-  const int64_t R = f.size(0), ld = f.size(1), ldg = gate_up.size(2);
+  const at::Tensor& any = f.defined() ? f : b;
+  const int64_t R = any.size(0), ld = any.size(1), ldg = gate_up.size(2);
   const at::Tensor gate = gate_up[0];
   for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
     for (r1 = r0 + 1; r1 < R && width[r1] == width[r0];) ++r1;
@@ -85,18 +88,23 @@ void gated(const at::Tensor& gate_up, const std::vector<int64_t>& width, const a
   }
   const float* sp = gate.const_data_ptr<float>();
   const float* up_p = sp + R * ldg;
-  float* fp = f.mutable_data_ptr<float>();
+  float* fp = f.defined() ? f.mutable_data_ptr<float>() : nullptr;
   at::BFloat16* bp = b.defined() ? b.mutable_data_ptr<at::BFloat16>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(ld, 1));
   at::parallel_for(0, R, grain, [&](int64_t a, int64_t z) {
     for (int64_t r = a; r < z; ++r) {
-      float* fr = fp + r * ld;
       const int64_t w = width[r];
-      for (int64_t i = 0; i < w; ++i) fr[i] = sp[r * ldg + i] * up_p[r * ldg + i];
-      std::fill(fr + w, fr + ld, 0.0f);
+      const float* gr = sp + r * ldg;
+      const float* ur = up_p + r * ldg;
+      if (fp != nullptr) {
+        float* fr = fp + r * ld;
+        for (int64_t i = 0; i < w; ++i) fr[i] = gr[i] * ur[i];
+        std::fill(fr + w, fr + ld, 0.0f);
+      }
       if (bp != nullptr) {
-        for (int64_t i = 0; i < w; ++i) bp[r * ld + i] = at::BFloat16(fr[i]);
-        std::fill(bp + r * ld + w, bp + (r + 1) * ld, at::BFloat16(0.0f));
+        at::BFloat16* br = bp + r * ld;
+        for (int64_t i = 0; i < w; ++i) br[i] = at::BFloat16(gr[i] * ur[i]);
+        std::fill(br + w, br + ld, at::BFloat16(0.0f));
       }
     }
   });
@@ -148,8 +156,8 @@ void product(int bits, int64_t isa, const void* q, int64_t block_bytes, const S*
 
 // `Rows` over r0.. of float32 rows `f` (and their bf16 copy `b` / group sums `sums` / fixed point where defined).
 Rows rows_from(const at::Tensor& f, const at::Tensor& b, const at::Tensor& sums, const FixedRows* fixed, int64_t r0) {
-  const int64_t ld = f.size(1);
-  return {f.const_data_ptr<float>() + r0 * ld,
+  const int64_t ld = f.defined() ? f.size(1) : b.size(1);
+  return {f.defined() ? f.const_data_ptr<float>() + r0 * ld : nullptr,
           b.defined() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()) + r0 * ld : nullptr,
           sums.defined() ? sums.const_data_ptr<float>() + r0 * sums.size(1) : nullptr, ld, fixed, r0};
 }
@@ -286,7 +294,9 @@ at::Tensor moe_held(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
   const bool int8_bf16 = bits == 8 && isa_base(isa) >= 1 &&
                          std::any_of(count.begin(), count.end(), [](int64_t c) { return c >= 2; });
   const at::TensorOptions floats = x_in.options().dtype(at::kFloat);
-  const at::Tensor xg = at::empty({R, ldx}, floats);
+  // Float32 rows wherever a product reads them (all but int4 on AVX512, which reads the bf16 ones only).
+  const bool float_rows_used = !bf16_rows_used;
+  const at::Tensor xg = float_rows_used ? at::empty({R, ldx}, floats) : at::Tensor();
   const at::Tensor xb = bf16_rows_used || int8_bf16 ? at::empty({R, ldx}, floats.dtype(at::kBFloat16)) : at::Tensor();
   std::vector<int64_t> token_of(R), width(R);
   for (int64_t r = 0; r < R; ++r) token_of[r] = slot_of[r] / KS, width[r] = table[expert_of[slot_of[r]]].width;
@@ -313,7 +323,7 @@ at::Tensor moe_held(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     });
     // The gated activations: float32, rounded to bf16 where the AVX512 int4 product reads them (as a bf16 model
     // rounds every product's output).
-    const at::Tensor h = at::empty({R, ldh}, floats);
+    const at::Tensor h = float_rows_used ? at::empty({R, ldh}, floats) : at::Tensor();
     const at::Tensor hb = bf16_rows_used ? at::empty({R, ldh}, floats.dtype(at::kBFloat16)) : at::Tensor();
     gated(gu, width, h, hb);
     const at::Tensor hsum = sums_used ? group_sums(h, I / group_mid) : at::Tensor();
