@@ -316,7 +316,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: 
     language.Rotary: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), exactly as language.apply_rope; with
     `interleaved`, of x's features in DeepSeek-V2's pair order (language.deinterleave first). Returns a contiguous
     (B, T, H, D). Requires `glue_fits`."""
-    return torch.ops.dsvl2_kernels.rope_bf16(x, cos[:, 0], sin[:, 0], interleaved)
+    return torch.ops.dsvl2_kernels.rope_bf16(x, cos, sin, interleaved)
 
 
 def route_greedy(x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool,
