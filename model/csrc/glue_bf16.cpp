@@ -106,20 +106,18 @@ void rope_head(const bf16* x, const bf16* cos, const bf16* sin, int64_t D, bool 
   }
 }
 
-// x (B, T, H, D) with unit feature stride (any other strides), cos and sin (B, T, D), or (B, 1, T, D) as
-// language.Rotary makes them (taken as they are: two selects a call in Python were ~1.5 us of a ~4 us rope, 24 calls
-// a Tiny decode step) -> the rotated (B, T, H, D).
+// x (B, T, H, D) with unit feature stride (any other strides), cos and sin (B, 1, T, D) as language.Rotary makes
+// them (taken as they are: selecting (B, T, D) views in Python cost ~1.5 us of a ~4 us rope, 24 calls a Tiny decode
+// step) -> the rotated (B, T, H, D).
 at::Tensor rope_bf16(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, bool interleaved) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.stride(3) == 1,
               "rope_bf16: x must be a (B, T, H, D) bfloat16 CPU tensor with contiguous features");
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 2 == 0, "rope_bf16: the rotary dimension must be even");
-  for (const at::Tensor* t : {&cos_in, &sin_in}) {
-    const int64_t o = t->dim() - 3;  // 1 where the tables keep Rotary's head axis (of size 1)
-    TORCH_CHECK((o == 0 || (o == 1 && t->size(1) == 1)) && t->size(0) == B && t->size(o + 1) == T &&
-                    t->size(o + 2) == D && t->scalar_type() == at::kBFloat16 && t->device().is_cpu(),
-                "rope_bf16: cos and sin must be (B, T, D) or (B, 1, T, D) bfloat16 CPU tensors");
-  }
+  for (const at::Tensor* t : {&cos_in, &sin_in})
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == 1 && t->size(2) == T && t->size(3) == D &&
+                    t->scalar_type() == at::kBFloat16 && t->device().is_cpu(),
+                "rope_bf16: cos and sin must be (B, 1, T, D) bfloat16 CPU tensors");
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
   at::Tensor out = at::empty({B, T, H, D}, x.options());
   const bf16* xp = x.const_data_ptr<bf16>();
