@@ -176,6 +176,25 @@ def test_avx512_decode_rows_read_in_place(quant_avx512_on, name):
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
+def test_empty_products(quant_kernels_on, name):
+    """No input features (K = 0) gives zeros, no rows (M = 0) an empty result, in x's dtype or float32 with
+    float_out, on every path the CPU has: catches a division by the zero group count or an unwritten output."""
+    op = quant_kernels.int8_linear if name == "int8" else quant_kernels.int4_linear
+    isas = [quant_kernels.AVX2] + ([quant_kernels.AVX512] if quant_kernels.avx512_supported() else [])
+    for isa in isas:
+        dtype = torch.bfloat16 if isa != quant_kernels.AVX2 else torch.float32
+        for k, rows in ((0, 3), (64, 0)):
+            int8 = name == "int8"
+            q = torch.zeros(2, (k // 16) * (64 if int8 else 32), dtype=torch.int8 if int8 else torch.uint8)
+            s = torch.ones(8) if int8 else torch.ones(8, k // 16)  # int4: groups of 16 (none where K = 0)
+            args = () if int8 else (16,)
+            for float_out in (False, True):
+                y = op(torch.randn(rows, k).to(dtype), q, s, *args, isa, float_out)
+                assert y.shape == (rows, 8) and y.dtype == (torch.float32 if float_out else dtype)
+                assert not y.any(), f"{name} isa {isa} K={k} rows={rows}"
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
 def test_float_out_is_the_float_of_the_result(quant_kernels_on, name):
     """The logits' path (QuantLinear.floats, the ops' float_out): float32 holding exactly the values of the product
     in x's dtype, on every path here (AVX2, AVX512, AMX where the CPU has them, torch's where no kernel runs),

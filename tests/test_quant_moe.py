@@ -219,6 +219,28 @@ def test_moe_kernel_holds_the_shared_experts_anew_when_theirs_change(quant_kerne
         assert_rel(routed, moe.dispatch(x, ids, weights), TOL[torch.float32], "routed alone")
 
 
+def test_moe_kernel_refuses_held_weights_of_the_wrong_shape(quant_kernels_on):
+    """The held weights are checked once per (bits, groups, width) a call asks for, not per call: an expert whose
+    scales do not fit (here the last one's down scales, an expert no token is routed to) is a clear error naming it
+    on the first call and on every later one (a failed check is not remembered as passed), and the same weights
+    run once the call asks for what they are."""
+    moe = _moe(64, 48, 4, 2, "int4", torch.float32, seed=6)
+    layers = [[getattr(e, n) for e in moe.experts] for n in ("gate_proj", "up_proj", "down_proj")]
+    lists = [([m.qweight for m in ms], [m.scales for m in ms]) for ms in layers]
+    lists[2][1][-1] = lists[2][1][-1][:, :1]  # the last expert's down scales: one group short
+    held = quant_kernels.hold_experts(*lists)
+    x, ids, weights = torch.randn(1, 64), torch.zeros(1, 2, dtype=torch.long), torch.full((1, 2), 0.5)
+    g, d = moe.experts[0].gate_proj.group, moe.experts[0].down_proj.group
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="expert 3's down scales"):
+            quant_kernels.moe_held(x, ids, weights, held, 4, g, d)
+    lists[2][1][-1] = moe.experts[-1].down_proj.scales
+    fitting = quant_kernels.hold_experts(*lists)
+    assert quant_kernels.moe_held(x, ids, weights, fitting, 4, g, d).shape == (1, 64)
+    with pytest.raises(RuntimeError, match="do not divide"):  # other groups than the weights': checked again
+        quant_kernels.moe_held(x, ids, weights, fitting, 4, g, 7)
+
+
 def test_moe_kernel_refuses_the_handle_of_dropped_experts(quant_kernels_on):
     """Catches a handle that outlives its weights (the op reading freed memory): the op takes the held experts by a
     handle, and once Python drops the object the handle is refused with an error naming it, while a live one runs."""
