@@ -54,14 +54,14 @@ class MLP(nn.Module):
                 and kernels.moe_fits(flat, down.weight)):
             # A few rows in bf16 on the CPU: the three products and the gating in one call, as the one expert of
             # every token with weight 1 (exact: the weighted sum rounds the expert's bf16 output to itself).
-            ids, ones = _every_token(flat.shape[0])
+            ids, ones = every_token(flat.shape[0])
             gate, up = [self.gate_proj.weight], [self.up_proj.weight]
             return kernels.moe_routed(flat, ids, ones, gate, up, [down.weight]).view(*x.shape[:-1], -1)
         return proj(F.silu(proj(x, self.gate_proj, p)) * proj(x, self.up_proj, p), down, p)
 
 
 @functools.cache
-def _every_token(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def every_token(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing of n tokens all to expert 0 with weight 1: (ids (n, 1) int64, weights (n, 1) float32); made once per n
     (n <= kernels.MAX_ROWS or QuantLinear.DECODE_ROWS: decode batches), never written."""
     return torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1)
@@ -170,7 +170,7 @@ class MoE(nn.Module):
         """The shared experts' output for tokens flat (N, E): quantised ones on the kernel in one call (every token
         to the one expert with weight 1, exact), else their three products."""
         if isinstance(self.shared_experts.down_proj, QuantLinear) and flat.shape[0] <= QuantLinear.DECODE_ROWS:
-            y = self._quant_shared.run([self.shared_experts], flat, *_every_token(flat.shape[0]))
+            y = self._quant_shared.run([self.shared_experts], flat, *every_token(flat.shape[0]))
             if y is not None:
                 return y
         return self.shared_experts(flat)

@@ -107,12 +107,7 @@ class KVCache:
 
     def _write(self, index: torch.Tensor, lengths: list[int], layer: int, positions: torch.Tensor,
                new: tuple[torch.Tensor, ...], *, every_row: bool) -> tuple[torch.Tensor, ...]:
-        # The largest position is max(lengths) + T - 1: known on the host, where `positions.max()` would wait for
-        # the device once per layer.
-        used = max(lengths, default=0) + positions.shape[-1]
-        if used > self.capacity:
-            raise RuntimeError(f"KV cache overflow: position {used - 1} >= capacity {self.capacity}")
-        self._cover(used)
+        used = self._reserve(lengths, positions.shape[-1])
         stored = self.layers[layer]
         if kernels.store_fits(stored, new):  # bf16 on the CPU: one call, the same copies
             kernels.store_rows(stored, new, index, positions)
@@ -123,6 +118,29 @@ class KVCache:
         if every_row:
             return tuple(buf[..., :used, :] for buf in stored)  # views, no copy
         return tuple(buf[..., :used, :][index] for buf in stored)
+
+    def reserve(self, t: int) -> int:
+        """Make ready the slots a forward of `t` new tokens in every row reads and return their count, S_used (the
+        longest row's length + t); raises where that passes the capacity. `write` does this itself."""
+        return self._reserve(self._lengths, t)
+
+    def store(self, layer: int, positions: torch.Tensor, new: tuple[torch.Tensor, ...],
+              used: int) -> tuple[torch.Tensor, ...]:
+        """`write` of every row after `reserve` returned `used`, on the store kernel without its checks: for callers
+        that settled once that it takes this cache (bf16 on the CPU: `store_fits`) and the new tensors (B, T, *heads,
+        feature) with unit feature stride (decode_plan.py)."""
+        stored = self.layers[layer]
+        kernels.store_rows(stored, new, self._all, positions)
+        return tuple(buf[..., :used, :] for buf in stored)
+
+    def _reserve(self, lengths: list[int], t: int) -> int:
+        # The largest position is max(lengths) + T - 1: known on the host, where `positions.max()` would wait for
+        # the device once per layer.
+        used = max(lengths, default=0) + t
+        if used > self.capacity:
+            raise RuntimeError(f"KV cache overflow: position {used - 1} >= capacity {self.capacity}")
+        self._cover(used)
+        return used
 
     def _cover(self, used: int) -> None:
         """Zero every row's slots from `covered` to at least `used` (a block ahead, within the capacity)."""

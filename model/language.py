@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dsvl2.model import kernel_calibration, kernels
+from dsvl2.model import decode_plan, kernel_calibration, kernels
 from dsvl2.model.attention import SDPA_MIN_QUERIES, absorbed_attend, attend, causal_mask
 from dsvl2.model.config import LanguageConfig, yarn_mscale
 from dsvl2.model.feedforward import MLP, MoE, MoEGate, proj
@@ -348,6 +348,7 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.paths = UNCHOSEN  # for the output head; `use_paths` hands it to every module that asks
         self._trials: dict | None = None  # the calibration trials on this model's shapes, made once
+        self._decode_plan: decode_plan.DecodePlan | None = None  # decode steps with their choices settled
 
     def use_paths(self, paths: Paths) -> None:
         """Make every module of this model ask `paths` which families run our kernels."""
@@ -380,7 +381,19 @@ class LanguageModel(nn.Module):
         if embeds.dtype is torch.bfloat16 and embeds.device.type == "cpu":  # where our kernels can run
             self.choose_paths()  # decided once per process (at load), then a lookup
         with kernels.switch_read_once():  # DSVL2_KERNELS read once for the forward, not by every kernel's check
+            if decode_plan.usable(embeds, cache) and (plan := self._plan()) is not None:
+                return plan(embeds, positions, cache)  # the module tree's decode, its choices settled once
             return self.model(embeds, positions, cache)
+
+    def _plan(self) -> decode_plan.DecodePlan | None:
+        """The decode plan of the current weights and paths (made anew where they changed), None where the kernels
+        are not available."""
+        plan = self._decode_plan
+        if plan is None or not plan.current(self.paths):
+            self._decode_plan = plan = None  # the old plan's weights go before a new one binds them
+            if kernels.available():
+                plan = self._decode_plan = decode_plan.DecodePlan(self.model, self.paths)
+        return plan
 
     def choose_paths(self) -> Paths:
         """Which path each op family takes on this CPU for this model's shapes (`kernels.paths`: features, else a

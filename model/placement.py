@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dsvl2.model import allocator
+from dsvl2.model.decode_plan import DecodePlan
 from dsvl2.model.quant import QuantExperts, QuantLinear
 from dsvl2.model.stacked import StackedProjections
 
@@ -43,7 +44,7 @@ _FAULT_BYTES = 64 << 20
 def place_on_huge_pages(model: nn.Module) -> None:
     """Every QuantLinear of `model` with its qweight and scales in one huge-page buffer per decoder layer (one more
     for those outside the layers: the lm_head), rebound as views of it; see the module docstring."""
-    for _, holder in _attributes(model, QuantExperts | StackedProjections):
+    for _, holder in _attributes(model, QuantExperts | StackedProjections | DecodePlan):
         holder.release()  # they hold the weights too: let go, they take them up again at their next call
     groups: dict[str, list[QuantLinear]] = {}
     for name, m in _stacked_first(model):

@@ -284,17 +284,23 @@ class QuantLinear(nn.Module):
         """x (..., K) -> (..., N) by `impl` (where it does not apply: the kernel where that does, else "dequant"),
         in x's dtype; with `float_out` as float32 holding those values (`.float()` of the result, which the kernel
         writes without that conversion's passes over the output: the logits)."""
-        packed = impl in ("packed", "packed_bf16") and self.packable(x)
-        if impl != "dequant" and not packed:
-            kernel: Impl = impl if impl in KERNEL_ISA else "kernel"
-            fits = self.kernel_fits(x, kernel)  # asked once per product where it holds (~8 us a question)
-            if not fits and kernel != "kernel":
-                kernel, fits = "kernel", self.kernel_fits(x, "kernel")
-            if fits:
-                y = self.kernel(x.reshape(-1, self.in_features), kernel, float_out)
-                return y.view(*x.shape[:-1], self.out_features)
-        y = self._run_torch(x, impl, packed)
+        kernel = self.kernel_for(x, impl)
+        if kernel is not None:
+            y = self.kernel(x.reshape(-1, self.in_features), kernel, float_out)
+            return y.view(*x.shape[:-1], self.out_features)
+        y = self._run_torch(x, impl, impl in ("packed", "packed_bf16") and self.packable(x))
         return y.float() if float_out else y
+
+    def kernel_for(self, x: torch.Tensor, impl: Impl) -> Impl | None:
+        """The kernel impl `run` takes for x under `impl`: `impl` where it is a kernel that covers x, else the
+        generic "kernel" where that does; None where torch runs the product ("dequant", or torch's packed op where
+        it covers x)."""
+        if impl == "dequant" or (impl in ("packed", "packed_bf16") and self.packable(x)):
+            return None
+        kernel: Impl = impl if impl in KERNEL_ISA else "kernel"
+        if self.kernel_fits(x, kernel):  # asked once per product where it holds (~8 us a question)
+            return kernel
+        return "kernel" if kernel != "kernel" and self.kernel_fits(x, "kernel") else None
 
     def _run_torch(self, x: torch.Tensor, impl: Impl, packed: bool) -> torch.Tensor:
         """`run` where our kernel does not: torch's packed op, else the dequantised weight."""
@@ -347,6 +353,16 @@ class QuantExperts:
         the layer's whole feed-forward output, summed in float32 and rounded once (`shared_joined` then says so);
         else they are left to the caller. Joined, Tiny's int4 decode step ran 1.04x / 1.02-1.05x faster at batch
         1 / 8 than with a second call for them (2-core Zen 5, bench/RESULTS.md)."""
+        call = self.call_for(experts, x, shared)
+        if call is None:
+            return None
+        held, bits, group_in, group_mid, isa = call
+        return quant_kernels.moe_held(x, ids, weights, held, bits, group_in, group_mid, isa)
+
+    def call_for(self, experts: Sequence[nn.Module], x: torch.Tensor, shared: nn.Module | None = None
+                 ) -> tuple[quant_kernels.HeldExperts, int, int, int, int] | None:
+        """What `run` hands the op besides the tokens and their routing, (held weights, bits, group_in, group_mid,
+        isa), the weights held anew where they were replaced; None where the kernel does not run these experts."""
         first, last = experts[0], experts[-1]
         gate, down = first.gate_proj, first.down_proj
         impl = gate.impls[0] if isinstance(gate, QuantLinear) else "dequant"
@@ -368,8 +384,7 @@ class QuantExperts:
             self._held = quant_kernels.hold_experts(*(([m.qweight for m in ms], [m.scales for m in ms])
                                                       for ms in layers), shared=int(self.shared_joined))
             self._ends = ends
-        return quant_kernels.moe_held(x, ids, weights, self._held, gate.scheme.bits, gate.group or 0, down.group or 0,
-                                      KERNEL_ISA[impl])
+        return self._held, gate.scheme.bits, gate.group or 0, down.group or 0, KERNEL_ISA[impl]
 
 
 def joins(shared: nn.Module, expert: nn.Module) -> bool:

@@ -38,6 +38,18 @@ class StackedProjections:
 
     def __call__(self, module: nn.Module, x: torch.Tensor, paths: Paths) -> list[torch.Tensor] | None:
         """The outputs (..., N_i) of `module`'s projections for x (..., K), as views of one product's output."""
+        layer = self.layer_for(module, x, paths)
+        if layer is None:
+            return None
+        if isinstance(layer, QuantLinear):
+            y = layer.kernel(x.reshape(-1, x.shape[-1]), layer.impls[0]).view(*x.shape[:-1], layer.out_features)
+        else:
+            y = kernels.linear(x, layer)
+        return y.split_with_sizes(self._sizes, dim=-1)
+
+    def layer_for(self, module: nn.Module, x: torch.Tensor, paths: Paths) -> QuantLinear | torch.Tensor | None:
+        """The stacked layer (quantised: its product runs `impls[0]`) or bf16 weight whose product `__call__` runs for
+        x, made or remade where the members' weights changed; None where the stacked product does not run."""
         modules = module._modules  # asked per layer and decode step: plain lookups, not nn.Module's __getattr__
         members = [modules[name] for name in self.names]
         first = members[0]
@@ -49,14 +61,12 @@ class StackedProjections:
         elif not (isinstance(first, nn.Linear)
                   and kernels.takes(x, first.weight, enabled=paths.kernel("decode_projections"))):
             return None
-        layer = self._current(members)
-        if layer is None:
-            return None
-        if isinstance(layer, QuantLinear):
-            y = layer.kernel(x.reshape(-1, x.shape[-1]), layer.impls[0]).view(*x.shape[:-1], layer.out_features)
-        else:
-            y = kernels.linear(x, layer)
-        return y.split_with_sizes(self._sizes, dim=-1)
+        return self._current(members)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The members' output widths, in order: where the stacked product's output splits."""
+        return self._sizes
 
     def release(self) -> None:
         """Drop the stack (the members keep their views of it; the next call stacks them as they are then)."""

@@ -132,7 +132,8 @@ def test_decode_with_stacked_projections_equals_separate_projections(kernel_call
     assert (2, sum(widths), lm.cfg.hidden_size) in kernel_calls, "the stacked product never ran"
     held = {getattr(attn, n).weight.untyped_storage().data_ptr() for n in attn.stacked.names}
     assert len(held) == 1, "the projections' weights were copied, not rebound as views of the stack"
-    monkeypatch.setattr(StackedProjections, "__call__", lambda *a: None)
+    monkeypatch.setattr(StackedProjections, "layer_for", lambda *a: None)  # the module tree and the decode plan
+    lm._decode_plan = None  # the plan settled the stacked product at the first step: settled again without it
     separate = decode_logits()
     assert (2, sum(widths), lm.cfg.hidden_size) not in kernel_calls
     assert torch.equal(stacked, separate)

@@ -1,0 +1,199 @@
+"""The decode plan (model/decode_plan.py): a decode step with its choices settled once gives the module tree's
+logits and cache bit for bit (MHA and MLA, greedy and grouped routing, bf16 / int8 / int4 on every quantised kernel
+this CPU runs, staggered rows), settles every piece where every family takes the kernels, follows weights replaced
+or moved and a product choice changed, lets go of its weights for placement.py, and stays out of the steps it does
+not cover. Only where the kernels build (AVX512-BF16); the module tree's own kernel wiring is tested in
+tests/test_kernel_wiring.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsvl2.model import kernels, placement
+from dsvl2.model.kernel_choice import Paths
+from dsvl2.model.quant import KERNEL_ISA, KERNEL_LAYOUT, QuantLinear
+
+EVERY_KERNEL = Paths.uniform("kernel", "forced by the test")
+LENGTHS = (5, 9, 2)  # the rows' prompt lengths: staggered, so each row reads its own span of the cache
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    if not kernels.available():
+        pytest.skip(f"no compiled kernel on this machine ({kernels.build_error()})")
+
+
+@pytest.fixture
+def every_kernel(kernel, monkeypatch) -> None:
+    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(kernels, "paths", lambda trials=None: EVERY_KERNEL)  # whatever the calibration says
+
+
+def _fresh(name: str, quantize: str = "none"):
+    """A model of its own (the tests below change its weights; the session's parity models are read-only)."""
+    from parity import checkpoint_dir
+
+    from dsvl2.model.weights import load_model
+
+    return load_model(checkpoint_dir(name), dtype=torch.bfloat16, quantize=quantize).language
+
+
+def _prefilled(lm, rows: int = len(LENGTHS)):
+    """A cache of `rows` rows, each holding its own prompt (LENGTHS), prefilled row by row."""
+    cache = lm.new_cache(rows, 40)
+    for row, n in enumerate(LENGTHS[:rows]):
+        ids = torch.randint(3, lm.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(row))
+        view = cache.rows([row])
+        lm(lm.embed(ids), view)
+        view.advance(n)
+    return cache
+
+
+def _tree(lm, x: torch.Tensor, cache) -> torch.Tensor:
+    """The module tree's decode step, without the plan."""
+    with kernels.switch_read_once():
+        return lm.model(x, cache.positions(x.shape[1]), cache)
+
+
+def _compare(lm, steps: int = 4, rows: int = len(LENGTHS), between=None) -> None:
+    """`steps` decode steps through the model (the plan) and through the module tree from equal caches: logits and
+    every cache buffer equal bit for bit at every step. `between(step)` runs before each step after the first."""
+    with torch.inference_mode():
+        planned, tree = _prefilled(lm, rows), _prefilled(lm, rows)
+        tok = torch.randint(3, lm.cfg.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(7))
+        for step in range(steps):
+            if step and between is not None:
+                between(step)
+            x = lm.embed(tok)
+            got = lm.logits(lm(x, planned)[:, 0])
+            assert lm._decode_plan is not None, "the step did not run the plan"
+            want = lm.logits(_tree(lm, x, tree)[:, 0])
+            assert torch.equal(got, want), f"step {step}: the plan's logits differ from the module tree's"
+            for a, b in zip(planned.layers, tree.layers, strict=True):
+                assert all(torch.equal(p, t) for p, t in zip(a, b, strict=True)), f"step {step}: caches differ"
+            planned.advance(1)
+            tree.advance(1)
+            tok = got.argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize(("name", "modules"), [("tiny-mha", set()), ("small-mla", set()),
+                                               ("base-noaux", {"MoEGate"})])
+def test_plan_equals_the_module_tree_in_bf16(every_kernel, name, modules):
+    """Catches a settled piece that computes anything else than its module (a shape, a stride, a rounding, another
+    op or weight): MHA and MLA (absorbed), dense and MoE layers, shared experts, 1 and 3 staggered rows. Every piece
+    runs a kernel except noaux routing's gate (Base), which calls its module."""
+    from parity import parity_model
+
+    lm = parity_model(name, torch.bfloat16).language
+    for rows in (1, 3):
+        _compare(lm, rows=rows)
+    assert set(lm._decode_plan.unsettled) == modules
+
+
+def _quant_impls(lm) -> list[str]:
+    """The kernel impls this CPU runs for `lm`'s scheme, its quantised layers relaid out for the kernels."""
+    for m in lm.modules():
+        if isinstance(m, QuantLinear):
+            m.relayout(KERNEL_LAYOUT[m.scheme.bits])
+    probe = next(m for m in lm.modules() if isinstance(m, QuantLinear))
+    x = torch.zeros(1, probe.in_features, dtype=torch.bfloat16)
+    return [impl for impl in KERNEL_ISA if probe.kernel_fits(x, impl)]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["tiny-mha", "small-mla"])
+def test_plan_equals_the_module_tree_quantised(every_kernel, quant_kernels_on, name, scheme):
+    """Catches a settled quantised product, stacked projection or held-experts call that differs from the module
+    tree's: every kernel impl this CPU runs, all settled (the shared experts join the routed call)."""
+    lm = _fresh(name, scheme)
+    impls = _quant_impls(lm)
+    assert impls, "no quantised kernel runs here"
+    for impl in impls:
+        for m in lm.modules():
+            if isinstance(m, QuantLinear):
+                m.impls = (impl, impl)
+        _compare(lm, steps=3)
+        assert set(lm._decode_plan.unsettled) <= {"MoEGate"}, f"{impl}: {lm._decode_plan.unsettled}"
+
+
+def test_plan_follows_weights_replaced_and_choices_changed(every_kernel, quant_kernels_on):
+    """Catches a plan that goes stale: between steps a norm's data is rebound (as `.to()` does), an expert stack's
+    parameter rebound, a projection's quantised weight replaced and another product choice taken; each next step
+    equals the module tree's, which reads the weights as they are."""
+    lm = _fresh("tiny-mha")
+    layers = lm.model.layers
+
+    def change(step: int) -> None:
+        if step == 1:
+            norm = layers[1].input_layernorm.weight
+            norm.data = norm.detach() * 1.5
+        elif step == 2:
+            gate = layers[1].mlp.experts[0].gate_proj.weight
+            gate.data = -gate.detach().clone()
+        elif step == 3:
+            q = layers[0].self_attn.q_proj.weight
+            q.data = q.detach().flip(0).contiguous()
+
+    _compare(lm, steps=4, between=change)
+    quantised = _fresh("tiny-mha", "int4")
+    impls = _quant_impls(quantised)
+    for m in quantised.modules():
+        if isinstance(m, QuantLinear):
+            m.impls = (impls[0], impls[0])
+    layers = quantised.model.layers
+    o_proj, donor = layers[1].self_attn.o_proj, layers[0].self_attn.o_proj
+    probe = torch.randn(2, o_proj.in_features).to(torch.bfloat16)
+    assert not torch.equal(o_proj.run(probe, "dequant"), o_proj.run(probe, impls[0])), "a change the test cannot see"
+    experts = layers[2].mlp.experts
+
+    def change_quantised(step: int) -> None:
+        if step == 1:
+            o_proj.qweight, o_proj.scales = donor.qweight.clone(), donor.scales.clone()
+        elif step == 2:
+            for layer in layers:
+                layer.self_attn.o_proj.impls = ("dequant", "dequant")
+        elif step == 3:  # the last expert's down projection: what the held experts are checked by
+            last, other = experts[-1].down_proj, experts[0].down_proj
+            last.qweight, last.scales = other.qweight.clone(), other.scales.clone()
+
+    _compare(quantised, steps=4, between=change_quantised)
+
+
+def test_placement_takes_the_weights_from_the_plan(every_kernel, quant_kernels_on):
+    """Catches a plan that keeps the weights placement.py moves (twice their memory until the next step): placing
+    them releases the plan, and the next step makes a new one over the moved weights, equal to the module tree."""
+    lm = _fresh("tiny-mha", "int8")
+    _compare(lm, steps=1)
+    plan = lm._decode_plan
+    placement.place_on_huge_pages(lm)
+    assert plan.released and not plan.layers
+    _compare(lm, steps=2)
+    assert lm._decode_plan is not plan
+
+
+def test_plan_stays_out_of_steps_it_does_not_cover(kernel, monkeypatch):
+    """Catches the plan running where it would not compute the module tree's step: float32 weights, autograd on,
+    more than one new token, a cache of some rows only, and the kernels switched off (DSVL2_KERNELS=0)."""
+    monkeypatch.setattr(kernels, "paths", lambda trials=None: EVERY_KERNEL)
+    lm = _fresh("tiny-mha")
+    x = lm.embed(torch.tensor([[5, 6], [7, 8]]))  # (2, 2, E)
+    one = x[:, :1]
+    with torch.no_grad():
+        cache = lm.new_cache(2, 16)
+        lm(x, cache)  # two new tokens a row: prefill
+        cache.advance(2)
+        lm(one[:1], cache.rows([0]))  # some rows
+    with torch.enable_grad():
+        lm(one, cache)
+    assert lm._decode_plan is None
+    with torch.no_grad():
+        lm(one, cache)
+        assert lm._decode_plan is not None
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+        lm(one, cache)
+    assert lm._decode_plan is None, "a plan ran with the kernels switched off"
+    floats = _fresh("tiny-mha").float()
+    with torch.no_grad():
+        floats(floats.embed(torch.tensor([[5]])), floats.new_cache(1, 4))
+    assert floats._decode_plan is None
