@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from dsvl2.model import kernels, quant_kernels
 from dsvl2.model.feedforward import MLP, MoE, MoEGate, every_token, proj
@@ -39,6 +40,7 @@ ROWS = min(kernels.MAX_ROWS, QuantLinear.DECODE_ROWS)  # decode rows every settl
 
 Product = Callable[[torch.Tensor], torch.Tensor]  # x (M, K) -> (M, N)
 Norm = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]  # RMSNorm.residual
+Layer = Callable[[torch.Tensor, torch.Tensor | None, "Step"], tuple[torch.Tensor, torch.Tensor]]  # (x, delta, step)
 
 
 @dataclass
@@ -58,6 +60,14 @@ class Watch:
     def __init__(self):
         self.held: list[tuple[dict, str, object]] = []
         self.places: list[tuple[torch.Tensor, int]] = []
+        self.called: list[tuple[nn.Module, bool]] = []  # modules the tree calls, and whether each was `observed`
+
+    def observed(self, module: nn.Module) -> bool:
+        """Whether something sees or replaces the calls of `module`, which the module tree calls (`observed`); the
+        answer is part of what must stay as it was."""
+        seen = observed(module)
+        self.called.append((module, seen))
+        return seen
 
     def param(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
         p = module._parameters[name]
@@ -77,7 +87,19 @@ class Watch:
 
     def current(self) -> bool:
         return (all(holder[key] is value for holder, key, value in self.held)
-                and all(t.data_ptr() == at for t, at in self.places))
+                and all(t.data_ptr() == at for t, at in self.places)
+                and all(observed(m) is seen for m, seen in self.called) and not _global_hooks())
+
+
+def observed(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks or a forward of its own (an instance attribute over its class's, as a
+    wrapper sets): the plan then calls it, so that they see what the module tree would show them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks are registered for every module (torch.nn.modules.module's global ones)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def usable(embeds: torch.Tensor, cache: object) -> bool:
@@ -85,7 +107,8 @@ def usable(embeds: torch.Tensor, cache: object) -> bool:
     over a whole bf16 `KVCache`, at most ROWS rows, autograd off."""
     return (type(cache) is KVCache and embeds.shape[1] == 1 and 0 < embeds.shape[0] <= ROWS
             and embeds.dtype is torch.bfloat16 and embeds.is_cpu and cache.device.type == "cpu"
-            and cache.layers and cache.layers[0][0].dtype is torch.bfloat16 and not torch.is_grad_enabled())
+            and cache.layers and cache.layers[0][0].dtype is torch.bfloat16 and not torch.is_grad_enabled()
+            and not _global_hooks())
 
 
 class DecodePlan:
@@ -100,8 +123,7 @@ class DecodePlan:
         self._quantised = any(isinstance(m, QuantLinear) for m in decoder.modules())
         layers = list(decoder.layers)
         self.rotary = layers[0].self_attn.rotary if layers else None
-        self.layers = [(self._norm(layer.input_layernorm), self._attention(layer.self_attn, layer.index),
-                        self._norm(layer.post_attention_layernorm), self._feedforward(layer.mlp)) for layer in layers]
+        self.layers = [self._layer(layer) for layer in layers]
         self.final = self._norm(decoder.norm)
 
     def release(self) -> None:
@@ -120,10 +142,8 @@ class DecodePlan:
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         step = Step(positions, rope, cache, cache.reserve(1))
         delta = None
-        for norm_in, attention, norm_post, feedforward in self.layers:
-            h, x = norm_in(x, delta)
-            h, x = norm_post(x, attention(h, step))
-            delta = feedforward(h)
+        for layer in self.layers:
+            x, delta = layer(x, delta, step)
         return self.final(x, delta)[0]
 
     # --- the pieces ---
@@ -133,8 +153,23 @@ class DecodePlan:
         self.unsettled.append(type(module).__name__)
         return run
 
-    def _norm(self, norm: nn.Module) -> Norm:
-        if not (self.paths.kernel("layer_glue") and _bf16(norm.weight)):
+    def _layer(self, layer: nn.Module) -> Layer:
+        """language.DecoderLayer's forward of (x, delta) as its pieces, or the layer itself where it is observed."""
+        if self.watch.observed(layer):
+            return self._as_module(lambda x, delta, step: layer(x, step.positions, step.cache, step.rope, delta), layer)
+        norm_in, norm_post = self._norm(layer.input_layernorm), self._norm(layer.post_attention_layernorm)
+        attention, feedforward = self._attention(layer.self_attn, layer.index), self._feedforward(layer.mlp)
+
+        def pieces(x: torch.Tensor, delta: torch.Tensor | None, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+            h, x = norm_in(x, delta)
+            h, x = norm_post(x, attention(h, step))
+            return x, feedforward(h)
+
+        return pieces
+
+    def _norm(self, norm: nn.Module, called: bool = False) -> Norm:
+        """RMSNorm.residual of (x, delta); `called`: a norm the module tree calls as a module (MLA's)."""
+        if not (self.paths.kernel("layer_glue") and _bf16(norm.weight)) or (called and self.watch.observed(norm)):
             return self._as_module(norm.residual, norm)
         w, eps = self.watch.param(norm), norm.eps
 
@@ -145,8 +180,8 @@ class DecodePlan:
 
     def _linear(self, layer: nn.Module) -> Product:
         """x (M, K) -> (M, N) as `proj` computes it for decode rows."""
-        if isinstance(layer, QuantLinear):
-            impl = layer.kernel_for(_probe(layer.in_features), layer.impls[0])
+        if isinstance(layer, QuantLinear):  # called as a module by `proj`
+            impl = None if self.watch.observed(layer) else layer.kernel_for(_probe(layer.in_features), layer.impls[0])
             if impl is None:
                 return self._as_module(layer, layer)
             self.watch.attr(layer, "impls")
@@ -190,7 +225,7 @@ class DecodePlan:
         def module(h: torch.Tensor, step: Step) -> torch.Tensor:
             return attn(h, step.positions, step.cache, index, step.rope)
 
-        if not (self.paths.kernel("layer_glue") and self.paths.kernel("decode_attention")):
+        if not (self.paths.kernel("layer_glue") and self.paths.kernel("decode_attention")) or self.watch.observed(attn):
             return self._as_module(module, attn)
         if hasattr(attn, "kv_b_proj"):
             return self._latent_attention(attn, index) or self._as_module(module, attn)
@@ -222,9 +257,9 @@ class DecodePlan:
         w = self.watch.param(attn.kv_b_proj)
         lora = "q_a_proj" in attn._modules
         first = self._projections(attn, ("q_a_proj" if lora else "q_proj", "kv_a_proj_with_mqa"))
-        q_norm = self._norm(attn.q_a_layernorm) if lora else None
+        q_norm = self._norm(attn.q_a_layernorm, called=True) if lora else None
         q_up = self._linear(attn.q_b_proj) if lora else None
-        kv_norm = self._norm(attn.kv_a_layernorm)
+        kv_norm = self._norm(attn.kv_a_layernorm, called=True)
         out = self._linear(attn.o_proj)
         H, dn, dr, dv, rank, scale = attn.heads, attn.dn, attn.dr, attn.dv, attn.rank, attn.scale
 
@@ -248,6 +283,8 @@ class DecodePlan:
 
     def _feedforward(self, block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The layer's feed-forward block of h (B, 1, E)."""
+        if self.watch.observed(block):
+            return self._as_module(block, block)
         run = self._experts(block) if isinstance(block, MoE) else self._mlp(block)
         if run is None:
             return self._as_module(block, block)
@@ -258,7 +295,7 @@ class DecodePlan:
         products."""
         down = mlp.down_proj
         if not isinstance(down, QuantLinear):
-            if not (self.paths.kernel("decode_experts") and _bf16(down.weight)):
+            if not (self.paths.kernel("decode_experts") and _bf16(down.weight)) or self.watch.observed(mlp):
                 return self._as_module(mlp, mlp)
             gate, up, down = (self.watch.param(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
             return lambda x: kernels.moe_routed(x, *every_token(x.shape[0]), [gate], [up], [down])
@@ -300,8 +337,8 @@ class DecodePlan:
 
     def _route(self, gate: MoEGate) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         w = gate.weight
-        if not (gate.method == "greedy" and gate.scoring == "softmax" and self.paths.kernel("layer_glue")
-                and w.dtype in (torch.bfloat16, torch.float32) and w.is_cpu):
+        if (not (gate.method == "greedy" and gate.scoring == "softmax" and self.paths.kernel("layer_glue")
+                 and w.dtype in (torch.bfloat16, torch.float32) and w.is_cpu) or self.watch.observed(gate)):
             return self._as_module(gate, gate)
         w = self.watch.param(gate).detach()
         k, normalize, scaling = gate.top_k, gate.norm_topk_prob, gate.scaling

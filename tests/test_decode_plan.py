@@ -197,3 +197,36 @@ def test_plan_stays_out_of_steps_it_does_not_cover(kernel, monkeypatch):
     with torch.no_grad():
         floats(floats.embed(torch.tensor([[5]])), floats.new_cache(1, 4))
     assert floats._decode_plan is None
+
+
+def test_plan_calls_the_modules_that_hooks_watch(every_kernel):
+    """Catches a plan that runs past a hook or a wrapped forward the module tree would call: with a forward hook on
+    a gate, a pre-hook on a layer and a wrapped attention forward, each decode step calls each of them once (the
+    rest stays settled, the logits equal the tree's); registered after the plan was made they are seen at the next
+    step, and once removed the plan settles those pieces again."""
+    lm = _fresh("tiny-mha")
+    _compare(lm, steps=1)
+    assert lm._decode_plan.unsettled == []
+    layers, seen = lm.model.layers, []
+    gate_hook = layers[1].mlp.gate.register_forward_hook(lambda m, args, out: seen.append("gate"))
+    layer_hook = layers[2].register_forward_pre_hook(lambda m, args: seen.append("layer"))
+    attention = layers[0].self_attn
+    attention.forward = lambda *a, forward=attention.forward: seen.append("attention") or forward(*a)
+    with torch.inference_mode():
+        cache = _prefilled(lm, 2)
+        seen.clear()
+        lm(lm.embed(torch.tensor([[5], [6]])), cache)
+    assert sorted(seen) == ["attention", "gate", "layer"]
+    assert sorted(lm._decode_plan.unsettled) == ["DecoderLayer", "MHAttention", "MoEGate"]
+    _compare(lm, steps=2)
+    gate_hook.remove(), layer_hook.remove()
+    del attention.forward
+    _compare(lm, steps=1)
+    assert lm._decode_plan.unsettled == []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        with torch.inference_mode():
+            lm(lm.embed(torch.tensor([[5], [6]])), cache)
+        assert lm._decode_plan is None or not lm._decode_plan.current(lm.paths), "a global hook went unseen"
+    finally:
+        handle.remove()
