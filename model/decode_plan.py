@@ -3,21 +3,22 @@
 A decode step of the module tree asks every question again at every layer and step: which path each op family
 takes, whether each kernel covers these tensors (dtype, device, strides, autograd, the library switched on), whether
 stacked or held weights are still current, plus nn.Module's calls and attribute lookups. On Tiny's 12 layers that
-is ~4,000 Python calls a step, ~0.55 ms of a ~1.4 ms step that reads its weights from L3 (bench/fixed_costs.py:
-bench/RESULTS.md), the same at any batch: 8% of a real int4 step at batch 1 on a 2-core Zen 5.
+is ~4,000 Python calls a step: ~0.6 ms at any batch, ~9% of a real int4 step at batch 1 on a 2-core Zen 5
+(bench/fixed_costs.py, bench/RESULTS.md).
 
 For a step of one new token per row over a whole `KVCache` (the engine's decode), in bf16 on the CPU with autograd
 off, `DecodePlan` asks those questions once, when it is made: each piece of a layer (its two norms with their
 residual adds, the attention, the feed-forward block; inside them the projections, routing and experts) becomes
 either the kernel call the module would make, with its weights and choices bound, or, where the module would not
 take a kernel there (a family on torch, a quantised product on torch's op, MLA's expanded form, a gate other than
-greedy softmax), the module itself, called as the module tree calls it. Each settled piece makes the same calls on
-the same tensors as the module path, so the plan's output equals it bit for bit (tests/test_decode_plan.py).
+greedy softmax) or where a module the tree calls has forward hooks or a wrapped forward, the module itself, called
+as the module tree calls it. Each settled piece makes the same calls on the same tensors as the module path, so the
+plan's output equals it bit for bit (tests/test_decode_plan.py).
 
 A plan stays valid while what it bound is current: every weight, stacked or held weight and product choice it read
-(by identity, and parameters' data by address, as `.to()` and the stacks rebind a parameter's data in place), the
-model's `Paths` and the kernels switched on. `LanguageModel` checks that at each step (~180 identity checks on Tiny)
-and makes a new plan where it fails.
+(by identity, and parameters' data by address, as `.to()` and the stacks rebind a parameter's data in place), which
+of the modules it passes by are watched by hooks, the model's `Paths` and the kernels switched on. `LanguageModel`
+checks that at each step (a few hundred identity checks on Tiny, ~20 us) and makes a new plan where it fails.
 """
 
 from __future__ import annotations
