@@ -356,3 +356,26 @@ def test_dispatch_of_quantised_experts_combines_in_the_kernel(monkeypatch, quant
         want = moe.dispatch(x, ids, weights)
     assert calls == [int((torch.bincount(ids.flatten(), minlength=8) > 0).sum())]
     assert_rel(got, want, 2**-8, f"{scheme} dispatch")
+
+
+def test_vnni_down_products_of_narrower_experts_read_their_own_width(quant_vnni_on):
+    """Catches the gated activations turned into fixed point over the widest expert's width for every expert: the
+    VNNI tiles ran every block they were given, so a routed expert's down product (half the shared experts' width)
+    read its weight and scales past its K, zeros times whatever lay there. The memory after each routed expert's down
+    scales is NaN here: read, it makes the output NaN; unread, the output equals the experts one by one."""
+    moe = _moe(1280, 896, 16, 6, "int4", torch.bfloat16, seed=3, shared=2)
+    for expert in (*moe.experts, moe.shared_experts):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(expert, name).impls = ("kernel_vnni", "kernel_vnni")
+    for expert in moe.experts:
+        down = expert.down_proj
+        poisoned = torch.full((down.scales.numel() + 4096,), float("nan"), dtype=down.scales.dtype)
+        poisoned[: down.scales.numel()] = down.scales.flatten()
+        down.scales = poisoned[: down.scales.numel()].view(down.scales.shape)
+    for tokens in (1, 8):
+        x = torch.randn(tokens, 1280, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+        with torch.inference_mode():
+            ids, weights = _routing(moe, x, 16, 6)
+            fused, expected = _run(moe, x, ids, weights, with_shared=True)
+        assert fused is not None and torch.isfinite(fused).all(), f"{tokens} tokens: read past a routed expert's K"
+        assert_rel(fused, expected, TOL[torch.bfloat16], f"int4 vnni, shared experts twice as wide, {tokens} tokens")

@@ -154,12 +154,14 @@ void product(int bits, int64_t isa, const void* q, int64_t block_bytes, const S*
   }
 }
 
-// `Rows` over r0.. of float32 rows `f` (and their bf16 copy `b` / group sums `sums` / fixed point where defined).
-Rows rows_from(const at::Tensor& f, const at::Tensor& b, const at::Tensor& sums, const FixedRows* fixed, int64_t r0) {
+// `Rows` over r0.. of float32 rows `f` (and their bf16 copy `b` / group sums `sums` where defined; fixed point where
+// given, row r0 being its row `first`).
+Rows rows_from(const at::Tensor& f, const at::Tensor& b, const at::Tensor& sums, const FixedRows* fixed, int64_t r0,
+               int64_t first) {
   const int64_t ld = f.defined() ? f.size(1) : b.size(1);
   return {f.defined() ? f.const_data_ptr<float>() + r0 * ld : nullptr,
           b.defined() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()) + r0 * ld : nullptr,
-          sums.defined() ? sums.const_data_ptr<float>() + r0 * sums.size(1) : nullptr, ld, fixed, r0};
+          sums.defined() ? sums.const_data_ptr<float>() + r0 * sums.size(1) : nullptr, ld, fixed, first};
 }
 
 // bf16 rows b (ldx each) as fixed point where the VNNI tiles run a weight of K in groups of `group` (else null).
@@ -170,6 +172,33 @@ std::optional<FixedRows> fixed_if(bool vnni, const at::Tensor& b, int64_t K, int
   return fixed_rows(reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()), b.size(1), b.size(0), steps,
                     vnni_block_steps(group_steps));
 }
+
+// The gated activations hb (R rows, bf16) as fixed point for int4's VNNI tiles, per run of rows of one width (the
+// routed experts' rows, then the wider shared experts'), each over its own width: the tiles run every block of the
+// fixed rows they are given, so rows converted over the widest width made a narrower expert's down product read its
+// weight and scales past its K (zeros times whatever lay there: NaN where that was past the last row's scales).
+struct FixedRuns {
+  std::vector<std::optional<FixedRows>> runs;
+  std::vector<int64_t> run_of, start;  // each row's run; each run's first row
+
+  FixedRuns(bool vnni, const at::Tensor& hb, const std::vector<int64_t>& width, int64_t group) {
+    if (!vnni) return;
+    const int64_t R = static_cast<int64_t>(width.size());
+    run_of.resize(R);
+    for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
+      for (r1 = r0 + 1; r1 < R && width[r1] == width[r0];) ++r1;
+      start.push_back(r0);
+      runs.push_back(fixed_if(true, hb.narrow(0, r0, r1 - r0), width[r0], group));
+      std::fill(run_of.begin() + r0, run_of.begin() + r1, static_cast<int64_t>(runs.size()) - 1);
+    }
+  }
+  // The fixed rows holding row r (null where the VNNI tiles do not run) and r's row in them.
+  std::pair<const FixedRows*, int64_t> of(int64_t r) const {
+    if (runs.empty()) return {nullptr, r};
+    const int64_t run = run_of[r];
+    return {runs[run] ? &*runs[run] : nullptr, r - start[run]};
+  }
+};
 
 // The routing-weighted sum over each token's slots, in slot order, in float32: y[n] = sum over k of
 // w[n * K + k] * rows[row_of[n * K + k]] (rows of E values, float32 or bf16), an (N, E) tensor of `options`
@@ -318,7 +347,7 @@ at::Tensor moe_held(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
       const ExpertRows& w = table[u.expert];
       const int64_t r0 = start[u.expert];
       product(bits, isa, w.q[u.which], w.block_bytes[u.which], static_cast<const S*>(w.s[u.which]), group_in,
-              rows_from(xg, xb, xsum, xfixed ? &*xfixed : nullptr, r0), gup + (u.which * R + r0) * I, I, u.n0, u.n1,
+              rows_from(xg, xb, xsum, xfixed ? &*xfixed : nullptr, r0, r0), gup + (u.which * R + r0) * I, I, u.n0, u.n1,
               w.width, count[u.expert], E);
     });
     // The gated activations: float32, rounded to bf16 where the AVX512 int4 product reads them (as a bf16 model
@@ -327,16 +356,16 @@ at::Tensor moe_held(const at::Tensor& x_in, const at::Tensor& ids_in, const at::
     const at::Tensor hb = bf16_rows_used ? at::empty({R, ldh}, floats.dtype(at::kBFloat16)) : at::Tensor();
     gated(gu, width, h, hb);
     const at::Tensor hsum = sums_used ? group_sums(h, I / group_mid) : at::Tensor();
-    const std::optional<FixedRows> hfixed = fixed_if(vnni, hb, I, group_mid);
+    const FixedRuns hfixed(vnni, hb, width, group_mid);
     units.clear();
     plan(units, active, [&](int64_t) { return E; }, [&](int64_t e) { return row_bytes(width_of(e)); }, {2});
     run_units(static_cast<int64_t>(units.size()), [&](int64_t i) {
       const Unit& u = units[i];
       const ExpertRows& w = table[u.expert];
       const int64_t r0 = start[u.expert];
+      const auto [fixed, first] = hfixed.of(r0);
       product(bits, isa, w.q[2], w.block_bytes[2], static_cast<const S*>(w.s[2]), group_mid,
-              rows_from(h, hb, hsum, hfixed ? &*hfixed : nullptr, r0), op + r0 * E, E, u.n0, u.n1, E,
-              count[u.expert], w.width);
+              rows_from(h, hb, hsum, fixed, r0, first), op + r0 * E, E, u.n0, u.n1, E, count[u.expert], w.width);
     });
   };
   if (held->scale_type == at::kFloat) {
