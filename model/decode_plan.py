@@ -34,6 +34,7 @@ from torch.nn.modules import module as _module
 
 from dsvl2.model import kernels, quant_kernels
 from dsvl2.model.feedforward import MLP, MoE, MoEGate, every_token, proj
+from dsvl2.model.holders import WeightHolder
 from dsvl2.model.kernel_choice import Paths
 from dsvl2.model.kv_cache import KVCache
 from dsvl2.model.quant import KERNEL_ISA, QuantLinear
@@ -119,7 +120,7 @@ def usable(embeds: torch.Tensor, cache: object) -> bool:
             and not _global_hooks())
 
 
-class DecodePlan:
+class DecodePlan(WeightHolder):
     """The decoder `decoder` (language.Decoder) settled for decode steps under `paths`; see the module docstring.
     Make it with the kernels available and switched on (`kernels.available()`)."""
 

@@ -25,6 +25,7 @@ from torch import nn
 from dsvl2.model import kernels, quant_kernels
 from dsvl2.model.attention import SDPA_MIN_QUERIES
 from dsvl2.model.config import LanguageConfig
+from dsvl2.model.holders import WeightHolder
 from dsvl2.model.kernel_choice import UNCHOSEN, Paths
 from dsvl2.model.quant import QuantExperts, QuantLinear
 
@@ -128,7 +129,7 @@ class MoEGate(nn.Module):
         return group_mask[:, :, None].expand(-1, -1, per_group).reshape(scores.shape)
 
 
-class MoE(nn.Module):
+class MoE(nn.Module, WeightHolder):
     """Routed experts plus always-on shared experts. Tokens are sorted by expert so that each active
     expert runs one matrix product over all of its tokens (no per-token loop)."""
 
@@ -145,6 +146,11 @@ class MoE(nn.Module):
         self._quant_experts, self._quant_shared = QuantExperts(), QuantExperts()
         self._stacked = StackedExperts()
         self.paths = UNCHOSEN
+
+    def release(self) -> None:
+        """Drop the lists of the experts' weights (`_expert_weights`, `_kernel_weights`; the holders among its
+        attributes release themselves: holders.release_all)."""
+        self._weight_lists = self._kernel_args = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -307,7 +313,7 @@ def _grouped_runs(device: str) -> bool:
     return True
 
 
-class StackedExperts:
+class StackedExperts(WeightHolder):
     """The routed experts' float weights as three stacked tensors, gate and up (X, I, E) and down (X, E, I), for
     `MoE.grouped`. Building them rebinds each expert's parameters as views of the stacks, so the weights are held
     once (while building, one stack more); built on first use and again when the parameters were replaced or moved
@@ -317,6 +323,9 @@ class StackedExperts:
 
     def __init__(self):
         self._stacks: tuple[torch.Tensor, ...] = ()
+
+    def release(self) -> None:
+        self._stacks = ()
 
     def get(self, experts: nn.ModuleList) -> tuple[torch.Tensor, ...] | None:
         """The stacks (gate, up, down), or None where the parameters cannot be views of one stack (some of them

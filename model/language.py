@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dsvl2.model import decode_plan, kernel_calibration, kernels
+from dsvl2.model import decode_plan, holders, kernel_calibration, kernels
 from dsvl2.model.attention import SDPA_MIN_QUERIES, absorbed_attend, attend, causal_mask
 from dsvl2.model.config import LanguageConfig, yarn_mscale
 from dsvl2.model.feedforward import MLP, MoE, MoEGate, proj
@@ -349,6 +349,13 @@ class LanguageModel(nn.Module):
         self.paths = UNCHOSEN  # for the output head; `use_paths` hands it to every module that asks
         self._trials: dict | None = None  # the calibration trials on this model's shapes, made once
         self._decode_plan: decode_plan.DecodePlan | None = None  # decode steps with their choices settled
+
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module's conversions and moves (`.to()`, `.float()`, `.cuda()`): every holder of the weights lets go
+        first (holders.py), so that the old tensors go with the move."""
+        holders.release_all(self)
+        self._decode_plan = None
+        return super()._apply(fn, recurse)
 
     def use_paths(self, paths: Paths) -> None:
         """Make every module of this model ask `paths` which families run our kernels."""

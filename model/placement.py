@@ -27,9 +27,8 @@ from types import UnionType
 import torch
 from torch import nn
 
-from dsvl2.model import allocator
-from dsvl2.model.decode_plan import DecodePlan
-from dsvl2.model.quant import QuantExperts, QuantLinear
+from dsvl2.model import allocator, holders
+from dsvl2.model.quant import QuantLinear
 from dsvl2.model.stacked import StackedProjections
 
 _LAYER = re.compile(r"^(.*\blayers\.\d+)\.")
@@ -44,8 +43,7 @@ _FAULT_BYTES = 64 << 20
 def place_on_huge_pages(model: nn.Module) -> None:
     """Every QuantLinear of `model` with its qweight and scales in one huge-page buffer per decoder layer (one more
     for those outside the layers: the lm_head), rebound as views of it; see the module docstring."""
-    for _, holder in _attributes(model, QuantExperts | StackedProjections | DecodePlan):
-        holder.release()  # they hold the weights too: let go, they take them up again at their next call
+    holders.release_all(model)  # they hold the weights too: let go, they take them up again at their next use
     groups: dict[str, list[QuantLinear]] = {}
     for name, m in _stacked_first(model):
         found = _LAYER.match(name)

@@ -39,6 +39,7 @@ from torch import nn
 
 from dsvl2.model import quant_kernels, torch_int4
 from dsvl2.model.errors import ConfigError
+from dsvl2.model.holders import WeightHolder
 
 Impl = Literal["kernel", "kernel_avx512", "kernel_amx", "kernel_vnni", "kernel_amx_vnni", "packed", "packed_bf16",
                "dequant"]
@@ -326,7 +327,7 @@ class QuantLinear(nn.Module):
         return self.impls[0] if x.numel() // self.in_features <= self.DECODE_ROWS else self.impls[1]
 
 
-class QuantExperts:
+class QuantExperts(WeightHolder):
     """A MoE layer's routed experts, and its shared ones where they can join them, as one call of the quantised MoE
     kernel (quant_kernels.moe_held) where their products run the kernel: every expert's qweights and scales held by
     the library (`hold_experts`), made once and again when the weights are replaced (loading, `relayout`, `.to()`),

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from dsvl2.model import kernels
+from dsvl2.model.holders import WeightHolder
 from dsvl2.model.kernel_choice import Paths
 from dsvl2.model.quant import KERNEL_ISA, KERNEL_LAYOUT, QuantLinear
 
 Projection = nn.Linear | QuantLinear
 
 
-class StackedProjections:
+class StackedProjections(WeightHolder):
     """The projections `names` of a module (all of the same input) as one stacked product; see the module
     docstring. `__call__` returns their outputs, or None where the stacked product does not run (the caller then
     runs them one by one)."""

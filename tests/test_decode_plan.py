@@ -230,3 +230,32 @@ def test_plan_calls_the_modules_that_hooks_watch(every_kernel):
         assert lm._decode_plan is None or not lm._decode_plan.current(lm.paths), "a global hook went unseen"
     finally:
         handle.remove()
+
+
+def test_a_move_frees_what_the_holders_held(every_kernel, quant_kernels_on):
+    """Catches a holder that keeps the weights it bound after the model's tensors move (`.to()`, `.float()`: a model
+    moved to a GPU would keep its CPU weights for good): the decode plan, the stacked projections, the MoE layers'
+    lists of stacks and the quantised experts held by the library let go of them, and the old tensors are freed."""
+    import gc
+    import weakref
+
+    for scheme in ("none", "int4"):
+        lm = _fresh("tiny-mha", scheme)
+        if scheme == "int4":
+            impl = _quant_impls(lm)[0]
+            for m in lm.modules():
+                if isinstance(m, QuantLinear):
+                    m.impls = (impl, impl)
+        _compare(lm, steps=1)
+        attn, moe = lm.model.layers[0].self_attn, lm.model.layers[1].mlp
+        held = [lm._decode_plan, attn.stacked._layer]
+        if scheme == "int4":  # a scale the library holds (`.float()` replaces the scales, not the integer weights)
+            held.append(moe._quant_experts._held.lists()[1][0])
+        else:
+            held += [*moe._kernel_args[1][0], *moe._stacked._stacks]
+        refs = [weakref.ref(h) for h in held if h is not None]
+        assert len(refs) >= 3, f"{scheme}: the holders held nothing to test"
+        del held
+        lm.float()
+        gc.collect()
+        assert all(r() is None for r in refs), f"{scheme}: weights still held after the move"
