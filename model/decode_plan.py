@@ -323,7 +323,7 @@ class DecodePlan(WeightHolder):
                 return None
             self.watch.attr(first.gate_proj, "impls")
             for m in (first.gate_proj, last.down_proj, *((shared.gate_proj, shared.down_proj) if shared else ())):
-                if isinstance(m, QuantLinear):  # quant.QuantExperts's `ends`
+                if isinstance(m, QuantLinear):  # quant_experts.QuantExperts's `ends`
                     self.watch.buffer(m, "qweight")
             held, bits, group_in, group_mid, isa = call
             rest = None if shared is None or moe._quant_experts.shared_joined else moe._shared

@@ -6,7 +6,7 @@ and asks it, never the environment, whether a family runs our kernels; the kerne
 device, availability) still apply. Shape legend: N tokens, E hidden size, X routed experts, K experts per token,
 T new tokens per row, I an expert's width.
 
-A MoE layer's routed experts run, first that applies: the quantised one-call kernel (quant.QuantExperts, which
+A MoE layer's routed experts run, first that applies: the quantised one-call kernel (quant_experts.QuantExperts, which
 takes the shared experts into the same call where their weights match the routed ones' scheme and layout); the bf16
 CPU one-call kernel (kernels.moe_routed, where its family takes the kernel); torch's grouped product over the
 experts' weights stacked per projection (`MoE.grouped`: float32 / bf16 on the CPU, bf16 on a GPU; nothing read
@@ -27,7 +27,8 @@ from dsvl2.model.attention import SDPA_MIN_QUERIES
 from dsvl2.model.config import LanguageConfig
 from dsvl2.model.holders import WeightHolder
 from dsvl2.model.kernel_choice import UNCHOSEN, Paths
-from dsvl2.model.quant import QuantExperts, QuantLinear
+from dsvl2.model.quant import QuantLinear
+from dsvl2.model.quant_experts import QuantExperts
 
 
 def proj(x: torch.Tensor, layer: nn.Linear | QuantLinear, paths: Paths) -> torch.Tensor:

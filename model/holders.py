@@ -1,5 +1,5 @@
 """Objects that hold a model's weights besides its parameters and buffers: a stack that projections or experts are
-views of (stacked.py, feedforward.py), the experts held by the quantised kernel library (quant.QuantExperts), a
+views of (stacked.py, feedforward.py), the experts held by the quantised kernel library (quant_experts.QuantExperts), a
 decode plan's bound calls (decode_plan.py), a MoE layer's lists of its experts' weights. Each is a `WeightHolder`: it
 lets go on `release()` and takes the weights up again, as they are then, at its next use.
 

@@ -16,8 +16,8 @@ candidate in every layout the layers can take; the winner has the least slowdown
 count, summed (one that rounds the activations, VNNI's, must win by ROUNDING_MARGIN), and fixes the layout. Both
 families time what a decode step runs, with weights read from memory, not cache: "experts" (`time_routed`) the first
 ROUTED_LAYERS MoE layers, each over the experts its own gate picks for random tokens, through the model's own code
-(quant.QuantExperts, else feedforward.dispatch), so the per-expert calls of torch's ops are in the timings; "dense"
-(`time_dense`) one product after another over its layers in model order (the lm_head left out), up to
+(quant_experts.QuantExperts, else feedforward.dispatch), so the per-expert calls of torch's ops are in the timings;
+"dense" (`time_dense`) one product after another over its layers in model order (the lm_head left out), up to
 DENSE_STEP_BYTES of weight. Timed per product on one layer (which a cache holds), dense decode took torch's int8 op
 on a Zen 5, 2x the bf16 model's time for those products in a decode step. The layers timed are repacked in place
 into each layout timed and back (no copies: Base in int4 must stay under 20 GiB). Prefill (PREFILL_ROWS of the
@@ -47,7 +47,8 @@ from dsvl2.model import allocator, quant_kernels
 from dsvl2.model.feedforward import MoE, dispatch
 from dsvl2.model.kernel_choice import Timer, best_time, cache_file, read_timings, write_timings
 from dsvl2.model.kernels import machine
-from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantExperts, QuantLinear, family_of
+from dsvl2.model.quant import FAMILIES, KERNEL_ISA, Family, Impl, Layout, QuantLinear, family_of
+from dsvl2.model.quant_experts import QuantExperts
 
 # Rows timed for decode, batches 1 and 8: per product for "dense"; for "experts" tokens per decode step, each
 # routed by its layer's gate (a routed expert sees 1-2 of a batch of 8: 8 x top-6 of 64). Timing the experts per

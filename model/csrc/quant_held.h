@@ -49,7 +49,7 @@ inline Registry& registry() {
 }
 
 // A MoE layer's expert weights held by the library (torch.classes.dsvl2_quant.Experts, made once per layer by
-// model/quant.py's QuantExperts), so that a decode step's call hands over one object, not six lists of every
+// model/quant_experts.py's QuantExperts), so that a decode step's call hands over one object, not six lists of every
 // expert's tensors: converting those lists (6 x 64 tensors for Tiny, each a cold object in the caches after a step
 // of streaming weights) took ~140 us a call in the model, a tenth of an int4 decode step at batch 1. For the same
 // reason the tensors are checked once per (bits, groups, width E) a call asks for, not per call, and the calls read

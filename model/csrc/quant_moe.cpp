@@ -1,6 +1,6 @@
 // The experts of a MoE layer with int8 / int4 weights, in one call: torch.ops.dsvl2_quant.moe_held, on the weights a
-// torch.classes.dsvl2_quant.Experts holds (quant_held.h); model/quant_kernels.py builds it, model/quant.py decides
-// when to call it.
+// torch.classes.dsvl2_quant.Experts holds (quant_held.h); model/quant_kernels.py builds it, model/quant_experts.py
+// decides when to call it.
 //
 // Per token slot (n, k) routed to expert e: a = silu(x gate_e) * (x up_e), o = a down_e, and y[n] = sum over k in
 // order of weights[n, k] * o[n, k], all in float32 (the products as int8_linear / int4_linear compute them, on the
