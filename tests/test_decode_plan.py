@@ -259,3 +259,29 @@ def test_a_move_frees_what_the_holders_held(every_kernel, quant_kernels_on):
         lm.float()
         gc.collect()
         assert all(r() is None for r in refs), f"{scheme}: weights still held after the move"
+
+
+@pytest.mark.parametrize("name", ["tiny-mha", "small-mla"])
+def test_engine_through_the_plan_answers_as_through_the_module_tree(every_kernel, monkeypatch, name):
+    """Catches a plan that breaks in the engine's own decode (rows joining and leaving, idle rows with a zero input,
+    a cache grown between steps): continuous batching over image and text requests of staggered budgets gives the
+    same tokens with the plan as with the module tree (the plan switched off), and the plan ran."""
+    from parity import checkpoint_dir, parity_processor
+    from test_engine_step import text_request
+    from test_invariants import page_requests
+
+    from dsvl2.model import decode_plan
+    from dsvl2.model.engine import Engine
+    from dsvl2.model.weights import load_model
+
+    vl = load_model(checkpoint_dir(name), dtype=torch.bfloat16)
+    requests = [*page_requests(3), text_request("t0", 5, 9), text_request("t1", 30, 3), text_request("t2", 12, 14)]
+
+    def answers() -> dict[str, list[int]]:
+        engine = Engine(vl, parity_processor(name), max_batch_size=3)
+        return {c.id: list(c.token_ids) for c in engine.generate(requests)}
+
+    planned = answers()
+    assert vl.language._decode_plan is not None, "the engine's decode did not run the plan"
+    monkeypatch.setattr(decode_plan, "usable", lambda embeds, cache: False)
+    assert answers() == planned
