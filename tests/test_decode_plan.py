@@ -1,9 +1,10 @@
 """The decode plan (model/decode_plan.py): a decode step with its choices settled once gives the module tree's
-logits and cache bit for bit (MHA and MLA, greedy and grouped routing, bf16 / int8 / int4 on every quantised kernel
-this CPU runs, staggered rows), settles every piece where every family takes the kernels, follows weights replaced
-or moved and a product choice changed, lets go of its weights for placement.py, and stays out of the steps it does
-not cover. Only where the kernels build (AVX512-BF16); the module tree's own kernel wiring is tested in
-tests/test_kernel_wiring.py."""
+logits and cache bit for bit (MHA and MLA, greedy and noaux routing, bf16 / int8 / int4 on every quantised kernel
+this CPU runs, staggered rows) and the engine's continuous batching the same tokens, settles every piece where every
+family takes the kernels, follows weights replaced or moved and a product choice changed, calls the modules that
+hooks watch, lets go of its weights for placement.py and on a move (with the other weight holders), and stays out of
+the steps it does not cover. Only where the kernels build (AVX512-BF16); the module tree's own kernel wiring is
+tested in tests/test_kernel_wiring.py."""
 
 from __future__ import annotations
 
