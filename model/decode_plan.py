@@ -130,14 +130,15 @@ class DecodePlan(WeightHolder):
         self.unsettled: list[str] = []  # the kinds of the modules a step calls as modules (where no kernel runs)
         self.released = False
         self._quantised = any(isinstance(m, QuantLinear) for m in decoder.modules())
-        layers = list(decoder.layers)
+        self.whole = self._as_module(decoder, decoder) if self.watch.observed(decoder) else None  # hooks: called whole
+        layers = [] if self.whole is not None else list(decoder.layers)
         self.rotary = layers[0].self_attn.rotary if layers else None
         self.layers = [self._layer(layer) for layer in layers]
         self.final = self._norm(decoder.norm)
 
     def release(self) -> None:
         """Let go of everything bound (placement.py, before it moves the weights): the plan is no longer current."""
-        self.layers, self.final, self.watch = [], None, Watch()
+        self.layers, self.final, self.whole, self.watch = [], None, None, Watch()
         self.released = True
 
     def current(self, paths: Paths) -> bool:
@@ -148,6 +149,8 @@ class DecodePlan(WeightHolder):
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """language.Decoder's forward of x (B, 1, E) at `positions` over `cache` (see `usable`)."""
+        if self.whole is not None:
+            return self.whole(x, positions, cache)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         step = Step(positions, rope, cache, cache.reserve(1))
         delta = None

@@ -204,7 +204,7 @@ def test_plan_calls_the_modules_that_hooks_watch(every_kernel):
     """Catches a plan that runs past a hook or a wrapped forward the module tree would call: with a forward hook on
     a gate, a pre-hook on a layer and a wrapped attention forward, each decode step calls each of them once (the
     rest stays settled, the logits equal the tree's); registered after the plan was made they are seen at the next
-    step, and once removed the plan settles those pieces again."""
+    step; a hook on the decoder itself has it called whole; once removed the plan settles those pieces again."""
     lm = _fresh("tiny-mha")
     _compare(lm, steps=1)
     assert lm._decode_plan.unsettled == []
@@ -222,6 +222,12 @@ def test_plan_calls_the_modules_that_hooks_watch(every_kernel):
     _compare(lm, steps=2)
     gate_hook.remove(), layer_hook.remove()
     del attention.forward
+    decoder_hook = lm.model.register_forward_hook(lambda m, args, out: seen.append("decoder"))
+    seen.clear()
+    with torch.inference_mode():
+        lm(lm.embed(torch.tensor([[5], [6]])), cache)
+    assert seen == ["decoder"] and lm._decode_plan.unsettled == ["Decoder"]
+    decoder_hook.remove()
     _compare(lm, steps=1)
     assert lm._decode_plan.unsettled == []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
