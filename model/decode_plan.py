@@ -136,6 +136,11 @@ class DecodePlan(WeightHolder):
         self.layers = [self._layer(layer) for layer in layers]
         self.final = self._norm(decoder.norm)
 
+    def __reduce__(self) -> tuple:
+        """Copied and pickled as None: a copied model makes its own plan (this one's calls are bound to the original's
+        tensors), and its closures could not be pickled."""
+        return type(None), ()
+
     def release(self) -> None:
         """Let go of everything bound (placement.py, before it moves the weights): the plan is no longer current."""
         self.layers, self.final, self.whole, self.watch = [], None, None, Watch()

@@ -292,3 +292,18 @@ def test_engine_through_the_plan_answers_as_through_the_module_tree(every_kernel
     assert vl.language._decode_plan is not None, "the engine's decode did not run the plan"
     monkeypatch.setattr(decode_plan, "usable", lambda embeds, cache: False)
     assert answers() == planned
+
+
+def test_a_copied_model_makes_its_own_plan(every_kernel):
+    """Catches a deep copy that keeps the original's plan, whose calls are bound to the original's tensors: the copy's
+    norm weights scaled in place (their addresses unchanged), its decode equals its own module tree's."""
+    import copy
+
+    lm = _fresh("tiny-mha")
+    _compare(lm, steps=1)
+    twin = copy.deepcopy(lm)
+    assert twin._decode_plan is None
+    with torch.no_grad():
+        for layer in twin.model.layers:
+            layer.post_attention_layernorm.weight.mul_(1.5)
+    _compare(twin, steps=2)
