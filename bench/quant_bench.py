@@ -63,10 +63,9 @@ def linear_bytes(module: nn.Module) -> int:
 
 class ByteCounter:
     """Bytes a language-model forward reads: every linear outside the routed experts once, plus the routed experts
-    the gates (hooked) send tokens to. The products go through `proj`, not module calls, so they are not hooked.
-    Each gate's forward is wrapped to keep its choice, and `settle` counts them outside the timed step: counting
-    in a forward hook (a `unique` per layer, and the hooked module's slower call) made int4's batch-1 step 1.03x
-    slower than the model's own (Tiny, Zen 5)."""
+    the gates send tokens to. Each gate's forward is wrapped to keep its choice, and `settle` counts them after the
+    step. Not for timed steps: a wrapped gate is called as a module, where the decode plan would run its kernel
+    (decode_plan.py), and counting in a forward hook made int4's batch-1 step 1.03x slower (Tiny, Zen 5)."""
 
     def __init__(self, lm: nn.Module):
         from dsvl2.model.quant import QuantLinear
@@ -105,21 +104,32 @@ class ByteCounter:
 
 
 def decode_steps(model: nn.Module, batch: int, steps: int) -> tuple[float, int]:
-    """Median seconds per decode step of `batch` rows after a 32-token prompt, and the bytes a step read."""
+    """Median seconds per decode step of `batch` rows after a 32-token prompt, and the bytes a step read. The steps
+    are timed as the CLI runs them (nothing watching the gates: the decode plan settles every piece), then run again
+    from the same prompt with the gates' choices counted (`ByteCounter`), which routes them alike."""
     from dsvl2.model.sampling import greedy_ids
 
     lm = model.language
-    cache = lm.new_cache(batch, 32 + steps + 1)
     ids = torch.randint(3, 1000, (batch, 32), generator=torch.Generator().manual_seed(batch))
-    lm(lm.embed(ids), cache)
-    cache.advance(32)
-    tok, times, counter = ids[:, -1:], [], ByteCounter(lm)
+
+    def prefilled():
+        cache = lm.new_cache(batch, 32 + steps + 1)
+        lm(lm.embed(ids), cache)
+        cache.advance(32)
+        return cache
+
+    cache, tok, fed, times = prefilled(), ids[:, -1:], [], []
     for _ in range(steps):
-        counter.start()
+        fed.append(tok)
         begin = time.perf_counter()
         tok = greedy_ids(lm.logits(lm(lm.embed(tok), cache)[:, -1]))[:, None]  # as the engine samples greedy rows
         cache.advance(1)
         times.append(time.perf_counter() - begin)
+    counter, cache = ByteCounter(lm), prefilled()
+    for tok in fed:
+        counter.start()
+        lm(lm.embed(tok), cache)
+        cache.advance(1)
         counter.settle()
     counter.close()
     return statistics.median(times), counter.bytes
