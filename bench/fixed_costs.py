@@ -7,7 +7,7 @@ The model (written once under bench/out/ by the checkpoint factory) has the real
 dense, 64 routed experts of which 6 a token and 2 shared, multi-head attention; its widths are hidden 128, one head
 of 128, experts 128 wide, a vocabulary of 1,536 (the parity checkpoint's tokenizer), and the parity checkpoint's
 small vision tower (decode never runs it). A step at batch 1 then reads 11 MB of weights in bf16 (~3 MB in int4),
-which a 32 MiB L3 holds (~0.1 ms of a ~1.7 ms step), where the real Tiny's reads 1.1 GB: its time is the step's
+which a 32 MiB L3 holds (~0.1 ms of a ~1.0-1.8 ms step), where the real Tiny's reads 1.1 GB: its time is the step's
 Python, op dispatch, checks, allocations, parallel regions and the kernels' per-call setup, which the real model
 pays as well on top of streaming its weights. Every quantised layer is set to the AVX512
 tiles where the CPU has them (else the AVX2 ones), as the choice takes them for the real Tiny on the CPUs measured.
