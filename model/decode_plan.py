@@ -249,7 +249,7 @@ class DecodePlan(WeightHolder):
         return self._head_attention(attn, index)
 
     def _head_attention(self, attn: nn.Module, index: int) -> Callable[[torch.Tensor, Step], torch.Tensor]:
-        """language.MHAttention's decode over the cache on the rope, store and attend kernels."""
+        """language.MHAttention's decode over the cache: its rope, store and attend kernels in one call."""
         qkv = self._projections(attn, ("q_proj", "k_proj", "v_proj"))
         out = self._linear(attn.o_proj)
         H, Hk, D, scale = attn.heads, attn.kv_heads, attn.head_dim, attn.scale
@@ -257,11 +257,10 @@ class DecodePlan(WeightHolder):
         def settled(h: torch.Tensor, step: Step) -> torch.Tensor:
             B = h.shape[0]
             q, k, v = qkv(h.view(B, -1))
-            cos, sin = step.rope
-            q, k = kernels.rope(q.view(B, 1, H, D), cos, sin), kernels.rope(k.view(B, 1, Hk, D), cos, sin)
-            keys, values = step.cache.store(index, step.positions, (k, v.view(B, 1, Hk, D)), step.used)
-            o = kernels.attend(q.transpose(1, 2), keys, values, step.positions, scale)  # (B, H, 1, D)
-            return out(o.transpose(1, 2).reshape(B, H * D)).view(B, 1, -1)
+            cache = step.cache
+            o = kernels.attend_step(q.view(B, 1, H, D), k.view(B, 1, Hk, D), v.view(B, 1, Hk, D), *step.rope,
+                                    cache.layers[index], cache.every_row, step.positions, step.used, scale)
+            return out(o.transpose(1, 2).reshape(B, H * D)).view(B, 1, -1)  # o: (B, H, 1, D)
 
         return settled
 

@@ -319,6 +319,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: 
     return torch.ops.dsvl2_kernels.rope_bf16(x, cos, sin, interleaved)
 
 
+def attend_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor, used: int,
+                scale: float) -> torch.Tensor:
+    """Multi-head attention's decode glue and attention in one call: `rope` of q (B, T, H, D) and k (B, T, Hk, D),
+    `store_rows` of k and v into the contiguous caches (B, Hk, S, D) at `rows` (every row, in order: the attention
+    reads row b for query row b) and `positions`, then `attend` of the rotated q over the caches' first `used`
+    slots; exactly those three. Returns (B, H, T, D). Requires `glue_fits`."""
+    return torch.ops.dsvl2_kernels.attend_step_bf16(q, k, v, cos, sin, cache[0], cache[1], rows, positions, used,
+                                                    scale)
+
+
 def route_greedy(x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool,
                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A MoE gate's greedy routing of a few tokens x (N, E) bf16 by its weight (X, E), float32 or bf16 (widened to

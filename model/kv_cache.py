@@ -119,6 +119,11 @@ class KVCache:
             return tuple(buf[..., :used, :] for buf in stored)  # views, no copy
         return tuple(buf[..., :used, :][index] for buf in stored)
 
+    @property
+    def every_row(self) -> torch.Tensor:
+        """(B,) the index of every row, on the cache's device (what a write of every row stores at)."""
+        return self._all
+
     def reserve(self, t: int) -> int:
         """Make ready the slots a forward of `t` new tokens in every row reads and return their count, S_used (the
         longest row's length + t); raises where that passes the capacity. `write` does this itself."""
@@ -130,7 +135,7 @@ class KVCache:
         that settled once that it takes this cache (bf16 on the CPU: `store_fits`) and the new tensors (B, T, *heads,
         feature) with unit feature stride (decode_plan.py)."""
         stored = self.layers[layer]
-        kernels.store_rows(stored, new, self._all, positions)
+        kernels.store_rows(stored, new, self.every_row, positions)
         return tuple(buf[..., :used, :] for buf in stored)
 
     def _reserve(self, lengths: list[int], t: int) -> int:

@@ -121,6 +121,25 @@ def test_cache_write_rejects_a_position_past_the_cache():
         kernels.store_rows([buf], [_bf16(1, 1, 2, 8, seed=8)], torch.tensor([0]), torch.tensor([[4]]))
 
 
+@pytest.mark.parametrize(("B", "T", "H", "Hk"), [(3, 1, 4, 2), (1, 1, 10, 10), (2, 3, 6, 3)])
+def test_the_one_call_attention_step_equals_rope_store_and_attend(B, T, H, Hk):
+    """Catches the decode plan's one call for multi-head attention (`attend_step`) differing from the three calls
+    the module makes: rope of q and k, the cache write of k and v at each row's own positions, attention over the
+    first `used` slots: its output and both caches equal bit for bit (grouped and plain heads, 1 and 3 tokens)."""
+    D, S = 32, 24
+    q, k, v = _bf16(B, T, H, D, seed=1), _bf16(B, T, Hk, D, seed=2), _bf16(B, T, Hk, D, seed=3)
+    cos, sin = _bf16(B, 1, T, D, seed=4), _bf16(B, 1, T, D, seed=5)
+    positions = torch.tensor([5, 11, 0][:B])[:, None] + torch.arange(T)
+    used, rows = int(positions.max()) + 1, torch.arange(B)
+    fused, separate = ((_bf16(B, Hk, S, D, seed=6), _bf16(B, Hk, S, D, seed=7)) for _ in range(2))
+    kernels.store_rows(separate, (kernels.rope(k, cos, sin), v), rows, positions)
+    want = kernels.attend(kernels.rope(q, cos, sin).transpose(1, 2), separate[0][:, :, :used],
+                          separate[1][:, :, :used], positions, 0.125)
+    got = kernels.attend_step(q, k, v, cos, sin, fused, rows, positions, used, 0.125)
+    assert got.shape == (B, H, T, D) and torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(fused, separate, strict=True))
+
+
 class _GateConfig:
     topk_method, scoring_func, n_group, topk_group = "greedy", "softmax", 1, 1
     n_routed_experts, hidden_size = 64, 96

@@ -199,6 +199,8 @@ TORCH_LIBRARY(dsvl2_kernels, m) {
   m.def("rope_bf16(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
   m.def("store_rows_bf16(Tensor(a!)[] bufs, Tensor[] new, Tensor rows, Tensor positions) -> ()");
   m.def("route_greedy_bf16(Tensor x, Tensor w, int k, bool normalize, float scaling) -> (Tensor, Tensor)");
+  m.def("attend_step_bf16(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor rows, Tensor positions, int used, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsvl2_kernels, CPU, m) {

@@ -13,6 +13,8 @@
 
 #include "bf16_common.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <type_traits>
 #include <vector>
 
@@ -180,6 +182,28 @@ void store_rows_bf16(at::TensorList bufs, at::TensorList news, const at::Tensor&
   }
 }
 
+// Multi-head attention's decode around its attention in one call: q (B, T, H, D) and k (B, T, Hk, D) rotated as
+// rope_bf16 rotates them, k and v (B, T, Hk, D) stored at `positions` of cache rows `rows` (every row of the
+// (B, Hk, S, D) caches, in order) as store_rows_bf16 stores them, and the rotated q attending over the caches'
+// first `used` slots by attend_bf16 (query row b over cache row b): the calls and arithmetic of
+// language.MHAttention's decode, one call where it makes four with the cache views between them (~8 us a layer of
+// Python and dispatch on a Zen 5; decode_plan.py). Returns attend_bf16's (B, H, T, D).
+at::Tensor attend_step_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& rows, const at::Tensor& positions, int64_t used, double scale) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && used > 0 && used <= k_cache.size(2) &&
+                  used <= v_cache.size(2),
+              "attend_step_bf16: the caches must be (B, Hk, S, D) with at least `used` slots");
+  const at::Tensor rotated = rope_bf16(k, cos, sin, false);
+  store_rows_bf16({k_cache, v_cache}, {rotated, v}, rows, positions);
+  static const auto attend = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("dsvl2_kernels::attend_bf16", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, double)>();
+  return attend.call(rope_bf16(q, cos, sin, false).transpose(1, 2), k_cache.narrow(2, 0, used),
+                     v_cache.narrow(2, 0, used), positions, scale);
+}
+
 // scores[n * X + e] = x[n] . w[e] in float32 for every token n and expert e: each expert's row read once for all
 // tokens, 8 tokens at a time (2 sums each: 16 chains of FMAs, not one chain of E / 16 dependent FMAs per score), the
 // experts shared out between the threads in runs of kRouteExperts. The gate's weight is cold after a step's
@@ -283,4 +307,5 @@ TORCH_LIBRARY_IMPL(dsvl2_kernels, CPU, m) {
   m.impl("rope_bf16", &rope_bf16);
   m.impl("store_rows_bf16", &store_rows_bf16);
   m.impl("route_greedy_bf16", &route_greedy_bf16);
+  m.impl("attend_step_bf16", &attend_step_bf16);
 }
