@@ -282,18 +282,24 @@ class QuantLinear(nn.Module):
         """x (..., K) -> (..., N) by `impl` (where it does not apply: the kernel where that does, else "dequant"),
         in x's dtype; with `float_out` as float32 holding those values (`.float()` of the result, which the kernel
         writes without that conversion's passes over the output: the logits)."""
-        kernel = self.kernel_for(x, impl)
+        packed = impl in ("packed", "packed_bf16") and self.packable(x)
+        kernel = None if packed else self._fitting_kernel(x, impl)
         if kernel is not None:
             y = self.kernel(x.reshape(-1, self.in_features), kernel, float_out)
             return y.view(*x.shape[:-1], self.out_features)
-        y = self._run_torch(x, impl, impl in ("packed", "packed_bf16") and self.packable(x))
+        y = self._run_torch(x, impl, packed)
         return y.float() if float_out else y
 
     def kernel_for(self, x: torch.Tensor, impl: Impl) -> Impl | None:
         """The kernel impl `run` takes for x under `impl`: `impl` where it is a kernel that covers x, else the
         generic "kernel" where that does; None where torch runs the product ("dequant", or torch's packed op where
         it covers x)."""
-        if impl == "dequant" or (impl in ("packed", "packed_bf16") and self.packable(x)):
+        packed = impl in ("packed", "packed_bf16") and self.packable(x)
+        return None if packed else self._fitting_kernel(x, impl)
+
+    def _fitting_kernel(self, x: torch.Tensor, impl: Impl) -> Impl | None:
+        """`kernel_for` where torch's packed op does not run x."""
+        if impl == "dequant":
             return None
         kernel: Impl = impl if impl in KERNEL_ISA else "kernel"
         if self.kernel_fits(x, kernel):  # asked once per product where it holds (~8 us a question)
